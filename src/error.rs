@@ -27,6 +27,9 @@ pub enum Error {
     /// NLSR and Safe LoRA: mismatched adapters or masks, bad options.
     #[error(transparent)]
     Nlsr(#[from] crate::nlsr::NlsrError),
+    /// Safety neurons: set files, detection, SN-Tune.
+    #[error(transparent)]
+    Neurons(#[from] crate::neurons::NeuronError),
     /// A tensor operation failed inside candle (a bug or an unsupported shape).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -14,6 +14,7 @@
 //! | [`bench`](mod@bench) | the `realign bench` figures |
 //! | [`eval`] | harmfulness score (refusal-keyword judge) and fine-tuning accuracy (GSM8K, labels) |
 //! | [`nlsr`] | NLSR: pre-amplification, safety-critical neuron identification, layer similarity, layer pruning, transplant, `realign patch` |
+//! | [`neurons`] | safety neurons: the neuron-set file, detection, deactivation, SN-Tune and RSN-Tune |
 //! | [`safelora`] | Safe LoRA, the training-free peer: projection onto the alignment subspace |
 //!
 //! ```no_run
@@ -32,6 +33,7 @@ pub mod error;
 pub mod eval;
 pub mod fsutil;
 pub mod model;
+pub mod neurons;
 pub mod nlsr;
 pub mod safelora;
 pub mod tokenizer;

@@ -1,0 +1,40 @@
+//! Safety neurons (Zhao et al., "Understanding and enhancing safety mechanisms of LLMs via
+//! safety-specific neuron"): the neuron-set file, detection, the deactivation check, SN-Tune
+//! and RSN-Tune.
+//!
+//! | file | paper |
+//! |---|---|
+//! | [`set`] | the set of neurons (rows/columns of full-model weights), overlap ratio (§2.3) |
+
+use std::path::PathBuf;
+
+pub mod set;
+
+pub use set::{Axis, ModuleNeurons, NeuronSet};
+
+/// Errors of the safety-neuron stages.
+#[derive(Debug, thiserror::Error)]
+pub enum NeuronError {
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A set file is malformed.
+    #[error("{path}: not a neuron-set file: {what}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Two inputs do not fit together (sets for different models, a set for another model).
+    #[error("mismatched inputs: {0}")]
+    Mismatch(String),
+    /// A bad option value.
+    #[error("{0}")]
+    Invalid(String),
+}
