@@ -126,7 +126,7 @@ impl NeuronSet {
             })
             .filter(|m| !m.indices.is_empty())
             .collect();
-        modules.sort_by(|a, b| layer_key(&a.module).cmp(&layer_key(&b.module)));
+        modules.sort_by_key(|m| layer_key(&m.module));
         Self { meta, modules }
     }
 
@@ -161,8 +161,8 @@ impl NeuronSet {
         other: &NeuronSet,
         keep: impl Fn(bool, bool) -> bool,
     ) -> Result<NeuronSet, NeuronError> {
-        let mut all: BTreeMap<(String, Axis), (Option<&ModuleNeurons>, Option<&ModuleNeurons>)> =
-            BTreeMap::new();
+        type Pair<'a> = (Option<&'a ModuleNeurons>, Option<&'a ModuleNeurons>);
+        let mut all: BTreeMap<(String, Axis), Pair> = BTreeMap::new();
         for m in &self.modules {
             all.entry((m.module.clone(), m.axis)).or_default().0 = Some(m);
         }
