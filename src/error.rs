@@ -30,6 +30,9 @@ pub enum Error {
     /// Safety neurons: set files, detection, SN-Tune.
     #[error(transparent)]
     Neurons(#[from] crate::neurons::NeuronError),
+    /// The experiment runner: its file, a failed stage.
+    #[error(transparent)]
+    Experiment(#[from] crate::experiment::ExperimentError),
     /// A tensor operation failed inside candle (a bug or an unsupported shape).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -13,6 +13,7 @@
 //! | [`data`] | data files (JSONL, JSON, CSV), the embedded data sets, prompt rendering and masking, the attack mix |
 //! | [`bench`](mod@bench) | the `realign bench` figures |
 //! | [`eval`] | harmfulness score (refusal-keyword judge) and fine-tuning accuracy (GSM8K, labels) |
+//! | [`experiment`] | `realign experiment`: the whole pipeline as cached stages, the papers' tables and plots |
 //! | [`nlsr`] | NLSR: pre-amplification, safety-critical neuron identification, layer similarity, layer pruning, transplant, `realign patch` |
 //! | [`neurons`] | safety neurons: the neuron-set file, detection, deactivation, SN-Tune and RSN-Tune |
 //! | [`safelora`] | Safe LoRA, the training-free peer: projection onto the alignment subspace |
@@ -31,6 +32,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod fsutil;
 pub mod model;
 pub mod neurons;

@@ -3,6 +3,7 @@
 mod bench;
 mod data;
 mod eval;
+mod experiment;
 mod generate;
 mod identify;
 mod inspect;
@@ -32,6 +33,9 @@ enum Command {
     Train(train::Args),
     /// Measure a model (+ adapters): harmfulness score or task accuracy.
     Eval(eval::Args),
+    /// The whole experiment (alignment, attack, Safe LoRA, NLSR, safety neurons, evaluation) as
+    /// cached stages, with the papers' tables: `realign experiment [CONFIG.toml] [--quick]`.
+    Experiment(experiment::Args),
     /// Data sets: `realign data mix` (the attack), `export` (an embedded set), `stats`, `list`.
     Data(data::Args),
     /// NLSR pre-amplification: the safety reference W_e from the aligned W_a and the weak W_0.
@@ -54,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Data(a) => data::run(a),
+        Command::Experiment(a) => experiment::run(a),
         Command::Amplify(a) => nlsr::amplify(a),
         Command::Identify(a) => identify::run(a),
         Command::Patch(a) => nlsr::patch_cmd(a),

@@ -1,0 +1,147 @@
+//! `realign experiment`: the whole pipeline from one command, with an overall progress bar, a
+//! bar for the running stage, and a log file (`OUTPUT/experiment.log`).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use realign::experiment::{self, ExperimentConfig, Observer};
+
+/// Flags of `realign experiment`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Experiment file (TOML; every key optional, see `--print-config`) [default: the embedded
+    /// default: SmolLM2-135M-Instruct + the shipped data]
+    config: Option<PathBuf>,
+    /// The reduced run (a few training steps, 16 harmful and 8 task items, one p, no sweeps):
+    /// under 10 minutes on 2 cores; writes runs/experiment-quick
+    #[arg(long)]
+    quick: bool,
+    /// Output folder [default: the file's `output`, else runs/experiment (runs/experiment-quick
+    /// with --quick)]
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Print the resolved configuration (every key with its value) as TOML and exit
+    #[arg(long)]
+    print_config: bool,
+    /// Print the report as JSON on stdout instead of the Markdown tables
+    #[arg(long)]
+    json: bool,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    stage: Option<ProgressBar>,
+    log: std::fs::File,
+    started: std::time::Instant,
+}
+
+impl Bars {
+    fn log(&mut self, line: &str) {
+        let _ = writeln!(
+            self.log,
+            "[{:>8.1}s] {line}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+impl Observer for Bars {
+    fn plan(&mut self, total: usize) {
+        self.overall.set_length(total as u64);
+        self.log(&format!("plan: {total} stages"));
+    }
+    fn stage_start(&mut self, index: usize, name: &str, cached: bool) {
+        self.overall.set_position(index as u64);
+        self.overall.set_message(name.to_string());
+        if !cached {
+            let bar = self.multi.add(ProgressBar::new(0));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "  {prefix:<28} {bar:30} {pos}/{len} [{elapsed_precise}] {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(name.to_string());
+            self.stage = Some(bar);
+            self.log(&format!("start {name}"));
+        }
+    }
+    fn stage_progress(&mut self, done: usize, total: usize, message: &str) {
+        if let Some(b) = &self.stage {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+            b.set_message(message.to_string());
+        }
+    }
+    fn stage_end(&mut self, name: &str, seconds: f64, summary: &str) {
+        if let Some(b) = self.stage.take() {
+            b.finish_and_clear();
+            self.multi.remove(&b);
+        }
+        self.overall.inc(1);
+        self.log(&format!("done  {name} ({seconds:.1} s): {summary}"));
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let mut cfg = match (&a.config, a.quick) {
+        (Some(p), _) => ExperimentConfig::from_file(p)?,
+        (None, true) => ExperimentConfig::quick(),
+        (None, false) => ExperimentConfig::default(),
+    };
+    if let Some(o) = a.output {
+        cfg.output = o;
+    }
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    std::fs::create_dir_all(&cfg.output)
+        .with_context(|| format!("creating {}", cfg.output.display()))?;
+    let log_path = cfg.output.join("experiment.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let multi = MultiProgress::new();
+    let overall = multi.add(ProgressBar::new(0));
+    overall.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} stages [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut bars = Bars {
+        multi,
+        overall,
+        stage: None,
+        log,
+        started: std::time::Instant::now(),
+    };
+    let result = experiment::run(&cfg, &mut bars);
+    bars.overall.finish_and_clear();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            bars.log(&format!("failed: {e}"));
+            return Err(e).context(format!(
+                "the experiment stopped; finished stages are kept in {} and a rerun resumes",
+                cfg.output.join("stages").display()
+            ));
+        }
+    };
+    bars.log("report written");
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.markdown());
+        eprintln!(
+            "report: {} (log: {})",
+            cfg.output.join("report/index.md").display(),
+            log_path.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Stage caching: a stage's folder is named by the hash of everything that determines its
+//! output — its kind and settings, the keys of the stages it reads, and the content digests of
+//! the files it reads — so a rerun finds finished stages and skips them, and any change of an
+//! input gives a new key (and a new folder) for that stage and everything downstream.
+//!
+//! A stage runs in `NAME-KEY.partial/` and becomes `NAME-KEY/` by a rename once its
+//! `stage.json` (result + timing) is written: an interrupted stage leaves no finished-looking
+//! folder, and Ctrl-C leaves every finished stage usable.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::ExperimentError;
+
+/// The marker file of a finished stage.
+pub const STAGE_JSON: &str = "stage.json";
+
+/// The hex SHA-256 of a canonical JSON value (object keys sorted by `serde_json`'s map).
+pub fn key_of(material: &serde_json::Value) -> String {
+    let text = serde_json::to_string(material).expect("JSON serialises");
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The content digest of a file, or of every file of a folder (names and bytes, in name
+/// order, recursively): what a stage that reads `path` depends on.
+pub fn digest_path(path: &Path) -> Result<String, ExperimentError> {
+    let mut h = Sha256::new();
+    digest_into(path, path, &mut h)?;
+    Ok(hex(&h.finalize()))
+}
+
+fn digest_into(root: &Path, path: &Path, h: &mut Sha256) -> Result<(), ExperimentError> {
+    let io = |source| ExperimentError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
+        entries.sort();
+        for e in entries {
+            digest_into(root, &e, h)?;
+        }
+        return Ok(());
+    }
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    h.update(rel.to_string_lossy().as_bytes());
+    h.update([0]);
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(())
+}
+
+/// What a finished stage recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord<T> {
+    /// Stage name.
+    pub name: String,
+    /// Its key.
+    pub key: String,
+    /// Wall time of the run that produced it.
+    pub seconds: f64,
+    /// The stage's result.
+    pub result: T,
+}
+
+/// Where stage folders live.
+#[derive(Debug, Clone)]
+pub struct StageStore {
+    root: PathBuf,
+}
+
+impl StageStore {
+    /// Stages under `root` (created on first use).
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    /// The folder of a finished stage `name` with key `key`.
+    pub fn dir(&self, name: &str, key: &str) -> PathBuf {
+        self.root
+            .join(format!("{name}-{}", &key[..16.min(key.len())]))
+    }
+
+    /// The stage's record if it has finished before.
+    pub fn finished<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<StageRecord<T>>, ExperimentError> {
+        let path = self.dir(name, key).join(STAGE_JSON);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| ExperimentError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let rec: StageRecord<T> =
+            serde_json::from_str(&text).map_err(|e| ExperimentError::Config {
+                path: path.clone(),
+                what: format!("unreadable stage record ({e}); delete the folder to rerun it"),
+            })?;
+        Ok((rec.key == key).then_some(rec))
+    }
+
+    /// Runs a stage in a `.partial` folder and publishes it by rename with its record.
+    pub fn run<T: Serialize + DeserializeOwned>(
+        &self,
+        name: &str,
+        key: &str,
+        f: impl FnOnce(&Path) -> crate::Result<T>,
+    ) -> crate::Result<StageRecord<T>> {
+        let dir = self.dir(name, key);
+        let partial = dir.with_extension("partial");
+        let io = |p: &Path, e| crate::Error::io(p, e);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
+        let start = std::time::Instant::now();
+        let result = f(&partial)?;
+        let rec = StageRecord {
+            name: name.to_string(),
+            key: key.to_string(),
+            seconds: start.elapsed().as_secs_f64(),
+            result,
+        };
+        let json = serde_json::to_string_pretty(&rec).expect("a stage record serialises");
+        crate::fsutil::write_atomic(&partial.join(STAGE_JSON), json.as_bytes())?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        }
+        std::fs::rename(&partial, &dir).map_err(|e| io(&dir, e))?;
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_change_with_any_input() {
+        let base = serde_json::json!({"kind": "train", "lr": 1e-4, "deps": ["abc"]});
+        let k = key_of(&base);
+        assert_eq!(k.len(), 64);
+        assert_eq!(k, key_of(&base.clone()));
+        for changed in [
+            serde_json::json!({"kind": "train", "lr": 2e-4, "deps": ["abc"]}),
+            serde_json::json!({"kind": "train", "lr": 1e-4, "deps": ["abd"]}),
+            serde_json::json!({"kind": "mix", "lr": 1e-4, "deps": ["abc"]}),
+        ] {
+            assert_ne!(key_of(&changed), k);
+        }
+    }
+
+    #[test]
+    fn file_digest_follows_content_and_names() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.txt"), b"one").unwrap();
+        let k1 = digest_path(d.path()).unwrap();
+        std::fs::write(d.path().join("a.txt"), b"two").unwrap();
+        let k2 = digest_path(d.path()).unwrap();
+        assert_ne!(k1, k2);
+        std::fs::rename(d.path().join("a.txt"), d.path().join("b.txt")).unwrap();
+        assert_ne!(digest_path(d.path()).unwrap(), k2);
+        // a known SHA-256: the empty file under its name
+        let e = tempfile::tempdir().unwrap();
+        std::fs::write(e.path().join("x"), b"").unwrap();
+        assert_eq!(
+            digest_path(&e.path().join("x")).unwrap(),
+            hex(&Sha256::digest(b"x\0"))
+        );
+    }
+
+    #[test]
+    fn finished_stage_is_found_and_partial_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let store = StageStore::new(d.path().to_path_buf());
+        let key = key_of(&serde_json::json!(1));
+        assert!(store.finished::<u32>("s", &key).unwrap().is_none());
+        let failed: crate::Result<StageRecord<u32>> = store.run("s", &key, |_| {
+            Err(crate::Error::Neurons(crate::neurons::NeuronError::Invalid(
+                "boom".into(),
+            )))
+        });
+        assert!(failed.is_err());
+        assert!(store.finished::<u32>("s", &key).unwrap().is_none());
+        let rec = store
+            .run("s", &key, |dir| {
+                std::fs::write(dir.join("out"), b"x").unwrap();
+                Ok(7u32)
+            })
+            .unwrap();
+        assert_eq!(rec.result, 7);
+        let again = store.finished::<u32>("s", &key).unwrap().unwrap();
+        assert_eq!(again.result, 7);
+        assert!(store.dir("s", &key).join("out").is_file());
+    }
+}

@@ -1,0 +1,448 @@
+//! The experiment file (`realign experiment CONFIG.toml`): every setting of every stage, with
+//! the embedded default (SmolLM2-135M-Instruct + the shipped data) as the default of each key.
+//!
+//! ```toml
+//! output = "runs/experiment"
+//! seed = 42
+//! [attack]
+//! ps = [0.05, 0.1, 0.2]
+//! [nlsr]
+//! betas = [0.9, 0.5, 1.5]
+//! ```
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a default).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::ExperimentError;
+
+/// The whole experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExperimentConfig {
+    /// Base model (HF folder or GGUF); `None`: the embedded SmolLM2-135M-Instruct.
+    pub model: Option<PathBuf>,
+    /// Where stages, the report and the log go.
+    pub output: PathBuf,
+    /// Seed of every stage (data order, mixing, layer pruning, random sets).
+    pub seed: u64,
+    /// Alignment: the weak adapter `W_0` (SFT) and the aligned adapter `W_a` (DPO).
+    pub align: AlignSettings,
+    /// The harmful fine-tuning attack `W_t`, one per `p`.
+    pub attack: AttackSettings,
+    /// NLSR and its sweeps.
+    pub nlsr: NlsrSettings,
+    /// The Safe LoRA baseline.
+    pub safelora: SafeLoraSettings,
+    /// Safety neurons: detection, deactivation, SN-Tune, RSN-Tune.
+    pub neurons: NeuronSettings,
+    /// How every variant is evaluated.
+    pub eval: EvalSettings,
+}
+
+/// One LoRA training stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageTrain {
+    /// `sft` or `dpo` (the objectives of `realign train`).
+    pub method: String,
+    /// Data source (`embedded:NAME` or a file); the attack stage uses its mix instead.
+    #[serde(default)]
+    pub data: String,
+    /// DPO's beta.
+    #[serde(default = "default_dpo_beta")]
+    pub beta: f64,
+    /// LoRA rank (new adapters only).
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// LoRA alpha (new adapters only).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Epochs.
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Sequences per step (before accumulation).
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Gradient accumulation steps.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Warmup fraction of the cosine schedule.
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// Tokens per sequence.
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    /// Use only the first N rows (0: all).
+    #[serde(default)]
+    pub max_rows: usize,
+}
+
+/// Alignment stages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlignSettings {
+    /// `W_0`: SFT on refusals.
+    pub sft: StageTrain,
+    /// `W_a`: DPO on refusal-vs-compliance pairs, on top of `W_0`.
+    pub dpo: StageTrain,
+}
+
+/// The attack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttackSettings {
+    /// Task rows (benign fine-tuning data).
+    pub task: String,
+    /// Harmful compliant rows hidden among them.
+    pub harmful: String,
+    /// Rows in the fine-tuning set.
+    pub n: usize,
+    /// Harmful fractions; one attacked adapter per value. The first is the main setting (the
+    /// sweeps and the safety-neuron robustness check use it).
+    pub ps: Vec<f64>,
+    /// The fine-tuning run (continues `W_a`).
+    pub train: StageTrain,
+}
+
+/// NLSR.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NlsrSettings {
+    /// Identification methods (`low-rank`, `wanda`, `snip`, `preference-snip`, `random`); each
+    /// gives one NLSR variant per `p`.
+    pub methods: Vec<String>,
+    /// Pre-amplification strengths; the first is the main setting, the others a sweep (the
+    /// paper's figure on pre-amplification). `0` means no pre-amplification (`W_e = W_a`).
+    pub betas: Vec<f64>,
+    /// Also run every method without pre-amplification (the ablation row).
+    pub without_amplification: bool,
+    /// Sparsity (fraction of entries *not* kept); first = main, others a sweep.
+    pub sparsities: Vec<f64>,
+    /// Layer-pruning rate `P_L`; first = main, others a sweep.
+    pub layer_prunes: Vec<f64>,
+    /// `ε` of the adaptive layer pruning.
+    pub epsilon: f64,
+    /// Rows of the safety corpus used for identification.
+    pub identify_samples: usize,
+    /// The safety corpus for identification.
+    pub identify_data: String,
+}
+
+/// Safe LoRA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafeLoraSettings {
+    /// Project modules whose cosine is below this.
+    pub threshold: f64,
+}
+
+/// Safety neurons.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NeuronSettings {
+    /// Run the safety-neuron half at all.
+    pub enabled: bool,
+    /// Harmful prompts for detection.
+    pub corpus: String,
+    /// General text for foundation neurons.
+    pub general: String,
+    /// Prompts used from each corpus.
+    pub prompts: usize,
+    /// Per-layer top-k rule (neurons kept per prompt and layer).
+    pub top_k: usize,
+    /// Refusal documents for SN-Tune.
+    pub tune_data: String,
+    /// Documents used by SN-Tune.
+    pub tune_docs: usize,
+    /// SN-Tune learning rate.
+    pub tune_lr: f64,
+    /// SN-Tune epochs.
+    pub tune_epochs: usize,
+}
+
+/// Evaluation of every variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSettings {
+    /// Held-out harmful prompts (harmfulness score).
+    pub harmful: String,
+    /// Held-out task items (fine-tuning accuracy).
+    pub task: String,
+    /// Harmful prompts used (0: all).
+    pub harmful_limit: usize,
+    /// Task items used (0: all).
+    pub task_limit: usize,
+    /// New tokens per harmful reply.
+    pub harmful_max_new_tokens: usize,
+    /// New tokens per task reply.
+    pub task_max_new_tokens: usize,
+    /// Prompts per generation batch.
+    pub batch_size: usize,
+}
+
+fn default_dpo_beta() -> f64 {
+    0.1
+}
+fn default_r() -> usize {
+    16
+}
+fn default_alpha() -> f64 {
+    32.0
+}
+fn one() -> usize {
+    1
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_max_length() -> usize {
+    192
+}
+
+impl StageTrain {
+    fn new(method: &str, data: &str, lr: f64) -> Self {
+        Self {
+            method: method.into(),
+            data: data.into(),
+            beta: default_dpo_beta(),
+            r: default_r(),
+            alpha: default_alpha(),
+            lr,
+            epochs: 1,
+            batch_size: default_batch(),
+            grad_accum: 1,
+            warmup_ratio: 0.05,
+            max_length: default_max_length(),
+            max_rows: 0,
+        }
+    }
+}
+
+impl Default for AlignSettings {
+    fn default() -> Self {
+        let mut dpo = StageTrain::new("dpo", "embedded:safety_pref", 1e-4);
+        dpo.batch_size = 4;
+        dpo.grad_accum = 2;
+        dpo.warmup_ratio = 0.1;
+        Self {
+            sft: StageTrain::new("sft", "embedded:safety_sft", 2e-4),
+            dpo,
+        }
+    }
+}
+
+impl Default for AttackSettings {
+    fn default() -> Self {
+        let mut train = StageTrain::new("sft", "", 2e-4);
+        train.epochs = 2;
+        train.max_length = 320;
+        Self {
+            task: "embedded:task_train".into(),
+            harmful: "embedded:harmful_attack".into(),
+            n: 200,
+            ps: vec![0.1, 0.05, 0.2],
+            train,
+        }
+    }
+}
+
+impl Default for NlsrSettings {
+    fn default() -> Self {
+        Self {
+            methods: vec!["low-rank".into(), "wanda".into()],
+            betas: vec![0.9, 0.5, 1.5],
+            without_amplification: true,
+            sparsities: vec![0.8, 0.5, 0.95],
+            layer_prunes: vec![0.5, 0.25, 0.75],
+            epsilon: 0.2,
+            identify_samples: 200,
+            identify_data: "embedded:safety_sft".into(),
+        }
+    }
+}
+
+impl Default for SafeLoraSettings {
+    fn default() -> Self {
+        Self { threshold: 0.5 }
+    }
+}
+
+impl Default for NeuronSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            corpus: "embedded:safety_sft".into(),
+            general: "embedded:general_text".into(),
+            prompts: 200,
+            top_k: 100,
+            tune_data: "embedded:safety_sft".into(),
+            tune_docs: 50,
+            tune_lr: 1e-6,
+            tune_epochs: 1,
+        }
+    }
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self {
+            harmful: "embedded:harmful_eval".into(),
+            task: "embedded:task_eval".into(),
+            harmful_limit: 0,
+            task_limit: 0,
+            harmful_max_new_tokens: 48,
+            task_max_new_tokens: 256,
+            batch_size: 16,
+        }
+    }
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            output: PathBuf::from("runs/experiment"),
+            seed: 42,
+            align: AlignSettings::default(),
+            attack: AttackSettings::default(),
+            nlsr: NlsrSettings::default(),
+            safelora: SafeLoraSettings::default(),
+            neurons: NeuronSettings::default(),
+            eval: EvalSettings::default(),
+        }
+    }
+}
+
+impl ExperimentConfig {
+    /// The reduced run of `realign experiment --quick`: the same stages on small slices (a few
+    /// training steps, 16 harmful and 8 task items, one `p`, no sweeps), under 10 minutes on 2
+    /// CPU cores. Its output folder is `runs/experiment-quick`.
+    pub fn quick() -> Self {
+        let mut c = Self {
+            output: PathBuf::from("runs/experiment-quick"),
+            ..Self::default()
+        };
+        c.align.sft.max_rows = 48;
+        c.align.sft.max_length = 128;
+        c.align.dpo.max_rows = 12;
+        c.align.dpo.max_length = 128;
+        c.align.dpo.grad_accum = 1;
+        c.attack.n = 32;
+        c.attack.ps = vec![0.25];
+        c.attack.train.epochs = 1;
+        c.attack.train.max_length = 192;
+        c.nlsr.betas = vec![0.9];
+        c.nlsr.sparsities = vec![0.8];
+        c.nlsr.layer_prunes = vec![0.5];
+        c.nlsr.identify_samples = 24;
+        c.neurons.prompts = 12;
+        c.neurons.tune_docs = 16;
+        c.eval.harmful_limit = 16;
+        c.eval.task_limit = 8;
+        c.eval.harmful_max_new_tokens = 32;
+        c.eval.task_max_new_tokens = 96;
+        c
+    }
+
+    /// Parses an experiment file; unknown keys and bad values are errors naming the file.
+    pub fn from_file(path: &Path) -> Result<Self, ExperimentError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ExperimentError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| ExperimentError::Config {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })?;
+        cfg.validate().map_err(|what| ExperimentError::Config {
+            path: path.to_path_buf(),
+            what,
+        })?;
+        Ok(cfg)
+    }
+
+    /// The TOML text of this configuration (every key, defaults included).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("an experiment config serialises")
+    }
+
+    /// Checks ranges: non-empty sweeps, fractions in range, known methods.
+    pub fn validate(&self) -> Result<(), String> {
+        let frac = |name: &str, v: f64, lo: f64, hi: f64| {
+            if !(lo..=hi).contains(&v) || v.is_nan() {
+                Err(format!("{name} = {v} is outside [{lo}, {hi}]"))
+            } else {
+                Ok(())
+            }
+        };
+        if self.attack.ps.is_empty() {
+            return Err("attack.ps is empty: give at least one harmful fraction".into());
+        }
+        for &p in &self.attack.ps {
+            frac("attack.ps", p, 0.0, 1.0)?;
+        }
+        for (name, v) in [
+            ("nlsr.betas", &self.nlsr.betas),
+            ("nlsr.sparsities", &self.nlsr.sparsities),
+            ("nlsr.layer_prunes", &self.nlsr.layer_prunes),
+        ] {
+            if v.is_empty() {
+                return Err(format!("{name} is empty: give at least one value"));
+            }
+        }
+        for &s in &self.nlsr.sparsities {
+            frac("nlsr.sparsities", s, 0.0, 1.0)?;
+        }
+        for &s in &self.nlsr.layer_prunes {
+            frac("nlsr.layer_prunes", s, 0.0, 1.0)?;
+        }
+        for m in &self.nlsr.methods {
+            if !["low-rank", "wanda", "snip", "preference-snip", "random"].contains(&m.as_str()) {
+                return Err(format!(
+                    "nlsr.methods: unknown method {m:?} (low-rank, wanda, snip, preference-snip, random)"
+                ));
+            }
+        }
+        for (name, t) in [
+            ("align.sft", &self.align.sft),
+            ("align.dpo", &self.align.dpo),
+            ("attack.train", &self.attack.train),
+        ] {
+            if !["sft", "dpo"].contains(&t.method.as_str()) {
+                return Err(format!("{name}.method = {:?} (sft or dpo)", t.method));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_through_toml() {
+        for cfg in [ExperimentConfig::default(), ExperimentConfig::quick()] {
+            let text = cfg.to_toml();
+            let back: ExperimentConfig = toml::from_str(&text).unwrap();
+            assert_eq!(back, cfg);
+        }
+    }
+
+    #[test]
+    fn partial_file_takes_defaults_and_unknown_keys_fail() {
+        let cfg: ExperimentConfig = toml::from_str("seed = 7\n[attack]\nps = [0.3]\n").unwrap();
+        assert_eq!(cfg.seed, 7);
+        assert_eq!(cfg.attack.ps, vec![0.3]);
+        assert_eq!(cfg.attack.n, AttackSettings::default().n);
+        assert!(toml::from_str::<ExperimentConfig>("[attack]\npz = [0.3]\n").is_err());
+        let mut bad = ExperimentConfig::default();
+        bad.nlsr.methods = vec!["magic".into()];
+        assert!(bad.validate().unwrap_err().contains("magic"));
+    }
+}

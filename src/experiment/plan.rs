@@ -1,0 +1,577 @@
+//! The stage graph of an experiment. Every stage is planned (and keyed) before anything runs,
+//! so the run knows its length, and a stage's key covers its settings and its inputs' keys.
+
+use serde::{Deserialize, Serialize};
+
+use super::cache::key_of;
+use super::config::{ExperimentConfig, StageTrain};
+use super::stages::Inputs;
+
+/// What a stage does. Stage inputs are the plan's `deps`, in the order documented per kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StageKind {
+    /// LoRA training. deps: `[init adapter?] [mix?] [full model?]` as flagged.
+    Train {
+        /// The run's settings.
+        settings: StageTrain,
+        /// Continue the adapter of the first dep (else a new adapter).
+        init: bool,
+        /// Train on the mix of the next dep (else `settings.data`).
+        mix: bool,
+        /// Start from the full model of the last dep (else the base model).
+        full_model: bool,
+    },
+    /// The attack's data: `round(n p)` harmful rows among task rows. deps: none.
+    Mix {
+        /// Harmful fraction.
+        p: f64,
+        /// Rows.
+        n: usize,
+        /// Task source.
+        task: String,
+        /// Harmful source.
+        harmful: String,
+    },
+    /// NLSR pre-amplification `W_e = W_a + beta (W_a - W_0)`. deps: `[W_a, W_0]`.
+    Amplify {
+        /// Strength.
+        beta: f64,
+    },
+    /// Safety-critical neurons of a reference adapter. deps: `[reference]`.
+    Identify {
+        /// Method name (`low-rank`, `wanda`, ...).
+        method: String,
+        /// Sparsity.
+        sparsity: f64,
+        /// Corpus rows used.
+        samples: usize,
+        /// Corpus.
+        data: String,
+    },
+    /// NLSR repair. deps: `[reference, fine-tuned, masks]`.
+    Patch {
+        /// Layer-pruning rate `P_L`.
+        layer_prune: f64,
+        /// `ε`.
+        epsilon: f64,
+    },
+    /// Safe LoRA. deps: `[aligned, fine-tuned]`.
+    SafeLora {
+        /// Cosine threshold.
+        threshold: f64,
+    },
+    /// Neuron detection on the base model. deps: none.
+    Detect {
+        /// Corpus.
+        corpus: String,
+        /// Prompts used.
+        prompts: usize,
+        /// Per-layer top-k.
+        top_k: usize,
+    },
+    /// SN-Tune (deps `[set]`) or RSN-Tune (deps `[set, exclude]`) of the base model.
+    SnTune {
+        /// Refusal documents.
+        data: String,
+        /// Documents used.
+        docs: usize,
+        /// Learning rate.
+        lr: f64,
+        /// Epochs.
+        epochs: usize,
+        /// Whether the second dep is subtracted (RSN-Tune).
+        exclude: bool,
+    },
+    /// Evaluation of one model. deps: `[full model?] adapters... [neuron set?]`. Variants
+    /// that name the same model share one evaluation.
+    Eval {
+        /// The model evaluated.
+        model: EvalModel,
+    },
+}
+
+/// The model of an evaluation: the base or a full model from a stage, adapters, maybe
+/// deactivated neurons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalModel {
+    /// The first dep is a full model folder (SN-Tune output).
+    pub full_model: bool,
+    /// How many deps (after the full model) are adapters.
+    pub adapters: usize,
+    /// The last dep is a neuron set to switch off: `Some(false)` as is, `Some(true)` as an
+    /// equal-size random set (Deact-R).
+    pub deactivate: Option<bool>,
+}
+
+/// A row of the report: a label and group for one evaluated model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Variant {
+    /// Row label, e.g. `NLSR (low-rank)`.
+    pub label: String,
+    /// Report group: `alignment`, `attack`, `safelora`, `nlsr`, `nlsr-no-amp`, `sweep-beta`,
+    /// `sweep-sparsity`, `sweep-layer-prune`, `neurons`.
+    pub group: String,
+    /// The attack's `p`, if the variant is an attacked model.
+    pub p: Option<f64>,
+    /// The swept value, in sweep groups.
+    pub param: Option<f64>,
+    /// The evaluated model.
+    pub model: EvalModel,
+}
+
+/// One planned stage.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Unique name, e.g. `attack-p0.1`.
+    pub name: String,
+    /// What it does.
+    pub kind: StageKind,
+    /// Indices of the stages it reads.
+    pub deps: Vec<usize>,
+    /// Its cache key (hex SHA-256).
+    pub key: String,
+}
+
+/// The ordered stages and the report's rows.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// In run order (deps before dependants).
+    pub stages: Vec<Stage>,
+    /// Report rows and the index of their evaluation stage.
+    pub variants: Vec<(Variant, usize)>,
+}
+
+impl Plan {
+    fn add(
+        &mut self,
+        inputs: &Inputs,
+        name: String,
+        kind: StageKind,
+        deps: Vec<usize>,
+    ) -> crate::Result<usize> {
+        let mut sources = Vec::new();
+        match &kind {
+            StageKind::Train { settings, mix, .. } if !mix => sources.push(settings.data.clone()),
+            StageKind::Mix { task, harmful, .. } => {
+                sources.push(task.clone());
+                sources.push(harmful.clone());
+            }
+            StageKind::Identify { data, method, .. } if method != "random" => {
+                sources.push(data.clone())
+            }
+            StageKind::Detect { corpus, .. } => sources.push(corpus.clone()),
+            StageKind::SnTune { data, .. } => sources.push(data.clone()),
+            StageKind::Eval { .. } => {
+                sources.push(inputs.eval.harmful.clone());
+                sources.push(inputs.eval.task.clone());
+            }
+            _ => {}
+        }
+        let digests = sources
+            .iter()
+            .map(|s| inputs.data_digest(s))
+            .collect::<crate::Result<Vec<_>>>()?;
+        let material = serde_json::json!({
+            "realign": env!("CARGO_PKG_VERSION"),
+            "model": inputs.model_digest,
+            "seed": inputs.seed,
+            "stage": kind,
+            "eval": matches!(kind, StageKind::Eval { .. }).then_some(&inputs.eval),
+            "data": digests,
+            "deps": deps.iter().map(|&d| self.stages[d].key.clone()).collect::<Vec<_>>(),
+        });
+        let key = key_of(&material);
+        if let Some(i) = self.stages.iter().position(|s| s.key == key) {
+            return Ok(i);
+        }
+        if let Some(other) = self.stages.iter().find(|s| s.name == name) {
+            return Err(super::ExperimentError::Stage {
+                stage: name,
+                what: format!(
+                    "planned twice with different inputs (key {} vs {})",
+                    other.key, key
+                ),
+            }
+            .into());
+        }
+        self.stages.push(Stage {
+            name,
+            kind,
+            deps,
+            key,
+        });
+        Ok(self.stages.len() - 1)
+    }
+
+    /// The index of the stage called `name`.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    format!("{x}")
+}
+
+fn eval_variant(
+    plan: &mut Plan,
+    inputs: &Inputs,
+    v: Variant,
+    deps: Vec<usize>,
+) -> crate::Result<usize> {
+    let name = format!("eval-{}", slug(&v.label));
+    let i = plan.add(inputs, name, StageKind::Eval { model: v.model }, deps)?;
+    plan.variants.push((v, i));
+    Ok(i)
+}
+
+/// A file-name-safe form of a label.
+pub fn slug(label: &str) -> String {
+    let mut s: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while s.contains("--") {
+        s = s.replace("--", "-");
+    }
+    s.trim_matches('-').to_string()
+}
+
+fn variant(
+    label: String,
+    group: &str,
+    p: Option<f64>,
+    param: Option<f64>,
+    adapters: usize,
+) -> Variant {
+    Variant {
+        label,
+        group: group.into(),
+        p,
+        param,
+        model: EvalModel {
+            full_model: false,
+            adapters,
+            deactivate: None,
+        },
+    }
+}
+
+/// Plans every stage of `cfg`.
+pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
+    let mut plan = Plan::default();
+    let train = |settings: &StageTrain, init: bool, mix: bool, full_model: bool| StageKind::Train {
+        settings: settings.clone(),
+        init,
+        mix,
+        full_model,
+    };
+
+    // Alignment.
+    let sft = plan.add(
+        inputs,
+        "sft".into(),
+        train(&cfg.align.sft, false, false, false),
+        vec![],
+    )?;
+    let dpo = plan.add(
+        inputs,
+        "dpo".into(),
+        train(&cfg.align.dpo, true, false, false),
+        vec![sft],
+    )?;
+    eval_variant(
+        &mut plan,
+        inputs,
+        variant("Non-aligned".into(), "alignment", None, None, 0),
+        vec![],
+    )?;
+    eval_variant(
+        &mut plan,
+        inputs,
+        variant("SFT (W_0)".into(), "alignment", None, None, 1),
+        vec![sft],
+    )?;
+    eval_variant(
+        &mut plan,
+        inputs,
+        variant("Aligned (W_a, DPO)".into(), "alignment", None, None, 1),
+        vec![dpo],
+    )?;
+
+    // References: W_e per beta (beta 0: W_a itself).
+    let mut references = Vec::new();
+    for &beta in &cfg.nlsr.betas {
+        let r = if beta == 0.0 {
+            dpo
+        } else {
+            plan.add(
+                inputs,
+                format!("amplify-b{}", fmt_num(beta)),
+                StageKind::Amplify { beta },
+                vec![dpo, sft],
+            )?
+        };
+        references.push((beta, r));
+    }
+    let main_beta = references[0];
+    let identify = |plan: &mut Plan, method: &str, sparsity: f64, reference: usize, tag: &str| {
+        plan.add(
+            inputs,
+            format!("identify-{method}-s{}-{tag}", fmt_num(sparsity)),
+            StageKind::Identify {
+                method: method.into(),
+                sparsity,
+                samples: cfg.nlsr.identify_samples,
+                data: cfg.nlsr.identify_data.clone(),
+            },
+            vec![reference],
+        )
+    };
+    let s_main = cfg.nlsr.sparsities[0];
+    let lp_main = cfg.nlsr.layer_prunes[0];
+    let patch_kind = |lp: f64| StageKind::Patch {
+        layer_prune: lp,
+        epsilon: cfg.nlsr.epsilon,
+    };
+
+    // Attack, Safe LoRA and NLSR per p.
+    let mut attacks = Vec::new();
+    for &p in &cfg.attack.ps {
+        let pt = fmt_num(p);
+        let mix = plan.add(
+            inputs,
+            format!("mix-p{pt}"),
+            StageKind::Mix {
+                p,
+                n: cfg.attack.n,
+                task: cfg.attack.task.clone(),
+                harmful: cfg.attack.harmful.clone(),
+            },
+            vec![],
+        )?;
+        let att = plan.add(
+            inputs,
+            format!("attack-p{pt}"),
+            train(&cfg.attack.train, true, true, false),
+            vec![dpo, mix],
+        )?;
+        attacks.push((p, att));
+        eval_variant(
+            &mut plan,
+            inputs,
+            variant(format!("Attacked p={pt}"), "attack", Some(p), None, 1),
+            vec![att],
+        )?;
+        let sl = plan.add(
+            inputs,
+            format!("safelora-p{pt}"),
+            StageKind::SafeLora {
+                threshold: cfg.safelora.threshold,
+            },
+            vec![dpo, att],
+        )?;
+        eval_variant(
+            &mut plan,
+            inputs,
+            variant(format!("Safe LoRA p={pt}"), "safelora", Some(p), None, 1),
+            vec![sl],
+        )?;
+        for method in &cfg.nlsr.methods {
+            let mut refs = vec![("nlsr", format!("b{}", fmt_num(main_beta.0)), main_beta.1)];
+            if cfg.nlsr.without_amplification && main_beta.0 != 0.0 {
+                refs.push(("nlsr-no-amp", "b0".to_string(), dpo));
+            }
+            for (group, tag, reference) in refs {
+                let masks = identify(&mut plan, method, s_main, reference, &tag)?;
+                let patched = plan.add(
+                    inputs,
+                    format!(
+                        "patch-{method}-s{}-{tag}-lp{}-p{pt}",
+                        fmt_num(s_main),
+                        fmt_num(lp_main)
+                    ),
+                    patch_kind(lp_main),
+                    vec![reference, att, masks],
+                )?;
+                let label = if group == "nlsr" {
+                    format!("NLSR ({method}) p={pt}")
+                } else {
+                    format!("NLSR ({method}, no pre-amplification) p={pt}")
+                };
+                eval_variant(
+                    &mut plan,
+                    inputs,
+                    variant(label, group, Some(p), None, 1),
+                    vec![patched],
+                )?;
+            }
+        }
+    }
+
+    // Sweeps at the main p with the first method.
+    if let (Some(method), Some(&(p, att))) = (cfg.nlsr.methods.first(), attacks.first()) {
+        let pt = fmt_num(p);
+        let sweep = |plan: &mut Plan,
+                     group: &str,
+                     param: f64,
+                     reference: usize,
+                     rtag: &str,
+                     s: f64,
+                     lp: f64|
+         -> crate::Result<()> {
+            let masks = identify(plan, method, s, reference, rtag)?;
+            let patched = plan.add(
+                inputs,
+                format!(
+                    "patch-{method}-s{}-{rtag}-lp{}-p{pt}",
+                    fmt_num(s),
+                    fmt_num(lp)
+                ),
+                patch_kind(lp),
+                vec![reference, att, masks],
+            )?;
+            let label = format!("NLSR ({method}) p={pt} {group}={}", fmt_num(param));
+            eval_variant(
+                plan,
+                inputs,
+                variant(label, &format!("sweep-{group}"), Some(p), Some(param), 1),
+                vec![patched],
+            )?;
+            Ok(())
+        };
+        for &(beta, r) in &references {
+            sweep(
+                &mut plan,
+                "beta",
+                beta,
+                r,
+                &format!("b{}", fmt_num(beta)),
+                s_main,
+                lp_main,
+            )?;
+        }
+        let rtag = format!("b{}", fmt_num(main_beta.0));
+        for &s in &cfg.nlsr.sparsities {
+            sweep(&mut plan, "sparsity", s, main_beta.1, &rtag, s, lp_main)?;
+        }
+        for &lp in &cfg.nlsr.layer_prunes {
+            sweep(&mut plan, "layer-prune", lp, main_beta.1, &rtag, s_main, lp)?;
+        }
+    }
+
+    if cfg.neurons.enabled {
+        plan_neurons(&mut plan, cfg, inputs)?;
+    }
+    Ok(plan)
+}
+
+fn plan_neurons(plan: &mut Plan, cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<()> {
+    let n = &cfg.neurons;
+    let detect = |plan: &mut Plan, name: &str, corpus: &str| {
+        plan.add(
+            inputs,
+            name.into(),
+            StageKind::Detect {
+                corpus: corpus.into(),
+                prompts: n.prompts,
+                top_k: n.top_k,
+            },
+            vec![],
+        )
+    };
+    let safety = detect(plan, "neurons-safety", &n.corpus)?;
+    let foundation = detect(plan, "neurons-foundation", &n.general)?;
+    let neuron_variant = |label: &str, full_model: bool, deactivate: Option<bool>| Variant {
+        label: label.into(),
+        group: "neurons".into(),
+        p: None,
+        param: None,
+        model: EvalModel {
+            full_model,
+            adapters: 0,
+            deactivate,
+        },
+    };
+    eval_variant(
+        plan,
+        inputs,
+        neuron_variant("Deact-SN", false, Some(false)),
+        vec![safety],
+    )?;
+    eval_variant(
+        plan,
+        inputs,
+        neuron_variant("Deact-R", false, Some(true)),
+        vec![safety],
+    )?;
+    let tune = |exclude: bool| StageKind::SnTune {
+        data: n.tune_data.clone(),
+        docs: n.tune_docs,
+        lr: n.tune_lr,
+        epochs: n.tune_epochs,
+        exclude,
+    };
+    let sn = plan.add(inputs, "sn-tune".into(), tune(false), vec![safety])?;
+    let rsn = plan.add(
+        inputs,
+        "rsn-tune".into(),
+        tune(true),
+        vec![safety, foundation],
+    )?;
+    eval_variant(
+        plan,
+        inputs,
+        neuron_variant("SN-Tune", true, None),
+        vec![sn],
+    )?;
+    eval_variant(
+        plan,
+        inputs,
+        neuron_variant("RSN-Tune", true, None),
+        vec![rsn],
+    )?;
+
+    // Robustness (the paper's Table 4): fine-tune each model on plain task data (p = 0).
+    let mix = plan.add(
+        inputs,
+        "mix-p0".into(),
+        StageKind::Mix {
+            p: 0.0,
+            n: cfg.attack.n,
+            task: cfg.attack.task.clone(),
+            harmful: cfg.attack.harmful.clone(),
+        },
+        vec![],
+    )?;
+    let settings = &cfg.attack.train;
+    let kind = |full_model: bool| StageKind::Train {
+        settings: settings.clone(),
+        init: false,
+        mix: true,
+        full_model,
+    };
+    let base_ft = plan.add(inputs, "task-ft-base".into(), kind(false), vec![mix])?;
+    let mut v = neuron_variant("Non-aligned + task fine-tuning", false, None);
+    v.model.adapters = 1;
+    eval_variant(plan, inputs, v, vec![base_ft])?;
+    for (label, model) in [("SN-Tune", sn), ("RSN-Tune", rsn)] {
+        let ft = plan.add(
+            inputs,
+            format!("task-ft-{}", slug(label)),
+            kind(true),
+            vec![mix, model],
+        )?;
+        let mut v = neuron_variant(&format!("{label} + task fine-tuning"), true, None);
+        v.model.adapters = 1;
+        eval_variant(plan, inputs, v, vec![model, ft])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,486 @@
+//! Running one planned stage: each kind calls the library function the matching CLI command
+//! calls (`train`, `data mix`, `amplify`, `identify`, `patch`, `safelora`, `eval`, `neurons`).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use super::cache::{digest_path, StageRecord, StageStore};
+use super::config::{EvalSettings, ExperimentConfig, StageTrain};
+use super::plan::{EvalModel, Plan, Stage, StageKind};
+use super::{ExperimentError, Observer};
+use crate::adapters::Adapter;
+use crate::data::{load_source, Row};
+use crate::eval::{harmfulness_score, task_accuracy, EvalConfig, TaskKind};
+use crate::model::{AdapterMode, LoadOptions, LoadedModel};
+use crate::nlsr::identify::{identify, IdentifyConfig, Method};
+use crate::nlsr::patch::{patch, write_patch, PatchConfig};
+use crate::nlsr::prune::{ProbabilityMapping, PruneConfig, Selection};
+use crate::nlsr::transplant::TransplantMode;
+use crate::train::config::{DataSettings, LoraSettings, OptimSettings};
+use crate::train::{train, trainer::Progress, StepLog, TrainConfig};
+
+/// What every stage key depends on besides its own settings: the base model's content, the
+/// seed, the evaluation settings, and the content of each data source (embedded sets are
+/// hashed by their rows, files by their bytes).
+pub struct Inputs {
+    /// The base model file or folder.
+    pub model_path: PathBuf,
+    /// Its content digest.
+    pub model_digest: String,
+    /// The experiment seed.
+    pub seed: u64,
+    /// Evaluation settings (part of every eval key).
+    pub eval: EvalSettings,
+    data: RefCell<BTreeMap<String, String>>,
+}
+
+impl Inputs {
+    /// The digest of a data source (cached per source).
+    pub fn data_digest(&self, source: &str) -> crate::Result<String> {
+        if let Some(d) = self.data.borrow().get(source) {
+            return Ok(d.clone());
+        }
+        let d = if source.starts_with("embedded:") {
+            let rows = load_source(source)?;
+            super::cache::key_of(&serde_json::Value::String(format!("{rows:?}")))
+        } else {
+            digest_path(Path::new(source))?
+        };
+        self.data.borrow_mut().insert(source.into(), d.clone());
+        Ok(d)
+    }
+}
+
+/// The result of an evaluation stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Harmfulness score, % (keyword judge).
+    pub hs: f64,
+    /// Harmful prompts.
+    pub n_harmful: usize,
+    /// Task accuracy, %.
+    pub fa: f64,
+    /// Task items.
+    pub n_task: usize,
+}
+
+/// Runs stages against one loaded base model.
+pub struct Runner {
+    /// What keys depend on.
+    pub inputs: Inputs,
+    cfg: ExperimentConfig,
+    store: StageStore,
+    base: LoadedModel,
+}
+
+struct Bar<'a> {
+    obs: &'a mut dyn Observer,
+    total: usize,
+}
+
+impl Progress for Bar<'_> {
+    fn start(&mut self, total: usize) {
+        self.total = total;
+        self.obs.stage_progress(0, total, "");
+    }
+    fn step(&mut self, l: &StepLog) {
+        self.obs
+            .stage_progress(l.step, self.total, &format!("loss {:.4}", l.loss));
+    }
+}
+
+fn stage_err(stage: &str, what: impl std::fmt::Display) -> crate::Error {
+    ExperimentError::Stage {
+        stage: stage.into(),
+        what: what.to_string(),
+    }
+    .into()
+}
+
+impl Runner {
+    /// Loads the base model and digests it.
+    pub fn new(cfg: &ExperimentConfig) -> crate::Result<Self> {
+        let model_path = cfg
+            .model
+            .clone()
+            .unwrap_or_else(crate::assets::default_model);
+        if !model_path.exists() {
+            return Err(ExperimentError::Config {
+                path: model_path,
+                what: "the model is not there (run scripts/setup.sh for the embedded default, or set `model`)".into(),
+            }
+            .into());
+        }
+        let model_digest = digest_path(&model_path)?;
+        let base = LoadedModel::load(&model_path, &LoadOptions::default())?;
+        Ok(Self {
+            inputs: Inputs {
+                model_path,
+                model_digest,
+                seed: cfg.seed,
+                eval: cfg.eval.clone(),
+                data: RefCell::default(),
+            },
+            cfg: cfg.clone(),
+            store: StageStore::new(cfg.output.join("stages")),
+            base,
+        })
+    }
+
+    /// The folder of a stage.
+    pub fn dir(&self, s: &Stage) -> PathBuf {
+        self.store.dir(&s.name, &s.key)
+    }
+
+    /// Runs stage `i` unless it finished before; returns its record (result as JSON).
+    pub fn run_stage(
+        &mut self,
+        i: usize,
+        stage: &Stage,
+        plan: &Plan,
+        obs: &mut dyn Observer,
+    ) -> crate::Result<StageRecord<serde_json::Value>> {
+        if let Some(rec) = self
+            .store
+            .finished::<serde_json::Value>(&stage.name, &stage.key)?
+        {
+            obs.stage_start(i, &stage.name, true);
+            obs.stage_end(&stage.name, 0.0, "cached");
+            return Ok(rec);
+        }
+        obs.stage_start(i, &stage.name, false);
+        let deps: Vec<PathBuf> = stage
+            .deps
+            .iter()
+            .map(|&d| self.dir(&plan.stages[d]))
+            .collect();
+        let store = self.store.clone();
+        let rec = store
+            .run(&stage.name, &stage.key, |out| {
+                self.execute(stage, &deps, out, obs)
+            })
+            .map_err(|e| match e {
+                crate::Error::Experiment(_) => e,
+                other => stage_err(&stage.name, other),
+            })?;
+        obs.stage_end(&stage.name, rec.seconds, &summary_line(&rec.result));
+        Ok(rec)
+    }
+
+    fn execute(
+        &self,
+        stage: &Stage,
+        deps: &[PathBuf],
+        out: &Path,
+        obs: &mut dyn Observer,
+    ) -> crate::Result<serde_json::Value> {
+        let dev = Device::Cpu;
+        let json = |v: &dyn erased::Ser| v.to_json();
+        match &stage.kind {
+            StageKind::Train {
+                settings,
+                init,
+                mix,
+                full_model,
+            } => {
+                let mut k = 0;
+                let init_dir = init.then(|| {
+                    k += 1;
+                    deps[k - 1].clone()
+                });
+                let data = if *mix {
+                    k += 1;
+                    deps[k - 1].join("mix.jsonl").display().to_string()
+                } else {
+                    settings.data.clone()
+                };
+                let model = if *full_model {
+                    LoadedModel::load(&deps[k], &LoadOptions::default())?.model
+                } else {
+                    self.base.model.clone()
+                };
+                let tc = train_config(settings, init_dir, &data, out, self.cfg.seed);
+                let rows = load_source(&data)?;
+                let mut bar = Bar { obs, total: 0 };
+                let r = train(model, &self.base.tokenizer, &rows, &tc, false, &mut bar)?;
+                Ok(serde_json::json!({"steps": r.steps, "examples": r.examples,
+                    "first_loss": r.first_loss, "last_loss": r.last_loss,
+                    "tokens_per_s": r.tokens_per_s}))
+            }
+            StageKind::Mix {
+                p,
+                n,
+                task,
+                harmful,
+            } => {
+                let cfg = crate::data::MixConfig {
+                    n: *n,
+                    p: *p,
+                    seed: self.cfg.seed,
+                };
+                let mixed = crate::data::mix_sources(task, harmful, &cfg)?;
+                crate::data::write_mix(&out.join("mix.jsonl"), &mixed)?;
+                Ok(json(&mixed.meta))
+            }
+            StageKind::Amplify { beta } => {
+                let aligned = Adapter::load(&deps[0], &dev)?;
+                let weak = Adapter::load(&deps[1], &dev)?;
+                let e = crate::nlsr::amplify::amplify(&aligned, &weak, *beta)?;
+                e.save(out)?;
+                Ok(serde_json::json!({"beta": beta, "modules": e.modules.len()}))
+            }
+            StageKind::Identify {
+                method,
+                sparsity,
+                samples,
+                data,
+            } => {
+                let method = parse_method(method)?;
+                let reference = Adapter::load(&deps[0], &dev)?;
+                let rows = if method == Method::Random {
+                    Vec::new()
+                } else {
+                    load_source(data)?
+                };
+                let cfg = IdentifyConfig {
+                    method,
+                    sparsity: *sparsity,
+                    seed: self.cfg.seed,
+                    max_samples: Some(*samples),
+                    ..Default::default()
+                };
+                let (m, report) = identify(
+                    &self.base.model,
+                    &self.base.tokenizer,
+                    &reference,
+                    &rows,
+                    &cfg,
+                )?;
+                crate::nlsr::masks::save(&m, &out.join("masks.safetensors"))?;
+                Ok(
+                    serde_json::json!({"method": report.method, "density": report.density,
+                    "samples": report.samples, "tokens": report.tokens, "seconds": report.seconds}),
+                )
+            }
+            StageKind::Patch {
+                layer_prune,
+                epsilon,
+            } => {
+                let reference = Adapter::load(&deps[0], &dev)?;
+                let finetuned = Adapter::load(&deps[1], &dev)?;
+                let masks = crate::nlsr::masks::load(&deps[2].join("masks.safetensors"), &dev)?;
+                let config = PatchConfig {
+                    prune: PruneConfig {
+                        selection: Selection::Adaptive,
+                        mapping: ProbabilityMapping::Paper,
+                        layer_prune: *layer_prune,
+                        epsilon: *epsilon,
+                        seed: self.cfg.seed,
+                    },
+                    transplant: TransplantMode::Replace,
+                };
+                let outcome = patch(&reference, &finetuned, &masks, &config)?;
+                write_patch(out, &outcome)?;
+                Ok(serde_json::json!({"patched": outcome.report.num_patched,
+                    "modules": outcome.report.num_modules}))
+            }
+            StageKind::SafeLora { threshold } => {
+                let aligned = Adapter::load(&deps[0], &dev)?;
+                let finetuned = Adapter::load(&deps[1], &dev)?;
+                let alignment = crate::safelora::alignment_from_adapter(&aligned);
+                let (adapter, report) = crate::safelora::safe_lora(
+                    &alignment,
+                    &finetuned,
+                    crate::safelora::SafeLoraSelection::Threshold(*threshold),
+                )?;
+                adapter.save(out)?;
+                Ok(serde_json::json!({"projected": report.num_projected,
+                    "modules": report.modules.len()}))
+            }
+            StageKind::Detect { .. } | StageKind::SnTune { .. } => {
+                self.execute_neurons(stage, deps, out, obs)
+            }
+            StageKind::Eval { model } => {
+                let r = self.evaluate(model, deps, out, obs)?;
+                Ok(json(&r))
+            }
+        }
+    }
+
+    fn evaluate(
+        &self,
+        v: &EvalModel,
+        deps: &[PathBuf],
+        out: &Path,
+        obs: &mut dyn Observer,
+    ) -> crate::Result<EvalResult> {
+        let mut k = 0;
+        let mut model = if v.full_model {
+            k = 1;
+            LoadedModel::load(&deps[0], &LoadOptions::default())?.model
+        } else {
+            self.base.model.clone()
+        };
+        for dir in &deps[k..k + v.adapters] {
+            let ad = Adapter::load(dir, model.device())?;
+            model.apply_adapter(&ad, AdapterMode::Merged)?;
+        }
+        if v.deactivate.is_some() {
+            return Err(stage_err("eval", "TEMP: deactivation not merged yet"));
+        }
+        let e = &self.cfg.eval;
+        let tok = &self.base.tokenizer;
+        let cfg = |max_new: usize| EvalConfig {
+            max_new_tokens: Some(max_new),
+            batch_size: e.batch_size,
+            ..Default::default()
+        };
+        let mut harmful = load_source(&e.harmful)?;
+        if e.harmful_limit > 0 {
+            harmful.truncate(e.harmful_limit);
+        }
+        obs.stage_progress(0, 2, "harmfulness");
+        let prompts: Vec<String> = harmful.iter().map(|r| r.prompt().plain_text()).collect();
+        let h = harmfulness_score(&model, tok, &prompts, &cfg(e.harmful_max_new_tokens))?;
+        write_json(&out.join("harmful.json"), &h)?;
+        let mut task = load_source(&e.task)?;
+        if e.task_limit > 0 {
+            task.truncate(e.task_limit);
+        }
+        obs.stage_progress(1, 2, "task accuracy");
+        let items = task
+            .iter()
+            .map(|r| match r {
+                Row::Sft { prompt, response } => Ok((prompt.plain_text(), response.clone())),
+                other => Err(stage_err(
+                    "eval",
+                    format!(
+                        "{}: task rows need a gold response, got a {} row",
+                        e.task,
+                        other.kind()
+                    ),
+                )),
+            })
+            .collect::<crate::Result<Vec<_>>>()?;
+        let t = task_accuracy(
+            &model,
+            tok,
+            &items,
+            &TaskKind::Gsm8k,
+            &cfg(e.task_max_new_tokens),
+        )?;
+        write_json(&out.join("task.json"), &t)?;
+        obs.stage_progress(2, 2, "");
+        Ok(EvalResult {
+            hs: h.score_percent,
+            n_harmful: h.n,
+            fa: t.accuracy_percent,
+            n_task: t.n,
+        })
+    }
+}
+
+impl Runner {
+    fn execute_neurons(
+        &self,
+        stage: &Stage,
+        _deps: &[PathBuf],
+        _out: &Path,
+        _obs: &mut dyn Observer,
+    ) -> crate::Result<serde_json::Value> {
+        Err(stage_err(&stage.name, "TEMP: neurons not merged yet"))
+    }
+}
+
+mod erased {
+    /// Serialise anything to a JSON value (for stage results).
+    pub trait Ser {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> crate::Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| stage_err("write", e))?;
+    crate::fsutil::write_atomic(path, text.as_bytes())
+}
+
+fn summary_line(v: &serde_json::Value) -> String {
+    if let (Some(hs), Some(fa)) = (v.get("hs"), v.get("fa")) {
+        return format!(
+            "HS {hs:.1}  FA {fa:.1}",
+            hs = hs.as_f64().unwrap_or(f64::NAN),
+            fa = fa.as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let s = v.to_string();
+    if s.len() > 120 {
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(117).map(|(i, _)| i).unwrap_or(s.len())]
+        )
+    } else {
+        s
+    }
+}
+
+fn parse_method(m: &str) -> crate::Result<Method> {
+    Ok(match m {
+        "low-rank" => Method::LowRank,
+        "wanda" => Method::Wanda,
+        "snip" => Method::Snip,
+        "preference-snip" => Method::PreferenceSnip,
+        "random" => Method::Random,
+        other => return Err(stage_err("identify", format!("unknown method {other:?}"))),
+    })
+}
+
+/// The `realign train` configuration of a planned training stage.
+pub fn train_config(
+    s: &StageTrain,
+    init: Option<PathBuf>,
+    data: &str,
+    out: &Path,
+    seed: u64,
+) -> TrainConfig {
+    let objective = match s.method.as_str() {
+        "dpo" => crate::train::objectives::Objective::Dpo { beta: s.beta },
+        _ => crate::train::objectives::Objective::Sft,
+    };
+    TrainConfig {
+        objective,
+        model: None,
+        init_adapter: init,
+        output: out.to_path_buf(),
+        seed,
+        lora: LoraSettings {
+            r: s.r,
+            alpha: s.alpha,
+            ..Default::default()
+        },
+        data: DataSettings {
+            train: data.to_string(),
+            template: "chat".into(),
+            system: None,
+            max_length: s.max_length,
+            max_rows: s.max_rows,
+        },
+        optim: OptimSettings {
+            lr: s.lr,
+            epochs: s.epochs,
+            batch_size: s.batch_size,
+            grad_accum: s.grad_accum,
+            warmup_ratio: s.warmup_ratio,
+            schedule: crate::train::schedule::Schedule::Cosine,
+            ..Default::default()
+        },
+    }
+}

@@ -1,0 +1,157 @@
+//! `realign experiment` in miniature: the whole stage graph on the tiny fixture model with a
+//! few rows of the embedded data, end to end; a rerun resumes from the cache; a changed
+//! setting reruns exactly the stages downstream of it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::fixtures;
+use realign::experiment::{self, ExperimentConfig, Silent};
+
+fn miniature(out: &Path, neurons: bool) -> ExperimentConfig {
+    let text = format!(
+        r#"
+model = "{model}"
+output = "{out}"
+[align.sft]
+method = "sft"
+data = "embedded:safety_sft"
+lr = 1e-3
+max_rows = 8
+batch_size = 4
+max_length = 160
+[align.dpo]
+method = "dpo"
+data = "embedded:safety_pref"
+lr = 1e-3
+max_rows = 4
+batch_size = 2
+max_length = 160
+[attack]
+n = 8
+ps = [0.25, 0.5]
+[attack.train]
+method = "sft"
+lr = 1e-3
+batch_size = 4
+max_length = 160
+[nlsr]
+betas = [0.9, 0]
+sparsities = [0.8, 0.5]
+layer_prunes = [0.5, 0.25]
+identify_samples = 4
+[neurons]
+enabled = {neurons}
+prompts = 3
+top_k = 8
+tune_docs = 4
+tune_lr = 1e-3
+[eval]
+harmful_limit = 3
+task_limit = 2
+harmful_max_new_tokens = 4
+task_max_new_tokens = 4
+"#,
+        model = fixtures().join("tiny-llama").display(),
+        out = out.display(),
+    );
+    let path = out.with_extension("toml");
+    std::fs::write(&path, text).unwrap();
+    ExperimentConfig::from_file(&path).unwrap()
+}
+
+/// Stage folder name → modification time of its record.
+fn stage_times(out: &Path) -> BTreeMap<String, std::time::SystemTime> {
+    std::fs::read_dir(out.join("stages"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let t = std::fs::metadata(e.path().join("stage.json"))
+                .unwrap()
+                .modified()
+                .unwrap();
+            (e.file_name().to_string_lossy().into_owned(), t)
+        })
+        .collect()
+}
+
+#[test]
+fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
+    if !common::assets_present(&[&realign::assets::data("adv_bench.prompt")]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exp");
+    let cfg = miniature(&out, true);
+    let report = experiment::run(&cfg, &mut Silent).unwrap();
+
+    // Every planned row is in the report, with percentages over the requested counts.
+    let labels: Vec<&str> = report.evals.iter().map(|r| r.variant.label.as_str()).collect();
+    for want in [
+        "Non-aligned",
+        "Aligned (W_a, DPO)",
+        "Attacked p=0.25",
+        "Attacked p=0.5",
+        "Safe LoRA p=0.5",
+        "NLSR (low-rank) p=0.25",
+        "NLSR (wanda, no pre-amplification) p=0.5",
+        "Deact-SN",
+        "Deact-R",
+        "SN-Tune",
+        "RSN-Tune + task fine-tuning",
+    ] {
+        assert!(labels.contains(&want), "{want} missing from {labels:?}");
+    }
+    for r in &report.evals {
+        assert_eq!((r.n_harmful, r.n_task), (3, 2), "{}", r.variant.label);
+        assert!((0.0..=100.0).contains(&r.hs) && (0.0..=100.0).contains(&r.fa));
+        // 3 prompts: the score is a multiple of 100/3
+        let k = r.hs * 3.0 / 100.0;
+        assert!((k - k.round()).abs() < 1e-9, "{}", r.hs);
+    }
+    // The sweep rows at the main setting reuse the main evaluation stage.
+    let main = report.evals.iter().find(|r| r.variant.label == "NLSR (low-rank) p=0.25").unwrap();
+    let sweep = report
+        .evals
+        .iter()
+        .find(|r| r.variant.group == "sweep-beta" && r.variant.param == Some(0.9))
+        .unwrap();
+    assert_eq!(main.stage, sweep.stage);
+
+    let md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(md.contains("| method | HS ↓ p=0.25 | FA ↑ p=0.25 | HS ↓ p=0.5 | FA ↑ p=0.5 |"), "{md}");
+    assert!(md.contains("## Effect of pre-amplification"));
+    assert!(md.contains("## Safety neurons"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["evals"].as_array().unwrap().len(), report.evals.len());
+    assert!(out.join("report/index.md").is_file());
+
+    // A rerun finds every stage finished and touches none.
+    let before = stage_times(&out);
+    assert!(!before.keys().any(|k| k.ends_with(".partial")));
+    let again = experiment::run(&cfg, &mut Silent).unwrap();
+    assert_eq!(stage_times(&out), before);
+    assert_eq!(
+        serde_json::to_value(&again.evals).unwrap(),
+        serde_json::to_value(&report.evals).unwrap()
+    );
+
+    // A new attack learning rate: alignment is reused, every attack-dependent stage is new.
+    let mut changed = cfg.clone();
+    changed.attack.train.lr = 5e-4;
+    experiment::run(&changed, &mut Silent).unwrap();
+    let after = stage_times(&out);
+    for (name, t) in &before {
+        if name.starts_with("sft-") || name.starts_with("dpo-") || name.starts_with("mix-") {
+            assert_eq!(after.get(name), Some(t), "{name} should be reused");
+        }
+    }
+    let new: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    assert!(new.iter().any(|k| k.starts_with("attack-p0.25-")), "{new:?}");
+    assert!(new.iter().any(|k| k.starts_with("patch-")), "{new:?}");
+    assert!(!new.iter().any(|k| k.starts_with("sft-") || k.starts_with("dpo-")), "{new:?}");
+}
