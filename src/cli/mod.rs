@@ -30,7 +30,7 @@ enum Command {
     Bench(bench::Args),
     /// Train a LoRA adapter (SFT, DPO, ORPO, KTO, SimPO) from a TOML run file.
     Train(train::Args),
-    /// Measure a model (+ adapters): harmfulness score or task accuracy.
+    /// Measure a model (+ adapters): harmfulness score and fine-tuning accuracy, every sample kept.
     Eval(eval::Args),
     /// Data sets: `realign data mix` (the attack), `export` (an embedded set), `stats`, `list`.
     Data(data::Args),
