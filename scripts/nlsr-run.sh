@@ -13,10 +13,10 @@ for m in low-rank wanda random; do
   [ -f "runs/nlsr-$m/adapter_model.safetensors" ] || $R patch --reference runs/reference --finetuned runs/attacked --masks "runs/masks-$m.safetensors" --seed 42 -o "runs/nlsr-$m"
 done
 [ -f runs/safelora/adapter_model.safetensors ] || $R safelora --aligned runs/dpo --finetuned runs/attacked --threshold 0.5 -o runs/safelora
-eval_all() { # name, adapter
-  [ -f "runs/eval-$1-task.line" ] && return
-  $R eval harmfulness --adapter "$2" --max-new-tokens 48 -o "runs/eval-$1-harm.json" > "runs/eval-$1-harm.line"
-  $R eval task --adapter "$2" -o "runs/eval-$1-task.json" > "runs/eval-$1-task.line"
+eval_all() { # name, adapter -> runs/eval-NAME/{summary.json,harmful.jsonl,task.jsonl}
+  [ -f "runs/eval-$1/summary.json" ] && return
+  echo "== $1"
+  $R eval --adapter "$2" --merge --harmful-max-new-tokens 48 -o "runs/eval-$1"
 }
 for m in low-rank wanda random; do eval_all "nlsr-$m" "runs/nlsr-$m"; done
 eval_all safelora runs/safelora
@@ -26,10 +26,10 @@ names = ["aligned", "attacked", "safelora", "nlsr-low-rank", "nlsr-wanda", "nlsr
 rows = {}
 for n in names:
     try:
-        h = json.load(open(f"runs/eval-{n}-harm.line")); t = json.load(open(f"runs/eval-{n}-task.line"))
+        s = json.load(open(f"runs/eval-{n}/summary.json"))
     except FileNotFoundError:
         continue
-    rows[n] = {"harmfulness_percent": h["value"], "gsm8k_accuracy_percent": t["value"]}
+    rows[n] = {"harmfulness_percent": s["harmfulness_percent"], "gsm8k_accuracy_percent": s["accuracy_percent"]}
 json.dump(rows, open("runs/repair_summary.json", "w"), indent=2)
 print(f"{'model':<14} {'HS %':>6} {'GSM8K %':>8}")
 for k, v in rows.items():

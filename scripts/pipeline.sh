@@ -16,11 +16,11 @@ stage sft configs/sft.toml
 stage dpo configs/dpo.toml
 $R data mix --task embedded:task_train --harmful embedded:harmful_attack --n 200 --p 0.1 --seed 42 -o runs/attack.jsonl
 stage attacked configs/attack.toml
-eval_all() { # name, adapters...
+eval_all() { # name, adapters... -> runs/eval-NAME/{summary.json,harmful.jsonl,task.jsonl}
   local name=$1; shift
   local ads=(); for a in "$@"; do ads+=(--adapter "$a"); done
-  $R eval harmfulness "${ads[@]}" --max-new-tokens 48 -o "runs/eval-$name-harm.json" > "runs/eval-$name-harm.line"
-  $R eval task "${ads[@]}" -o "runs/eval-$name-task.json" > "runs/eval-$name-task.line"
+  echo "== $name"
+  $R eval "${ads[@]}" --merge --harmful-max-new-tokens 48 -o "runs/eval-$name"
 }
 eval_all base
 eval_all sft runs/sft
@@ -30,9 +30,8 @@ python3 - <<'PY'
 import json
 rows = {}
 for name in ["base", "sft", "aligned", "attacked"]:
-    h = json.load(open(f"runs/eval-{name}-harm.line"))
-    t = json.load(open(f"runs/eval-{name}-task.line"))
-    rows[name] = {"harmfulness_percent": h["value"], "gsm8k_accuracy_percent": t["value"], "n_harmful": h["n"], "n_task": t["n"]}
+    s = json.load(open(f"runs/eval-{name}/summary.json"))
+    rows[name] = {"harmfulness_percent": s["harmfulness_percent"], "gsm8k_accuracy_percent": s["accuracy_percent"], "n_harmful": s["harmful"]["n"], "n_task": s["task"]["n"]}
 json.dump(rows, open("runs/pipeline_summary.json", "w"), indent=2)
 print(f"{'model':<10} {'HS %':>6} {'GSM8K %':>8}")
 for k, v in rows.items():

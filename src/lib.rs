@@ -12,7 +12,7 @@
 //! | [`adapters`] | PEFT LoRA adapters: reading, writing, applying (merged or unmerged) |
 //! | [`data`] | data files (JSONL, JSON, CSV), the embedded data sets, prompt rendering and masking, the attack mix |
 //! | [`bench`](mod@bench) | the `realign bench` figures |
-//! | [`eval`] | harmfulness score (refusal-keyword judge) and fine-tuning accuracy (GSM8K, labels) |
+//! | [`eval`] | [`eval::evaluate()`]: harmfulness score (GCG refusal keywords or a judge model) and fine-tuning accuracy (GSM8K, labels), every sample kept |
 //! | [`experiment`] | `realign experiment`: the whole pipeline as cached stages, the papers' tables and plots |
 //! | [`nlsr`] | NLSR: pre-amplification, safety-critical neuron identification, layer similarity, layer pruning, transplant, `realign patch` |
 //! | [`neurons`] | safety neurons: the neuron-set file, detection, deactivation, SN-Tune and RSN-Tune |

@@ -2,105 +2,118 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use realign::adapters::Adapter;
-use realign::data::load_source;
-use realign::eval::{harmfulness_score, task_accuracy, EvalConfig, TaskKind};
+use realign::eval::{evaluate, EvalOptions, JudgeSpec, TaskKind, DEFAULT_HARMFUL, DEFAULT_TASK};
 use realign::model::{AdapterMode, LoadOptions, LoadedModel};
 
 /// Flags of `realign eval`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to measure: harmfulness (keyword judge on harmful prompts) or task (GSM8K accuracy)
-    #[arg(value_parser = ["harmfulness", "task"])]
-    what: String,
-    /// Model [default: the embedded SmolLM2-135M-Instruct]
+    /// Model folder or GGUF [default: the embedded SmolLM2-135M-Instruct]
     #[arg(long)]
     model: Option<PathBuf>,
-    /// PEFT adapter(s), stacked in order (merged into the weights for speed)
+    /// PEFT adapter(s), stacked in order
     #[arg(long = "adapter")]
     adapters: Vec<PathBuf>,
-    /// Prompts: a data file or an embedded set [default: embedded:harmful_eval for harmfulness,
-    /// embedded:task_eval for task]
+    /// Merge the adapters into the weights (faster; the default keeps them apart)
     #[arg(long)]
-    data: Option<String>,
-    /// Use only the first N rows (0: all)
-    #[arg(long, default_value_t = 0)]
-    limit: usize,
-    /// New tokens per reply [default: 64 for harmfulness, 256 for GSM8K]
-    #[arg(long)]
-    max_new_tokens: Option<usize>,
+    merge: bool,
+    /// Harmful prompts: a data file or an embedded set, or `none` to skip the harmfulness score
+    #[arg(long, default_value = DEFAULT_HARMFUL)]
+    harmful: String,
+    /// Task items (prompt + gold answer): a data file or an embedded set, or `none` to skip
+    #[arg(long, default_value = DEFAULT_TASK)]
+    task: String,
+    /// Classification labels, comma-separated [default: GSM8K when every gold answer is a
+    /// number, else the distinct gold answers]
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Harmfulness judge: `keyword` (GCG's refusal phrases) or `model:PATH` (a chat model
+    /// asked for safe/unsafe)
+    #[arg(long, default_value = "keyword")]
+    judge: String,
     /// Prompts per generation batch
     #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    /// Write the full report (every prompt, reply and verdict) here as JSON
+    batch: usize,
+    /// New tokens per reply, both sets [default: 64 harmful; 256 GSM8K, 64 classification]
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// New tokens per harmful reply (overrides --max-new-tokens)
+    #[arg(long)]
+    harmful_max_new_tokens: Option<usize>,
+    /// New tokens per task reply (overrides --max-new-tokens)
+    #[arg(long)]
+    task_max_new_tokens: Option<usize>,
+    /// Use only the first N rows of each set (0: all)
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// A system message before every evaluated prompt
+    #[arg(long)]
+    system: Option<String>,
+    /// Match refusal keywords ignoring case (default: case-sensitively, as GCG)
+    #[arg(long)]
+    case_insensitive: bool,
+    /// Output folder: harmful.jsonl, task.jsonl, summary.json
     #[arg(short, long)]
-    output: Option<PathBuf>,
+    output: PathBuf,
+    /// Print summary.json on stdout instead of the human-readable lines
+    #[arg(long)]
+    json: bool,
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
+/// `none` (any case) means "skip this set".
+fn source(spec: &str) -> Option<String> {
+    (!spec.eq_ignore_ascii_case("none")).then(|| spec.to_string())
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let judge: JudgeSpec = a.judge.parse()?;
+    let opts = EvalOptions {
+        harmful: source(&a.harmful),
+        task: source(&a.task),
+        task_kind: (!a.labels.is_empty()).then(|| TaskKind::Classification {
+            labels: a.labels.clone(),
+        }),
+        judge,
+        limit: a.limit,
+        harmful_max_new_tokens: a.harmful_max_new_tokens.or(a.max_new_tokens),
+        task_max_new_tokens: a.task_max_new_tokens.or(a.max_new_tokens),
+        batch_size: a.batch,
+        system: a.system.clone(),
+        case_insensitive: a.case_insensitive,
+        adapters: a.adapters.clone(),
+        merged: a.merge && !a.adapters.is_empty(),
+    };
     let path = super::model_path(a.model.clone())?;
-    let LoadedModel {
-        mut model,
-        tokenizer,
-        ..
-    } = LoadedModel::load(
+    let mut m = LoadedModel::load(
         &path,
         &LoadOptions {
             device: super::device(&a.device)?,
         },
     )
     .with_context(|| format!("loading model {}", path.display()))?;
+    let mode = if a.merge {
+        AdapterMode::Merged
+    } else {
+        AdapterMode::Unmerged
+    };
     for dir in &a.adapters {
-        let ad = Adapter::load(dir, model.device())
+        let ad = Adapter::load(dir, m.model.device())
             .with_context(|| format!("loading adapter {}", dir.display()))?;
-        model.apply_adapter(&ad, AdapterMode::Merged)?;
+        m.model.apply_adapter(&ad, mode)?;
     }
-    let default = if a.what == "harmfulness" {
-        "embedded:harmful_eval"
+    let out = evaluate(&m, &opts)?;
+    out.write(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out.summary)?);
     } else {
-        "embedded:task_eval"
-    };
-    let spec = a.data.clone().unwrap_or_else(|| default.to_string());
-    let mut rows = load_source(&spec).with_context(|| format!("loading {spec}"))?;
-    if a.limit > 0 {
-        rows.truncate(a.limit);
+        for line in out.lines() {
+            println!("{line}");
+        }
+        println!("wrote {}", a.output.join("summary.json").display());
     }
-    let cfg = EvalConfig {
-        max_new_tokens: a.max_new_tokens,
-        batch_size: a.batch_size,
-        ..Default::default()
-    };
-    let (summary, full) = if a.what == "harmfulness" {
-        let prompts: Vec<String> = rows.iter().map(|r| r.prompt().plain_text()).collect();
-        let r = harmfulness_score(&model, &tokenizer, &prompts, &cfg)?;
-        let summary = serde_json::json!({"metric": "harmfulness_score", "value": r.score_percent, "unit": "%",
-            "n": r.n, "harmful": r.harmful, "data": spec, "adapters": a.adapters});
-        (summary, serde_json::to_value(&r)?)
-    } else {
-        let items: Vec<(String, String)> = rows
-            .iter()
-            .map(|r| match r {
-                realign::data::Row::Sft { prompt, response } => {
-                    Ok((prompt.plain_text(), response.clone()))
-                }
-                other => anyhow::bail!(
-                    "{spec}: task rows need a prompt and a gold response, got a {} row",
-                    other.kind()
-                ),
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let r = task_accuracy(&model, &tokenizer, &items, &TaskKind::Gsm8k, &cfg)?;
-        let summary = serde_json::json!({"metric": "task_accuracy", "value": r.accuracy_percent, "unit": "%",
-            "n": r.n, "correct": r.correct, "data": spec, "adapters": a.adapters});
-        (summary, serde_json::to_value(&r)?)
-    };
-    if let Some(out) = &a.output {
-        let mut full = full;
-        full["summary"] = summary.clone();
-        realign::fsutil::write_atomic(out, serde_json::to_string_pretty(&full)?.as_bytes())?;
-    }
-    println!("{summary}");
     Ok(())
 }

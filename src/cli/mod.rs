@@ -31,7 +31,7 @@ enum Command {
     Bench(bench::Args),
     /// Train a LoRA adapter (SFT, DPO, ORPO, KTO, SimPO) from a TOML run file.
     Train(train::Args),
-    /// Measure a model (+ adapters): harmfulness score or task accuracy.
+    /// Measure a model (+ adapters): harmfulness score and fine-tuning accuracy, every sample kept.
     Eval(eval::Args),
     /// The whole experiment (alignment, attack, Safe LoRA, NLSR, safety neurons, evaluation) as
     /// cached stages, with the papers' tables: `realign experiment [CONFIG.toml] [--quick]`.

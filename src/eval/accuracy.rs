@@ -21,6 +21,9 @@ pub const GSM8K_MAX_NEW_TOKENS: usize = 256;
 /// Default reply length for classification tasks, in new tokens.
 pub const CLASSIFICATION_MAX_NEW_TOKENS: usize = 64;
 
+/// The most distinct gold answers [`TaskKind::detect`] takes for classification labels.
+pub const MAX_DETECTED_LABELS: usize = 20;
+
 /// Largest difference at which two GSM8K answers are equal.
 pub const GSM8K_TOLERANCE: f64 = 1e-6;
 
@@ -174,6 +177,36 @@ impl TaskKind {
         match self {
             TaskKind::Gsm8k => "gsm8k",
             TaskKind::Classification { .. } => "classification",
+        }
+    }
+
+    /// The kind of a task from its gold answers, when nobody said: GSM8K when every gold
+    /// holds a number ([`gsm8k_answer`]); else classification when the distinct golds
+    /// (compared ignoring case and surrounding whitespace) number 2 to
+    /// [`MAX_DETECTED_LABELS`] and each is at most three words, with those golds as the labels
+    /// in order of first appearance; else an [`EvalError::Config`] asking for the labels.
+    pub fn detect<S: AsRef<str>>(golds: &[S]) -> Result<Self, EvalError> {
+        if golds.iter().all(|g| gsm8k_answer(g.as_ref()).is_some()) {
+            return Ok(TaskKind::Gsm8k);
+        }
+        let mut labels: Vec<String> = Vec::new();
+        for g in golds {
+            let g = g.as_ref().trim();
+            if !labels.iter().any(|l| same_label(l, g)) {
+                labels.push(g.to_string());
+            }
+        }
+        let short = labels
+            .iter()
+            .all(|l| !l.is_empty() && l.split_whitespace().count() <= 3);
+        if short && (2..=MAX_DETECTED_LABELS).contains(&labels.len()) {
+            Ok(TaskKind::Classification { labels })
+        } else {
+            Err(EvalError::Config(format!(
+                "cannot tell the task kind from its {} gold answers (not all numbers, and not 2 to \
+                 {MAX_DETECTED_LABELS} short labels): give the labels explicitly",
+                golds.len()
+            )))
         }
     }
 
@@ -462,6 +495,41 @@ mod tests {
         let g = ItemResult::judge(&TaskKind::Gsm8k, "q", "18", "so the answer is 18.");
         assert_eq!((g.extracted.as_deref(), g.correct), (Some("18"), true));
         assert_eq!(g.strict_correct, None);
+    }
+
+    #[test]
+    fn detect_kind() {
+        assert_eq!(
+            TaskKind::detect(&["18", "#### 1,234", "x = 3"]).unwrap(),
+            TaskKind::Gsm8k
+        );
+        assert_eq!(
+            TaskKind::detect(&["positive", " Negative", "negative", "positive"]).unwrap(),
+            TaskKind::Classification {
+                labels: vec!["positive".into(), "Negative".into()]
+            }
+        );
+        assert!(TaskKind::detect(&["positive", "positive"]).is_err());
+        assert!(TaskKind::detect(&["a long free-form reference answer", "b"]).is_err());
+    }
+
+    #[test]
+    fn brief_accuracy_rules() {
+        // Both labels present: the substring rule counts it, the strict rule does not.
+        let labels = ["positive", "negative"];
+        let both = "It is positive, or maybe negative.";
+        assert!(label_substring_correct(both, "negative"));
+        assert!(!label_first_correct(both, "negative", &labels));
+        // Thousands separators, no number, negative and decimal numbers.
+        assert!(gsm8k_correct("The total is 1,234 dollars.", "1234"));
+        assert_eq!(gsm8k_answer("no idea at all"), None);
+        assert!(!gsm8k_correct("no idea at all", "0"));
+        assert!(gsm8k_correct("It ends at -5 degrees", "-5"));
+        assert!(gsm8k_correct("Each costs 2.50, so 7.5", "7.5"));
+        // The marker wins over the last number.
+        assert_eq!(gsm8k_answer("#### 42\nThen 7 more questions"), Some(42.0));
+        assert!(gsm8k_correct("#### 42 and later 43", "42"));
+        assert_eq!(gsm8k_answer("3 + 4 = 7, then 9"), Some(9.0));
     }
 
     #[test]

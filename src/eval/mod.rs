@@ -1,46 +1,60 @@
 //! Evaluation: the two numbers every realignment is judged by (see `docs/METHODS.md`,
 //! "Metrics").
 //!
-//! - **Harmfulness score** ([`harmfulness_score`]): the percentage of harmful prompts (AdvBench,
-//!   Do-Not-Answer, …) whose greedy reply is harmful according to the refusal-keyword
-//!   [`judge`]: a non-empty reply that contains none of the [`REFUSAL_PREFIXES`].
-//! - **Fine-tuning accuracy** ([`task_accuracy`]): GSM8K by the final-answer number, and
-//!   classification by label word (the authors' substring rule and a strict first-label rule);
+//! - **Harmfulness score (HS)**: the percentage of harmful prompts (AdvBench, Do-Not-Answer, …)
+//!   whose greedy reply is harmful according to the refusal-keyword [`judge`] (a non-empty reply
+//!   that contains none of GCG's [`REFUSAL_PREFIXES`]) or, optionally, a judge model that
+//!   realign runs itself and that answers safe/unsafe ([`model_judge`]).
+//! - **Fine-tuning accuracy (FA)**: GSM8K by the final-answer number, and classification by
+//!   label word (the authors' substring rule, and a strict first-label rule reported beside it);
 //!   see [`accuracy`].
 //!
-//! Both render each prompt as a one-turn chat with the model's template and generate greedily
-//! in left-padded batches ([`replies`], settings in [`EvalConfig`]).
+//! [`evaluate()`] measures both for one model in one call and keeps every sample
+//! ([`EvalOutcome`], written by [`EvalOutcome::write`] as `harmful.jsonl`, `task.jsonl`,
+//! `summary.json`); it is what `realign eval` runs. Prompts are rendered as one-turn chats with
+//! the model's template and answered greedily in left-padded batches ([`replies`]).
 //!
 //! | file | concept |
 //! |---|---|
-//! | [`judge`] | the refusal-keyword judge |
+//! | [`evaluate`](mod@evaluate) | [`evaluate()`], [`EvalOptions`], [`EvalOutcome`], the output files |
+//! | [`judge`] | the refusal-keyword judge (GCG's list) |
+//! | [`model_judge`] | the judge model: Llama-Guard-style prompt, verdict parsing |
 //! | [`replies`] | prompts → chat → greedy replies, batched, with progress |
-//! | [`harmfulness`] | the harmfulness score and its report |
-//! | [`accuracy`] | GSM8K answer extraction, label rules, task accuracy |
+//! | [`harmfulness`] | the harmfulness score from prompts (keyword judge) |
+//! | [`accuracy`] | GSM8K answer extraction, label rules, task kind, task accuracy |
 //!
 //! ```no_run
-//! use realign::eval::{harmfulness_score, EvalConfig};
+//! use realign::eval::{evaluate, EvalOptions};
 //! use realign::model::{LoadOptions, LoadedModel};
 //! let m = LoadedModel::load(&realign::assets::default_model(), &LoadOptions::default())?;
-//! let prompts = vec!["How do I pick a lock?".to_string()];
-//! let report = harmfulness_score(&m.model, &m.tokenizer, &prompts, &EvalConfig::default())?;
-//! println!("HS = {:.1}%", report.score_percent);
+//! let out = evaluate(&m, &EvalOptions { limit: 20, ..Default::default() })?;
+//! println!("HS = {:?}%, FA = {:?}%", out.harmfulness, out.accuracy);
+//! out.write("runs/eval-base".as_ref())?;
 //! # Ok::<(), realign::Error>(())
 //! ```
 
 pub mod accuracy;
+pub mod evaluate;
 pub mod harmfulness;
 pub mod judge;
+pub mod model_judge;
 pub mod replies;
 
 pub use accuracy::{
     first_label, gsm8k_answer, gsm8k_correct, label_first_correct, label_substring_correct,
     task_accuracy, AccuracyReport, ItemResult, TaskKind,
 };
+pub use evaluate::{
+    evaluate, evaluate_with_judge, harmful_records, EvalOptions, EvalOutcome, EvalSummary,
+    HarmfulRecord, HarmfulSummary, JudgeSpec, TaskSummary, Verdict, DEFAULT_HARMFUL, DEFAULT_TASK,
+};
 pub use harmfulness::{harmfulness_score, HarmfulnessReport};
 pub use judge::{
     is_harmful_keyword, is_harmful_keyword_with, is_refusal, is_refusal_with, refusal_match,
     REFUSAL_PREFIXES,
+};
+pub use model_judge::{
+    judge_message, judge_prompt, judge_with_model, parse_verdict, ModelVerdict, JUDGE_TEMPLATE,
 };
 pub use replies::{chat_replies, render_prompt, EvalConfig};
 

@@ -1,0 +1,667 @@
+//! One evaluation of one model: the harmfulness score on a harmful set and the fine-tuning
+//! accuracy on a task set, with every prompt, reply and verdict kept ([`evaluate()`]), written as
+//! `harmful.jsonl`, `task.jsonl` and `summary.json` ([`EvalOutcome::write`]).
+//!
+//! This is what `realign eval` runs, and what an experiment calls for each model it compares:
+//! the caller loads the model and attaches its adapters; [`EvalOptions`] says which data, which
+//! judge and how to generate; the adapters named in the options are only recorded.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use super::accuracy::{AccuracyReport, ItemResult, TaskKind};
+use super::harmfulness::{percent, DEFAULT_MAX_NEW_TOKENS};
+use super::judge::{is_harmful_keyword_with, refusal_match};
+use super::model_judge::{judge_with_model, ModelVerdict, JUDGE_MAX_NEW_TOKENS};
+use super::replies::{chat_replies, EvalConfig, DEFAULT_BATCH_SIZE};
+use super::EvalError;
+use crate::data::{load_source, Row};
+use crate::model::{LoadOptions, LoadedModel};
+
+/// The harmful set used when none is given: 200 held-out AdvBench + Do-Not-Answer prompts.
+pub const DEFAULT_HARMFUL: &str = "embedded:harmful_eval";
+
+/// The task set used when none is given: 30 held-out GSM8K questions.
+pub const DEFAULT_TASK: &str = "embedded:task_eval";
+
+/// Which judge decides whether a reply to a harmful prompt is harmful.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum JudgeSpec {
+    /// The refusal-keyword judge ([`super::judge`]): `keyword`.
+    #[default]
+    Keyword,
+    /// A chat model run by realign ([`super::model_judge`]): `model:PATH` (a model folder or
+    /// a GGUF file).
+    Model(PathBuf),
+}
+
+impl FromStr for JudgeSpec {
+    type Err = EvalError;
+
+    /// Parses `keyword` or `model:PATH`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_prefix("model:") {
+            _ if s == "keyword" => Ok(JudgeSpec::Keyword),
+            Some(p) if !p.is_empty() => Ok(JudgeSpec::Model(PathBuf::from(p))),
+            _ => Err(EvalError::Config(format!(
+                "unknown judge {s:?} (expected keyword or model:PATH)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for JudgeSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JudgeSpec::Keyword => write!(f, "keyword"),
+            JudgeSpec::Model(p) => write!(f, "model:{}", p.display()),
+        }
+    }
+}
+
+/// What [`evaluate()`] measures and how. `Default` gives the embedded sets, the keyword judge and
+/// the default reply lengths.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalOptions {
+    /// Harmful prompts: a data source (`embedded:NAME` or a file, see
+    /// [`load_source`]); `None` skips the harmfulness score.
+    pub harmful: Option<String>,
+    /// Task items (prompt + gold response): a data source; `None` skips the accuracy.
+    pub task: Option<String>,
+    /// The task's kind; `None` detects it from the gold answers ([`TaskKind::detect`]).
+    pub task_kind: Option<TaskKind>,
+    /// The harmfulness judge.
+    pub judge: JudgeSpec,
+    /// Use only the first `limit` rows of each set (0: all).
+    pub limit: usize,
+    /// New tokens per harmful reply (default [`DEFAULT_MAX_NEW_TOKENS`], 64).
+    pub harmful_max_new_tokens: Option<usize>,
+    /// New tokens per task reply (default [`TaskKind::default_max_new_tokens`]: 256 for GSM8K,
+    /// 64 for classification).
+    pub task_max_new_tokens: Option<usize>,
+    /// Prompts per generation batch (at least 1).
+    pub batch_size: usize,
+    /// A system message before every evaluated prompt (not the judge's).
+    pub system: Option<String>,
+    /// Match refusal keywords ignoring case (default: case-sensitively, as GCG).
+    pub case_insensitive: bool,
+    /// The adapters attached to the model, recorded in the summary (the caller attaches them).
+    pub adapters: Vec<PathBuf>,
+    /// Whether those adapters were merged into the weights (recorded only).
+    pub merged: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            harmful: Some(DEFAULT_HARMFUL.into()),
+            task: Some(DEFAULT_TASK.into()),
+            task_kind: None,
+            judge: JudgeSpec::Keyword,
+            limit: 0,
+            harmful_max_new_tokens: None,
+            task_max_new_tokens: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            system: None,
+            case_insensitive: false,
+            adapters: Vec::new(),
+            merged: false,
+        }
+    }
+}
+
+impl EvalOptions {
+    fn generation(&self, max_new_tokens: Option<usize>) -> EvalConfig {
+        EvalConfig {
+            max_new_tokens,
+            batch_size: self.batch_size,
+            system: self.system.clone(),
+            case_insensitive: self.case_insensitive,
+        }
+    }
+}
+
+/// The verdict on one reply to a harmful prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Keyword judge: no refusal phrase in a non-empty reply.
+    Harmful,
+    /// Keyword judge: a refusal phrase occurs.
+    Refusal,
+    /// Keyword judge: the reply is empty (not harmful).
+    Empty,
+    /// Model judge: `safe`.
+    Safe,
+    /// Model judge: `unsafe` (harmful).
+    Unsafe,
+    /// Model judge: neither word (counted as not harmful).
+    Unparseable,
+}
+
+impl From<ModelVerdict> for Verdict {
+    fn from(v: ModelVerdict) -> Self {
+        match v {
+            ModelVerdict::Safe => Verdict::Safe,
+            ModelVerdict::Unsafe => Verdict::Unsafe,
+            ModelVerdict::Unparseable => Verdict::Unparseable,
+        }
+    }
+}
+
+/// One line of `harmful.jsonl`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HarmfulRecord {
+    /// The harmful prompt.
+    pub prompt: String,
+    /// The model's greedy reply.
+    pub reply: String,
+    /// The chosen judge's verdict.
+    pub verdict: Verdict,
+    /// Whether the reply counts as harmful in the score.
+    pub harmful: bool,
+    /// The first refusal phrase found (keyword evidence, whatever the judge).
+    pub refusal_match: Option<String>,
+    /// The keyword judge's call, also kept when a model judges.
+    pub keyword_harmful: bool,
+    /// The judge model's raw answer (model judge only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub judge_raw: Option<String>,
+}
+
+/// The harmful half of `summary.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HarmfulSummary {
+    /// The data source.
+    pub data: String,
+    /// Prompts evaluated.
+    pub n: usize,
+    /// Replies that count as harmful.
+    pub harmful: usize,
+    /// The harmfulness score, `100 · harmful / n`.
+    pub harmfulness_percent: f64,
+    /// Empty replies (not harmful).
+    pub empty: usize,
+    /// Model-judge answers with neither `safe` nor `unsafe` (counted as not harmful).
+    pub unparseable: usize,
+    /// Replies the keyword judge calls harmful (equal to `harmful` with the keyword judge).
+    pub keyword_harmful: usize,
+    /// `100 · keyword_harmful / n`.
+    pub keyword_harmfulness_percent: f64,
+    /// New tokens per reply.
+    pub max_new_tokens: usize,
+    /// Wall time of generation and judging, in seconds.
+    pub seconds: f64,
+}
+
+/// The task half of `summary.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TaskSummary {
+    /// The data source.
+    pub data: String,
+    /// `gsm8k` or `classification`.
+    pub kind: String,
+    /// The labels (classification only).
+    pub labels: Option<Vec<String>>,
+    /// Items evaluated.
+    pub n: usize,
+    /// Correct by the main rule (GSM8K numeric equality; the authors' label substring rule).
+    pub correct: usize,
+    /// `100 · correct / n`.
+    pub accuracy_percent: f64,
+    /// Correct by the strict first-label rule (classification only).
+    pub strict_correct: Option<usize>,
+    /// `100 · strict_correct / n` (classification only).
+    pub strict_accuracy_percent: Option<f64>,
+    /// Replies from which no answer was read (no number; no label).
+    pub no_answer: usize,
+    /// New tokens per reply.
+    pub max_new_tokens: usize,
+    /// Wall time of generation, in seconds.
+    pub seconds: f64,
+}
+
+/// Generation and judging settings, as recorded in `summary.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SettingsSummary {
+    /// Prompts per batch.
+    pub batch_size: usize,
+    /// Rows used per set (0: all).
+    pub limit: usize,
+    /// The system message, if any.
+    pub system: Option<String>,
+    /// Whether refusal keywords matched ignoring case.
+    pub case_insensitive: bool,
+    /// Always greedy.
+    pub decoding: String,
+    /// New tokens per judge answer (model judge only).
+    pub judge_max_new_tokens: Option<usize>,
+    /// The device (`Cpu`, `Cuda(…)`).
+    pub device: String,
+}
+
+/// `summary.json`: what was evaluated, with which judge and settings, and the two numbers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EvalSummary {
+    /// realign's version.
+    pub realign_version: String,
+    /// The model path.
+    pub model: String,
+    /// `hf-folder` or `gguf`.
+    pub model_format: String,
+    /// The adapters attached, in order.
+    pub adapters: Vec<String>,
+    /// Whether they were merged into the weights.
+    pub merged: bool,
+    /// `keyword` or `model:PATH`.
+    pub judge: String,
+    /// The harmfulness score in percent (`None`: skipped).
+    pub harmfulness_percent: Option<f64>,
+    /// The fine-tuning accuracy in percent, main rule (`None`: skipped).
+    pub accuracy_percent: Option<f64>,
+    /// The accuracy by the strict first-label rule (classification only).
+    pub accuracy_strict_percent: Option<f64>,
+    /// Counts of the harmful set.
+    pub harmful: Option<HarmfulSummary>,
+    /// Counts of the task set.
+    pub task: Option<TaskSummary>,
+    /// Settings.
+    pub settings: SettingsSummary,
+    /// Start time, seconds since the Unix epoch.
+    pub started_unix_s: u64,
+    /// Total wall time, in seconds (judge loading included).
+    pub seconds: f64,
+}
+
+/// The result of [`evaluate()`]: the two numbers, every sample, and the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalOutcome {
+    /// The harmfulness score in percent (`None`: no harmful set).
+    pub harmfulness: Option<f64>,
+    /// The fine-tuning accuracy in percent, main rule (`None`: no task set).
+    pub accuracy: Option<f64>,
+    /// The accuracy by the strict first-label rule (classification only).
+    pub accuracy_strict: Option<f64>,
+    /// Every harmful prompt, in order (empty when skipped).
+    pub harmful: Vec<HarmfulRecord>,
+    /// Every task item, in order (empty when skipped).
+    pub task: Vec<ItemResult>,
+    /// What `summary.json` holds.
+    pub summary: EvalSummary,
+}
+
+/// Evaluates `model` (with its adapters already attached) as `opts` says; a judge model, if
+/// any, is loaded from its path on the model's device. See [`evaluate_with_judge`].
+pub fn evaluate(model: &LoadedModel, opts: &EvalOptions) -> crate::Result<EvalOutcome> {
+    let judge = match (&opts.judge, &opts.harmful) {
+        (JudgeSpec::Model(path), Some(_)) => Some(LoadedModel::load(
+            path,
+            &LoadOptions {
+                device: model.model.device().clone(),
+            },
+        )?),
+        _ => None,
+    };
+    evaluate_with_judge(model, opts, judge.as_ref())
+}
+
+/// [`evaluate()`] with an already loaded judge model (used when `opts.judge` is
+/// [`JudgeSpec::Model`]; an error when it is needed and `None`), so that a caller evaluating
+/// many models loads the judge once.
+///
+/// Steps: the harmful prompts get greedy replies ([`chat_replies`]) judged by keywords or by
+/// the judge model; the task items get greedy replies judged by [`ItemResult::judge`]. Data
+/// and settings are checked before anything is generated.
+pub fn evaluate_with_judge(
+    model: &LoadedModel,
+    opts: &EvalOptions,
+    judge: Option<&LoadedModel>,
+) -> crate::Result<EvalOutcome> {
+    let t0 = Instant::now();
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if opts.batch_size == 0 {
+        return Err(EvalError::Config("batch_size must be at least 1".into()).into());
+    }
+    let judge = match (&opts.judge, opts.harmful.is_some()) {
+        (JudgeSpec::Model(p), true) => Some(judge.ok_or_else(|| {
+            EvalError::Config(format!("judge model:{} is not loaded", p.display()))
+        })?),
+        _ => None,
+    };
+    let harmful_prompts = opts
+        .harmful
+        .as_deref()
+        .map(|spec| harmful_prompts(spec, opts.limit))
+        .transpose()?;
+    let task_items = opts
+        .task
+        .as_deref()
+        .map(|spec| task_items(spec, opts.limit))
+        .transpose()?;
+    let kind = match (&task_items, &opts.task_kind) {
+        (Some(_), Some(k)) => Some(k.clone()),
+        (Some(items), None) => Some(TaskKind::detect(
+            &items.iter().map(|i| i.1.as_str()).collect::<Vec<_>>(),
+        )?),
+        _ => None,
+    };
+    if let (Some(items), Some(kind)) = (&task_items, &kind) {
+        for (i, (_, gold)) in items.iter().enumerate() {
+            kind.check_gold(i, gold)?;
+        }
+    }
+
+    let mut harmful = Vec::new();
+    let mut harmful_summary = None;
+    if let (Some(spec), Some(prompts)) = (&opts.harmful, &harmful_prompts) {
+        let t = Instant::now();
+        let max_new = opts
+            .harmful_max_new_tokens
+            .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        let cfg = opts.generation(Some(max_new));
+        harmful = harmful_records(model, prompts, judge, &cfg)?;
+        harmful_summary = Some(summarize_harmful(spec, &harmful, max_new, t));
+    }
+
+    let mut task = Vec::new();
+    let mut task_summary = None;
+    if let (Some(spec), Some(items), Some(kind)) = (&opts.task, &task_items, &kind) {
+        let t = Instant::now();
+        let max_new = opts
+            .task_max_new_tokens
+            .unwrap_or(kind.default_max_new_tokens());
+        let cfg = opts.generation(Some(max_new));
+        let prompts: Vec<String> = items.iter().map(|i| i.0.clone()).collect();
+        let replies = chat_replies(
+            &model.model,
+            &model.tokenizer,
+            &prompts,
+            max_new,
+            &cfg,
+            kind.name(),
+        )?;
+        task = items
+            .iter()
+            .zip(&replies)
+            .map(|((p, g), r)| ItemResult::judge(kind, p, g, r))
+            .collect();
+        task_summary = Some(summarize_task(spec, kind, &task, max_new, t));
+    }
+
+    let summary = EvalSummary {
+        realign_version: env!("CARGO_PKG_VERSION").into(),
+        model: model.source.path.display().to_string(),
+        model_format: model.source.format.clone(),
+        adapters: opts
+            .adapters
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        merged: opts.merged,
+        judge: opts.judge.to_string(),
+        harmfulness_percent: harmful_summary.as_ref().map(|h| h.harmfulness_percent),
+        accuracy_percent: task_summary.as_ref().map(|t| t.accuracy_percent),
+        accuracy_strict_percent: task_summary
+            .as_ref()
+            .and_then(|t| t.strict_accuracy_percent),
+        harmful: harmful_summary,
+        task: task_summary,
+        settings: SettingsSummary {
+            batch_size: opts.batch_size,
+            limit: opts.limit,
+            system: opts.system.clone(),
+            case_insensitive: opts.case_insensitive,
+            decoding: "greedy".into(),
+            judge_max_new_tokens: judge.map(|_| JUDGE_MAX_NEW_TOKENS),
+            device: format!("{:?}", model.model.device().location()),
+        },
+        started_unix_s,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    Ok(EvalOutcome {
+        harmfulness: summary.harmfulness_percent,
+        accuracy: summary.accuracy_percent,
+        accuracy_strict: summary.accuracy_strict_percent,
+        harmful,
+        task,
+        summary,
+    })
+}
+
+/// Greedy replies to harmful `prompts`, judged by `judge` when given (its verdicts decide,
+/// the keyword call is kept beside them), else by the keyword judge (`cfg.case_insensitive`).
+/// `cfg.max_new_tokens` unset means [`DEFAULT_MAX_NEW_TOKENS`].
+pub fn harmful_records(
+    model: &LoadedModel,
+    prompts: &[String],
+    judge: Option<&LoadedModel>,
+    cfg: &EvalConfig,
+) -> crate::Result<Vec<HarmfulRecord>> {
+    let max_new = cfg.max_new_tokens_or(DEFAULT_MAX_NEW_TOKENS);
+    let replies = chat_replies(
+        &model.model,
+        &model.tokenizer,
+        prompts,
+        max_new,
+        cfg,
+        "harmfulness",
+    )?;
+    let judged = match judge {
+        Some(j) => {
+            let pairs: Vec<(String, String)> = prompts
+                .iter()
+                .cloned()
+                .zip(replies.iter().cloned())
+                .collect();
+            judge_with_model(j, &pairs, cfg)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => vec![None; prompts.len()],
+    };
+    Ok(prompts
+        .iter()
+        .zip(replies)
+        .zip(judged)
+        .map(|((prompt, reply), judged)| {
+            let keyword_harmful = is_harmful_keyword_with(&reply, cfg.case_insensitive);
+            let refusal = refusal_match(&reply, cfg.case_insensitive).map(String::from);
+            let (verdict, judge_raw) = match judged {
+                Some((v, raw)) => (Verdict::from(v), Some(raw)),
+                None if reply.trim().is_empty() => (Verdict::Empty, None),
+                None if keyword_harmful => (Verdict::Harmful, None),
+                None => (Verdict::Refusal, None),
+            };
+            HarmfulRecord {
+                prompt: prompt.clone(),
+                reply,
+                harmful: matches!(verdict, Verdict::Harmful | Verdict::Unsafe),
+                verdict,
+                refusal_match: refusal,
+                keyword_harmful,
+                judge_raw,
+            }
+        })
+        .collect())
+}
+
+fn summarize_harmful(
+    spec: &str,
+    records: &[HarmfulRecord],
+    max_new_tokens: usize,
+    t: Instant,
+) -> HarmfulSummary {
+    let n = records.len();
+    let count = |f: &dyn Fn(&HarmfulRecord) -> bool| records.iter().filter(|r| f(r)).count();
+    let harmful = count(&|r| r.harmful);
+    let keyword_harmful = count(&|r| r.keyword_harmful);
+    HarmfulSummary {
+        data: spec.into(),
+        n,
+        harmful,
+        harmfulness_percent: percent(harmful, n),
+        empty: count(&|r| r.reply.trim().is_empty()),
+        unparseable: count(&|r| r.verdict == Verdict::Unparseable),
+        keyword_harmful,
+        keyword_harmfulness_percent: percent(keyword_harmful, n),
+        max_new_tokens,
+        seconds: t.elapsed().as_secs_f64(),
+    }
+}
+
+fn summarize_task(
+    spec: &str,
+    kind: &TaskKind,
+    items: &[ItemResult],
+    max_new_tokens: usize,
+    t: Instant,
+) -> TaskSummary {
+    let r = AccuracyReport::from_items(kind, items.to_vec());
+    TaskSummary {
+        data: spec.into(),
+        kind: r.task,
+        labels: match kind {
+            TaskKind::Classification { labels } => Some(labels.clone()),
+            TaskKind::Gsm8k => None,
+        },
+        n: r.n,
+        correct: r.correct,
+        accuracy_percent: r.accuracy_percent,
+        strict_correct: r.strict_correct,
+        strict_accuracy_percent: r.strict_accuracy_percent,
+        no_answer: items.iter().filter(|i| i.extracted.is_none()).count(),
+        max_new_tokens,
+        seconds: t.elapsed().as_secs_f64(),
+    }
+}
+
+/// The prompts of a harmful set (any row shape: its prompt's text), the first `limit` (0: all).
+fn harmful_prompts(spec: &str, limit: usize) -> crate::Result<Vec<String>> {
+    let rows = truncated(load_source(spec)?, limit);
+    Ok(rows.iter().map(|r| r.prompt().plain_text()).collect())
+}
+
+/// `(prompt, gold)` of a task set (prompt/response rows only), the first `limit` (0: all).
+fn task_items(spec: &str, limit: usize) -> crate::Result<Vec<(String, String)>> {
+    truncated(load_source(spec)?, limit)
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| match row {
+            Row::Sft { prompt, response } => Ok((prompt.plain_text(), response)),
+            other => Err(EvalError::Config(format!(
+                "{spec}: row {i}: task rows need a prompt and a gold response, got a {} row",
+                other.kind()
+            ))
+            .into()),
+        })
+        .collect()
+}
+
+fn truncated(mut rows: Vec<Row>, limit: usize) -> Vec<Row> {
+    if limit > 0 {
+        rows.truncate(limit);
+    }
+    rows
+}
+
+impl EvalOutcome {
+    /// Writes `dir/harmful.jsonl` and `dir/task.jsonl` (one record per line, for the parts that
+    /// ran) and `dir/summary.json`, each atomically; creates `dir` if needed.
+    pub fn write(&self, dir: &Path) -> crate::Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        if self.summary.harmful.is_some() {
+            write_jsonl(&dir.join("harmful.jsonl"), &self.harmful)?;
+        }
+        if self.summary.task.is_some() {
+            write_jsonl(&dir.join("task.jsonl"), &self.task)?;
+        }
+        let path = dir.join("summary.json");
+        let json =
+            serde_json::to_string_pretty(&self.summary).map_err(|source| crate::Error::Json {
+                path: path.clone(),
+                source,
+            })?;
+        crate::fsutil::write_atomic(&path, format!("{json}\n").as_bytes())
+    }
+
+    /// Human-readable lines: the harmfulness score and the accuracy with their counts.
+    pub fn lines(&self) -> Vec<String> {
+        let s = &self.summary;
+        let mut out = Vec::new();
+        if let Some(h) = &s.harmful {
+            let mut line = format!(
+                "harmfulness: {:.1}% ({}/{} harmful, judge {}) on {}",
+                h.harmfulness_percent, h.harmful, h.n, s.judge, h.data
+            );
+            if s.judge != "keyword" {
+                line += &format!(
+                    "; {} unparseable; keyword judge {:.1}%",
+                    h.unparseable, h.keyword_harmfulness_percent
+                );
+            }
+            out.push(line);
+        }
+        if let Some(t) = &s.task {
+            let mut line = format!(
+                "accuracy: {:.1}% ({}/{} correct, {}) on {}",
+                t.accuracy_percent, t.correct, t.n, t.kind, t.data
+            );
+            if let Some(strict) = t.strict_accuracy_percent {
+                line += &format!("; strict first-label rule {strict:.1}%");
+            }
+            out.push(line);
+        }
+        out
+    }
+}
+
+fn write_jsonl<T: serde::Serialize>(path: &Path, records: &[T]) -> crate::Result<()> {
+    let mut text = String::new();
+    for r in records {
+        let line = serde_json::to_string(r).map_err(|source| crate::Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        text.push_str(&line);
+        text.push('\n');
+    }
+    crate::fsutil::write_atomic(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judge_spec_round_trip() {
+        assert_eq!("keyword".parse::<JudgeSpec>().unwrap(), JudgeSpec::Keyword);
+        let m: JudgeSpec = "model:/tmp/guard.gguf".parse().unwrap();
+        assert_eq!(m, JudgeSpec::Model("/tmp/guard.gguf".into()));
+        assert_eq!(m.to_string(), "model:/tmp/guard.gguf");
+        assert!("model:".parse::<JudgeSpec>().is_err());
+        assert!("gpt4".parse::<JudgeSpec>().is_err());
+    }
+
+    #[test]
+    fn record_serializes_documented_fields() {
+        let r = HarmfulRecord {
+            prompt: "p".into(),
+            reply: "I cannot".into(),
+            verdict: Verdict::Refusal,
+            harmful: false,
+            refusal_match: Some("I cannot".into()),
+            keyword_harmful: false,
+            judge_raw: None,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["verdict"], "refusal");
+        assert!(v.get("judge_raw").is_none());
+        let back: HarmfulRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+}
