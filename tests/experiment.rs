@@ -88,7 +88,11 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     let report = experiment::run(&cfg, &mut Silent).unwrap();
 
     // Every planned row is in the report, with percentages over the requested counts.
-    let labels: Vec<&str> = report.evals.iter().map(|r| r.variant.label.as_str()).collect();
+    let labels: Vec<&str> = report
+        .evals
+        .iter()
+        .map(|r| r.variant.label.as_str())
+        .collect();
     for want in [
         "Non-aligned",
         "Aligned (W_a, DPO)",
@@ -112,7 +116,11 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         assert!((k - k.round()).abs() < 1e-9, "{}", r.hs);
     }
     // The sweep rows at the main setting reuse the main evaluation stage.
-    let main = report.evals.iter().find(|r| r.variant.label == "NLSR (low-rank) p=0.25").unwrap();
+    let main = report
+        .evals
+        .iter()
+        .find(|r| r.variant.label == "NLSR (low-rank) p=0.25")
+        .unwrap();
     let sweep = report
         .evals
         .iter()
@@ -121,7 +129,10 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     assert_eq!(main.stage, sweep.stage);
 
     let md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
-    assert!(md.contains("| method | HS ↓ p=0.25 | FA ↑ p=0.25 | HS ↓ p=0.5 | FA ↑ p=0.5 |"), "{md}");
+    assert!(
+        md.contains("| method | HS ↓ p=0.25 | FA ↑ p=0.25 | HS ↓ p=0.5 | FA ↑ p=0.5 |"),
+        "{md}"
+    );
     assert!(md.contains("## Effect of pre-amplification"));
     assert!(md.contains("## Safety neurons"));
     let json: serde_json::Value =
@@ -151,7 +162,14 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         }
     }
     let new: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
-    assert!(new.iter().any(|k| k.starts_with("attack-p0.25-")), "{new:?}");
+    assert!(
+        new.iter().any(|k| k.starts_with("attack-p0.25-")),
+        "{new:?}"
+    );
     assert!(new.iter().any(|k| k.starts_with("patch-")), "{new:?}");
-    assert!(!new.iter().any(|k| k.starts_with("sft-") || k.starts_with("dpo-")), "{new:?}");
+    assert!(
+        !new.iter()
+            .any(|k| k.starts_with("sft-") || k.starts_with("dpo-")),
+        "{new:?}"
+    );
 }

@@ -183,6 +183,9 @@ pub struct EvalSettings {
     pub task_max_new_tokens: usize,
     /// Prompts per generation batch.
     pub batch_size: usize,
+    /// The harmfulness judge: `keyword` (GCG's refusal prefixes) or `model:PATH` (a chat model
+    /// prompted Llama-Guard style; the keyword score is reported beside it).
+    pub judge: String,
 }
 
 fn default_dpo_beta() -> f64 {
@@ -298,6 +301,7 @@ impl Default for EvalSettings {
             harmful_max_new_tokens: 48,
             task_max_new_tokens: 256,
             batch_size: 16,
+            judge: "keyword".into(),
         }
     }
 }

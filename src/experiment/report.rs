@@ -30,6 +30,8 @@ pub struct Row {
     pub hs: f64,
     /// Task accuracy, %.
     pub fa: f64,
+    /// Harmfulness score by the keyword judge, %.
+    pub hs_keyword: f64,
     /// Harmful prompts evaluated.
     pub n_harmful: usize,
     /// Task items evaluated.
@@ -106,6 +108,7 @@ impl Report {
                     variant: variant.clone(),
                     hs: e.hs,
                     fa: e.fa,
+                    hs_keyword: e.hs_keyword,
                     n_harmful: e.n_harmful,
                     n_task: e.n_task,
                     stage: plan.stages[*i].name.clone(),

@@ -13,8 +13,8 @@ use super::config::{EvalSettings, ExperimentConfig, StageTrain};
 use super::plan::{EvalModel, Plan, Stage, StageKind};
 use super::{ExperimentError, Observer};
 use crate::adapters::Adapter;
-use crate::data::{load_source, Row};
-use crate::eval::{harmfulness_score, task_accuracy, EvalConfig, TaskKind};
+use crate::data::load_source;
+use crate::eval::{evaluate_with_judge, EvalOptions, JudgeSpec};
 use crate::model::{AdapterMode, LoadOptions, LoadedModel};
 use crate::nlsr::identify::{identify, IdentifyConfig, Method};
 use crate::nlsr::patch::{patch, write_patch, PatchConfig};
@@ -58,8 +58,10 @@ impl Inputs {
 /// The result of an evaluation stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
-    /// Harmfulness score, % (keyword judge).
+    /// Harmfulness score, % (the configured judge).
     pub hs: f64,
+    /// Harmfulness score, % by the refusal-keyword judge (equal to `hs` with that judge).
+    pub hs_keyword: f64,
     /// Harmful prompts.
     pub n_harmful: usize,
     /// Task accuracy, %.
@@ -75,6 +77,8 @@ pub struct Runner {
     cfg: ExperimentConfig,
     store: StageStore,
     base: LoadedModel,
+    judge_spec: JudgeSpec,
+    judge: Option<LoadedModel>,
 }
 
 struct Bar<'a> {
@@ -115,8 +119,17 @@ impl Runner {
             }
             .into());
         }
-        let model_digest = digest_path(&model_path)?;
+        let mut model_digest = digest_path(&model_path)?;
         let base = LoadedModel::load(&model_path, &LoadOptions::default())?;
+        let judge_spec: JudgeSpec = cfg.eval.judge.parse()?;
+        let judge = match &judge_spec {
+            JudgeSpec::Keyword => None,
+            JudgeSpec::Model(p) => {
+                // The judge's content is part of every key (through the model digest).
+                model_digest = format!("{model_digest}+judge:{}", digest_path(p)?);
+                Some(LoadedModel::load(p, &LoadOptions::default())?)
+            }
+        };
         Ok(Self {
             inputs: Inputs {
                 model_path,
@@ -128,6 +141,8 @@ impl Runner {
             cfg: cfg.clone(),
             store: StageStore::new(cfg.output.join("stages")),
             base,
+            judge_spec,
+            judge,
         })
     }
 
@@ -333,53 +348,40 @@ impl Runner {
             return Err(stage_err("eval", "TEMP: deactivation not merged yet"));
         }
         let e = &self.cfg.eval;
-        let tok = &self.base.tokenizer;
-        let cfg = |max_new: usize| EvalConfig {
-            max_new_tokens: Some(max_new),
+        let loaded = LoadedModel {
+            model,
+            tokenizer: self.base.tokenizer.clone(),
+            source: self.base.source.clone(),
+        };
+        let opts = |harmful: bool| EvalOptions {
+            harmful: harmful.then(|| e.harmful.clone()),
+            task: (!harmful).then(|| e.task.clone()),
+            judge: self.judge_spec.clone(),
+            limit: if harmful {
+                e.harmful_limit
+            } else {
+                e.task_limit
+            },
+            harmful_max_new_tokens: Some(e.harmful_max_new_tokens),
+            task_max_new_tokens: Some(e.task_max_new_tokens),
             batch_size: e.batch_size,
+            merged: true,
             ..Default::default()
         };
-        let mut harmful = load_source(&e.harmful)?;
-        if e.harmful_limit > 0 {
-            harmful.truncate(e.harmful_limit);
-        }
         obs.stage_progress(0, 2, "harmfulness");
-        let prompts: Vec<String> = harmful.iter().map(|r| r.prompt().plain_text()).collect();
-        let h = harmfulness_score(&model, tok, &prompts, &cfg(e.harmful_max_new_tokens))?;
-        write_json(&out.join("harmful.json"), &h)?;
-        let mut task = load_source(&e.task)?;
-        if e.task_limit > 0 {
-            task.truncate(e.task_limit);
-        }
+        let h = evaluate_with_judge(&loaded, &opts(true), self.judge.as_ref())?;
+        h.write(&out.join("harmful"))?;
         obs.stage_progress(1, 2, "task accuracy");
-        let items = task
-            .iter()
-            .map(|r| match r {
-                Row::Sft { prompt, response } => Ok((prompt.plain_text(), response.clone())),
-                other => Err(stage_err(
-                    "eval",
-                    format!(
-                        "{}: task rows need a gold response, got a {} row",
-                        e.task,
-                        other.kind()
-                    ),
-                )),
-            })
-            .collect::<crate::Result<Vec<_>>>()?;
-        let t = task_accuracy(
-            &model,
-            tok,
-            &items,
-            &TaskKind::Gsm8k,
-            &cfg(e.task_max_new_tokens),
-        )?;
-        write_json(&out.join("task.json"), &t)?;
+        let t = evaluate_with_judge(&loaded, &opts(false), None)?;
+        t.write(&out.join("task"))?;
         obs.stage_progress(2, 2, "");
+        let keyword = h.harmful.iter().filter(|r| r.keyword_harmful).count();
         Ok(EvalResult {
-            hs: h.score_percent,
-            n_harmful: h.n,
-            fa: t.accuracy_percent,
-            n_task: t.n,
+            hs: h.harmfulness.unwrap_or(f64::NAN),
+            hs_keyword: 100.0 * keyword as f64 / h.harmful.len().max(1) as f64,
+            n_harmful: h.harmful.len(),
+            fa: t.accuracy.unwrap_or(f64::NAN),
+            n_task: t.task.len(),
         })
     }
 }
@@ -406,11 +408,6 @@ mod erased {
             serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
         }
     }
-}
-
-fn write_json(path: &Path, v: &impl Serialize) -> crate::Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| stage_err("write", e))?;
-    crate::fsutil::write_atomic(path, text.as_bytes())
 }
 
 fn summary_line(v: &serde_json::Value) -> String {
