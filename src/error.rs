@@ -30,6 +30,9 @@ pub enum Error {
     /// Safety neurons: set files, detection, SN-Tune.
     #[error(transparent)]
     Neurons(#[from] crate::neurons::NeuronError),
+    /// Charts: drawing or encoding a plot.
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
     /// A tensor operation failed inside candle (a bug or an unsupported shape).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

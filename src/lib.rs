@@ -15,6 +15,7 @@
 //! | [`eval`] | harmfulness score (refusal-keyword judge) and fine-tuning accuracy (GSM8K, labels) |
 //! | [`nlsr`] | NLSR: pre-amplification, safety-critical neuron identification, layer similarity, layer pruning, transplant, `realign patch` |
 //! | [`neurons`] | safety neurons: the neuron-set file, detection, deactivation, SN-Tune and RSN-Tune |
+//! | [`report`] | charts for the commands that draw: line and bar charts as SVG and PNG, with title, axis labels and legend |
 //! | [`safelora`] | Safe LoRA, the training-free peer: projection onto the alignment subspace |
 //!
 //! ```no_run
@@ -35,6 +36,7 @@ pub mod fsutil;
 pub mod model;
 pub mod neurons;
 pub mod nlsr;
+pub mod report;
 pub mod safelora;
 pub mod tokenizer;
 pub mod train;
