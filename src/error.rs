@@ -33,6 +33,9 @@ pub enum Error {
     /// The experiment runner: its file, a failed stage.
     #[error(transparent)]
     Experiment(#[from] crate::experiment::ExperimentError),
+    /// Charts: drawing or encoding a plot.
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
     /// A tensor operation failed inside candle (a bug or an unsupported shape).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

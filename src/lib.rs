@@ -16,6 +16,7 @@
 //! | [`experiment`] | `realign experiment`: the whole pipeline as cached stages, the papers' tables and plots |
 //! | [`nlsr`] | NLSR: pre-amplification, safety-critical neuron identification, layer similarity, layer pruning, transplant, `realign patch` |
 //! | [`neurons`] | safety neurons: the neuron-set file, detection, deactivation, SN-Tune and RSN-Tune |
+//! | [`report`] | charts for the commands that draw: line and bar charts as SVG and PNG, with title, axis labels and legend |
 //! | [`safelora`] | Safe LoRA, the training-free peer: projection onto the alignment subspace |
 //!
 //! ```no_run
@@ -37,6 +38,7 @@ pub mod fsutil;
 pub mod model;
 pub mod neurons;
 pub mod nlsr;
+pub mod report;
 pub mod safelora;
 pub mod tokenizer;
 pub mod train;

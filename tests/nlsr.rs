@@ -252,6 +252,8 @@ fn patch_cli_is_byte_reproducible_with_a_seed_and_writes_its_reports() {
     assert!(md.contains("model.layers.0.self_attn.q_proj"), "{md}");
     let svg = std::fs::read_to_string(o1.join("similarity.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("circle"), "{svg}");
+    let png = std::fs::read(o1.join("similarity.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
     Adapter::load(&o1, &Device::Cpu).unwrap();
 }
 

@@ -147,7 +147,7 @@ pub struct PatchArgs {
     /// How repaired modules are rebuilt
     #[arg(long, value_enum, default_value = "replace")]
     transplant: TransplantKind,
-    /// Output folder: the PEFT adapter, patch_report.json, patch_report.md, similarity.svg
+    /// Output folder: the PEFT adapter, patch_report.json, patch_report.md, similarity.svg and .png
     #[arg(short, long)]
     output: PathBuf,
 }

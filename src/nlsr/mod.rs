@@ -37,7 +37,7 @@ pub mod amplify;
 pub mod identify;
 pub mod masks;
 pub mod patch;
-mod plot;
+pub(crate) mod plot;
 pub mod prune;
 pub mod similarity;
 pub mod transplant;
@@ -116,14 +116,6 @@ pub enum NlsrError {
         what: String,
         /// The value.
         value: f64,
-    },
-    /// Drawing the plot failed.
-    #[error("{file}: cannot draw the plot: {reason}")]
-    Plot {
-        /// The plot file.
-        file: PathBuf,
-        /// What the drawing backend said.
-        reason: String,
     },
 }
 

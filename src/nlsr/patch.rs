@@ -24,6 +24,10 @@ pub const REPORT_JSON: &str = "patch_report.json";
 pub const REPORT_MD: &str = "patch_report.md";
 /// The plot of similarity per layer and module (SVG).
 pub const PLOT_FILE: &str = "similarity.svg";
+/// The same plot as PNG.
+pub const PLOT_PNG: &str = "similarity.png";
+/// The plots' common stem: [`PLOT_FILE`] and [`PLOT_PNG`] without their suffix.
+pub const PLOT_STEM: &str = "similarity";
 
 /// The settings of [`patch`].
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -234,8 +238,8 @@ pub fn report_markdown(r: &PatchReport) -> String {
         "# NLSR patch report\n\n\
          - reference: `{}`\n- fine-tuned: `{}`\n- masks: `{}`\n\
          - selection: {selection}\n- direction: {}\n- transplant: {:?}\n\
-         - patched: {} of {} modules\n- plot: `{PLOT_FILE}` (one colour per module kind; \
-         large ringed points are patched modules)\n\n\
+         - patched: {} of {} modules\n- plot: `{PLOT_FILE}`, `{PLOT_PNG}` (one colour per module kind; \
+         large black rings are patched modules)\n\n\
          | module | S | rank | probability | draw | patched | mask density (A / B / all) |\n\
          |---|---|---|---|---|---|---|\n",
         r.reference,
@@ -265,7 +269,7 @@ pub fn report_markdown(r: &PatchReport) -> String {
 }
 
 /// Writes the realigned adapter (peft format) into `out_dir`, with `patch_report.json`,
-/// `patch_report.md` and `similarity.svg` beside it; each file atomically.
+/// `patch_report.md`, `similarity.svg` and `similarity.png` beside it; each file atomically.
 pub fn write_patch(out_dir: &Path, outcome: &PatchOutcome) -> Result<()> {
     outcome.adapter.save(out_dir)?;
     let json_path = out_dir.join(REPORT_JSON);
@@ -278,5 +282,5 @@ pub fn write_patch(out_dir: &Path, outcome: &PatchOutcome) -> Result<()> {
         &out_dir.join(REPORT_MD),
         report_markdown(&outcome.report).as_bytes(),
     )?;
-    super::plot::similarity_plot(&out_dir.join(PLOT_FILE), &outcome.report.modules)
+    super::plot::similarity_plot(&out_dir.join(PLOT_STEM), &outcome.report.modules)
 }
