@@ -9,6 +9,7 @@ mod identify;
 mod inspect;
 mod nlsr;
 mod safelora;
+mod sn_tune;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,12 @@ enum Command {
     Patch(nlsr::PatchArgs),
     /// Safe LoRA: project a fine-tuned adapter's updates onto the alignment subspace.
     Safelora(safelora::Args),
+    /// Safety neurons: zero a neuron set (and a random control) and measure harmfulness and
+    /// task accuracy, or write the deactivated model (temporary; becomes `neurons deactivate`).
+    Deactivate(sn_tune::DeactivateArgs),
+    /// SN-Tune / RSN-Tune: train only the neurons of a set on refusal documents; writes a
+    /// Hugging Face model folder.
+    SnTune(sn_tune::SnTuneArgs),
 }
 
 /// Runs the parsed command.
@@ -63,6 +70,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Identify(a) => identify::run(a),
         Command::Patch(a) => nlsr::patch_cmd(a),
         Command::Safelora(a) => safelora::run(a),
+        Command::Deactivate(a) => sn_tune::run_deactivate(a),
+        Command::SnTune(a) => sn_tune::run_sn_tune(a),
     }
 }
 

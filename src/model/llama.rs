@@ -332,6 +332,58 @@ impl Model {
         })
     }
 
+    /// Every tensor of the model under its Hugging Face checkpoint name, in checkpoint order,
+    /// as the model computes with it: unmerged LoRA adapters are folded into their weights
+    /// (`W + s B A`). `lm_head.weight` is left out when it is the embedding (tied).
+    pub fn named_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        let push_linear = |out: &mut Vec<(String, Tensor)>, lin: &Linear| {
+            let mut w = lin.weight.clone();
+            for m in &lin.loras {
+                w = crate::adapters::merge_into(&w, m)?;
+            }
+            out.push((format!("{}.weight", lin.name), w));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{}.bias", lin.name), b.clone()));
+            }
+            Ok::<_, candle_core::Error>(())
+        };
+        for l in &self.layers {
+            out.push((
+                format!("{}.input_layernorm.weight", l.name),
+                l.input_layernorm.weight.clone(),
+            ));
+            for lin in [
+                &l.self_attn.q_proj,
+                &l.self_attn.k_proj,
+                &l.self_attn.v_proj,
+                &l.self_attn.o_proj,
+            ] {
+                push_linear(&mut out, lin)?;
+            }
+            out.push((
+                format!("{}.post_attention_layernorm.weight", l.name),
+                l.post_attention_layernorm.weight.clone(),
+            ));
+            for lin in [&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+                push_linear(&mut out, lin)?;
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight.clone()));
+        if !self.lm_head_is_tied() {
+            push_linear(&mut out, &self.lm_head)?;
+        }
+        Ok(out)
+    }
+
+    /// Whether the LM head is the embedding matrix itself (tied weights).
+    pub fn lm_head_is_tied(&self) -> bool {
+        self.lm_head.weight.id() == self.embed_tokens.id() && self.lm_head.loras.is_empty()
+    }
+
     /// Logits `[b, s, vocab]` of a batch of token ids `[b, s]` with no padding and no cache.
     pub fn forward(&self, input_ids: &Tensor) -> crate::Result<Tensor> {
         self.forward_with(input_ids, ForwardArgs::default())

@@ -5,12 +5,14 @@
 //! - [`weights`], [`gguf`]: checkpoint tensors by Hugging Face name
 //! - [`llama`]: the decoder ([`Model`]); [`rope`], [`linear`], [`cache`], [`capture`]: its parts
 //! - [`generate`](mod@generate): greedy and sampled generation
+//! - [`export`]: write a model (with its tokenizer) as a Hugging Face folder
 
 pub mod attention;
 pub mod autograd;
 pub mod cache;
 pub mod capture;
 pub mod config;
+pub mod export;
 pub mod frozen;
 pub mod generate;
 pub mod gguf;
@@ -29,6 +31,7 @@ use thiserror::Error;
 pub use cache::KvCache;
 pub use capture::{Capture, Hook};
 pub use config::{Architecture, Config, RopeScaling, RopeScalingKind, LINEAR_MODULES};
+pub use export::{export_hf, export_hf_with};
 pub use generate::{generate, GenerationConfig, Sampling};
 pub use llama::{ForwardArgs, Logits, Model};
 

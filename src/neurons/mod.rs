@@ -5,12 +5,23 @@
 //! | file | paper |
 //! |---|---|
 //! | [`set`] | the set of neurons (rows/columns of full-model weights), overlap ratio (§2.3) |
+//! | [`deactivate`](mod@deactivate) | zeroing a set, the random control `Deact-R`, the Table 1 check (§2.2) |
+//! | [`sn_tune`](mod@sn_tune) | SN-Tune (§3) and RSN-Tune (§4): training only the selected neurons |
 
 use std::path::PathBuf;
 
+pub mod deactivate;
 pub mod set;
+pub mod sn_tune;
 
+pub use deactivate::{
+    deactivate, deactivation_check, fold_adapters, random_like, DeactivationCheck,
+    DeactivationSummary, Variant, VariantResult,
+};
 pub use set::{Axis, ModuleNeurons, NeuronSet};
+pub use sn_tune::{
+    rsn_tune_set, sn_tune, write_outcome, NeuronDeltas, SnTuneConfig, SnTuneOutcome, SnTuneReport,
+};
 
 /// Errors of the safety-neuron stages.
 #[derive(Debug, thiserror::Error)]

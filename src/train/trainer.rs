@@ -372,7 +372,7 @@ fn encode_rows(
     Ok((out, dropped))
 }
 
-fn forward_logprobs(
+pub(crate) fn forward_logprobs(
     model: &Model,
     seqs: &[&Encoded],
     pad: u32,

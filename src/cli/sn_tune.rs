@@ -1,0 +1,292 @@
+//! `realign deactivate` (to become `realign neurons deactivate`) and `realign sn-tune`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use realign::adapters::Adapter;
+use realign::data::{load_source, Row};
+use realign::eval::{EvalConfig, TaskKind};
+use realign::model::{AdapterMode, LoadOptions, LoadedModel};
+use realign::neurons::{
+    deactivate, deactivation_check, random_like, rsn_tune_set, sn_tune, write_outcome,
+    DeactivationCheck, NeuronSet, SnTuneConfig, Variant,
+};
+
+/// Flags of `realign neurons deactivate`.
+#[derive(clap::Args, Debug)]
+pub struct DeactivateArgs {
+    /// Model [default: the embedded SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// PEFT adapter(s), stacked in order and merged into the weights before zeroing
+    #[arg(long = "adapter")]
+    adapters: Vec<PathBuf>,
+    /// The neuron-set file to deactivate
+    #[arg(long)]
+    set: PathBuf,
+    /// Only the random control (Deact-R: as many random neurons per module as the set has)
+    #[arg(long)]
+    random_like: bool,
+    /// Seed of the random control
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Columns of Table 1 to measure [default: none,deact_sn,deact_r; with --random-like:
+    /// deact_r]
+    #[arg(long, value_delimiter = ',', value_parser = ["none", "deact_sn", "deact_r"])]
+    variants: Vec<String>,
+    /// Harmful prompts for the harmfulness score ("" to skip)
+    #[arg(long, default_value = "embedded:harmful_eval")]
+    harmful: String,
+    /// Task items (prompt + gold answer, GSM8K) for the accuracy ("" to skip)
+    #[arg(long, default_value = "embedded:task_eval")]
+    task: String,
+    /// Use only the first N rows of each source (0: all)
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// New tokens per reply [default: 64 for harmfulness, 256 for GSM8K]
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Prompts per generation batch
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Write the report (every variant, prompt, reply and verdict) here as JSON
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Write the deactivated model (the set, or the random control with --random-like) as a
+    /// Hugging Face folder; evaluates only when -o is given too
+    #[arg(long)]
+    write: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn load(
+    model: Option<PathBuf>,
+    adapters: &[PathBuf],
+    device: &str,
+) -> anyhow::Result<(PathBuf, LoadedModel)> {
+    let path = super::model_path(model)?;
+    let mut loaded = LoadedModel::load(
+        &path,
+        &LoadOptions {
+            device: super::device(device)?,
+        },
+    )
+    .with_context(|| format!("loading model {}", path.display()))?;
+    for dir in adapters {
+        let ad = Adapter::load(dir, loaded.model.device())
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        loaded.model.apply_adapter(&ad, AdapterMode::Merged)?;
+    }
+    Ok((path, loaded))
+}
+
+fn rows(spec: &str, limit: usize) -> anyhow::Result<Vec<Row>> {
+    if spec.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut rows = load_source(spec).with_context(|| format!("loading {spec}"))?;
+    if limit > 0 {
+        rows.truncate(limit);
+    }
+    Ok(rows)
+}
+
+pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
+    let (
+        path,
+        LoadedModel {
+            model, tokenizer, ..
+        },
+    ) = load(a.model, &a.adapters, &a.device)?;
+    let set = NeuronSet::load(&a.set)?;
+    if let Some(dir) = &a.write {
+        let chosen = if a.random_like {
+            random_like(&set, a.seed)
+        } else {
+            set.clone()
+        };
+        let mut m = model.clone();
+        let summary = deactivate(&mut m, &chosen)?;
+        realign::model::export_hf(&m, &tokenizer, dir)?;
+        eprintln!(
+            "wrote {} ({} neurons zeroed in {} modules{})",
+            dir.display(),
+            summary.neurons,
+            summary.modules,
+            if a.adapters.is_empty() {
+                String::new()
+            } else {
+                format!("; {} adapter(s) merged first", a.adapters.len())
+            }
+        );
+        if a.output.is_none() {
+            return Ok(());
+        }
+    }
+    let variants: Vec<Variant> = if !a.variants.is_empty() {
+        a.variants
+            .iter()
+            .map(|v| match v.as_str() {
+                "none" => Variant::None,
+                "deact_sn" => Variant::DeactSn,
+                _ => Variant::DeactR,
+            })
+            .collect()
+    } else if a.random_like {
+        vec![Variant::DeactR]
+    } else {
+        vec![Variant::None, Variant::DeactSn, Variant::DeactR]
+    };
+    let harmful: Vec<String> = rows(&a.harmful, a.limit)?
+        .iter()
+        .map(|r| r.prompt().plain_text())
+        .collect();
+    let task: Vec<(String, String)> = rows(&a.task, a.limit)?
+        .into_iter()
+        .map(|r| match r {
+            Row::Sft { prompt, response } => Ok((prompt.plain_text(), response)),
+            other => anyhow::bail!(
+                "{}: task rows need a prompt and a gold response, got a {} row",
+                a.task,
+                other.kind()
+            ),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let check = DeactivationCheck {
+        harmful,
+        task,
+        task_kind: TaskKind::Gsm8k,
+        variants,
+        seed: a.seed,
+        eval: EvalConfig {
+            max_new_tokens: a.max_new_tokens,
+            batch_size: a.batch_size,
+            ..Default::default()
+        },
+    };
+    let results = deactivation_check(&model, &tokenizer, &set, &check)?;
+    let summary: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "variant": r.variant.name(),
+                "neurons": r.neurons,
+                "harmfulness_score": r.harmfulness.as_ref().map(|h| h.score_percent),
+                "task_accuracy": r.accuracy.as_ref().map(|t| t.accuracy_percent),
+            })
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "model": path, "adapters": a.adapters, "adapters_merged_before_deactivation": !a.adapters.is_empty(),
+        "set": a.set, "set_neurons": set.len(), "set_params": set.params(), "seed": a.seed,
+        "harmful": a.harmful, "task": a.task, "limit": a.limit, "rows": summary,
+    });
+    if let Some(out) = &a.output {
+        let full = serde_json::json!({"summary": summary, "variants": results});
+        realign::fsutil::write_atomic(out, serde_json::to_string_pretty(&full)?.as_bytes())?;
+    }
+    println!("{summary}");
+    Ok(())
+}
+
+/// Flags of `realign sn-tune`.
+#[derive(clap::Args, Debug)]
+pub struct SnTuneArgs {
+    /// Model [default: the embedded SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// PEFT adapter(s), stacked in order and merged into the weights before tuning
+    #[arg(long = "adapter")]
+    adapters: Vec<PathBuf>,
+    /// The neurons to train (safety neurons)
+    #[arg(long)]
+    set: PathBuf,
+    /// Neurons not to train (foundation neurons): RSN-Tune trains set minus this
+    #[arg(long)]
+    exclude: Option<PathBuf>,
+    /// Refusal documents (harmful prompt + refusal)
+    #[arg(long, default_value = "embedded:safety_sft")]
+    data: String,
+    /// Passes over the documents
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Peak learning rate
+    #[arg(long, default_value_t = 1e-6)]
+    lr: f64,
+    /// Documents used (seeded sample; 0: all)
+    #[arg(long, default_value_t = 50)]
+    docs: usize,
+    /// Sequences per optimizer step
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Seed of the sample and the shuffles
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Gradient-norm clip (0: none)
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Fraction of steps of linear warmup
+    #[arg(long, default_value_t = 0.0)]
+    warmup_ratio: f64,
+    /// Longest sequence in tokens
+    #[arg(long, default_value_t = 512)]
+    max_length: usize,
+    /// Stop after N optimizer steps (0: no limit)
+    #[arg(long, default_value_t = 0)]
+    max_steps: usize,
+    /// Output folder (Hugging Face layout, with sn_tune_report.json)
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Device: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
+    let (
+        path,
+        LoadedModel {
+            model, tokenizer, ..
+        },
+    ) = load(a.model, &a.adapters, &a.device)?;
+    let safety = NeuronSet::load(&a.set)?;
+    let (set, excluded) = match &a.exclude {
+        Some(p) => {
+            let foundation = NeuronSet::load(p)?;
+            (rsn_tune_set(&safety, &foundation)?, Some(foundation.len()))
+        }
+        None => (safety.clone(), None),
+    };
+    let docs = rows(&a.data, 0)?;
+    let cfg = SnTuneConfig {
+        epochs: a.epochs,
+        lr: a.lr,
+        docs: a.docs,
+        batch_size: a.batch_size,
+        seed: a.seed,
+        max_grad_norm: a.max_grad_norm,
+        warmup_ratio: a.warmup_ratio,
+        max_length: a.max_length,
+        max_steps: a.max_steps,
+        ..Default::default()
+    };
+    let outcome = sn_tune(model, &tokenizer, &set, &docs, &cfg)?;
+    let extra = serde_json::json!({
+        "method": if excluded.is_some() { "rsn-tune" } else { "sn-tune" },
+        "model": path, "adapters": a.adapters, "data": a.data,
+        "set": a.set, "set_neurons": safety.len(), "set_params": safety.params(),
+        "exclude": a.exclude, "exclude_neurons": excluded,
+    });
+    write_outcome(&outcome, &tokenizer, &a.output, extra)?;
+    let r = &outcome.report;
+    println!(
+        "{}",
+        serde_json::json!({"output": a.output, "trained_neurons": r.trained_neurons,
+            "trained_params": r.trained_params, "steps": r.steps, "examples": r.examples,
+            "first_loss": r.log.first().map(|l| l.loss), "last_loss": r.log.last().map(|l| l.loss),
+            "seconds": r.seconds})
+    );
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Writing a model as a Hugging Face folder that transformers (and [`LoadedModel::load`]) reads:
+//! `config.json`, `model.safetensors` (f32, Hugging Face tensor names), `tokenizer.json`,
+//! `tokenizer_config.json` (special tokens, `chat_template`) and `generation_config.json`.
+//!
+//! Used by SN-Tune's output and `deactivate --write`. Works the same for a model loaded from a
+//! GGUF file: the loader has already dequantised it and undone llama.cpp's Q/K row permutation,
+//! so the weights are in the Hugging Face layout, and the tokenizer built from the GGUF metadata
+//! serialises to a `tokenizer.json`.
+//!
+//! Every tensor is written as f32. Safetensors inputs in bf16/f16 were widened to f32 exactly
+//! on load, so every entry keeps its value.
+//!
+//! [`LoadedModel::load`]: super::LoadedModel::load
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde_json::{json, Value};
+
+use super::config::{Architecture, Config, RopeScaling};
+use super::{Model, ModelError};
+use crate::tokenizer::Tokenizer;
+
+/// The `config.json` transformers needs to build the architecture of `cfg`
+/// (`torch_dtype` `float32`, the tokenizer's special ids).
+pub fn hf_config_json(cfg: &Config, tok: &Tokenizer, tied: bool) -> Value {
+    let (model_type, class) = match cfg.architecture {
+        Architecture::Llama => ("llama", "LlamaForCausalLM"),
+        Architecture::Mistral => ("mistral", "MistralForCausalLM"),
+        Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+    };
+    let rope_scaling = match &cfg.rope_scaling {
+        RopeScaling::Default => Value::Null,
+        RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => json!({"rope_type": "llama3", "factor": factor,
+            "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": *original_max_position_embeddings as u64}),
+    };
+    let mut c = json!({
+        "architectures": [class],
+        "model_type": model_type,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "use_cache": true,
+    });
+    if cfg.architecture != Architecture::Qwen2 {
+        c["attention_bias"] = json!(cfg.qkv_bias);
+        c["mlp_bias"] = json!(cfg.mlp_bias);
+    }
+    if let Some(id) = tok.bos_token_id() {
+        c["bos_token_id"] = json!(id);
+    }
+    match tok.eos_token_ids() {
+        [] => {}
+        [one] => c["eos_token_id"] = json!(one),
+        many => c["eos_token_id"] = json!(many),
+    }
+    if let Some(id) = tok.pad_token_id() {
+        c["pad_token_id"] = json!(id);
+    }
+    c
+}
+
+/// `tokenizer_config.json`: special-token strings, the chat template, the fast-tokenizer class.
+pub fn hf_tokenizer_config_json(tok: &Tokenizer, model_max_length: usize) -> Value {
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
+    let mut c = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": model_max_length,
+    });
+    if let Some(s) = name(tok.bos_token_id()) {
+        c["bos_token"] = json!(s);
+    }
+    if let Some(s) = name(tok.eos_token_ids().first().copied()) {
+        c["eos_token"] = json!(s);
+    }
+    if let Some(s) = name(tok.pad_token_id()) {
+        c["pad_token"] = json!(s);
+    }
+    if let Some(t) = tok.chat_template() {
+        c["chat_template"] = json!(t);
+    }
+    c
+}
+
+/// `generation_config.json`: bos, eos (all of them) and pad ids.
+pub fn hf_generation_config_json(tok: &Tokenizer) -> Value {
+    let mut c = json!({});
+    if let Some(id) = tok.bos_token_id() {
+        c["bos_token_id"] = json!(id);
+    }
+    match tok.eos_token_ids() {
+        [] => {}
+        [one] => c["eos_token_id"] = json!(one),
+        many => c["eos_token_id"] = json!(many),
+    }
+    if let Some(id) = tok.pad_token_id() {
+        c["pad_token_id"] = json!(id);
+    }
+    c
+}
+
+/// The bytes of a safetensors file holding `tensors` as f32 (metadata `format: pt`, which
+/// transformers checks).
+pub fn safetensors_f32_bytes(tensors: &[(String, Tensor)]) -> crate::Result<Vec<u8>> {
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        data.push((name.clone(), t.dims().to_vec(), bytes));
+    }
+    let views = data
+        .iter()
+        .map(|(n, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| crate::Error::Model(ModelError::Input(format!("safetensors: {e}"))))?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| crate::Error::Model(ModelError::Input(format!("safetensors: {e}"))))
+}
+
+/// Writes `model` (unmerged adapters folded in) and `tok` as a Hugging Face folder at `dir`.
+/// See [`export_hf_with`].
+pub fn export_hf(model: &Model, tok: &Tokenizer, dir: &Path) -> crate::Result<()> {
+    export_hf_with(model, tok, dir, &[])
+}
+
+/// Like [`export_hf`], adding `extra` files (name, bytes) to the folder (reports).
+///
+/// The folder is written whole into a hidden temporary folder beside `dir`, then renamed into
+/// place, so `dir` is never left half written; an existing `dir` is replaced only after the new
+/// one is complete.
+pub fn export_hf_with(
+    model: &Model,
+    tok: &Tokenizer,
+    dir: &Path,
+    extra: &[(&str, Vec<u8>)],
+) -> crate::Result<()> {
+    let tmp = crate::fsutil::temp_path(dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = write_folder(model, tok, &tmp, extra).and_then(|()| replace_dir(&tmp, dir));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_folder(
+    model: &Model,
+    tok: &Tokenizer,
+    dir: &Path,
+    extra: &[(&str, Vec<u8>)],
+) -> crate::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    let cfg = model.config();
+    let tied = model.lm_head_is_tied();
+    let write = |name: &str, bytes: &[u8]| -> crate::Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(|e| crate::Error::io(&p, e))
+    };
+    let pretty = |v: &Value| -> Vec<u8> {
+        let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+        s.push('\n');
+        s.into_bytes()
+    };
+    write("config.json", &pretty(&hf_config_json(cfg, tok, tied)))?;
+    write(
+        "model.safetensors",
+        &safetensors_f32_bytes(&model.named_tensors()?)?,
+    )?;
+    let tokenizer_json = tok.inner().to_string(true).map_err(|e| {
+        crate::Error::Model(ModelError::Input(format!("serialising the tokenizer: {e}")))
+    })?;
+    write("tokenizer.json", tokenizer_json.as_bytes())?;
+    write(
+        "tokenizer_config.json",
+        &pretty(&hf_tokenizer_config_json(tok, cfg.max_position_embeddings)),
+    )?;
+    write(
+        "generation_config.json",
+        &pretty(&hf_generation_config_json(tok)),
+    )?;
+    for (name, bytes) in extra {
+        write(name, bytes)?;
+    }
+    // Make the contents durable before the rename publishes the folder.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if let Ok(f) = std::fs::File::open(e.path()) {
+                let _ = f.sync_all();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Renames `tmp` to `dir`; an existing `dir` is moved aside first and removed afterwards.
+fn replace_dir(tmp: &Path, dir: &Path) -> crate::Result<()> {
+    let old: Option<PathBuf> = if dir.exists() {
+        let aside = dir.with_file_name(format!(
+            ".{}.{}.old",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        std::fs::rename(dir, &aside).map_err(|e| crate::Error::io(dir, e))?;
+        Some(aside)
+    } else {
+        None
+    };
+    std::fs::rename(tmp, dir).map_err(|e| crate::Error::io(dir, e))?;
+    if let Some(old) = old {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(())
+}
