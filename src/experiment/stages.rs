@@ -16,12 +16,18 @@ use crate::adapters::Adapter;
 use crate::data::load_source;
 use crate::eval::{evaluate_with_judge, EvalOptions, JudgeSpec};
 use crate::model::{AdapterMode, LoadOptions, LoadedModel};
+use crate::neurons::{deactivate, random_like, sn_tune, write_outcome, NeuronSet, SnTuneConfig};
 use crate::nlsr::identify::{identify, IdentifyConfig, Method};
 use crate::nlsr::patch::{patch, write_patch, PatchConfig};
 use crate::nlsr::prune::{ProbabilityMapping, PruneConfig, Selection};
 use crate::nlsr::transplant::TransplantMode;
 use crate::train::config::{DataSettings, LoraSettings, OptimSettings};
 use crate::train::{train, trainer::Progress, StepLog, TrainConfig};
+
+/// The neuron-set file of a detection stage.
+pub const SET_JSON: &str = "set.json";
+/// The model folder (Hugging Face layout) of an SN-Tune stage.
+pub const MODEL_DIR: &str = "model";
 
 /// What every stage key depends on besides its own settings: the base model's content, the
 /// seed, the evaluation settings, and the content of each data source (embedded sets are
@@ -214,7 +220,7 @@ impl Runner {
                     settings.data.clone()
                 };
                 let model = if *full_model {
-                    LoadedModel::load(&deps[k], &LoadOptions::default())?.model
+                    LoadedModel::load(&deps[k].join(MODEL_DIR), &LoadOptions::default())?.model
                 } else {
                     self.base.model.clone()
                 };
@@ -336,7 +342,7 @@ impl Runner {
         let mut k = 0;
         let mut model = if v.full_model {
             k = 1;
-            LoadedModel::load(&deps[0], &LoadOptions::default())?.model
+            LoadedModel::load(&deps[0].join(MODEL_DIR), &LoadOptions::default())?.model
         } else {
             self.base.model.clone()
         };
@@ -344,8 +350,14 @@ impl Runner {
             let ad = Adapter::load(dir, model.device())?;
             model.apply_adapter(&ad, AdapterMode::Merged)?;
         }
-        if v.deactivate.is_some() {
-            return Err(stage_err("eval", "TEMP: deactivation not merged yet"));
+        if let Some(random) = v.deactivate {
+            let set = NeuronSet::load(&deps[k + v.adapters].join(SET_JSON))?;
+            let set = if random {
+                random_like(&set, self.cfg.seed)
+            } else {
+                set
+            };
+            deactivate(&mut model, &set)?;
         }
         let e = &self.cfg.eval;
         let loaded = LoadedModel {
@@ -390,11 +402,54 @@ impl Runner {
     fn execute_neurons(
         &self,
         stage: &Stage,
-        _deps: &[PathBuf],
-        _out: &Path,
-        _obs: &mut dyn Observer,
+        deps: &[PathBuf],
+        out: &Path,
+        obs: &mut dyn Observer,
     ) -> crate::Result<serde_json::Value> {
-        Err(stage_err(&stage.name, "TEMP: neurons not merged yet"))
+        match &stage.kind {
+            StageKind::SnTune {
+                data,
+                docs,
+                lr,
+                epochs,
+                exclude,
+            } => {
+                let safety = NeuronSet::load(&deps[0].join(SET_JSON))?;
+                let set = if *exclude {
+                    let foundation = NeuronSet::load(&deps[1].join(SET_JSON))?;
+                    crate::neurons::rsn_tune_set(&safety, &foundation)?
+                } else {
+                    safety.clone()
+                };
+                let rows = load_source(data)?;
+                let cfg = SnTuneConfig {
+                    epochs: *epochs,
+                    lr: *lr,
+                    docs: *docs,
+                    seed: self.cfg.seed,
+                    ..Default::default()
+                };
+                obs.stage_progress(0, 1, &format!("{} neurons", set.len()));
+                let outcome = sn_tune(
+                    self.base.model.clone(),
+                    &self.base.tokenizer,
+                    &set,
+                    &rows,
+                    &cfg,
+                )?;
+                let extra =
+                    serde_json::json!({"safety_neurons": safety.len(), "trained_set": set.len()});
+                write_outcome(&outcome, &self.base.tokenizer, &out.join(MODEL_DIR), extra)?;
+                obs.stage_progress(1, 1, "");
+                let r = &outcome.report;
+                Ok(
+                    serde_json::json!({"neurons": r.trained_neurons, "params": r.trained_params,
+                    "safety_neurons": safety.len(), "steps": r.steps, "seconds": r.seconds,
+                    "first_loss": r.log.first().map(|l| l.loss), "last_loss": r.log.last().map(|l| l.loss)}),
+                )
+            }
+            _ => Err(stage_err(&stage.name, "TEMP: detection not merged yet")),
+        }
     }
 }
 
