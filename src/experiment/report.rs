@@ -310,7 +310,7 @@ impl Report {
     pub fn write(
         &self,
         dir: &Path,
-        _plan: &Plan,
+        plan: &Plan,
         _records: &[StageRecord<serde_json::Value>],
     ) -> crate::Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
@@ -322,11 +322,149 @@ impl Report {
         for f in self.plots(dir)? {
             let _ = writeln!(index, "- [{f}]({f})");
         }
+        // The layer-similarity plot of the first NLSR repair (main method, main p).
+        let stages = dir.parent().unwrap_or(dir).join("stages");
+        let store = super::cache::StageStore::new(stages);
+        if let Some(s) = plan
+            .stages
+            .iter()
+            .find(|s| matches!(s.kind, StageKind::Patch { .. }))
+        {
+            for ext in ["svg", "png"] {
+                let from = store.dir(&s.name, &s.key).join(format!("similarity.{ext}"));
+                if let Ok(bytes) = std::fs::read(&from) {
+                    let name = format!("layer_similarity.{ext}");
+                    crate::fsutil::write_atomic(&dir.join(&name), &bytes)?;
+                    let _ = writeln!(index, "- [{name}]({name}): S per layer and module of `{}`, patched modules ringed", s.name);
+                }
+            }
+        }
         crate::fsutil::write_atomic(&dir.join("index.md"), index.as_bytes())?;
         Ok(())
     }
 
-    fn plots(&self, _dir: &Path) -> crate::Result<Vec<String>> {
-        Ok(Vec::new())
+    fn plots(&self, dir: &Path) -> crate::Result<Vec<String>> {
+        use crate::report::{write_chart, Chart, ChartKind, Series};
+        let mut files = Vec::new();
+        let mut push = |paths: Vec<std::path::PathBuf>| {
+            for p in paths {
+                if let Some(n) = p.file_name() {
+                    files.push(n.to_string_lossy().into_owned());
+                }
+            }
+        };
+        // HS and FA against p, one line per method.
+        let mut by_method: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+        for e in &self.evals {
+            if let (Some(p), true) = (
+                e.variant.p,
+                matches!(
+                    e.variant.group.as_str(),
+                    "attack" | "safelora" | "nlsr" | "nlsr-no-amp"
+                ),
+            ) {
+                by_method
+                    .entry(row_name(&e.variant.label))
+                    .or_default()
+                    .push((p, e.hs, e.fa));
+            }
+        }
+        for (metric, title, y) in [
+            (1usize, "Harmfulness score vs harmful fraction p", "HS (%)"),
+            (2, "Fine-tuning accuracy vs harmful fraction p", "FA (%)"),
+        ] {
+            let series: Vec<Series> = by_method
+                .iter()
+                .map(|(name, pts)| {
+                    let mut pts: Vec<(f64, f64)> = pts
+                        .iter()
+                        .map(|&(p, hs, fa)| (p, if metric == 1 { hs } else { fa }))
+                        .collect();
+                    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    Series::line(name.clone(), pts)
+                })
+                .collect();
+            if series.is_empty() {
+                continue;
+            }
+            let stem = dir.join(if metric == 1 { "hs_vs_p" } else { "fa_vs_p" });
+            push(write_chart(
+                &stem,
+                &Chart {
+                    title,
+                    x_label: "p (harmful fraction of the fine-tuning data)",
+                    y_label: y,
+                    kind: ChartKind::Lines,
+                    series: &series,
+                    x_ticks: None,
+                },
+            )?);
+        }
+        // Sweeps: HS and FA against the swept value.
+        for (group, title, x) in [
+            (
+                "sweep-beta",
+                "Pre-amplification strength",
+                "beta (0 = none)",
+            ),
+            (
+                "sweep-sparsity",
+                "Sparsity of the safety-critical neurons",
+                "sparsity",
+            ),
+            ("sweep-layer-prune", "Layer-pruning rate", "P_L"),
+        ] {
+            let mut pts: Vec<(f64, f64, f64)> = self
+                .evals
+                .iter()
+                .filter(|e| e.variant.group == group)
+                .filter_map(|e| e.variant.param.map(|v| (v, e.hs, e.fa)))
+                .collect();
+            if pts.len() < 2 {
+                continue;
+            }
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let series = [
+                Series::line("HS (%)", pts.iter().map(|p| (p.0, p.1)).collect()),
+                Series::line("FA (%)", pts.iter().map(|p| (p.0, p.2)).collect()),
+            ];
+            push(write_chart(
+                &dir.join(group),
+                &Chart {
+                    title,
+                    x_label: x,
+                    y_label: "%",
+                    kind: ChartKind::Lines,
+                    series: &series,
+                    x_ticks: None,
+                },
+            )?);
+        }
+        // Safety and foundation neurons per layer.
+        let mut series = Vec::new();
+        for (name, v) in &self.neurons {
+            if let Some(per_layer) = v.get("per_layer").and_then(|x| x.as_array()) {
+                let pts = per_layer
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (i as f64, c.as_f64().unwrap_or(0.0)))
+                    .collect();
+                series.push(Series::line(name.clone(), pts));
+            }
+        }
+        if !series.is_empty() {
+            push(write_chart(
+                &dir.join("neurons_per_layer"),
+                &Chart {
+                    title: "Neurons per layer",
+                    x_label: "layer",
+                    y_label: "neurons",
+                    kind: ChartKind::Bars,
+                    series: &series,
+                    x_ticks: None,
+                },
+            )?);
+        }
+        Ok(files)
     }
 }
