@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod identify;
 mod inspect;
+mod neurons;
 mod nlsr;
 mod safelora;
 mod train;
@@ -43,6 +44,9 @@ enum Command {
     Patch(nlsr::PatchArgs),
     /// Safe LoRA: project a fine-tuned adapter's updates onto the alignment subspace.
     Safelora(safelora::Args),
+    /// Safety neurons: `realign neurons detect` (neurons every prompt of a corpus activates)
+    /// and `realign neurons overlap A B`.
+    Neurons(neurons::Args),
 }
 
 /// Runs the parsed command.
@@ -58,6 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Identify(a) => identify::run(a),
         Command::Patch(a) => nlsr::patch_cmd(a),
         Command::Safelora(a) => safelora::run(a),
+        Command::Neurons(a) => neurons::run(a),
     }
 }
 

@@ -5,11 +5,19 @@
 //! | file | paper |
 //! |---|---|
 //! | [`set`] | the set of neurons (rows/columns of full-model weights), overlap ratio (§2.3) |
+//! | [`importance`] | per-prompt importance of every neuron, exact (Eqs. 4, 8-14) or the authors' proxy |
+//! | [`detect`] | streaming detection: per-prompt selection (ε or per-layer top-k, Eq. 2), intersection over the corpus (Eq. 3), report, overlap of two sets |
+//! | [`plot`] | the per-layer plot of a detected set (attention vs FFN) |
 
 use std::path::PathBuf;
 
+pub mod detect;
+pub mod importance;
+pub mod plot;
 pub mod set;
 
+pub use detect::{detect, overlap, DetectConfig, DetectReport, OverlapReport, Selection};
+pub use importance::{ImportanceKind, LayerImportance, NeuronImportance};
 pub use set::{Axis, ModuleNeurons, NeuronSet};
 
 /// Errors of the safety-neuron stages.
