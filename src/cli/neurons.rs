@@ -286,8 +286,21 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
         let ids: Vec<u32> = (0..len as u32)
             .map(|i| 100 + (i.wrapping_mul(2_654_435_761) % (vocab - 100)))
             .collect();
+        // The forward pass alone first: its [heads, l, l] attention tensors are the part of
+        // the peak that grows with l^2 and is not the importance computation's.
         let before = current_rss_bytes().unwrap_or(0);
         let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        let input = candle_core::Tensor::from_vec(ids.clone(), (1, len), loaded.model.device())?;
+        loaded.model.forward_with(
+            &input,
+            realign::model::ForwardArgs {
+                logits: realign::model::Logits::None,
+                ..Default::default()
+            },
+        )?;
+        let forward_peak = peak_rss_bytes().unwrap_or(0).saturating_sub(before);
+        let before = current_rss_bytes().unwrap_or(0);
+        let reset = reset && std::fs::write("/proc/self/clear_refs", "5").is_ok();
         let t = Instant::now();
         imp.prompt(&ids)?;
         let secs = t.elapsed().as_secs_f64();
@@ -297,7 +310,7 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
             peak as f64,
             "bytes",
             format!(
-                "exact importance of one {len}-token prompt: {secs:.2} s, resident before {before} bytes, peak above it {} bytes{}",
+                "exact importance of one {len}-token prompt: {secs:.2} s, resident before {before} bytes, peak above it {} bytes (the plain forward pass alone: {forward_peak} bytes above){}",
                 peak.saturating_sub(before),
                 if reset { "" } else { " (peak not reset: /proc/self/clear_refs not writable)" }
             ),

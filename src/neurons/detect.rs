@@ -292,7 +292,7 @@ impl DetectReport {
         let mut s = String::new();
         s.push_str("# Neuron detection\n\n");
         s.push_str(&format!(
-            "- model: `{}`\n- corpus: `{}` ({} prompts used, {} skipped as longer than {} tokens, {} tokens)\n- importance: {}; rule: {}, intersected over all prompts (Eq. 3)\n- neurons: **{}** of {} ({:.3}%); a prompt alone selected {:.1} on average\n- attention {} / FFN {} (attention share {:.1}%)\n- parameters covered: {} of {} linear-layer weights ({:.4}%; denominator: the 7 linear modules of every layer)\n- time: {:.1} s\n\n",
+            "- model: `{}`\n- corpus: `{}` ({} prompts used, {} skipped as longer than {} tokens, {} tokens)\n- importance: {}; rule: {} (Eq. 3)\n- neurons: **{}** of {} ({:.3}%); a prompt alone selected {:.1} on average\n- attention {} / FFN {} (attention share {:.1}%)\n- parameters covered: {} of {} linear-layer weights ({:.4}%; denominator: the 7 linear modules of every layer)\n- time: {:.1} s\n\n",
             self.config.model,
             self.config.corpus,
             self.prompts,
