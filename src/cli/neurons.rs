@@ -101,15 +101,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
 }
 
-/// `SET.json` -> `SET<suffix>` in the same folder.
-fn beside(output: &Path, suffix: &str) -> PathBuf {
-    let stem = output
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "neurons".into());
-    output.with_file_name(format!("{stem}{suffix}"))
-}
-
 fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
     let selection = match (a.top_k, a.epsilon) {
         (_, Some(e)) => Selection::Epsilon(e),
@@ -135,12 +126,7 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     cfg.validate()?;
-    let outputs = [
-        a.output.clone(),
-        beside(&a.output, ".report.json"),
-        beside(&a.output, ".report.md"),
-        beside(&a.output, ".svg"),
-    ];
+    let outputs = detect::output_paths(&a.output);
     if outputs[1..].contains(&a.output) {
         anyhow::bail!(
             "the set file {} would be overwritten by its report or plot: name it SET.json",
@@ -180,16 +166,7 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         detect::detect(&loaded.model, &loaded.tokenizer, &rows, &cfg, &mut progress)
             .with_context(|| format!("detecting neurons on {}", a.corpus))?;
     bar.finish_and_clear();
-    if let Some(dir) = a.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    set.save(&outputs[0])?;
-    realign::fsutil::write_atomic(
-        &outputs[1],
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    realign::fsutil::write_atomic(&outputs[2], report.to_markdown().as_bytes())?;
-    realign::neurons::plot::layer_plot(&outputs[3], &report.counts.layers)?;
+    let outputs = detect::save(&set, &report, &a.output)?;
     println!(
         "wrote {} ({} neurons: {} attention, {} FFN; {} prompts, {}, {} importance, {:.1} s), {}, {}, {}",
         outputs[0].display(),

@@ -19,6 +19,7 @@
 //! # Ok::<(), realign::Error>(())
 //! ```
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -519,6 +520,49 @@ pub fn detect(
         "ffn": report.counts.ffn,
     });
     Ok((set, report))
+}
+
+/// Where [`save`] writes: `SET.json` itself, then `SET.report.json`, `SET.report.md` and
+/// `SET.svg` in the same folder (the stem is the file name without its extension).
+pub fn output_paths(output: &Path) -> [PathBuf; 4] {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "neurons".into());
+    let beside = |suffix: &str| output.with_file_name(format!("{stem}{suffix}"));
+    [
+        output.to_path_buf(),
+        beside(".report.json"),
+        beside(".report.md"),
+        beside(".svg"),
+    ]
+}
+
+/// Writes the set, its JSON and Markdown reports and the per-layer plot (see
+/// [`output_paths`]), each atomically, creating the folder. Returns the four paths.
+pub fn save(set: &NeuronSet, report: &DetectReport, output: &Path) -> crate::Result<[PathBuf; 4]> {
+    let paths = output_paths(output);
+    if paths[1..].contains(&paths[0]) {
+        return Err(NeuronError::Invalid(format!(
+            "the set file {} would be overwritten by its report or plot: name it SET.json",
+            output.display()
+        ))
+        .into());
+    }
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    }
+    set.save(&paths[0])?;
+    let json = serde_json::to_string_pretty(report).map_err(|e| {
+        NeuronError::Invalid(format!(
+            "{}: serialising the report: {e}",
+            paths[1].display()
+        ))
+    })?;
+    crate::fsutil::write_atomic(&paths[1], json.as_bytes())?;
+    crate::fsutil::write_atomic(&paths[2], report.to_markdown().as_bytes())?;
+    super::plot::layer_plot(&paths[3], &report.counts.layers)?;
+    Ok(paths)
 }
 
 /// The overlap of two sets for one module kind or overall.
