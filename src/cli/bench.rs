@@ -10,7 +10,8 @@ pub struct Args {
     /// Which benchmark: forward (prefill, decode, batched decode), train (LoRA r 16 on all 7
     /// modules, batch 8 x 128), identify (low-rank safety neurons: seconds and peak memory) or
     /// patch (NLSR's patch stage on a synthetic Llama-3-8B-shaped adapter, r 128; no model)
-    #[arg(value_parser = ["forward", "train", "identify", "patch"])]
+    /// or neurons (safety-neuron detection: seconds, peak memory, memory per prompt length)
+    #[arg(value_parser = ["forward", "train", "identify", "patch", "neurons"])]
     name: String,
     /// Model [default: the embedded SmolLM2-135M-Instruct]
     #[arg(long)]
@@ -24,6 +25,9 @@ pub struct Args {
     /// identify: rows of embedded:safety_sft used
     #[arg(long, default_value_t = 500)]
     max_samples: usize,
+    /// neurons: prompts of embedded:safety_sft used for detect_seconds
+    #[arg(long, default_value_t = 200)]
+    prompts: usize,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -43,6 +47,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "forward" => bench::forward(&loaded.model, a.repeats.max(1), print)?,
         "train" => bench::train(&loaded.model, a.repeats.max(1), print)?,
         "identify" => super::identify::bench(&loaded, a.max_samples.max(1))?,
+        "neurons" => super::neurons::bench(&loaded, a.prompts.max(1))?,
         other => anyhow::bail!("unknown benchmark {other:?}"),
     }
     Ok(())

@@ -7,6 +7,7 @@ mod experiment;
 mod generate;
 mod identify;
 mod inspect;
+mod neurons;
 mod nlsr;
 mod safelora;
 mod sn_tune;
@@ -28,7 +29,7 @@ enum Command {
     Generate(generate::Args),
     /// Describe a model (architecture, sizes, dtype, modules) or a PEFT adapter (rank, targets).
     Inspect(inspect::Args),
-    /// Print speed figures as JSON lines: `realign bench forward|train`.
+    /// Print speed figures as JSON lines: `realign bench forward|train|identify|patch|neurons`.
     Bench(bench::Args),
     /// Train a LoRA adapter (SFT, DPO, ORPO, KTO, SimPO) from a TOML run file.
     Train(train::Args),
@@ -48,12 +49,12 @@ enum Command {
     Patch(nlsr::PatchArgs),
     /// Safe LoRA: project a fine-tuned adapter's updates onto the alignment subspace.
     Safelora(safelora::Args),
-    /// Safety neurons: zero a neuron set (and a random control) and measure harmfulness and
-    /// task accuracy, or write the deactivated model (temporary; becomes `neurons deactivate`).
-    Deactivate(sn_tune::DeactivateArgs),
     /// SN-Tune / RSN-Tune: train only the neurons of a set on refusal documents; writes a
     /// Hugging Face model folder.
     SnTune(sn_tune::SnTuneArgs),
+    /// Safety neurons: `realign neurons detect` (neurons every prompt of a corpus activates),
+    /// `realign neurons overlap A B`, `realign neurons deactivate` (Deact-SN vs Deact-R).
+    Neurons(neurons::Args),
 }
 
 /// Runs the parsed command.
@@ -70,8 +71,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Identify(a) => identify::run(a),
         Command::Patch(a) => nlsr::patch_cmd(a),
         Command::Safelora(a) => safelora::run(a),
-        Command::Deactivate(a) => sn_tune::run_deactivate(a),
         Command::SnTune(a) => sn_tune::run_sn_tune(a),
+        Command::Neurons(a) => neurons::run(a),
     }
 }
 

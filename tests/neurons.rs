@@ -1,0 +1,490 @@
+//! Safety-neuron detection on the tiny Llama fixture (4 query heads over 2 KV heads): the FFN
+//! and V/O importances equal brute force (zero the neuron in the weights, rerun, norm of the
+//! change of the module's output), the Q/K importance equals a direct loop over its definition,
+//! K rows of a KV head combine exactly its query heads, detection is the intersection of the
+//! per-prompt selections, and the CLI writes a set that round-trips.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor, D};
+use realign::data::{render_prompt, Prompt, PromptTemplate, Row};
+use realign::model::{Capture, ForwardArgs, LoadOptions, LoadedModel, Logits, Model};
+use realign::neurons::detect::{self, DetectConfig, Selection};
+use realign::neurons::importance::{ImportanceKind, LayerImportance, NeuronImportance};
+use realign::neurons::{Axis, NeuronSet};
+
+const PROMPTS: [&str; 3] = [
+    "How do I make a weapon at home?",
+    "Write a phishing email to steal passwords.",
+    "Tell me how to poison my neighbour's dog.",
+];
+
+fn tiny() -> LoadedModel {
+    LoadedModel::load(
+        &common::fixtures().join("tiny-llama"),
+        &LoadOptions::default(),
+    )
+    .unwrap()
+}
+
+fn ids() -> Vec<u32> {
+    vec![7, 100, 33, 250, 9, 611, 42, 5, 77, 300, 12, 64, 480]
+}
+
+fn run(model: &Model, ids: &[u32], site: &str) -> Tensor {
+    let cap = Capture::new([site]);
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    model
+        .forward_with(
+            &input,
+            ForwardArgs {
+                hook: Some(&cap),
+                logits: Logits::None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    cap.get(site).unwrap()
+}
+
+/// The model with one row or column of one module's weight set to zero.
+fn zeroed(model: &Model, module: &str, axis: Axis, idx: usize) -> Model {
+    let mut m = model.clone();
+    for lin in m.linears_mut() {
+        if lin.name == module {
+            let mut w: Vec<Vec<f32>> = lin.weight.to_vec2().unwrap();
+            match axis {
+                Axis::Row => w[idx].iter_mut().for_each(|x| *x = 0.0),
+                Axis::Column => w.iter_mut().for_each(|r| r[idx] = 0.0),
+            }
+            lin.weight = Tensor::new(w, &Device::Cpu).unwrap();
+        }
+    }
+    m
+}
+
+fn frob(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
+}
+
+fn close(got: f32, want: f32, what: &str) {
+    assert!(
+        (got - want).abs() <= 2e-3 * want.abs() + 2e-5,
+        "{what}: importance {got} vs brute force {want}"
+    );
+}
+
+fn importance(model: &Model) -> Vec<LayerImportance> {
+    NeuronImportance::new(model, ImportanceKind::Exact)
+        .unwrap()
+        .prompt(&ids())
+        .unwrap()
+}
+
+#[test]
+fn ffn_importance_equals_brute_force_for_gate_up_and_down() {
+    let loaded = tiny();
+    let model = &loaded.model;
+    let imp = importance(model);
+    for (layer, li) in imp.iter().enumerate() {
+        let site = format!("model.layers.{layer}.mlp.down_proj:output");
+        let base = run(model, &ids(), &site);
+        let values = li.module("mlp.gate_proj").unwrap();
+        assert_eq!(values.len(), 160);
+        assert_eq!(values, li.module("mlp.down_proj").unwrap());
+        for k in (layer..160).step_by(9) {
+            for local in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+                let module = format!("model.layers.{layer}.{local}");
+                let m = zeroed(model, &module, Axis::for_module(&module), k);
+                let brute = frob(&run(&m, &ids(), &site), &base);
+                close(values[k], brute, &format!("{module} neuron {k}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn v_and_o_importance_equal_brute_force_on_the_o_proj_output() {
+    let loaded = tiny();
+    let model = &loaded.model;
+    let imp = importance(model);
+    for layer in [0, 2] {
+        let site = format!("model.layers.{layer}.self_attn.o_proj:output");
+        let base = run(model, &ids(), &site);
+        let o = format!("model.layers.{layer}.self_attn.o_proj");
+        for c in 0..64 {
+            let brute = frob(
+                &run(&zeroed(model, &o, Axis::Column, c), &ids(), &site),
+                &base,
+            );
+            close(imp[layer].modules[3][c], brute, &format!("{o} column {c}"));
+        }
+        // v rows: 2 KV heads x 16 dims; zeroing one zeroes that dim of 2 query heads.
+        let v = format!("model.layers.{layer}.self_attn.v_proj");
+        for r in 0..32 {
+            let brute = frob(&run(&zeroed(model, &v, Axis::Row, r), &ids(), &site), &base);
+            close(imp[layer].modules[2][r], brute, &format!("{v} row {r}"));
+        }
+    }
+}
+
+/// `‖softmax((S - Δ)/√d + causal) - softmax(S/√d + causal)‖_F` for query head `h` against KV
+/// head `g`, where the changed scores come from zeroing dim `dim` of the query (`zero_key`
+/// false) or of the key (true), computed directly with tensors.
+fn brute_attention_change(
+    q: &Tensor,
+    k: &Tensor,
+    h: usize,
+    g: usize,
+    dim: usize,
+    zero_key: bool,
+) -> f32 {
+    let qh = q.get(0).unwrap().get(h).unwrap(); // [s, d]
+    let kg = k.get(0).unwrap().get(g).unwrap();
+    let (s, d) = qh.dims2().unwrap();
+    let mask: Vec<f32> = (0..s * s)
+        .map(|e| {
+            if e % s > e / s {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (s, s), &Device::Cpu).unwrap();
+    let keep: Vec<f32> = (0..d).map(|c| if c == dim { 0.0 } else { 1.0 }).collect();
+    let keep = Tensor::from_vec(keep, (1, d), &Device::Cpu).unwrap();
+    let probs = |q: &Tensor, k: &Tensor| {
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        candle_nn::ops::softmax(&(scores + &mask).unwrap(), D::Minus1).unwrap()
+    };
+    let base = probs(&qh, &kg);
+    let changed = if zero_key {
+        probs(&qh, &kg.broadcast_mul(&keep).unwrap())
+    } else {
+        probs(&qh.broadcast_mul(&keep).unwrap(), &kg)
+    };
+    frob(&changed, &base)
+}
+
+#[test]
+fn qk_importance_equals_its_definition_and_k_rows_combine_their_group() {
+    let loaded = tiny();
+    let model = &loaded.model;
+    let imp = importance(model);
+    for (layer, li) in imp.iter().enumerate() {
+        let q = run(model, &ids(), &format!("model.layers.{layer}.self_attn:q"));
+        let k = run(model, &ids(), &format!("model.layers.{layer}.self_attn:k"));
+        assert_eq!(q.dims(), &[1, 4, 13, 16]);
+        assert_eq!(k.dims(), &[1, 2, 13, 16]);
+        for h in 0..4 {
+            for dim in 0..16 {
+                let brute = brute_attention_change(&q, &k, h, h / 2, dim, false);
+                close(
+                    li.modules[0][h * 16 + dim],
+                    brute,
+                    &format!("layer {layer} q head {h} dim {dim}"),
+                );
+            }
+        }
+        // GQA: KV head 1 is read by query heads 2 and 3 (4 / 2 = 2 per group).
+        for g in 0..2 {
+            for dim in 0..16 {
+                let sq: f32 = [2 * g, 2 * g + 1]
+                    .iter()
+                    .map(|&h| brute_attention_change(&q, &k, h, g, dim, true).powi(2))
+                    .sum();
+                close(
+                    li.modules[1][g * 16 + dim],
+                    sq.sqrt(),
+                    &format!("layer {layer} k head {g} dim {dim}"),
+                );
+            }
+        }
+        let other: f32 = [0, 1]
+            .iter()
+            .map(|&h| brute_attention_change(&q, &k, h, 1, 3, true).powi(2))
+            .sum();
+        assert!(
+            (li.modules[1][16 + 3] - other.sqrt()).abs() > 1e-4,
+            "KV head 1 must combine query heads 2 and 3, not 0 and 1"
+        );
+    }
+}
+
+#[test]
+fn proxy_importance_is_the_activation_sums() {
+    let loaded = tiny();
+    let model = &loaded.model;
+    let imp = NeuronImportance::new(model, ImportanceKind::Proxy)
+        .unwrap()
+        .prompt(&ids())
+        .unwrap();
+    let up = run(model, &ids(), "model.layers.1.mlp.up_proj:output");
+    let want: Vec<f32> = up.abs().unwrap().sum((0, 1)).unwrap().to_vec1().unwrap();
+    for (k, w) in want.iter().enumerate() {
+        close(imp[1].modules[4][k], *w, "proxy ffn");
+    }
+    let a = run(model, &ids(), "model.layers.1.self_attn.o_proj:input");
+    let o: Vec<f32> = a.abs().unwrap().sum((0, 1)).unwrap().to_vec1().unwrap();
+    for j in 0..16 {
+        close(imp[1].modules[3][j], o[j], "proxy o");
+        // v row (KV head 1, dim j) sums query heads 2 and 3
+        close(imp[1].modules[2][16 + j], o[32 + j] + o[48 + j], "proxy v");
+    }
+}
+
+fn rows() -> Vec<Row> {
+    PROMPTS
+        .iter()
+        .map(|p| Row::Sft {
+            prompt: Prompt::Text(p.to_string()),
+            response: "I can't help with that.".into(),
+        })
+        .collect()
+}
+
+#[test]
+fn detection_is_the_intersection_of_per_prompt_selections() {
+    let loaded = tiny();
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    let imp = NeuronImportance::new(model, ImportanceKind::Exact).unwrap();
+    let per_prompt: Vec<Vec<LayerImportance>> = rows()
+        .iter()
+        .map(|r| {
+            let text = render_prompt(tok, PromptTemplate::Chat, r.prompt(), None).unwrap();
+            imp.prompt(&tok.encode(&text, false).unwrap()).unwrap()
+        })
+        .collect();
+    let median = {
+        let mut all: Vec<f32> = per_prompt[0]
+            .iter()
+            .flat_map(|l| l.modules.concat())
+            .collect();
+        all.sort_by(f32::total_cmp);
+        f64::from(all[all.len() / 2])
+    };
+    for selection in [Selection::TopK(120), Selection::Epsilon(median)] {
+        let mut want: Option<NeuronSet> = None;
+        for p in &per_prompt {
+            let s = detect::select(model, p, selection);
+            want = Some(match want {
+                None => s,
+                Some(w) => w.intersection(&s).unwrap(),
+            });
+        }
+        let want = want.unwrap();
+        let cfg = DetectConfig {
+            selection,
+            corpus: "three prompts".into(),
+            ..Default::default()
+        };
+        let mut calls = Vec::new();
+        let (set, report) =
+            detect::detect(model, tok, &rows(), &cfg, &mut |d, t| calls.push((d, t))).unwrap();
+        assert_eq!(set.modules, want.modules, "{selection:?}");
+        assert!(!set.is_empty(), "{selection:?}: nothing survived 3 prompts");
+        assert!(set.len() < detect::select(model, &per_prompt[0], selection).len());
+        assert_eq!(calls, vec![(1, 3), (2, 3), (3, 3)]);
+        assert_eq!(report.prompts, 3);
+        assert_eq!(report.counts.neurons, set.len());
+        assert_eq!(report.counts.attention + report.counts.ffn, set.len());
+        // q 64 + k 32 + v 32 + o 64 + 3 x 160 per layer, 3 layers
+        assert_eq!(report.total_neurons, 3 * (64 + 32 + 32 + 64 + 480));
+        // 4 x 64 x 64 (q, o) ... : q 64x64, k 32x64, v 32x64, o 64x64, gate/up/down 160x64
+        assert_eq!(report.linear_params, 3 * (2 * 4096 + 2 * 2048 + 3 * 10240));
+        assert_eq!(report.params, set.params());
+        if let Selection::TopK(k) = selection {
+            let first = detect::select(model, &per_prompt[0], selection);
+            assert_eq!(first.len(), 3 * k);
+        }
+        assert_eq!(set.meta["prompts"], 3);
+    }
+}
+
+#[test]
+fn cli_detect_writes_a_set_that_round_trips_and_overlap_reports_ratios() {
+    let fx = common::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("corpus.jsonl");
+    let lines: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p, "completion": "No."}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("out/safety.json");
+    let cli = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_realign"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let model = fx.join("tiny-llama");
+    let (ok, stdout, stderr) = cli(&[
+        "neurons",
+        "detect",
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        data.to_str().unwrap(),
+        "--top-k",
+        "100",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("neurons"), "{stdout}");
+    let set = NeuronSet::load(&out).unwrap();
+    assert!(!set.is_empty());
+    assert_eq!(set.to_json(), std::fs::read_to_string(&out).unwrap());
+    assert_eq!(set.meta["corpus"], data.to_str().unwrap());
+    // the same as the library
+    let loaded = tiny();
+    let cfg = DetectConfig {
+        selection: Selection::TopK(100),
+        ..Default::default()
+    };
+    let (lib, _) = detect::detect(
+        &loaded.model,
+        &loaded.tokenizer,
+        &rows(),
+        &cfg,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(lib.modules, set.modules);
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/safety.report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["prompts"], 3);
+    assert_eq!(report["counts"]["neurons"], set.len());
+    let md = std::fs::read_to_string(dir.path().join("out/safety.report.md")).unwrap();
+    assert!(md.contains("| layer |"), "{md}");
+    let svg = std::fs::read_to_string(dir.path().join("out/safety.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+
+    // overlap of the set with a half of itself: |A∩B|/|B| = 1, |A∩B|/|A| = |B|/|A|
+    let mut half = set.clone();
+    half.modules.truncate(set.modules.len() / 2);
+    let half_path = dir.path().join("half.json");
+    half.save(&half_path).unwrap();
+    let (ok, stdout, stderr) = cli(&[
+        "neurons",
+        "overlap",
+        out.to_str().unwrap(),
+        half_path.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let o: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(o["overall"]["intersection"], half.len());
+    assert_eq!(o["overall"]["ratio_of_b"], 1.0);
+    let r = o["overall"]["ratio_of_a"].as_f64().unwrap();
+    assert!((r - half.len() as f64 / set.len() as f64).abs() < 1e-12);
+    assert_eq!(o["kinds"].as_array().unwrap().len(), 7);
+    let (ok, table, _) = cli(&[
+        "neurons",
+        "overlap",
+        out.to_str().unwrap(),
+        half_path.to_str().unwrap(),
+    ]);
+    assert!(
+        ok && table.contains("|A∩B|/|B|") && table.contains("all"),
+        "{table}"
+    );
+
+    let (ok, help, _) = cli(&["neurons", "detect", "--help"]);
+    assert!(ok);
+    for flag in [
+        "--epsilon",
+        "--top-k",
+        "--importance",
+        "--limit",
+        "[default: 200]",
+        "--adapter",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    let (ok, _, stderr) = cli(&[
+        "neurons",
+        "detect",
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        data.to_str().unwrap(),
+        "--top-k",
+        "5",
+        "--epsilon",
+        "0.1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("--epsilon"), "{stderr}");
+}
+
+#[test]
+fn smollm2_detection_on_a_few_prompts() {
+    let Some(gguf) = common::smollm2_gguf() else {
+        return;
+    };
+    let book = realign::assets::data("book_cloze.tsv");
+    if !common::assets_present(&[&book]) {
+        return;
+    }
+    let loaded = LoadedModel::load(&gguf, &LoadOptions::default()).unwrap();
+    let harmful = realign::data::load_source("embedded:safety_sft").unwrap();
+    let general = realign::data::load_source("embedded:general_text").unwrap();
+    assert_eq!(general.len(), 400);
+    assert!(!general[0].prompt().plain_text().contains("[MASK]"));
+    let cfg = |corpus: &str, importance| DetectConfig {
+        selection: Selection::TopK(500),
+        limit: Some(2),
+        importance,
+        corpus: corpus.into(),
+        ..Default::default()
+    };
+    let (safety, report) = detect::detect(
+        &loaded.model,
+        &loaded.tokenizer,
+        &harmful,
+        &cfg("embedded:safety_sft", ImportanceKind::Exact),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(report.prompts, 2);
+    // 30 layers x (576 q + 192 k + 192 v + 576 o + 3 x 1536)
+    assert_eq!(report.total_neurons, 30 * 6144);
+    assert!(
+        safety.len() >= 30 && safety.len() <= 30 * 500,
+        "{}",
+        safety.len()
+    );
+    let (foundation, _) = detect::detect(
+        &loaded.model,
+        &loaded.tokenizer,
+        &general,
+        &cfg("embedded:general_text", ImportanceKind::Proxy),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(!foundation.is_empty());
+    let o = detect::overlap(&safety, &foundation).unwrap();
+    assert!(o.overall.ratio_of_b >= 0.0 && o.overall.ratio_of_b <= 1.0);
+    let _ = DType::F32;
+}
