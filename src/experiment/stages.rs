@@ -16,7 +16,9 @@ use crate::adapters::Adapter;
 use crate::data::load_source;
 use crate::eval::{evaluate_with_judge, EvalOptions, JudgeSpec};
 use crate::model::{AdapterMode, LoadOptions, LoadedModel};
-use crate::neurons::{deactivate, random_like, sn_tune, write_outcome, NeuronSet, SnTuneConfig};
+use crate::neurons::{
+    deactivate, detect, random_like, sn_tune, write_outcome, DetectConfig, NeuronSet, SnTuneConfig,
+};
 use crate::nlsr::identify::{identify, IdentifyConfig, Method};
 use crate::nlsr::patch::{patch, write_patch, PatchConfig};
 use crate::nlsr::prune::{ProbabilityMapping, PruneConfig, Selection};
@@ -448,7 +450,37 @@ impl Runner {
                     "first_loss": r.log.first().map(|l| l.loss), "last_loss": r.log.last().map(|l| l.loss)}),
                 )
             }
-            _ => Err(stage_err(&stage.name, "TEMP: detection not merged yet")),
+            StageKind::Detect {
+                corpus,
+                prompts,
+                top_k,
+            } => {
+                let rows = load_source(corpus)?;
+                let cfg = DetectConfig {
+                    selection: crate::neurons::Selection::TopK(*top_k),
+                    limit: Some(*prompts),
+                    corpus: corpus.clone(),
+                    model: self.inputs.model_path.display().to_string(),
+                    ..Default::default()
+                };
+                let (set, report) = detect(
+                    &self.base.model,
+                    &self.base.tokenizer,
+                    &rows,
+                    &cfg,
+                    &mut |done, total| obs.stage_progress(done, total, "prompts"),
+                )?;
+                crate::neurons::detect::save(&set, &report, &out.join(SET_JSON))?;
+                let c = &report.counts;
+                Ok(
+                    serde_json::json!({"neurons": c.neurons, "attention": c.attention, "ffn": c.ffn,
+                    "attention_percent": 100.0 * c.attention_share,
+                    "param_percent": 100.0 * report.params_fraction,
+                    "prompts": report.prompts, "seconds": report.seconds,
+                    "per_layer": c.layers.iter().map(|l| l.attention + l.ffn).collect::<Vec<_>>()}),
+                )
+            }
+            _ => Err(stage_err(&stage.name, "not a safety-neuron stage")),
         }
     }
 }
