@@ -101,8 +101,8 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "Safe LoRA p=0.5",
         "NLSR (low-rank) p=0.25",
         "NLSR (wanda, no pre-amplification) p=0.5",
-        "Deact-SN",
-        "Deact-R",
+        "Aligned, Deact-SN",
+        "Aligned, Deact-R",
         "SN-Tune",
         "RSN-Tune + task fine-tuning",
     ] {

@@ -61,8 +61,10 @@ pub enum StageKind {
         /// Cosine threshold.
         threshold: f64,
     },
-    /// Neuron detection on the base model. deps: none.
+    /// Neuron detection on the base model, or on base + the adapter of the only dep.
     Detect {
+        /// Whether the first dep is an adapter merged before detection.
+        adapter: bool,
         /// Corpus.
         corpus: String,
         /// Prompts used.
@@ -468,27 +470,36 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
     }
 
     if cfg.neurons.enabled {
-        plan_neurons(&mut plan, cfg, inputs)?;
+        plan_neurons(&mut plan, cfg, inputs, dpo)?;
     }
     Ok(plan)
 }
 
-fn plan_neurons(plan: &mut Plan, cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<()> {
+fn plan_neurons(
+    plan: &mut Plan,
+    cfg: &ExperimentConfig,
+    inputs: &Inputs,
+    aligned: usize,
+) -> crate::Result<()> {
     let n = &cfg.neurons;
-    let detect = |plan: &mut Plan, name: &str, corpus: &str| {
+    let detect = |plan: &mut Plan, name: &str, corpus: &str, adapter: Option<usize>| {
         plan.add(
             inputs,
             name.into(),
             StageKind::Detect {
+                adapter: adapter.is_some(),
                 corpus: corpus.into(),
                 prompts: n.prompts,
                 top_k: n.top_k,
             },
-            vec![],
+            adapter.into_iter().collect(),
         )
     };
-    let safety = detect(plan, "neurons-safety", &n.corpus)?;
-    let foundation = detect(plan, "neurons-foundation", &n.general)?;
+    // The deactivation check needs a safe model: the aligned one (base + W_a).
+    let aligned_safety = detect(plan, "neurons-safety-aligned", &n.corpus, Some(aligned))?;
+    // SN-Tune and RSN-Tune strengthen the base model's own safety neurons.
+    let safety = detect(plan, "neurons-safety", &n.corpus, None)?;
+    let foundation = detect(plan, "neurons-foundation", &n.general, None)?;
     let neuron_variant = |label: &str, full_model: bool, deactivate: Option<bool>| Variant {
         label: label.into(),
         group: "neurons".into(),
@@ -500,18 +511,11 @@ fn plan_neurons(plan: &mut Plan, cfg: &ExperimentConfig, inputs: &Inputs) -> cra
             deactivate,
         },
     };
-    eval_variant(
-        plan,
-        inputs,
-        neuron_variant("Deact-SN", false, Some(false)),
-        vec![safety],
-    )?;
-    eval_variant(
-        plan,
-        inputs,
-        neuron_variant("Deact-R", false, Some(true)),
-        vec![safety],
-    )?;
+    for (label, random) in [("Aligned, Deact-SN", false), ("Aligned, Deact-R", true)] {
+        let mut v = neuron_variant(label, false, Some(random));
+        v.model.adapters = 1;
+        eval_variant(plan, inputs, v, vec![aligned, aligned_safety])?;
+    }
     let tune = |exclude: bool| StageKind::SnTune {
         data: n.tune_data.clone(),
         docs: n.tune_docs,

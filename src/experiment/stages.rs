@@ -451,11 +451,17 @@ impl Runner {
                 )
             }
             StageKind::Detect {
+                adapter,
                 corpus,
                 prompts,
                 top_k,
             } => {
                 let rows = load_source(corpus)?;
+                let mut model = self.base.model.clone();
+                if *adapter {
+                    let ad = Adapter::load(&deps[0], model.device())?;
+                    model.apply_adapter(&ad, AdapterMode::Merged)?;
+                }
                 let cfg = DetectConfig {
                     selection: crate::neurons::Selection::TopK(*top_k),
                     limit: Some(*prompts),
@@ -464,7 +470,7 @@ impl Runner {
                     ..Default::default()
                 };
                 let (set, report) = detect(
-                    &self.base.model,
+                    &model,
                     &self.base.tokenizer,
                     &rows,
                     &cfg,
