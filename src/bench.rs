@@ -33,6 +33,26 @@ fn figure(metric: &str, value: f64, unit: &str, detail: String) -> Figure {
     }
 }
 
+/// CPU time of the process so far (user, system), in seconds, and its peak resident memory in
+/// bytes (Linux `getrusage`; zeros elsewhere).
+pub fn process_usage() -> (f64, f64, u64) {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            // ru_maxrss is in KiB on Linux
+            return (
+                secs(u.ru_utime),
+                secs(u.ru_stime),
+                u.ru_maxrss as u64 * 1024,
+            );
+        }
+    }
+    (0.0, 0.0, 0)
+}
+
 fn random_ids(rng: &mut StdRng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.gen_range(100..vocab as u32)).collect()
 }
@@ -268,17 +288,59 @@ pub fn patch(repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
         source: None,
     };
     let cfg = PatchConfig::default();
+    let flops: u64 = reference
+        .modules
+        .values()
+        .map(|m| {
+            let (r, inp) = (m.a.dims()[0], m.a.dims()[1]);
+            crate::nlsr::similarity::similarity_flops([m.b.dims()[0], r, inp])
+        })
+        .sum();
+    let mut cpu = f64::INFINITY;
     let secs = best_of(repeats, || {
-        patch(&reference, &finetuned, &masks, &cfg).map(drop)
+        let (u0, s0, _) = process_usage();
+        patch(&reference, &finetuned, &masks, &cfg).map(drop)?;
+        let (u1, s1, _) = process_usage();
+        cpu = cpu.min(u1 - u0 + s1 - s0);
+        Ok(())
     })?;
-    let threads = candle_core::utils::get_num_threads();
-    let mut f = figure(
-        "patch_seconds",
-        secs,
-        "s",
-        format!("similarity + layer pruning + transplant, {layers} blocks x 7 modules, r {r}, f32, Llama-3-8B shapes; {threads} threads, best of {repeats}"),
-    );
-    f.bench = "patch".into();
-    out(f);
+    let threads = rayon::current_num_threads();
+    let mut figures = vec![
+        figure(
+            "patch_seconds",
+            secs,
+            "s",
+            format!("similarity + layer pruning + transplant, {layers} blocks x 7 modules, r {r}, f32, Llama-3-8B shapes; {threads} threads, best of {repeats}"),
+        ),
+        figure(
+            "patch_cpu_seconds",
+            cpu,
+            "s",
+            format!("user + system CPU time of the process during one patch (lowest of {repeats}); about threads x patch_seconds on an idle machine"),
+        ),
+        figure(
+            "patch_gflop",
+            flops as f64 * 1e-9,
+            "GFLOP",
+            "flops of the r x r products of the similarities (stacked syrk per factor, lower triangle at 32 x 8 tiles)".into(),
+        ),
+        figure(
+            "patch_similarity_gflops_per_cpu_s",
+            flops as f64 * 1e-9 / cpu,
+            "GFLOP/s",
+            "patch_gflop / patch_cpu_seconds: per-core efficiency of the whole patch, transplant included".into(),
+        ),
+    ];
+    drop((reference, finetuned, masks));
+    figures.push(figure(
+        "peak_rss_bytes",
+        process_usage().2 as f64,
+        "bytes",
+        "peak resident memory of the bench process (the three synthetic adapters are held in memory)".into(),
+    ));
+    for mut f in figures {
+        f.bench = "patch".into();
+        out(f);
+    }
     Ok(())
 }
