@@ -5,7 +5,7 @@
 //! whose keys are the adapter's peft names, `base_model.model.<module>.lora_A.weight` and
 //! `...lora_B.weight`, with f32 values 0 or 1 and metadata `{"format": "pt"}`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -15,7 +15,7 @@ use super::similarity::F32Data;
 use super::NlsrError;
 use crate::adapters::keys::{self, LoraPart};
 use crate::adapters::{Adapter, TensorLoc};
-use crate::fsutil::{read, write_atomic};
+use crate::fsutil::read;
 use crate::Result;
 
 /// The masks of one module.
@@ -220,32 +220,25 @@ pub(crate) fn index(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, [Tenso
 /// Writes masks in the format [`load`] reads, atomically: f32, peft key names, metadata
 /// `{"format": "pt"}`.
 pub fn save(masks: &Masks, path: &Path) -> Result<()> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (module, m) in &masks.modules {
-        for (part, t) in [(LoraPart::A, &m.a), (LoraPart::B, &m.b)] {
-            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            tensors.push((
-                keys::saved_key(module, part),
-                t.dims().to_vec(),
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ));
-        }
-    }
-    let write_err = |e: safetensors::SafeTensorError| NlsrError::Masks {
-        file: path.to_path_buf(),
-        reason: format!("cannot write safetensors: {e}"),
-    };
-    let views = tensors
+    // the layout of an adapter's weights file (same keys, f32, same metadata), one tensor at a
+    // time
+    let shapes: Vec<_> = masks
+        .modules
         .iter()
-        .map(|(key, shape, bytes)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (key.as_str(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(write_err)?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let data = safetensors::serialize(views, Some(metadata)).map_err(write_err)?;
-    write_atomic(path, &data)
+        .map(|(p, m)| (p.as_str(), [m.a.dims().to_vec(), m.b.dims().to_vec()]))
+        .collect();
+    crate::adapters::write_weights(path, &shapes, |module, part| {
+        let m = &masks.modules[module];
+        let t = match part {
+            LoraPart::A => &m.a,
+            LoraPart::B => &m.b,
+        };
+        let values = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(std::io::Error::other)?;
+        Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    })
 }
 
 #[cfg(test)]
