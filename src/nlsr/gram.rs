@@ -84,13 +84,24 @@ pub fn stacked_gram(
     r: usize,
     layout: Layout,
 ) -> StackedGram {
+    stacked_gram_with(e, t, m, d, r, layout, has_simd())
+}
+
+fn stacked_gram_with(
+    e: &[f32],
+    t: &[f32],
+    m: &[f32],
+    d: usize,
+    r: usize,
+    layout: Layout,
+    simd: Simd,
+) -> StackedGram {
     debug_assert!(e.len() == d * r && t.len() == d * r && m.len() == d * r);
     let w = (2 * r).div_ceil(MR) * MR;
     let strips = w / MR;
     let mut h = vec![0f64; w * w];
     let mut z = vec![0f32; strips * KC * MR];
     let mut tile = [0f32; MR * NR];
-    let simd = has_simd();
     let mut k0 = 0;
     let mut mask_sum = 0.0;
     while k0 < d {
@@ -335,6 +346,31 @@ mod tests {
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect()
+    }
+
+    #[test]
+    #[ignore = "timing"]
+    fn kernel_speed() {
+        let (d, r) = (14336, 128);
+        let (e, t) = (vals(d * r, 1), vals(d * r, 2));
+        let m = vec![1f32; d * r];
+        for simd in [Simd::Avx512, Simd::Avx2] {
+            for layout in [Layout::RowMajorDR, Layout::RowMajorRD] {
+                let c0 = crate::bench::process_usage();
+                let w = std::time::Instant::now();
+                let g = stacked_gram_with(&e, &t, &m, d, r, layout, simd);
+                let c1 = crate::bench::process_usage();
+                let cpu = c1.0 - c0.0 + c1.1 - c0.1;
+                let gf = 2.0 * stacked_gram_fmas(d, r) as f64 * 1e-9;
+                eprintln!(
+                    "{simd:?} {layout:?}: {:.3} s wall {:.3} s cpu {:.1} GFLOP/s per cpu-s ({})",
+                    w.elapsed().as_secs_f64(),
+                    cpu,
+                    gf / cpu,
+                    g.mask_sum
+                );
+            }
+        }
     }
 
     #[test]
