@@ -33,6 +33,26 @@ fn figure(metric: &str, value: f64, unit: &str, detail: String) -> Figure {
     }
 }
 
+/// CPU time of the process so far (user, system), in seconds, and its peak resident memory in
+/// bytes (Linux `getrusage`; zeros elsewhere).
+pub fn process_usage() -> (f64, f64, u64) {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            // ru_maxrss is in KiB on Linux
+            return (
+                secs(u.ru_utime),
+                secs(u.ru_stime),
+                u.ru_maxrss as u64 * 1024,
+            );
+        }
+    }
+    (0.0, 0.0, 0)
+}
+
 fn random_ids(rng: &mut StdRng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.gen_range(100..vocab as u32)).collect()
 }
@@ -268,17 +288,112 @@ pub fn patch(repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
         source: None,
     };
     let cfg = PatchConfig::default();
+    let flops: u64 = reference
+        .modules
+        .values()
+        .map(|m| {
+            let (r, inp) = (m.a.dims()[0], m.a.dims()[1]);
+            crate::nlsr::similarity::similarity_flops([m.b.dims()[0], r, inp])
+        })
+        .sum();
+    let mut cpu = f64::INFINITY;
     let secs = best_of(repeats, || {
-        patch(&reference, &finetuned, &masks, &cfg).map(drop)
+        let (u0, s0, _) = process_usage();
+        patch(&reference, &finetuned, &masks, &cfg).map(drop)?;
+        let (u1, s1, _) = process_usage();
+        cpu = cpu.min(u1 - u0 + s1 - s0);
+        Ok(())
     })?;
-    let threads = candle_core::utils::get_num_threads();
-    let mut f = figure(
-        "patch_seconds",
-        secs,
-        "s",
-        format!("similarity + layer pruning + transplant, {layers} blocks x 7 modules, r {r}, f32, Llama-3-8B shapes; {threads} threads, best of {repeats}"),
-    );
-    f.bench = "patch".into();
-    out(f);
+    let threads = rayon::current_num_threads();
+    let mut figures = vec![
+        figure(
+            "patch_seconds",
+            secs,
+            "s",
+            format!("similarity + layer pruning + transplant, {layers} blocks x 7 modules, r {r}, f32, Llama-3-8B shapes; {threads} threads, best of {repeats}"),
+        ),
+        figure(
+            "patch_cpu_seconds",
+            cpu,
+            "s",
+            format!("user + system CPU time of the process during one patch (lowest of {repeats}); about threads x patch_seconds on an idle machine"),
+        ),
+        figure(
+            "patch_gflop",
+            flops as f64 * 1e-9,
+            "GFLOP",
+            "flops of the r x r products of the similarities (stacked syrk per factor, lower triangle at 32 x 8 tiles)".into(),
+        ),
+        figure(
+            "patch_similarity_gflops_per_cpu_s",
+            flops as f64 * 1e-9 / cpu,
+            "GFLOP/s",
+            "patch_gflop / patch_cpu_seconds: per-core efficiency of the whole patch, transplant included".into(),
+        ),
+    ];
+    figures.push(figure(
+        "peak_rss_bytes",
+        process_usage().2 as f64,
+        "bytes",
+        "peak resident memory of the bench process so far (the three synthetic adapters are held in memory, 1.3 GB each)".into(),
+    ));
+    for mut f in figures.drain(..) {
+        f.bench = "patch".into();
+        out(f);
+    }
+
+    // the same from files, as `realign patch` runs: inputs memory-mapped, output streamed
+    let dir = std::env::temp_dir().join(format!("realign-bench-patch-{}", std::process::id()));
+    let files = (|| -> crate::Result<()> {
+        let (e, t, m, o) = (
+            dir.join("reference"),
+            dir.join("finetuned"),
+            dir.join("masks.safetensors"),
+            dir.join("out"),
+        );
+        reference.save(&e)?;
+        finetuned.save(&t)?;
+        crate::nlsr::masks::save(&masks, &m)?;
+        drop((reference, finetuned, masks));
+        reset_peak_rss();
+        let before = peak_rss_since_reset().unwrap_or(0);
+        let start = Instant::now();
+        crate::nlsr::stream::patch_files(&e, &t, &m, &cfg, &o)?;
+        let secs = start.elapsed().as_secs_f64();
+        figures.push(figure(
+            "patch_files_seconds",
+            secs,
+            "s",
+            "`realign patch` from files to files (inputs in the page cache, memory-mapped; output written module by module and fsynced), one run".into(),
+        ));
+        if let Some(hwm) = peak_rss_since_reset() {
+            figures.push(figure(
+                "patch_files_peak_rss_bytes",
+                hwm as f64,
+                "bytes",
+                format!("peak resident memory during the patch from files (VmHWM after a reset, {:.0} MB resident before it; three 1.3 GB inputs)", before as f64 / 1e6),
+            ));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    files?;
+    for mut f in figures {
+        f.bench = "patch".into();
+        out(f);
+    }
     Ok(())
+}
+
+/// Resets the peak resident memory the kernel reports as `VmHWM` (Linux; a no-op elsewhere).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// `VmHWM` of `/proc/self/status` in bytes (Linux), the peak since [`reset_peak_rss`].
+fn peak_rss_since_reset() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -31,6 +31,7 @@ mod peft;
 pub use config::{LayersPattern, LayersToTransform, LoraConfig, TargetModules};
 pub use keys::LoraPart;
 pub use lora::{lora_delta, lora_forward, merge_into, LoraModule};
+pub(crate) use peft::{index_modules, locate, skeleton, write_weights, TensorLoc};
 pub use peft::{Adapter, CONFIG_FILE, WEIGHTS_FILE};
 
 /// Errors of reading, writing and applying PEFT adapters. Each names the file, tensor key or

@@ -11,8 +11,9 @@ use serde_json::Value;
 
 use super::keys::{self, LoraPart};
 use super::{AdapterError, LoraConfig, LoraModule};
-use crate::fsutil::{read, read_json, write_atomic};
+use crate::fsutil::{read, read_json, write_atomic, write_atomic_with};
 use crate::{Error, Result};
+use std::io::Write;
 
 /// The config file of an adapter folder.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -46,20 +47,7 @@ impl Adapter {
     /// only one factor, factors whose ranks disagree with each other or with the config, and
     /// tensors for a module the config does not target.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let config_path = dir.join(CONFIG_FILE);
-        if !config_path.is_file() {
-            return Err(AdapterError::MissingFile { path: config_path }.into());
-        }
-        let config: LoraConfig = read_json(&config_path)?;
-        config.validate(&config_path)?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        if !weights_path.is_file() {
-            let pickle = dir.join(PICKLE_FILE);
-            if pickle.is_file() {
-                return Err(AdapterError::PickleWeights { path: pickle }.into());
-            }
-            return Err(AdapterError::MissingFile { path: weights_path }.into());
-        }
+        let (config, weights_path) = locate(dir)?;
         let bytes = read(&weights_path)?;
         let modules = read_modules(&bytes, &weights_path, &config, device)?;
         Ok(Adapter {
@@ -78,6 +66,24 @@ impl Adapter {
     /// whose `scale` differs from the one the config implies, since the file carries the scale
     /// only through the config.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_with(dir, |path, part| {
+            let m = &self.modules[path];
+            f32_le_bytes(match part {
+                LoraPart::A => &m.a,
+                LoraPart::B => &m.b,
+            })
+            .map_err(std::io::Error::other)
+        })
+    }
+
+    /// [`save`](Self::save), with the little-endian f32 bytes of each tensor asked of
+    /// `bytes_of(module, part)` one at a time as the file is written (the module's tensors
+    /// give only the shapes and scales checked).
+    pub(crate) fn save_with(
+        &self,
+        dir: &Path,
+        bytes_of: impl FnMut(&str, LoraPart) -> std::io::Result<Vec<u8>>,
+    ) -> Result<()> {
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
         self.config.validate(&config_path)?;
@@ -88,33 +94,12 @@ impl Adapter {
             check_module(&weights_path, &self.config, path, m)?;
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
-            Vec::with_capacity(2 * self.modules.len());
-        for (path, m) in &self.modules {
-            for (part, t) in [(LoraPart::A, &m.a), (LoraPart::B, &m.b)] {
-                tensors.push((
-                    keys::saved_key(path, part),
-                    t.dims().to_vec(),
-                    f32_le_bytes(t)?,
-                ));
-            }
-        }
-        let write_err = |e: safetensors::SafeTensorError| AdapterError::Write {
-            file: weights_path.clone(),
-            reason: e.to_string(),
-        };
-        let views = tensors
+        let shapes: Vec<_> = self
+            .modules
             .iter()
-            .map(|(key, shape, bytes)| {
-                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (key.as_str(), v))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(write_err)?;
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let data = safetensors::serialize(views, Some(metadata)).map_err(write_err)?;
-        write_atomic(&weights_path, &data)?;
+            .map(|(p, m)| (p.as_str(), [m.a.dims().to_vec(), m.b.dims().to_vec()]))
+            .collect();
+        write_weights(&weights_path, &shapes, bytes_of)?;
         write_atomic(
             &config_path,
             config_json(&self.config, &config_path)?.as_bytes(),
@@ -130,6 +115,106 @@ impl Adapter {
     pub fn num_parameters(&self) -> usize {
         self.modules.values().map(LoraModule::num_parameters).sum()
     }
+}
+
+/// Checks an adapter folder as [`Adapter::load`] does before reading the weights: the config
+/// (read and validated) and the weights file (present, not only pickled). Returns the config
+/// and the weights file.
+pub(crate) fn locate(dir: &Path) -> Result<(LoraConfig, PathBuf)> {
+    let config_path = dir.join(CONFIG_FILE);
+    if !config_path.is_file() {
+        return Err(AdapterError::MissingFile { path: config_path }.into());
+    }
+    let config: LoraConfig = read_json(&config_path)?;
+    config.validate(&config_path)?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    if !weights_path.is_file() {
+        let pickle = dir.join(PICKLE_FILE);
+        if pickle.is_file() {
+            return Err(AdapterError::PickleWeights { path: pickle }.into());
+        }
+        return Err(AdapterError::MissingFile { path: weights_path }.into());
+    }
+    Ok((config, weights_path))
+}
+
+/// A shape-only tensor (one value broadcast, no data of its size), for the checks that need
+/// only dims.
+pub(crate) fn skeleton(dims: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::zeros(1, DType::F32, &Device::Cpu)?
+        .reshape(vec![1; dims.len()])?
+        .broadcast_as(dims)?)
+}
+
+/// A zero-length stand-in for a tensor in `safetensors::serialize`: dtype, shape and length
+/// only, so that the header comes out without the data.
+struct HeaderOnly {
+    shape: Vec<usize>,
+}
+
+impl safetensors::View for HeaderOnly {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&[])
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * 4
+    }
+}
+
+/// Writes a weights file (f32, peft key names, metadata `{"format": "pt"}`) atomically and
+/// tensor by tensor: the header comes from the shapes alone (exactly as
+/// `safetensors::serialize` writes it), then `bytes_of(module, part)` is asked for each
+/// tensor's little-endian f32 bytes in file order (by key), so that only one tensor is held at
+/// a time. The bytes are those [`Adapter::save`] writes for the same values.
+pub(crate) fn write_weights(
+    file: &Path,
+    modules: &[(&str, [Vec<usize>; 2])],
+    mut bytes_of: impl FnMut(&str, LoraPart) -> std::io::Result<Vec<u8>>,
+) -> Result<()> {
+    let mut order = Vec::with_capacity(2 * modules.len());
+    for (path, [a, b]) in modules {
+        for (part, shape) in [(LoraPart::A, a), (LoraPart::B, b)] {
+            order.push((keys::saved_key(path, part), *path, part, shape.clone()));
+        }
+    }
+    // safetensors orders tensors by dtype (all f32 here), then by name
+    order.sort_by(|x, y| x.0.cmp(&y.0));
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let header = safetensors::serialize(
+        order.iter().map(|(k, _, _, shape)| {
+            (
+                k.as_str(),
+                HeaderOnly {
+                    shape: shape.clone(),
+                },
+            )
+        }),
+        Some(metadata),
+    )
+    .map_err(|e| AdapterError::Write {
+        file: file.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    write_atomic_with(file, |w| {
+        w.write_all(&header)?;
+        for (_, path, part, shape) in &order {
+            let bytes = bytes_of(path, *part)?;
+            if bytes.len() != shape.iter().product::<usize>() * 4 {
+                return Err(std::io::Error::other(format!(
+                    "{path} {part}: {} bytes for shape {shape:?}",
+                    bytes.len()
+                )));
+            }
+            w.write_all(&bytes)?;
+        }
+        Ok(())
+    })
 }
 
 /// The config as peft writes it: `json.dumps(config, indent=2, sort_keys=True)`.
@@ -207,6 +292,74 @@ fn check_module(
     Ok(())
 }
 
+/// Where a tensor lies in a safetensors buffer: dtype, shape and byte range.
+#[derive(Debug, Clone)]
+pub(crate) struct TensorLoc {
+    /// The stored dtype.
+    pub dtype: Dtype,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// The byte range in the whole file buffer.
+    pub range: std::ops::Range<usize>,
+}
+
+impl TensorLoc {
+    /// The location of `view`, a tensor of `buffer` (the whole file).
+    pub(crate) fn of_view(view: &safetensors::tensor::TensorView<'_>, buffer: &[u8]) -> Self {
+        let start = view.data().as_ptr() as usize - buffer.as_ptr() as usize;
+        TensorLoc {
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            range: start..start + view.data().len(),
+        }
+    }
+
+    /// Loads the tensor from `buffer` (the whole file) into f32 on `device`.
+    pub(crate) fn load(&self, buffer: &[u8], device: &Device) -> Result<Tensor> {
+        let view = safetensors::tensor::TensorView::new(
+            self.dtype,
+            self.shape.clone(),
+            &buffer[self.range.clone()],
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(view.load(device)?.to_dtype(DType::F32)?)
+    }
+
+    /// The values as f32, borrowed when the file holds aligned little-endian f32, else
+    /// converted as [`load`](Self::load) converts them (exactly: widening, or `as f32` from f64).
+    pub(crate) fn f32_values<'a>(&self, buffer: &'a [u8]) -> std::borrow::Cow<'a, [f32]> {
+        use std::borrow::Cow;
+        let bytes = &buffer[self.range.clone()];
+        let conv = |n: usize, f: &dyn Fn(&[u8]) -> f32| -> Vec<f32> {
+            bytes.chunks_exact(n).map(f).collect()
+        };
+        match self.dtype {
+            Dtype::F32 => {
+                if cfg!(target_endian = "little") && bytes.as_ptr().align_offset(4) == 0 {
+                    // SAFETY: aligned, in bounds, every bit pattern is an f32, and the
+                    // little-endian layout is the file's.
+                    Cow::Borrowed(unsafe {
+                        std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4)
+                    })
+                } else {
+                    Cow::Owned(conv(4, &|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                }
+            }
+            Dtype::F16 => Cow::Owned(conv(2, &|c| {
+                half::f16::from_le_bytes([c[0], c[1]]).to_f32()
+            })),
+            Dtype::BF16 => Cow::Owned(conv(2, &|c| {
+                half::bf16::from_le_bytes([c[0], c[1]]).to_f32()
+            })),
+            Dtype::F64 => Cow::Owned(conv(8, &|c| {
+                f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+            })),
+            Dtype::U8 => Cow::Owned(bytes.iter().map(|v| f32::from(*v)).collect()),
+            _ => Cow::Owned(Vec::new()),
+        }
+    }
+}
+
 /// Reads every tensor of a weights file into modules.
 fn read_modules(
     bytes: &[u8],
@@ -214,6 +367,27 @@ fn read_modules(
     config: &LoraConfig,
     device: &Device,
 ) -> Result<BTreeMap<String, LoraModule>> {
+    let index = index_modules(bytes, file, config)?;
+    let mut modules = BTreeMap::new();
+    for (path, [a, b]) in index {
+        let m = LoraModule {
+            a: a.load(bytes, device)?,
+            b: b.load(bytes, device)?,
+            scale: config.scaling_for(&path),
+        };
+        modules.insert(path, m);
+    }
+    Ok(modules)
+}
+
+/// Checks every tensor of a weights file as [`Adapter::load`] does (keys, dtypes, shapes,
+/// pairs, ranks, targets) without reading the values, and says where each module's `lora_A`
+/// and `lora_B` lie.
+pub(crate) fn index_modules(
+    bytes: &[u8],
+    file: &Path,
+    config: &LoraConfig,
+) -> Result<BTreeMap<String, [TensorLoc; 2]>> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| AdapterError::Corrupt {
         file: file.to_path_buf(),
         reason: e.to_string(),
@@ -222,7 +396,7 @@ fn read_modules(
     let mut tensors = st.tensors();
     tensors.sort_by(|x, y| x.0.cmp(&y.0));
 
-    let mut halves: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
+    let mut halves: BTreeMap<String, [Option<TensorLoc>; 2]> = BTreeMap::new();
     for (key, view) in tensors {
         let bad_key = |reason: String| AdapterError::BadKey {
             file: file.to_path_buf(),
@@ -251,7 +425,6 @@ fn read_modules(
             }
             .into());
         }
-        let tensor = view.load(device)?.to_dtype(DType::F32)?;
         let index = match part {
             LoraPart::A => 0,
             LoraPart::B => 1,
@@ -266,7 +439,7 @@ fn read_modules(
             }
             .into());
         }
-        *slot = Some(tensor);
+        *slot = Some(TensorLoc::of_view(&view, bytes));
     }
     if halves.is_empty() {
         return Err(AdapterError::Empty {
@@ -295,12 +468,12 @@ fn read_modules(
             }
         };
         let m = LoraModule {
-            a,
-            b,
+            a: skeleton(&a.shape)?,
+            b: skeleton(&b.shape)?,
             scale: config.scaling_for(&path),
         };
         check_module(file, config, &path, &m)?;
-        modules.insert(path, m);
+        modules.insert(path, [a, b]);
     }
     Ok(modules)
 }

@@ -6,9 +6,9 @@ use anyhow::Context;
 use candle_core::Device;
 use realign::adapters::Adapter;
 use realign::nlsr::amplify::{amplify_report, run as run_amplify, AmplifyMode};
-use realign::nlsr::masks;
-use realign::nlsr::patch::{patch, write_patch, PatchConfig, REPORT_JSON};
+use realign::nlsr::patch::{PatchConfig, REPORT_JSON};
 use realign::nlsr::prune::{ProbabilityMapping, PruneConfig, Selection};
+use realign::nlsr::stream::patch_files;
 use realign::nlsr::transplant::TransplantMode;
 
 fn load(path: &Path, what: &str) -> anyhow::Result<Adapter> {
@@ -154,10 +154,6 @@ pub struct PatchArgs {
 
 /// Runs `realign patch`.
 pub fn patch_cmd(a: PatchArgs) -> anyhow::Result<()> {
-    let reference = load(&a.reference, "reference")?;
-    let finetuned = load(&a.finetuned, "fine-tuned")?;
-    let m = masks::load(&a.masks, &Device::Cpu)
-        .with_context(|| format!("loading masks {}", a.masks.display()))?;
     let selection = match a.mode {
         SelectKind::Adaptive => Selection::Adaptive,
         SelectKind::Threshold => {
@@ -181,13 +177,13 @@ pub fn patch_cmd(a: PatchArgs) -> anyhow::Result<()> {
             TransplantKind::Exact => TransplantMode::Exact,
         },
     };
-    let outcome = patch(&reference, &finetuned, &m, &config)?;
-    write_patch(&a.output, &outcome)?;
+    // streams: inputs memory-mapped and the output written module by module
+    let report = patch_files(&a.reference, &a.finetuned, &a.masks, &config, &a.output)?;
     println!(
         "patched {} of {} modules ({}); wrote {} with {REPORT_JSON}",
-        outcome.report.num_patched,
-        outcome.report.num_modules,
-        outcome.report.direction,
+        report.num_patched,
+        report.num_modules,
+        report.direction,
         a.output.display()
     );
     Ok(())

@@ -5,17 +5,17 @@
 //! whose keys are the adapter's peft names, `base_model.model.<module>.lora_A.weight` and
 //! `...lora_B.weight`, with f32 values 0 or 1 and metadata `{"format": "pt"}`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
+use super::similarity::F32Data;
 use super::NlsrError;
 use crate::adapters::keys::{self, LoraPart};
-use crate::adapters::Adapter;
-use crate::fsutil::{read, write_atomic};
+use crate::adapters::{Adapter, TensorLoc};
+use crate::fsutil::read;
 use crate::Result;
 
 /// The masks of one module.
@@ -31,9 +31,9 @@ impl ModuleMask {
     /// The fraction of ones in `M_A`, in `M_B`, and in both together.
     pub fn density(&self) -> Result<(f64, f64, f64)> {
         let ones = |t: &Tensor| -> Result<f64> {
-            Ok(f64::from(
-                t.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-            ))
+            // 0/1 values: the sum is exact in f64 as in f32
+            let v = F32Data::of(t)?;
+            Ok(v.slice().iter().map(|x| f64::from(*x)).sum())
         };
         let (sa, sb) = (ones(&self.a)?, ones(&self.b)?);
         let (na, nb) = (self.a.elem_count() as f64, self.b.elem_count() as f64);
@@ -117,15 +117,52 @@ impl Masks {
 /// and U8 files are read (into f32 on `device`). Errors name the file and the tensor key.
 pub fn load(path: &Path, device: &Device) -> Result<Masks> {
     let bytes = read(path)?;
+    let index = index(&bytes, path)?;
+    let mut modules = BTreeMap::new();
+    for (module, [a, b]) in index {
+        let load = |loc: &TensorLoc, part: LoraPart| -> Result<Tensor> {
+            check_values(&loc.f32_values(&bytes), path, &module, part)?;
+            loc.load(&bytes, device)
+        };
+        let (a, b) = (load(&a, LoraPart::A)?, load(&b, LoraPart::B)?);
+        modules.insert(module, ModuleMask { a, b });
+    }
+    Ok(Masks {
+        modules,
+        source: Some(path.to_path_buf()),
+    })
+}
+
+/// Refuses mask values other than 0 and 1, naming the file and the tensor key.
+pub(crate) fn check_values(
+    values: &[f32],
+    file: &Path,
+    module: &str,
+    part: LoraPart,
+) -> Result<()> {
+    if let Some(v) = values.iter().find(|v| **v != 0.0 && **v != 1.0) {
+        let key = keys::saved_key(module, part);
+        return Err(NlsrError::Masks {
+            file: file.to_path_buf(),
+            reason: format!("tensor {key:?} has value {v}; masks hold only 0 and 1"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Checks a masks file's keys, dtypes, shapes and pairs as [`load`] does, without reading the
+/// values, and says where each module's `M_A` and `M_B` lie in `bytes`.
+pub(crate) fn index(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, [TensorLoc; 2]>> {
     let bad = |reason: String| NlsrError::Masks {
         file: path.to_path_buf(),
         reason,
     };
-    let st = SafeTensors::deserialize(&bytes)
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut tensors = st.tensors();
     tensors.sort_by(|x, y| x.0.cmp(&y.0));
-    let mut halves: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
+    let mut halves: BTreeMap<String, [Option<TensorLoc>; 2]> = BTreeMap::new();
     for (key, view) in tensors {
         let (module, part) =
             keys::parse_key(&key).map_err(|r| bad(format!("unexpected tensor {key:?}: {r}")))?;
@@ -146,14 +183,6 @@ pub fn load(path: &Path, device: &Device) -> Result<Masks> {
             ))
             .into());
         }
-        let t = view.load(device)?.to_dtype(DType::F32)?;
-        let values = t.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(v) = values.iter().find(|v| **v != 0.0 && **v != 1.0) {
-            return Err(bad(format!(
-                "tensor {key:?} has value {v}; masks hold only 0 and 1"
-            ))
-            .into());
-        }
         let slot = &mut halves.entry(module.clone()).or_default()[part as usize];
         if slot.is_some() {
             return Err(bad(format!(
@@ -161,7 +190,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Masks> {
             ))
             .into());
         }
-        *slot = Some(t);
+        *slot = Some(TensorLoc::of_view(&view, bytes));
     }
     if halves.is_empty() {
         return Err(bad("no mask tensors".into()).into());
@@ -170,7 +199,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Masks> {
     for (module, [a, b]) in halves {
         match (a, b) {
             (Some(a), Some(b)) => {
-                modules.insert(module, ModuleMask { a, b });
+                modules.insert(module, [a, b]);
             }
             (a, _) => {
                 let (has, lacks) = if a.is_some() {
@@ -185,41 +214,31 @@ pub fn load(path: &Path, device: &Device) -> Result<Masks> {
             }
         }
     }
-    Ok(Masks {
-        modules,
-        source: Some(path.to_path_buf()),
-    })
+    Ok(modules)
 }
 
 /// Writes masks in the format [`load`] reads, atomically: f32, peft key names, metadata
 /// `{"format": "pt"}`.
 pub fn save(masks: &Masks, path: &Path) -> Result<()> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (module, m) in &masks.modules {
-        for (part, t) in [(LoraPart::A, &m.a), (LoraPart::B, &m.b)] {
-            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            tensors.push((
-                keys::saved_key(module, part),
-                t.dims().to_vec(),
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ));
-        }
-    }
-    let write_err = |e: safetensors::SafeTensorError| NlsrError::Masks {
-        file: path.to_path_buf(),
-        reason: format!("cannot write safetensors: {e}"),
-    };
-    let views = tensors
+    // the layout of an adapter's weights file (same keys, f32, same metadata), one tensor at a
+    // time
+    let shapes: Vec<_> = masks
+        .modules
         .iter()
-        .map(|(key, shape, bytes)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (key.as_str(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(write_err)?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let data = safetensors::serialize(views, Some(metadata)).map_err(write_err)?;
-    write_atomic(path, &data)
+        .map(|(p, m)| (p.as_str(), [m.a.dims().to_vec(), m.b.dims().to_vec()]))
+        .collect();
+    crate::adapters::write_weights(path, &shapes, |module, part| {
+        let m = &masks.modules[module];
+        let t = match part {
+            LoraPart::A => &m.a,
+            LoraPart::B => &m.b,
+        };
+        let values = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(std::io::Error::other)?;
+        Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    })
 }
 
 #[cfg(test)]

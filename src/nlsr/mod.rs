@@ -34,12 +34,14 @@ use std::path::PathBuf;
 use crate::adapters::Adapter;
 
 pub mod amplify;
+pub mod gram;
 pub mod identify;
 pub mod masks;
 pub mod patch;
 pub(crate) mod plot;
 pub mod prune;
 pub mod similarity;
+pub mod stream;
 pub mod transplant;
 
 /// Errors of the NLSR and Safe LoRA stages; each names the inputs, module and shapes concerned.

@@ -7,11 +7,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::masks::Masks;
-use super::prune::{layer_pruning, PruneConfig, Selection};
-use super::similarity::region_similarity;
+use super::prune::{layer_pruning, LayerDecision, PruneConfig, Selection};
+use super::similarity::region_similarity_and_mask_sums;
 use super::transplant::{transplant, transplant_exact, TransplantMode};
 use super::{check_compatible, kind_of, label, layer_of, NlsrError};
 use crate::adapters::Adapter;
@@ -119,53 +120,84 @@ pub fn patch(
     masks.check_fits(finetuned, "fine-tuned adapter")?;
     config.prune.validate(finetuned.modules.len())?;
 
-    let mut sims = Vec::with_capacity(finetuned.modules.len());
-    for (path, t) in &finetuned.modules {
-        let (e, mask) = (&reference.modules[path], &masks.modules[path]);
-        let s = region_similarity(e, t, Some(mask))?;
-        if !s.is_finite() {
-            return Err(NlsrError::NotFinite {
-                module: path.clone(),
-                what: "the similarity S (Eq. 8)".into(),
-                value: s,
+    let paths: Vec<&String> = finetuned.modules.keys().collect();
+    let sims = paths
+        .par_iter()
+        .map(|path| {
+            let (e, t, mask) = (
+                &reference.modules[*path],
+                &finetuned.modules[*path],
+                &masks.modules[*path],
+            );
+            let (s, sa, sb) = region_similarity_and_mask_sums(e, t, Some(mask))?;
+            if !s.is_finite() {
+                return Err(NlsrError::NotFinite {
+                    module: (*path).clone(),
+                    what: "the similarity S (Eq. 8)".into(),
+                    value: s,
+                }
+                .into());
             }
-            .into());
-        }
-        sims.push(s);
-    }
+            Ok((
+                s,
+                mask_densities(sa, sb, mask.a.elem_count(), mask.b.elem_count()),
+            ))
+        })
+        .collect::<Result<Vec<(f64, (f64, f64, f64))>>>()?;
+    let (sims, densities): (Vec<f64>, Vec<_>) = sims.into_iter().unzip();
     let decisions = layer_pruning(&sims, &config.prune)?;
 
+    let repaired = paths
+        .par_iter()
+        .zip(decisions.par_iter())
+        .map(|(path, d)| {
+            let (e, t, mask) = (
+                &reference.modules[*path],
+                &finetuned.modules[*path],
+                &masks.modules[*path],
+            );
+            let m = match (d.repaired, config.transplant) {
+                (false, _) => t.clone(),
+                (true, TransplantMode::Replace) => transplant(e, t, mask)?,
+                (true, TransplantMode::Exact) => transplant_exact(e, t, mask)?,
+            };
+            Ok(m)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut adapter_config = finetuned.config.clone();
     let mut modules = BTreeMap::new();
     let mut rows = Vec::with_capacity(decisions.len());
-    for ((path, t), d) in finetuned.modules.iter().zip(decisions) {
-        let (e, mask) = (&reference.modules[path], &masks.modules[path]);
-        let m = match (d.repaired, config.transplant) {
-            (false, _) => t.clone(),
-            (true, TransplantMode::Replace) => transplant(e, t, mask)?,
-            (true, TransplantMode::Exact) => {
-                let m = transplant_exact(e, t, mask)?;
-                keep_scale(&mut adapter_config, path, m.rank(), m.scale);
-                m
-            }
-        };
+    for (((path, d), m), dens) in paths
+        .into_iter()
+        .zip(decisions)
+        .zip(repaired)
+        .zip(densities)
+    {
+        if d.repaired && config.transplant == TransplantMode::Exact {
+            keep_scale(&mut adapter_config, path, m.rank(), m.scale);
+        }
         modules.insert(path.clone(), m);
-        let (da, db, dab) = mask.density()?;
-        rows.push(ModuleReport {
-            module: path.clone(),
-            layer: layer_of(path),
-            kind: kind_of(path).to_string(),
-            similarity: d.similarity,
-            rank: d.rank,
-            probability: d.probability,
-            draw: d.draw,
-            patched: d.repaired,
-            mask_density_a: da,
-            mask_density_b: db,
-            mask_density: dab,
-        });
+        rows.push(module_report(path, &d, dens));
     }
-    for (path, m) in &modules {
+    check_output_config(&adapter_config, &modules)?;
+    let report = patch_report(reference, finetuned, masks, config, rows);
+    Ok(PatchOutcome {
+        adapter: Adapter {
+            config: adapter_config,
+            modules,
+            source: None,
+        },
+        report,
+    })
+}
+
+/// Refuses an output whose config does not give each module its rank and scale (the exact
+/// transplant's rank 2r overridden by the fine-tuned adapter's own patterns).
+pub(crate) fn check_output_config(
+    adapter_config: &crate::adapters::LoraConfig,
+    modules: &BTreeMap<String, crate::adapters::LoraModule>,
+) -> Result<()> {
+    for (path, m) in modules {
         let (r, s) = (
             adapter_config.rank_for(path),
             adapter_config.scaling_for(path),
@@ -184,8 +216,19 @@ pub fn patch(
             .into());
         }
     }
+    Ok(())
+}
+
+/// The report of a patch from its rows.
+pub(crate) fn patch_report(
+    reference: &Adapter,
+    finetuned: &Adapter,
+    masks: &Masks,
+    config: &PatchConfig,
+    rows: Vec<ModuleReport>,
+) -> PatchReport {
     let num_patched = rows.iter().filter(|r| r.patched).count();
-    let report = PatchReport {
+    PatchReport {
         reference: label(reference, "reference adapter"),
         finetuned: label(finetuned, "fine-tuned adapter"),
         masks: masks.label(),
@@ -198,21 +241,47 @@ pub fn patch(
         num_modules: rows.len(),
         num_patched,
         modules: rows,
-    };
-    Ok(PatchOutcome {
-        adapter: Adapter {
-            config: adapter_config,
-            modules,
-            source: None,
-        },
-        report,
-    })
+    }
+}
+
+/// The mask densities of the report from the mask sums and sizes, as
+/// [`ModuleMask::density`](super::masks::ModuleMask::density) gives them.
+pub(crate) fn mask_densities(sa: f64, sb: f64, na: usize, nb: usize) -> (f64, f64, f64) {
+    let (na, nb) = (na as f64, nb as f64);
+    let frac = |s: f64, n: f64| if n > 0.0 { s / n } else { 0.0 };
+    (frac(sa, na), frac(sb, nb), frac(sa + sb, na + nb))
+}
+
+/// One row of the report.
+pub(crate) fn module_report(
+    path: &str,
+    d: &LayerDecision,
+    (da, db, dab): (f64, f64, f64),
+) -> ModuleReport {
+    ModuleReport {
+        module: path.to_string(),
+        layer: layer_of(path),
+        kind: kind_of(path).to_string(),
+        similarity: d.similarity,
+        rank: d.rank,
+        probability: d.probability,
+        draw: d.draw,
+        patched: d.repaired,
+        mask_density_a: da,
+        mask_density_b: db,
+        mask_density: dab,
+    }
 }
 
 /// Gives module `path` rank `rank` in `config` while keeping its scale: `rank_pattern` and
 /// `alpha_pattern` entries keyed by the escaped full path (peft matches keys as regexes against
 /// the end of the path), with `alpha = scale · rank` (`scale · √rank` with rsLoRA).
-fn keep_scale(config: &mut crate::adapters::LoraConfig, path: &str, rank: usize, scale: f64) {
+pub(crate) fn keep_scale(
+    config: &mut crate::adapters::LoraConfig,
+    path: &str,
+    rank: usize,
+    scale: f64,
+) {
     let key = regex::escape(path);
     let alpha = if config.use_rslora {
         scale * (rank as f64).sqrt()
@@ -272,15 +341,18 @@ pub fn report_markdown(r: &PatchReport) -> String {
 /// `patch_report.md`, `similarity.svg` and `similarity.png` beside it; each file atomically.
 pub fn write_patch(out_dir: &Path, outcome: &PatchOutcome) -> Result<()> {
     outcome.adapter.save(out_dir)?;
+    write_reports(out_dir, &outcome.report)
+}
+
+/// Writes `patch_report.json`, `patch_report.md`, `similarity.svg` and `similarity.png` into
+/// `out_dir`.
+pub(crate) fn write_reports(out_dir: &Path, report: &PatchReport) -> Result<()> {
     let json_path = out_dir.join(REPORT_JSON);
-    let json = serde_json::to_string_pretty(&outcome.report).map_err(|source| Error::Json {
+    let json = serde_json::to_string_pretty(report).map_err(|source| Error::Json {
         path: json_path.clone(),
         source,
     })?;
     write_atomic(&json_path, json.as_bytes())?;
-    write_atomic(
-        &out_dir.join(REPORT_MD),
-        report_markdown(&outcome.report).as_bytes(),
-    )?;
-    super::plot::similarity_plot(&out_dir.join(PLOT_STEM), &outcome.report.modules)
+    write_atomic(&out_dir.join(REPORT_MD), report_markdown(report).as_bytes())?;
+    super::plot::similarity_plot(&out_dir.join(PLOT_STEM), &report.modules)
 }

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::gram::{inner_products, stacked_gram, stacked_gram_fmas, Layout};
 use super::masks::ModuleMask;
 use crate::adapters::LoraModule;
 use crate::Result;
@@ -48,9 +49,10 @@ pub fn safety_region(m: &LoraModule, mask: Option<&ModuleMask>) -> Result<(Tenso
 /// `S_j = <W'_e, W'_t>_F / (||W'_e||_F ||W'_t||_F)`, with
 /// `W'_e = (M_B ⊙ B_e)(M_A ⊙ A_e)` and `W'_t = (M_B ⊙ B_t)(M_A ⊙ A_t)` (Eq. 7),
 ///
-/// computed through `r x r` products in f64. The LoRA scales cancel. When a region is zero
-/// (an empty mask, an untrained B) the cosine is undefined: it is 1 when both are zero (nothing
-/// differs, nothing to repair) and 0 when only one is.
+/// computed through `r x r` products (f32 products over blocks of 256, summed in f64; see
+/// [`gram`](super::gram)). The LoRA scales cancel. When a region is zero (an empty mask, an
+/// untrained B) the cosine is undefined: it is 1 when both are zero (nothing differs, nothing
+/// to repair) and 0 when only one is.
 ///
 /// # Shapes
 /// - each module: A `[r, in]`, B `[out, r]`; mask: `M_A` like A, `M_B` like B -> a scalar.
@@ -59,16 +61,132 @@ pub fn region_similarity(
     finetuned: &LoraModule,
     mask: Option<&ModuleMask>,
 ) -> Result<f64> {
-    let (pe, qe) = safety_region(reference, mask)?;
-    let (pt, qt) = safety_region(finetuned, mask)?;
-    let ee = low_rank_inner(&pe, &qe, &pe, &qe)?.max(0.0);
-    let tt = low_rank_inner(&pt, &qt, &pt, &qt)?.max(0.0);
-    if ee == 0.0 || tt == 0.0 {
-        return Ok(if ee == tt { 1.0 } else { 0.0 });
+    Ok(region_similarity_and_mask_sums(reference, finetuned, mask)?.0)
+}
+
+/// [`region_similarity`], with the sums of `M_A` and `M_B` (all ones without a mask).
+pub fn region_similarity_and_mask_sums(
+    reference: &LoraModule,
+    finetuned: &LoraModule,
+    mask: Option<&ModuleMask>,
+) -> Result<(f64, f64, f64)> {
+    let (r, inp) = reference.a.dims2()?;
+    let (out, _) = reference.b.dims2()?;
+    let ones =
+        |t: &Tensor| -> Result<F32Data<'_>> { Ok(F32Data::Owned(vec![1.0; t.elem_count()])) };
+    let (ma, mb) = match mask {
+        Some(k) => (F32Data::of(&k.a)?, F32Data::of(&k.b)?),
+        None => (ones(&reference.a)?, ones(&reference.b)?),
+    };
+    let (ea, eb) = (F32Data::of(&reference.a)?, F32Data::of(&reference.b)?);
+    let (ta, tb) = (F32Data::of(&finetuned.a)?, F32Data::of(&finetuned.b)?);
+    Ok(factor_similarity_and_mask_sums(
+        Factors {
+            a: ea.slice(),
+            b: eb.slice(),
+        },
+        Factors {
+            a: ta.slice(),
+            b: tb.slice(),
+        },
+        Factors {
+            a: ma.slice(),
+            b: mb.slice(),
+        },
+        [out, r, inp],
+    ))
+}
+
+/// The f32 values of the two factors of a module (or of its masks), row-major: A `[r, in]`,
+/// B `[out, r]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Factors<'a> {
+    /// `lora_A` (or `M_A`), `r · in` values.
+    pub a: &'a [f32],
+    /// `lora_B` (or `M_B`), `out · r` values.
+    pub b: &'a [f32],
+}
+
+/// [`region_similarity`] on raw row-major f32 factors: reference, fine-tuned, masks, and
+/// `[out, r, in]`. Computes the stacked Grams of both factors ([`stacked_gram`]) and combines
+/// them; same conventions for empty regions.
+pub fn factor_similarity(e: Factors, t: Factors, m: Factors, shape: [usize; 3]) -> f64 {
+    factor_similarity_and_mask_sums(e, t, m, shape).0
+}
+
+/// [`factor_similarity`], with the sums of `M_A` and `M_B` (read on the way, for the mask
+/// densities of the report).
+pub fn factor_similarity_and_mask_sums(
+    e: Factors,
+    t: Factors,
+    m: Factors,
+    [out, r, inp]: [usize; 3],
+) -> (f64, f64, f64) {
+    let gb = stacked_gram(e.b, t.b, m.b, out, r, Layout::RowMajorDR);
+    let ga = stacked_gram(e.a, t.a, m.a, inp, r, Layout::RowMajorRD);
+    let (ee, tt, et) = inner_products(&gb, &ga);
+    let (ee, tt) = (ee.max(0.0), tt.max(0.0));
+    let s = if ee == 0.0 || tt == 0.0 {
+        if ee == tt {
+            1.0
+        } else {
+            0.0
+        }
+    } else {
+        // rounding can push |cos| a hair above 1
+        (et / (ee.sqrt() * tt.sqrt())).clamp(-1.0, 1.0)
+    };
+    (s, ga.mask_sum, gb.mask_sum)
+}
+
+/// The flops [`factor_similarity`] performs for a module of shape `[out, r, in]`.
+pub fn similarity_flops([out, r, inp]: [usize; 3]) -> u64 {
+    2 * (stacked_gram_fmas(out, r) + stacked_gram_fmas(inp, r))
+}
+
+/// The f32 values of a tensor: borrowed from its CPU storage when it is contiguous f32,
+/// else converted into an owned vector.
+pub(crate) enum F32Data<'a> {
+    /// The storage, the offset and the length.
+    Shared(
+        Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
+        usize,
+        usize,
+    ),
+    /// A converted copy.
+    Owned(Vec<f32>),
+}
+
+impl<'a> F32Data<'a> {
+    /// The values of `t`, flattened in row-major order.
+    pub(crate) fn of(t: &'a Tensor) -> Result<Self> {
+        if t.dtype() == DType::F32 && t.is_contiguous() {
+            let (storage, layout) = t.storage_and_layout();
+            let offset = layout.start_offset();
+            if matches!(
+                &*storage,
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_))
+            ) {
+                return Ok(F32Data::Shared(Box::new(storage), offset, t.elem_count()));
+            }
+        }
+        Ok(F32Data::Owned(
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        ))
     }
-    let et = low_rank_inner(&pe, &qe, &pt, &qt)?;
-    // rounding can push |cos| a hair above 1
-    Ok((et / (ee.sqrt() * tt.sqrt())).clamp(-1.0, 1.0))
+
+    /// The values.
+    pub(crate) fn slice(&self) -> &[f32] {
+        match self {
+            F32Data::Shared(s, offset, n) => match &***s {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                    &v[*offset..*offset + *n]
+                }
+                _ => &[],
+            },
+            F32Data::Owned(v) => v,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::masks::ModuleMask;
+use super::similarity::F32Data;
 use crate::adapters::LoraModule;
 use crate::Result;
 
@@ -33,14 +34,25 @@ pub fn transplant(
     mask: &ModuleMask,
 ) -> Result<LoraModule> {
     let mix = |t: &Tensor, e: &Tensor, m: &Tensor| -> Result<Tensor> {
-        let keep = (m.ones_like()? - m)?;
-        Ok((t.mul(&keep)? + e.mul(m)?)?)
+        let (tv, ev, mv) = (F32Data::of(t)?, F32Data::of(e)?, F32Data::of(m)?);
+        let mut out = vec![0f32; tv.slice().len()];
+        mix_into(&mut out, tv.slice(), ev.slice(), mv.slice());
+        Ok(Tensor::from_vec(out, t.dims(), t.device())?)
     };
     Ok(LoraModule {
         a: mix(&finetuned.a, &reference.a, &mask.a)?,
         b: mix(&finetuned.b, &reference.b, &mask.b)?,
         scale: finetuned.scale,
     })
+}
+
+/// The entry replacement of [`transplant`] on raw values:
+/// `out = t ⊙ (1 - m) + e ⊙ m`, with exactly the roundings of the tensor expression (two
+/// products, one sum), so that the result is the same bit for bit.
+pub fn mix_into(out: &mut [f32], t: &[f32], e: &[f32], m: &[f32]) {
+    for (((o, t), e), m) in out.iter_mut().zip(t).zip(e).zip(m) {
+        *o = t * (1.0 - m) + e * m;
+    }
 }
 
 /// Paper Eq. 11 (section "Neuron-Level Correction"), for a repaired module (`γ_j = 0`):
