@@ -163,6 +163,9 @@ pub struct NeuronSettings {
     pub tune_lr: f64,
     /// SN-Tune epochs.
     pub tune_epochs: usize,
+    /// Rows of plain task data for the robustness check (base, SN-Tune and RSN-Tune models
+    /// fine-tuned on it); 0: `attack.n`.
+    pub finetune_rows: usize,
 }
 
 /// Evaluation of every variant.
@@ -285,8 +288,12 @@ impl Default for NeuronSettings {
             top_k: 100,
             tune_data: "embedded:safety_sft".into(),
             tune_docs: 50,
-            tune_lr: 1e-6,
-            tune_epochs: 1,
+            // The paper's 1e-6 (for 7B models) leaves SmolLM2-135M unchanged after 1 epoch of
+            // 50 documents (HS 93.8 before and after on the quick run); 1e-4 for 2 epochs
+            // brings it to 6.3 on the same prompts. `realign sn-tune` keeps the paper's default.
+            tune_lr: 1e-4,
+            tune_epochs: 2,
+            finetune_rows: 0,
         }
     }
 }
@@ -337,8 +344,11 @@ impl ExperimentConfig {
         c.align.dpo.max_length = 128;
         c.align.dpo.grad_accum = 1;
         c.attack.n = 32;
-        c.attack.ps = vec![0.25];
+        c.attack.ps = vec![0.5];
         c.attack.train.epochs = 1;
+        c.attack.train.lr = 5e-4;
+        c.nlsr.without_amplification = false;
+        c.neurons.finetune_rows = 16;
         c.attack.train.max_length = 192;
         c.nlsr.betas = vec![0.9];
         c.nlsr.sparsities = vec![0.8];

@@ -549,7 +549,11 @@ fn plan_neurons(
         "mix-p0".into(),
         StageKind::Mix {
             p: 0.0,
-            n: cfg.attack.n,
+            n: if n.finetune_rows > 0 {
+                n.finetune_rows
+            } else {
+                cfg.attack.n
+            },
             task: cfg.attack.task.clone(),
             harmful: cfg.attack.harmful.clone(),
         },
