@@ -455,3 +455,72 @@ fn written_adapter_reloads_with_the_logits_of_the_in_memory_patch() {
         );
     }
 }
+
+/// Safe LoRA with the alignment given as two full models (`--base` and `--aligned-model`):
+/// the aligned model is the base with the aligned adapter merged and written as a Hugging Face
+/// folder, so `V = W_aligned - W_base` is the dense form of `(alpha/r) B_a A_a` and the
+/// projections and cosines equal those of the adapter form (up to the f32 rounding of the
+/// merged weights).
+#[test]
+fn safe_lora_from_full_models_equals_the_adapter_form() {
+    use realign::model::{export_hf, AdapterMode, LoadOptions, LoadedModel};
+    let base_dir = fixtures().join("tiny-llama");
+    let (a, t) = (load("aligned"), load("finetuned"));
+    let mut aligned = LoadedModel::load(&base_dir, &LoadOptions::default()).unwrap();
+    aligned
+        .model
+        .apply_adapter(&a, AdapterMode::Merged)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let aligned_dir = dir.path().join("aligned-model");
+    export_hf(&aligned.model, &aligned.tokenizer, &aligned_dir).unwrap();
+
+    let dense = realign::safelora::alignment_from_models(&base_dir, &aligned_dir, &t, &Device::Cpu)
+        .unwrap();
+    let low_rank = alignment_from_adapter(&a);
+    let sel = SafeLoraSelection::NumLayers(10);
+    let (out_d, rep_d) = safe_lora(&dense, &t, sel).unwrap();
+    let (out_l, rep_l) = safe_lora(&low_rank, &t, sel).unwrap();
+    assert_eq!(rep_d.num_projected, 10);
+    for (d, l) in rep_d.modules.iter().zip(&rep_l.modules) {
+        assert_eq!(d.module, l.module);
+        assert!(
+            (d.cosine - l.cosine).abs() < 1e-4,
+            "{}: {} vs {}",
+            d.module,
+            d.cosine,
+            l.cosine
+        );
+        assert_eq!(d.projected, l.projected, "{}", d.module);
+    }
+    for (path, m) in &out_l.modules {
+        let scale =
+            m.b.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+        let diff = max_abs_diff(&out_d.modules[path].b, &m.b);
+        assert!(diff <= 1e-3 * scale.max(1e-3), "{path}: {diff}");
+    }
+    // The CLI takes the same two folders.
+    let out_dir = dir.path().join("safelora");
+    ok(&[
+        "safelora",
+        "--base",
+        base_dir.to_str().unwrap(),
+        "--aligned-model",
+        aligned_dir.to_str().unwrap(),
+        "--finetuned",
+        adapter_dir("finetuned").to_str().unwrap(),
+        "--num-layers",
+        "10",
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    let written = Adapter::load(&out_dir, &Device::Cpu).unwrap();
+    for (path, m) in &out_d.modules {
+        assert_eq!(max_abs_diff(&written.modules[path].b, &m.b), 0.0, "{path}");
+    }
+}

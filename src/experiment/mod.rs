@@ -96,7 +96,34 @@ pub fn run(cfg: &ExperimentConfig, obs: &mut dyn Observer) -> crate::Result<repo
     for (i, stage) in plan.stages.iter().enumerate() {
         records.push(runner.run_stage(i, stage, &plan, obs)?);
     }
-    let report = report::Report::build(cfg, &plan, &records);
+    let mut report = report::Report::build(cfg, &plan, &records);
+    report.neuron_overlaps = neuron_overlaps(&runner, &plan)?;
     report.write(&cfg.output.join("report"), &plan, &records)?;
     Ok(report)
+}
+
+/// The paper's overlap ratio between every two detected neuron sets of the run.
+fn neuron_overlaps(runner: &stages::Runner, plan: &Plan) -> crate::Result<Vec<report::Overlap>> {
+    let sets: Vec<(String, crate::neurons::NeuronSet)> = plan
+        .stages
+        .iter()
+        .filter(|s| matches!(s.kind, StageKind::Detect { .. }))
+        .map(|s| {
+            let set = crate::neurons::NeuronSet::load(&runner.dir(s).join(stages::SET_JSON))?;
+            Ok((s.name.clone(), set))
+        })
+        .collect::<crate::Result<_>>()?;
+    let mut out = Vec::new();
+    for (i, (na, a)) in sets.iter().enumerate() {
+        for (nb, b) in &sets[i + 1..] {
+            out.push(report::Overlap {
+                a: na.clone(),
+                b: nb.clone(),
+                intersection: a.intersection(b)?.len(),
+                ratio_of_a: b.overlap(a)?,
+                ratio_of_b: a.overlap(b)?,
+            });
+        }
+    }
+    Ok(out)
 }

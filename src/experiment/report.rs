@@ -40,6 +40,21 @@ pub struct Row {
     pub stage: String,
 }
 
+/// The overlap of two detected neuron sets.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overlap {
+    /// First set (stage name).
+    pub a: String,
+    /// Second set.
+    pub b: String,
+    /// `|A ∩ B|`.
+    pub intersection: usize,
+    /// `|A ∩ B| / |A|`.
+    pub ratio_of_a: f64,
+    /// `|A ∩ B| / |B|` (the paper's `overlap(A, B)`).
+    pub ratio_of_b: f64,
+}
+
 /// Everything the report shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -51,6 +66,8 @@ pub struct Report {
     pub neurons: BTreeMap<String, serde_json::Value>,
     /// SN-Tune stages: name → result.
     pub sn_tune: BTreeMap<String, serde_json::Value>,
+    /// Overlaps between detected neuron sets.
+    pub neuron_overlaps: Vec<Overlap>,
     /// Wall time per stage.
     pub times: Vec<StageTime>,
     /// The attack's `p` values, main first.
@@ -81,6 +98,7 @@ impl Report {
             identify: BTreeMap::new(),
             neurons: BTreeMap::new(),
             sn_tune: BTreeMap::new(),
+            neuron_overlaps: Vec::new(),
             times: Vec::new(),
             ps: cfg.attack.ps.clone(),
         };
@@ -233,6 +251,17 @@ impl Report {
                 v.get("neurons").map(|x| x.to_string()).unwrap_or_else(|| "?".into()),
                 v.get("param_percent").and_then(|x| x.as_f64()).map(|x| format!("{x:.3}")).unwrap_or_else(|| "?".into()),
                 v.get("attention_percent").and_then(|x| x.as_f64()).map(fmt1).unwrap_or_else(|| "?".into()),
+            );
+        }
+        for o in &self.neuron_overlaps {
+            let _ = writeln!(
+                s,
+                "- overlap of `{}` and `{}`: {} neurons in both; {:.1} % of the first, {:.1} % of the second",
+                o.a,
+                o.b,
+                o.intersection,
+                100.0 * o.ratio_of_a,
+                100.0 * o.ratio_of_b
             );
         }
         for (name, v) in &self.sn_tune {
