@@ -396,26 +396,41 @@ unsafe fn pack_avx512(
             }
         }
         Layout::RowMajorRD => {
-            // 16 rows of a factor at a time, along the block (48 sequential streams)
+            // 16 rows of a factor at a time: masked into a contiguous scratch row by row
+            // (sequential reads), then transposed 16 x 16 from there
+            #[repr(align(64))]
+            struct Scratch([f32; 16 * KC]);
+            let mut scratch = Scratch([0f32; 16 * KC]);
+            let sp = scratch.0.as_mut_ptr();
+            let chunks = kc.div_ceil(16);
+            let last = kc - 16 * (chunks - 1);
+            let tail: __mmask16 = if last == 16 { 0xffff } else { (1 << last) - 1 };
             for i in (0..r).step_by(16) {
-                for kk in (0..kc).step_by(16) {
-                    let n = 16.min(kc - kk);
-                    let tail: __mmask16 = if n == 16 { 0xffff } else { (1 << n) - 1 };
-                    for (src, col) in [(e, i), (t, r + i)] {
-                        let mut v = [_mm512_setzero_ps(); 16];
-                        for (c, vc) in v.iter_mut().enumerate() {
-                            // in bounds: row i + c < r, columns k0 + kk + (< n) < d (asserted)
-                            let o = (i + c) * d + k0 + kk;
-                            let mv = _mm512_maskz_loadu_ps(tail, m.as_ptr().add(o));
-                            *vc =
-                                _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, src.as_ptr().add(o)), mv);
+                for (src, col) in [(e, i), (t, r + i)] {
+                    for c in 0..16 {
+                        // in bounds: row i + c < r, columns k0 + (< kc) < d (asserted)
+                        let o = (i + c) * d + k0;
+                        let (sr, mr, dst) =
+                            (src.as_ptr().add(o), m.as_ptr().add(o), sp.add(c * KC));
+                        for q in 0..chunks {
+                            let mask = if q + 1 == chunks { tail } else { 0xffff };
+                            let mv = _mm512_maskz_loadu_ps(mask, mr.add(16 * q));
+                            let v = _mm512_maskz_loadu_ps(mask, sr.add(16 * q));
+                            _mm512_store_ps(dst.add(16 * q), _mm512_mul_ps(v, mv));
                             if col == i {
                                 ones = _mm512_add_ps(ones, mv);
                             }
                         }
+                    }
+                    for q in 0..chunks {
+                        let mut v = [_mm512_setzero_ps(); 16];
+                        for (c, vc) in v.iter_mut().enumerate() {
+                            *vc = _mm512_load_ps(sp.add(c * KC + 16 * q));
+                        }
                         transpose16(&mut v);
-                        for (q, vq) in v.iter().enumerate().take(n) {
-                            _mm512_storeu_ps(zp.add(at(col, kk + q)), *vq);
+                        let n = if q + 1 == chunks { last } else { 16 };
+                        for (p, vp) in v.iter().enumerate().take(n) {
+                            _mm512_storeu_ps(zp.add(at(col, 16 * q + p)), *vp);
                         }
                     }
                 }
@@ -661,6 +676,24 @@ mod tests {
         );
         let (e, t) = (vals(d * r, 1), vals(d * r, 2));
         let m = vec![1f32; d * r];
+        // the micro-kernel alone, on one packed block that stays in L1: the attainable peak
+        for simd in [Simd::Avx512, Simd::Avx2] {
+            let (xs, bs) = (vals(KC * MR, 3), vals(KC * MR, 4));
+            let mut h = vec![0f64; NR * MR];
+            let n = 200_000;
+            let c0 = crate::bench::process_usage();
+            for _ in 0..n {
+                micro(&xs, &bs, KC, &mut h, MR, simd);
+            }
+            let c1 = crate::bench::process_usage();
+            let cpu = c1.0 - c0.0 + c1.1 - c0.1;
+            let gf = n as f64 * 2.0 * (KC * MR * NR) as f64 * 1e-9;
+            eprintln!(
+                "{simd:?} micro-kernel alone: {:.1} GFLOP/s per cpu-s ({})",
+                gf / cpu,
+                h[7]
+            );
+        }
         for simd in [Simd::Avx512, Simd::Avx2] {
             for layout in [Layout::RowMajorDR, Layout::RowMajorRD] {
                 // best of 10 runs of 8 products (the process's CPU time: run it alone)
