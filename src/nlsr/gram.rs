@@ -138,24 +138,14 @@ fn drive(
     let strips = w / MR;
     // columns past 2r stay zero: the packing never writes them
     let mut z = vec![0f32; strips * KC * MR];
-    let tiles = strips * (strips + 1) / 2 * (MR / NR);
     let mut k0 = 0;
     let mut mask_sum = 0.0;
     while k0 < d {
         let kc = KC.min(d - k0);
         mask_sum += pack(&mut z, e, t, m, d, r, k0, kc, layout);
-        // the next block's inputs, a few cache lines per tile, so that packing it does not
-        // wait on memory
-        let next = NextBlock::new([e, t, m], d, r, k0 + kc, layout);
-        let per_tile = next.lines().div_ceil(tiles);
-        let mut line = 0;
         for si in 0..strips {
             let xs = &z[si * KC * MR..][..kc * MR];
             for j0 in (0..si * MR + MR).step_by(NR) {
-                for _ in 0..per_tile {
-                    next.prefetch(line);
-                    line += 1;
-                }
                 let (sj, jo) = (j0 / MR, j0 % MR);
                 let bs = &z[sj * KC * MR + jo..][..(kc - 1) * MR + NR];
                 tile(xs, bs, kc, &mut h[j0 * w + si * MR..], w);
@@ -164,79 +154,6 @@ fn drive(
         k0 += kc;
     }
     mask_sum
-}
-
-/// The cache lines of the inputs that the packing of the block of rows `k0..k0+KC` of `Z`
-/// reads: per factor (e, t, m) one contiguous range for `[d, r]` layouts, `r` ranges of
-/// `KC` values for `[r, d]` ones.
-struct NextBlock<'a> {
-    src: [&'a [f32]; 3],
-    d: usize,
-    k0: usize,
-    kc: usize,
-    layout: Layout,
-    /// Lines per range (one extra for a range that does not start on a line).
-    per_range: usize,
-    /// Ranges per factor.
-    ranges: usize,
-}
-
-impl<'a> NextBlock<'a> {
-    /// Values per cache line.
-    const LINE: usize = 16;
-
-    #[inline(always)]
-    fn new(src: [&'a [f32]; 3], d: usize, r: usize, k0: usize, layout: Layout) -> Self {
-        let kc = KC.min(d.saturating_sub(k0));
-        let (per_range, ranges) = match layout {
-            Layout::RowMajorDR => ((kc * r).div_ceil(Self::LINE) + 1, 1),
-            Layout::RowMajorRD => (kc.div_ceil(Self::LINE) + 1, r),
-        };
-        let (per_range, ranges) = if kc == 0 { (0, 0) } else { (per_range, ranges) };
-        NextBlock {
-            src,
-            d,
-            k0,
-            kc,
-            layout,
-            per_range,
-            ranges,
-        }
-    }
-
-    /// How many lines there are.
-    #[inline(always)]
-    fn lines(&self) -> usize {
-        3 * self.ranges * self.per_range
-    }
-
-    /// Prefetches line `n` (nothing past [`lines`](Self::lines)).
-    #[inline(always)]
-    fn prefetch(&self, n: usize) {
-        if n >= self.lines() {
-            return;
-        }
-        let (range, q) = (n / self.per_range, n % self.per_range);
-        let (which, i) = (range % 3, range / 3);
-        let (start, len) = match self.layout {
-            Layout::RowMajorDR => (
-                self.k0 * (self.src[0].len() / self.d),
-                self.kc * (self.src[0].len() / self.d),
-            ),
-            Layout::RowMajorRD => (i * self.d + self.k0, self.kc),
-        };
-        let at = start + (q * Self::LINE).min(len - 1);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(v) = self.src[which].get(at) {
-            // SAFETY: a prefetch of an address inside the slice (a hint; it cannot fault)
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>((v as *const f32).cast());
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (which, at);
-    }
 }
 
 /// [`drive`] with the AVX-512 packing and micro-kernel.
