@@ -7,10 +7,13 @@
 //! similarity needs, in `4 d r²` flops instead of the `6 d r²` of three separate products.
 //!
 //! The product is blocked for the caches: `Z` is packed (masked, transposed where needed) `KC`
-//! rows at a time into strips of 32 columns, and an AVX-512 micro-kernel (AVX2/FMA, or portable
-//! Rust, where the CPU lacks it) accumulates 32 x 8 tiles of `H` in f32 registers over a block;
-//! the tiles
-//! are summed across blocks in f64.
+//! rows at a time into strips of 32 columns (128 KB for r 128, in L2), and every tile of the
+//! lower triangle runs over that block before the next is packed. An AVX-512 micro-kernel
+//! (AVX2/FMA, or portable Rust, where the CPU lacks it) accumulates a 32 x 8 tile of `H` in f32
+//! registers over the block's rows and adds it into `H` in f64 straight from the registers.
+//! With AVX-512 the packing is vectorised too: `[d, r]` factors 16 columns at a time, `[r, d]`
+//! factors masked row by row into a scratch and transposed 16 x 16 in registers (ranks that are
+//! multiples of 16; others pack in scalar code).
 
 /// Rows of `Z` packed per block.
 const KC: usize = 128;
@@ -584,9 +587,19 @@ mod tests {
             .collect()
     }
 
+    /// Whether this CPU runs `simd`.
+    fn has(simd: Simd) -> bool {
+        match simd {
+            Simd::Avx512 => has_simd() == Simd::Avx512,
+            Simd::Avx2 => has_simd() != Simd::None,
+            Simd::None => true,
+        }
+    }
+
     #[test]
     #[ignore = "timing"]
     fn kernel_speed() {
+        // `GRAM_D=2048` for inputs that stay in the caches
         let (d, r) = (
             std::env::var("GRAM_D").map_or(14336, |v| v.parse().unwrap()),
             128,
@@ -595,6 +608,9 @@ mod tests {
         let m = vec![1f32; d * r];
         // the micro-kernel alone, on one packed block that stays in L1: the attainable peak
         for simd in [Simd::Avx512, Simd::Avx2] {
+            if !has(simd) {
+                continue;
+            }
             let (xs, bs) = (vals(KC * MR, 3), vals(KC * MR, 4));
             let mut h = vec![0f64; NR * MR];
             let n = 200_000;
@@ -612,6 +628,9 @@ mod tests {
             );
         }
         for simd in [Simd::Avx512, Simd::Avx2] {
+            if !has(simd) {
+                continue;
+            }
             for layout in [Layout::RowMajorDR, Layout::RowMajorRD] {
                 // best of 10 runs of 8 products (the process's CPU time: run it alone)
                 let (mut cpu, mut wall, mut sum) = (f64::INFINITY, f64::INFINITY, 0.0);
@@ -645,9 +664,7 @@ mod tests {
         let mut want = start.clone();
         micro_portable(&xs, &bs[8..], kc, &mut want, ld);
         for simd in [Simd::Avx512, Simd::Avx2] {
-            if simd == Simd::Avx512 && has_simd() != Simd::Avx512
-                || simd == Simd::Avx2 && has_simd() == Simd::None
-            {
+            if !has(simd) {
                 continue;
             }
             let mut got = start.clone();
@@ -671,9 +688,7 @@ mod tests {
             for layout in [Layout::RowMajorDR, Layout::RowMajorRD] {
                 let want = stacked_gram_with(&e, &t, &m, d, r, layout, Simd::None);
                 for simd in [Simd::Avx512, Simd::Avx2] {
-                    if simd == Simd::Avx512 && has_simd() != Simd::Avx512
-                        || simd == Simd::Avx2 && has_simd() == Simd::None
-                    {
+                    if !has(simd) {
                         continue;
                     }
                     let got = stacked_gram_with(&e, &t, &m, d, r, layout, simd);
