@@ -7,10 +7,13 @@
 //! similarity needs, in `4 d r²` flops instead of the `6 d r²` of three separate products.
 //!
 //! The product is blocked for the caches: `Z` is packed (masked, transposed where needed) `KC`
-//! rows at a time into strips of 32 columns, and an AVX-512 micro-kernel (AVX2/FMA, or portable
-//! Rust, where the CPU lacks it) accumulates 32 x 8 tiles of `H` in f32 registers over a block;
-//! the tiles
-//! are summed across blocks in f64.
+//! rows at a time into strips of 32 columns (128 KB for r 128, in L2), and every tile of the
+//! lower triangle runs over that block before the next is packed. An AVX-512 micro-kernel
+//! (AVX2/FMA, or portable Rust, where the CPU lacks it) accumulates a 32 x 8 tile of `H` in f32
+//! registers over the block's rows and adds it into `H` in f64 straight from the registers.
+//! With AVX-512 the packing is vectorised too: `[d, r]` factors 16 columns at a time, `[r, d]`
+//! factors masked row by row into a scratch and transposed 16 x 16 in registers (ranks that are
+//! multiples of 16; others pack in scalar code).
 
 /// Rows of `Z` packed per block.
 const KC: usize = 128;
@@ -96,35 +99,17 @@ fn stacked_gram_with(
     layout: Layout,
     simd: Simd,
 ) -> StackedGram {
-    debug_assert!(e.len() == d * r && t.len() == d * r && m.len() == d * r);
+    assert!(e.len() == d * r && t.len() == d * r && m.len() == d * r);
     let w = (2 * r).div_ceil(MR) * MR;
-    let strips = w / MR;
     let mut h = vec![0f64; w * w];
-    let mut z = vec![0f32; strips * KC * MR];
-    let mut tile = [0f32; MR * NR];
-    let mut k0 = 0;
-    let mut mask_sum = 0.0;
-    while k0 < d {
-        let kc = KC.min(d - k0);
-        mask_sum += pack(&mut z, e, t, m, d, r, k0, kc, layout);
-        for si in 0..strips {
-            let xs = &z[si * KC * MR..];
-            let mut j0 = 0;
-            while j0 < si * MR + MR {
-                let (sj, jo) = (j0 / MR, j0 % MR);
-                let bs = &z[sj * KC * MR + jo..];
-                micro(xs, bs, kc, &mut tile, simd);
-                for jj in 0..NR {
-                    let row = &mut h[(j0 + jj) * w + si * MR..][..MR];
-                    for (acc, v) in row.iter_mut().zip(&tile[jj * MR..(jj + 1) * MR]) {
-                        *acc += f64::from(*v);
-                    }
-                }
-                j0 += NR;
-            }
-        }
-        k0 += kc;
-    }
+    let mask_sum = match simd {
+        // SAFETY: the CPU has the features (checked at run time, or by the caller's test).
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { gram_avx512(&mut h, e, t, m, d, r, layout) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { gram_avx2(&mut h, e, t, m, d, r, layout) },
+        _ => drive(&mut h, e, t, m, d, r, layout, pack, micro_portable),
+    };
     StackedGram {
         r,
         ld: w,
@@ -133,9 +118,111 @@ fn stacked_gram_with(
     }
 }
 
-/// Packs rows `k0..k0+kc` of `Z` into strips: `z[s][k][c] = Z[k0 + k][s * 32 + c]`, zero past
-/// column 2r. Returns the sum of the mask values read.
+/// The blocked product: for each block of `KC` rows of `Z`, packs it once (`pack`) and runs
+/// every tile of the lower triangle over it (`tile`, which adds its f32 block sums into `h` in
+/// f64). Returns the sum of the mask.
+///
+/// The whole `Z` block (`KC x 2r` f32, 128 KB for r 128) stays in L2; a 32-column strip of it
+/// (16 KB) stays in L1 while the tiles of its row of `H` stream the other strips.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn drive(
+    h: &mut [f64],
+    e: &[f32],
+    t: &[f32],
+    m: &[f32],
+    d: usize,
+    r: usize,
+    layout: Layout,
+    pack: impl Fn(&mut [f32], &[f32], &[f32], &[f32], usize, usize, usize, usize, Layout) -> f64,
+    tile: impl Fn(&[f32], &[f32], usize, &mut [f64], usize),
+) -> f64 {
+    let w = (2 * r).div_ceil(MR) * MR;
+    let strips = w / MR;
+    // columns past 2r stay zero: the packing never writes them
+    let mut z = vec![0f32; strips * KC * MR];
+    let mut k0 = 0;
+    let mut mask_sum = 0.0;
+    while k0 < d {
+        let kc = KC.min(d - k0);
+        mask_sum += pack(&mut z, e, t, m, d, r, k0, kc, layout);
+        for si in 0..strips {
+            let xs = &z[si * KC * MR..][..kc * MR];
+            for j0 in (0..si * MR + MR).step_by(NR) {
+                let (sj, jo) = (j0 / MR, j0 % MR);
+                let bs = &z[sj * KC * MR + jo..][..(kc - 1) * MR + NR];
+                tile(xs, bs, kc, &mut h[j0 * w + si * MR..], w);
+            }
+        }
+        k0 += kc;
+    }
+    mask_sum
+}
+
+/// [`drive`] with the AVX-512 packing and micro-kernel.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gram_avx512(
+    h: &mut [f64],
+    e: &[f32],
+    t: &[f32],
+    m: &[f32],
+    d: usize,
+    r: usize,
+    layout: Layout,
+) -> f64 {
+    drive(
+        h,
+        e,
+        t,
+        m,
+        d,
+        r,
+        layout,
+        // SAFETY: the CPU has AVX-512F (this function's contract).
+        |z, e, t, m, d, r, k0, kc, l| unsafe { pack_avx512(z, e, t, m, d, r, k0, kc, l) },
+        |xs, bs, kc, h, ld| unsafe { micro_avx512(xs, bs, kc, h, ld) },
+    )
+}
+
+/// [`drive`] with the AVX2 micro-kernel (and the portable packing, compiled for AVX2).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gram_avx2(
+    h: &mut [f64],
+    e: &[f32],
+    t: &[f32],
+    m: &[f32],
+    d: usize,
+    r: usize,
+    layout: Layout,
+) -> f64 {
+    drive(
+        h,
+        e,
+        t,
+        m,
+        d,
+        r,
+        layout,
+        pack,
+        // SAFETY: the CPU has AVX2 and FMA (this function's contract).
+        |xs, bs, kc, h, ld| unsafe { micro_avx2(xs, bs, kc, h, ld) },
+    )
+}
+
+/// Packs rows `k0..k0+kc` of `Z` into strips: `z[s][k][c] = Z[k0 + k][s * 32 + c]`; columns
+/// from 2r on are left as they are (zero). Returns the sum of the mask values read.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn pack(
     z: &mut [f32],
     e: &[f32],
@@ -147,7 +234,6 @@ fn pack(
     kc: usize,
     layout: Layout,
 ) -> f64 {
-    let w = z.len() / (KC * MR) * MR;
     let mut sum = 0f64;
     let mut put = |col: usize, k: usize, v: f32| {
         z[(col / MR) * KC * MR + k * MR + col % MR] = v;
@@ -164,9 +250,6 @@ fn pack(
                     ones += mr[i];
                 }
                 sum += f64::from(ones);
-                for col in 2 * r..w {
-                    put(col, k, 0.0);
-                }
             }
         }
         Layout::RowMajorRD => {
@@ -181,14 +264,153 @@ fn pack(
                 }
                 sum += f64::from(ones);
             }
-            for col in 2 * r..w {
-                for k in 0..kc {
-                    put(col, k, 0.0);
+        }
+    }
+    sum
+}
+
+/// [`pack`] in AVX-512 registers, for ranks that are multiples of 16 (so that no group of 16
+/// columns straddles two strips); other ranks go to [`pack`]. `[r, in]` factors are
+/// transposed 16 x 16 in registers. The mask sum is exact for 0/1 masks (f32 lane sums).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_avx512(
+    z: &mut [f32],
+    e: &[f32],
+    t: &[f32],
+    m: &[f32],
+    d: usize,
+    r: usize,
+    k0: usize,
+    kc: usize,
+    layout: Layout,
+) -> f64 {
+    use std::arch::x86_64::*;
+    if r % 16 != 0 {
+        return pack(z, e, t, m, d, r, k0, kc, layout);
+    }
+    let w = (2 * r).div_ceil(MR) * MR;
+    assert!(kc <= KC && k0 + kc <= d && z.len() >= w / MR * KC * MR);
+    assert!(e.len() >= d * r && t.len() >= d * r && m.len() >= d * r);
+    let zp = z.as_mut_ptr();
+    // where column `col` of row `k` of the block goes
+    let at = |col: usize, k: usize| (col / MR) * KC * MR + k * MR + col % MR;
+    let mut ones = _mm512_setzero_ps();
+    match layout {
+        Layout::RowMajorDR => {
+            for k in 0..kc {
+                let o = (k0 + k) * r;
+                for i in (0..r).step_by(16) {
+                    // in bounds: o + i + 16 <= d r (asserted); columns < w
+                    let mv = _mm512_loadu_ps(m.as_ptr().add(o + i));
+                    let ev = _mm512_loadu_ps(e.as_ptr().add(o + i));
+                    let tv = _mm512_loadu_ps(t.as_ptr().add(o + i));
+                    _mm512_storeu_ps(zp.add(at(i, k)), _mm512_mul_ps(ev, mv));
+                    _mm512_storeu_ps(zp.add(at(r + i, k)), _mm512_mul_ps(tv, mv));
+                    ones = _mm512_add_ps(ones, mv);
+                }
+            }
+        }
+        Layout::RowMajorRD => {
+            // 16 rows of a factor at a time: masked into a contiguous scratch row by row
+            // (sequential reads), then transposed 16 x 16 from there
+            #[repr(align(64))]
+            struct Scratch([f32; 16 * KC]);
+            let mut scratch = Scratch([0f32; 16 * KC]);
+            let sp = scratch.0.as_mut_ptr();
+            let chunks = kc.div_ceil(16);
+            let last = kc - 16 * (chunks - 1);
+            let tail: __mmask16 = if last == 16 { 0xffff } else { (1 << last) - 1 };
+            for i in (0..r).step_by(16) {
+                for (src, col) in [(e, i), (t, r + i)] {
+                    for c in 0..16 {
+                        // in bounds: row i + c < r, columns k0 + (< kc) < d (asserted)
+                        let o = (i + c) * d + k0;
+                        let (sr, mr, dst) =
+                            (src.as_ptr().add(o), m.as_ptr().add(o), sp.add(c * KC));
+                        for q in 0..chunks {
+                            let mask = if q + 1 == chunks { tail } else { 0xffff };
+                            let mv = _mm512_maskz_loadu_ps(mask, mr.add(16 * q));
+                            let v = _mm512_maskz_loadu_ps(mask, sr.add(16 * q));
+                            _mm512_store_ps(dst.add(16 * q), _mm512_mul_ps(v, mv));
+                            if col == i {
+                                ones = _mm512_add_ps(ones, mv);
+                            }
+                        }
+                    }
+                    for q in 0..chunks {
+                        let mut v = [_mm512_setzero_ps(); 16];
+                        for (c, vc) in v.iter_mut().enumerate() {
+                            *vc = _mm512_load_ps(sp.add(c * KC + 16 * q));
+                        }
+                        transpose16(&mut v);
+                        let n = if q + 1 == chunks { last } else { 16 };
+                        for (p, vp) in v.iter().enumerate().take(n) {
+                            _mm512_storeu_ps(zp.add(at(col, 16 * q + p)), *vp);
+                        }
+                    }
                 }
             }
         }
     }
-    sum
+    f64::from(_mm512_reduce_add_ps(ones))
+}
+
+/// Transposes 16 rows of 16 lanes in place: afterwards `v[j][i]` is the old `v[i][j]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(v: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_ps(); 16];
+    // pairs of rows interleaved within 128-bit lanes
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    // v[4i + q], lane L: rows 4i..4i+4 at column 4L + q
+    let (lo, hi) = (
+        |a: __m512, b: __m512| {
+            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)))
+        },
+        |a: __m512, b: __m512| {
+            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)))
+        },
+    );
+    for i in 0..4 {
+        v[4 * i] = lo(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
+        v[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // then the 128-bit lanes, twice
+    for i in 0..2 {
+        for q in 0..4 {
+            t[8 * i + q] = _mm512_shuffle_f32x4::<0x88>(v[8 * i + q], v[8 * i + 4 + q]);
+            t[8 * i + 4 + q] = _mm512_shuffle_f32x4::<0xdd>(v[8 * i + q], v[8 * i + 4 + q]);
+        }
+    }
+    for j in 0..8 {
+        v[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+        v[8 + j] = _mm512_shuffle_f32x4::<0xdd>(t[j], t[8 + j]);
+    }
+}
+
+/// The micro-kernel the CPU runs: [`micro_portable`]'s sum, added to `h` (see there).
+#[cfg(test)]
+fn micro(xs: &[f32], bs: &[f32], kc: usize, h: &mut [f64], ld: usize, simd: Simd) {
+    match simd {
+        // SAFETY: the CPU has the features (checked by the caller).
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { micro_avx512(xs, bs, kc, h, ld) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { micro_avx2(xs, bs, kc, h, ld) },
+        _ => micro_portable(xs, bs, kc, h, ld),
+    }
 }
 
 /// The micro-kernel the CPU runs.
@@ -213,36 +435,32 @@ fn has_simd() -> Simd {
     Simd::None
 }
 
-/// `tile[jj * 32 + ii] = Σ_{k < kc} xs[k * 32 + ii] · bs[k * 32 + jj]` (strips of 32).
-#[inline]
-fn micro(xs: &[f32], bs: &[f32], kc: usize, tile: &mut [f32; MR * NR], simd: Simd) {
-    #[cfg(target_arch = "x86_64")]
-    match simd {
-        // SAFETY: the CPU has the features (checked at run time).
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { micro_avx512(xs, bs, kc, tile) },
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { micro_avx2(xs, bs, kc, tile) },
-        _ => micro_portable(xs, bs, kc, tile),
-    }
-    micro_portable(xs, bs, kc, tile);
+/// Checks the slices a micro-kernel reads and writes.
+#[inline(always)]
+fn check_tile(xs: &[f32], bs: &[f32], kc: usize, h: &[f64], ld: usize) {
+    assert!(kc > 0 && xs.len() >= kc * MR && bs.len() >= (kc - 1) * MR + NR);
+    assert!(ld >= MR && h.len() >= (NR - 1) * ld + MR);
 }
 
 /// The micro-kernel in AVX-512 registers: 32 x 8 accumulators in 16 zmm, per row of the
-/// strips two loads and eight broadcasts for sixteen fused multiply-adds.
+/// strips two loads and eight broadcasts for sixteen fused multiply-adds; the f32 sums are
+/// widened and added into `h` in f64 from the registers.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_avx512(xs: &[f32], bs: &[f32], kc: usize, tile: &mut [f32; MR * NR]) {
+#[inline]
+unsafe fn micro_avx512(xs: &[f32], bs: &[f32], kc: usize, h: &mut [f64], ld: usize) {
     use std::arch::x86_64::*;
-    assert!(kc > 0 && xs.len() >= kc * MR && bs.len() >= (kc - 1) * MR + NR);
-    let (xs, bs) = (xs.as_ptr(), bs.as_ptr());
+    check_tile(xs, bs, kc, h, ld);
+    let (x, b, hp) = (xs.as_ptr(), bs.as_ptr(), h.as_mut_ptr());
     let mut c = [[_mm512_setzero_ps(); 2]; NR];
     for k in 0..kc {
-        // in bounds by the assertion above
-        let x = xs.add(k * MR);
-        let x0 = _mm512_loadu_ps(x);
-        let x1 = _mm512_loadu_ps(x.add(16));
-        let b = bs.add(k * MR);
+        // in bounds by check_tile
+        let x0 = _mm512_loadu_ps(x.add(k * MR));
+        let x1 = _mm512_loadu_ps(x.add(k * MR + 16));
+        let b = b.add(k * MR);
         for (jj, cj) in c.iter_mut().enumerate() {
             let bj = _mm512_set1_ps(*b.add(jj));
             cj[0] = _mm512_fmadd_ps(x0, bj, cj[0]);
@@ -250,23 +468,35 @@ unsafe fn micro_avx512(xs: &[f32], bs: &[f32], kc: usize, tile: &mut [f32; MR * 
         }
     }
     for (jj, cj) in c.iter().enumerate() {
-        _mm512_storeu_ps(tile.as_mut_ptr().add(jj * MR), cj[0]);
-        _mm512_storeu_ps(tile.as_mut_ptr().add(jj * MR + 16), cj[1]);
+        let row = hp.add(jj * ld);
+        for (half, v) in cj.iter().enumerate() {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(*v));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(*v),
+            )));
+            let p = row.add(16 * half);
+            _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), lo));
+            _mm512_storeu_pd(p.add(8), _mm512_add_pd(_mm512_loadu_pd(p.add(8)), hi));
+        }
     }
 }
 
 /// The micro-kernel in AVX2 registers, for CPUs without AVX-512: the 32 x 8 tile as four
 /// 32 x 2 passes (8 ymm accumulators each).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_avx2(xs: &[f32], bs: &[f32], kc: usize, tile: &mut [f32; MR * NR]) {
+#[inline]
+unsafe fn micro_avx2(xs: &[f32], bs: &[f32], kc: usize, h: &mut [f64], ld: usize) {
     use std::arch::x86_64::*;
-    assert!(kc > 0 && xs.len() >= kc * MR && bs.len() >= (kc - 1) * MR + NR);
-    let (xs, bs) = (xs.as_ptr(), bs.as_ptr());
+    check_tile(xs, bs, kc, h, ld);
+    let (xs, bs, hp) = (xs.as_ptr(), bs.as_ptr(), h.as_mut_ptr());
     for j0 in (0..NR).step_by(2) {
         let mut c = [[_mm256_setzero_ps(); 4]; 2];
         for k in 0..kc {
-            // in bounds by the assertion above
+            // in bounds by check_tile
             let x = xs.add(k * MR);
             let xv = [
                 _mm256_loadu_ps(x),
@@ -283,15 +513,22 @@ unsafe fn micro_avx2(xs: &[f32], bs: &[f32], kc: usize, tile: &mut [f32; MR * NR
             }
         }
         for (jj, cj) in c.iter().enumerate() {
-            for (h, v) in cj.iter().enumerate() {
-                _mm256_storeu_ps(tile.as_mut_ptr().add((j0 + jj) * MR + 8 * h), *v);
+            let row = hp.add((j0 + jj) * ld);
+            for (q, v) in cj.iter().enumerate() {
+                let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(*v));
+                let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(*v));
+                let p = row.add(8 * q);
+                _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), lo));
+                _mm256_storeu_pd(p.add(4), _mm256_add_pd(_mm256_loadu_pd(p.add(4)), hi));
             }
         }
     }
 }
 
-/// The portable micro-kernel (what [`micro_avx512`] computes).
-fn micro_portable(xs: &[f32], bs: &[f32], kc: usize, tile: &mut [f32; MR * NR]) {
+/// The portable micro-kernel (what [`micro_avx512`] computes, without fused multiply-adds):
+/// `h[jj * ld + ii] += Σ_{k < kc} xs[k * 32 + ii] · bs[k * 32 + jj]`, the sum in f32.
+fn micro_portable(xs: &[f32], bs: &[f32], kc: usize, h: &mut [f64], ld: usize) {
+    check_tile(xs, bs, kc, h, ld);
     let mut acc = [[0f32; MR]; NR];
     for (x, b) in xs[..kc * MR].chunks_exact(MR).zip(bs.chunks(MR)) {
         let x: &[f32; MR] = x.try_into().expect("a strip row");
@@ -302,8 +539,10 @@ fn micro_portable(xs: &[f32], bs: &[f32], kc: usize, tile: &mut [f32; MR * NR]) 
             }
         }
     }
-    for jj in 0..NR {
-        tile[jj * MR..(jj + 1) * MR].copy_from_slice(&acc[jj]);
+    for (jj, a) in acc.iter().enumerate() {
+        for (o, v) in h[jj * ld..][..MR].iter_mut().zip(a) {
+            *o += f64::from(*v);
+        }
     }
 }
 
@@ -348,26 +587,67 @@ mod tests {
             .collect()
     }
 
+    /// Whether this CPU runs `simd`.
+    fn has(simd: Simd) -> bool {
+        match simd {
+            Simd::Avx512 => has_simd() == Simd::Avx512,
+            Simd::Avx2 => has_simd() != Simd::None,
+            Simd::None => true,
+        }
+    }
+
     #[test]
     #[ignore = "timing"]
     fn kernel_speed() {
-        let (d, r) = (14336, 128);
+        // `GRAM_D=2048` for inputs that stay in the caches
+        let (d, r) = (
+            std::env::var("GRAM_D").map_or(14336, |v| v.parse().unwrap()),
+            128,
+        );
         let (e, t) = (vals(d * r, 1), vals(d * r, 2));
         let m = vec![1f32; d * r];
+        // the micro-kernel alone, on one packed block that stays in L1: the attainable peak
         for simd in [Simd::Avx512, Simd::Avx2] {
+            if !has(simd) {
+                continue;
+            }
+            let (xs, bs) = (vals(KC * MR, 3), vals(KC * MR, 4));
+            let mut h = vec![0f64; NR * MR];
+            let n = 200_000;
+            let c0 = crate::bench::process_usage();
+            for _ in 0..n {
+                micro(&xs, &bs, KC, &mut h, MR, simd);
+            }
+            let c1 = crate::bench::process_usage();
+            let cpu = c1.0 - c0.0 + c1.1 - c0.1;
+            let gf = n as f64 * 2.0 * (KC * MR * NR) as f64 * 1e-9;
+            eprintln!(
+                "{simd:?} micro-kernel alone: {:.1} GFLOP/s per cpu-s ({})",
+                gf / cpu,
+                h[7]
+            );
+        }
+        for simd in [Simd::Avx512, Simd::Avx2] {
+            if !has(simd) {
+                continue;
+            }
             for layout in [Layout::RowMajorDR, Layout::RowMajorRD] {
-                let c0 = crate::bench::process_usage();
-                let w = std::time::Instant::now();
-                let g = stacked_gram_with(&e, &t, &m, d, r, layout, simd);
-                let c1 = crate::bench::process_usage();
-                let cpu = c1.0 - c0.0 + c1.1 - c0.1;
-                let gf = 2.0 * stacked_gram_fmas(d, r) as f64 * 1e-9;
+                // best of 10 runs of 8 products (the process's CPU time: run it alone)
+                let (mut cpu, mut wall, mut sum) = (f64::INFINITY, f64::INFINITY, 0.0);
+                for _ in 0..10 {
+                    let c0 = crate::bench::process_usage();
+                    let w = std::time::Instant::now();
+                    for _ in 0..8 {
+                        sum += stacked_gram_with(&e, &t, &m, d, r, layout, simd).mask_sum;
+                    }
+                    let c1 = crate::bench::process_usage();
+                    cpu = cpu.min(c1.0 - c0.0 + c1.1 - c0.1);
+                    wall = wall.min(w.elapsed().as_secs_f64());
+                }
+                let gf = 8.0 * 2.0 * stacked_gram_fmas(d, r) as f64 * 1e-9;
                 eprintln!(
-                    "{simd:?} {layout:?}: {:.3} s wall {:.3} s cpu {:.1} GFLOP/s per cpu-s ({})",
-                    w.elapsed().as_secs_f64(),
-                    cpu,
+                    "{simd:?} {layout:?}: {wall:.3} s wall {cpu:.3} s cpu {:.1} GFLOP/s per cpu-s ({sum})",
                     gf / cpu,
-                    g.mask_sum
                 );
             }
         }
@@ -378,18 +658,53 @@ mod tests {
         let kc = 37;
         let xs = vals(kc * MR, 5);
         let bs = vals(kc * MR, 6);
-        let mut want = [0f32; MR * NR];
-        micro_portable(&xs, &bs[8..], kc, &mut want);
+        let ld = MR + 5;
+        let start = vals(NR * ld, 7);
+        let start: Vec<f64> = start.iter().map(|v| f64::from(*v)).collect();
+        let mut want = start.clone();
+        micro_portable(&xs, &bs[8..], kc, &mut want, ld);
         for simd in [Simd::Avx512, Simd::Avx2] {
-            if simd == Simd::Avx512 && has_simd() != Simd::Avx512
-                || simd == Simd::Avx2 && has_simd() == Simd::None
-            {
+            if !has(simd) {
                 continue;
             }
-            let mut got = [0f32; MR * NR];
-            micro(&xs, &bs[8..], kc, &mut got, simd);
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-4, "{simd:?}: {g} vs {w}");
+            let mut got = start.clone();
+            micro(&xs, &bs[8..], kc, &mut got, ld, simd);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-4, "{simd:?} {i}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_the_cpu_has_gives_the_portable_gram() {
+        // ranks that take the vector packing (multiples of 16) and others; row counts with
+        // partial blocks of 128 and of 16
+        for (d, r) in [(300, 16), (517, 48), (130, 64), (64, 3), (203, 40)] {
+            let (e, t) = (vals(d * r, 11), vals(d * r, 12));
+            let m: Vec<f32> = vals(d * r, 13)
+                .iter()
+                .map(|v| (*v > -0.2) as u8 as f32)
+                .collect();
+            for layout in [Layout::RowMajorDR, Layout::RowMajorRD] {
+                let want = stacked_gram_with(&e, &t, &m, d, r, layout, Simd::None);
+                for simd in [Simd::Avx512, Simd::Avx2] {
+                    if !has(simd) {
+                        continue;
+                    }
+                    let got = stacked_gram_with(&e, &t, &m, d, r, layout, simd);
+                    assert_eq!(got.mask_sum, want.mask_sum, "{d} {r} {layout:?} {simd:?}");
+                    for which in 0..3 {
+                        for a in 0..r {
+                            for b in 0..r {
+                                let (g, w) = (got.block(which, a, b), want.block(which, a, b));
+                                assert!(
+                                    (g - w).abs() < 1e-4,
+                                    "{d} {r} {layout:?} {simd:?} {which} {a} {b}: {g} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }

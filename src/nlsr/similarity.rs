@@ -49,7 +49,7 @@ pub fn safety_region(m: &LoraModule, mask: Option<&ModuleMask>) -> Result<(Tenso
 /// `S_j = <W'_e, W'_t>_F / (||W'_e||_F ||W'_t||_F)`, with
 /// `W'_e = (M_B ⊙ B_e)(M_A ⊙ A_e)` and `W'_t = (M_B ⊙ B_t)(M_A ⊙ A_t)` (Eq. 7),
 ///
-/// computed through `r x r` products (f32 products over blocks of 256, summed in f64; see
+/// computed through `r x r` products (f32 products over blocks of 128 rows, summed in f64; see
 /// [`gram`](super::gram)). The LoRA scales cancel. When a region is zero (an empty mask, an
 /// untrained B) the cosine is undefined: it is 1 when both are zero (nothing differs, nothing
 /// to repair) and 0 when only one is.
