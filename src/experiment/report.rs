@@ -274,13 +274,13 @@ impl Report {
             );
         }
         s.push_str("\n| model | HS ↓ | FA ↑ |\n|---|---:|---:|\n");
-        if let Some(e) = self.find("Non-aligned") {
-            let _ = writeln!(
-                s,
-                "| Non-aligned (none deactivated) | {} | {} |",
-                fmt1(e.hs),
-                fmt1(e.fa)
-            );
+        for (label, row) in [
+            ("Aligned (W_a, DPO)", "Aligned (W_a), none deactivated"),
+            ("Non-aligned", "Non-aligned (before SN-Tune)"),
+        ] {
+            if let Some(e) = self.find(label) {
+                let _ = writeln!(s, "| {row} | {} | {} |", fmt1(e.hs), fmt1(e.fa));
+            }
         }
         for e in rows {
             let _ = writeln!(
