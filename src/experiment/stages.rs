@@ -202,7 +202,6 @@ impl Runner {
         obs: &mut dyn Observer,
     ) -> crate::Result<serde_json::Value> {
         let dev = Device::Cpu;
-        let json = |v: &dyn erased::Ser| v.to_json();
         match &stage.kind {
             StageKind::Train {
                 settings,
@@ -247,7 +246,7 @@ impl Runner {
                 };
                 let mixed = crate::data::mix_sources(task, harmful, &cfg)?;
                 crate::data::write_mix(&out.join("mix.jsonl"), &mixed)?;
-                Ok(json(&mixed.meta))
+                Ok(to_json(&mixed.meta))
             }
             StageKind::Amplify { beta } => {
                 let aligned = Adapter::load(&deps[0], &dev)?;
@@ -329,7 +328,7 @@ impl Runner {
             }
             StageKind::Eval { model } => {
                 let r = self.evaluate(model, deps, out, obs)?;
-                Ok(json(&r))
+                Ok(to_json(&r))
             }
         }
     }
@@ -491,16 +490,10 @@ impl Runner {
     }
 }
 
-mod erased {
-    /// Serialise anything to a JSON value (for stage results).
-    pub trait Ser {
-        fn to_json(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn to_json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-        }
-    }
+/// A stage result as JSON (the results are plain data; a failure would be a bug, so it maps to
+/// `null` rather than failing a finished stage).
+fn to_json(v: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
 fn summary_line(v: &serde_json::Value) -> String {
