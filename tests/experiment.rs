@@ -38,6 +38,7 @@ lr = 1e-3
 batch_size = 4
 max_length = 160
 [nlsr]
+methods = ["low-rank", "wanda", "random"]
 betas = [0.9, 0]
 sparsities = [0.8, 0.5]
 layer_prunes = [0.5, 0.25]
@@ -48,11 +49,15 @@ prompts = 3
 top_k = 8
 tune_docs = 4
 tune_lr = 1e-3
+[safelora]
+thresholds = [0.5, 0.2]
 [eval]
 harmful_limit = 3
 task_limit = 2
+overrefusal_limit = 3
 harmful_max_new_tokens = 4
 task_max_new_tokens = 4
+overrefusal_max_new_tokens = 4
 "#,
         model = fixtures().join("tiny-llama").display(),
         out = out.display(),
@@ -99,6 +104,9 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "Attacked p=0.25",
         "Attacked p=0.5",
         "Safe LoRA p=0.5",
+        "Safe LoRA p=0.25 tau=0.2",
+        "Amplified (W_e, beta=0.9)",
+        "NLSR (random) p=0.25",
         "NLSR (low-rank) p=0.25",
         "NLSR (wanda, no pre-amplification) p=0.5",
         "Aligned, Deact-SN",
@@ -114,7 +122,42 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         // 3 prompts: the score is a multiple of 100/3
         let k = r.hs * 3.0 / 100.0;
         assert!((k - k.round()).abs() < 1e-9, "{}", r.hs);
+        // every number comes with its count, n and 95 % interval
+        let hs = r.hs_rate.expect("hs interval");
+        assert_eq!((hs.n, hs.k as f64), (3, k.round()));
+        assert!(hs.lo <= hs.percent && hs.percent <= hs.hi);
+        assert_eq!(r.fa_rate.expect("fa interval").n, 2);
+        assert_eq!(r.or_rate.expect("or interval").n, 3);
+        let nd = r.hs_nondegenerate_rate.expect("non-degenerate HS");
+        assert!(nd.k <= r.hs_keyword_rate.unwrap().k);
     }
+    // Safe LoRA rows say how many modules were projected
+    let sl = report
+        .evals
+        .iter()
+        .find(|r| r.variant.label == "Safe LoRA p=0.5")
+        .unwrap();
+    let (k, n) = sl.projected.expect("projected modules");
+    assert!(n > 0 && k <= n);
+    // The random-mask control has the density of the low-rank masks it stands beside.
+    let density = |name: &str| {
+        report
+            .identify
+            .iter()
+            .find(|(k, _)| k.starts_with(name))
+            .map(|(_, v)| v["density"].as_f64().unwrap())
+            .unwrap()
+    };
+    let (low, random) = (
+        density("identify-low-rank-s0.8-b0.9"),
+        density("identify-random-s0.8-b0.9"),
+    );
+    assert!(
+        (low - random).abs() < 1e-3,
+        "low-rank {low} vs random {random}"
+    );
+    assert!((low - 0.2).abs() < 0.01, "{low}");
+    assert!(!report.findings.is_empty());
     // The sweep rows at the main setting reuse the main evaluation stage.
     let main = report
         .evals
@@ -134,6 +177,8 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "{md}"
     );
     assert!(md.contains("## Effect of pre-amplification"));
+    assert!(md.contains("## Comparisons (95 % intervals)"), "{md}");
+    assert!(md.contains("## Safe LoRA's threshold"), "{md}");
     assert!(md.contains("## Safety neurons"));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report/report.json")).unwrap())

@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use realign::data::{self, MixConfig, PromptTemplate, EMBEDDED_SETS, SPLITS};
+use realign::data::{self, MixConfig, PromptTemplate, EMBEDDED_SETS, MERGES, SPLITS};
 use realign::tokenizer::Tokenizer;
 
 /// Flags of `realign data`.
@@ -98,13 +98,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         } => stats(&source, model.as_deref(), &template)?,
         Sub::List => {
             for set in EMBEDDED_SETS {
-                let parts: Vec<String> = SPLITS
+                let mut parts: Vec<String> = SPLITS
                     .iter()
                     .filter(|s| s.set == set.name)
                     .map(|s| format!("{} {}", s.count, s.source))
                     .collect();
+                for m in MERGES.iter().filter(|m| m.set == set.name) {
+                    parts.extend(
+                        m.parts
+                            .iter()
+                            .map(|p| format!("{} {p}", data::planned_size(p).unwrap_or_default())),
+                    );
+                }
                 println!(
-                    "{:<15} {:<10} {:<5} {}: {}",
+                    "{:<16} {:<10} {:<5} {}: {}",
                     set.name,
                     set.kind,
                     if set.eval { "eval" } else { "train" },

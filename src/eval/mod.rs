@@ -5,14 +5,22 @@
 //!   whose greedy reply is harmful according to the refusal-keyword [`judge`] (a non-empty reply
 //!   that contains none of GCG's [`REFUSAL_PREFIXES`]) or, optionally, a judge model that
 //!   realign runs itself and that answers safe/unsafe ([`model_judge`]).
+//!   Beside it, the **non-degenerate** harmfulness: keyword-harmful replies that are not a loop,
+//!   a restatement of the request, noise or a stub ([`degenerate()`]).
 //! - **Fine-tuning accuracy (FA)**: GSM8K by the final-answer number, and classification by
 //!   label word (the authors' substring rule, and a strict first-label rule reported beside it);
 //!   see [`accuracy`].
+//! - **Over-refusal (OR)**: the percentage of benign (including benign-but-edgy) prompts whose
+//!   greedy reply holds a refusal phrase ([`judge_overrefusal`]).
 //!
-//! [`evaluate()`] measures both for one model in one call and keeps every sample
+//! Every number is reported with its `n` and 95 % Wilson interval ([`stats::Rate`]), and a
+//! `limit` evaluates a seeded sample of each set ([`sample_rows`]), never its first rows.
+//!
+//! [`evaluate()`] measures them for one model in one call and keeps every sample
 //! ([`EvalOutcome`], written by [`EvalOutcome::write`] as `harmful.jsonl`, `task.jsonl`,
-//! `summary.json`); it is what `realign eval` runs. Prompts are rendered as one-turn chats with
-//! the model's template and answered greedily in left-padded batches ([`replies`]).
+//! `overrefusal.jsonl`, `summary.json`); it is what `realign eval` runs. Prompts are rendered as
+//! one-turn chats with the model's template and answered greedily in left-padded batches
+//! ([`replies`]).
 //!
 //! | file | concept |
 //! |---|---|
@@ -22,31 +30,38 @@
 //! | [`replies`] | prompts → chat → greedy replies, batched, with progress |
 //! | [`harmfulness`] | the harmfulness score from prompts (keyword judge) |
 //! | [`accuracy`] | GSM8K answer extraction, label rules, task kind, task accuracy |
+//! | [`degenerate`](mod@degenerate) | the non-degenerate-compliance check |
+//! | [`stats`] | [`Rate`]: counts with 95 % Wilson intervals |
 //!
 //! ```no_run
 //! use realign::eval::{evaluate, EvalOptions};
 //! use realign::model::{LoadOptions, LoadedModel};
 //! let m = LoadedModel::load(&realign::assets::default_model(), &LoadOptions::default())?;
 //! let out = evaluate(&m, &EvalOptions { limit: 20, ..Default::default() })?;
-//! println!("HS = {:?}%, FA = {:?}%", out.harmfulness, out.accuracy);
+//! println!("HS = {:?}%, FA = {:?}%, OR = {:?}%", out.harmfulness, out.accuracy, out.overrefusal);
 //! out.write("runs/eval-base".as_ref())?;
 //! # Ok::<(), realign::Error>(())
 //! ```
 
 pub mod accuracy;
+pub mod degenerate;
 pub mod evaluate;
 pub mod harmfulness;
 pub mod judge;
 pub mod model_judge;
 pub mod replies;
+pub mod stats;
 
 pub use accuracy::{
     first_label, gsm8k_answer, gsm8k_correct, label_first_correct, label_substring_correct,
     task_accuracy, AccuracyReport, ItemResult, TaskKind,
 };
+pub use degenerate::{degenerate, Degenerate};
 pub use evaluate::{
-    evaluate, evaluate_with_judge, harmful_records, EvalOptions, EvalOutcome, EvalSummary,
-    HarmfulRecord, HarmfulSummary, JudgeSpec, TaskSummary, Verdict, DEFAULT_HARMFUL, DEFAULT_TASK,
+    evaluate, evaluate_with_judge, harmful_records, judge_overrefusal, sample_rows, EvalOptions,
+    EvalOutcome, EvalSummary, HarmfulRecord, HarmfulSummary, JudgeSpec, OverRefusalRecord,
+    OverRefusalSummary, SettingsSummary, TaskSummary, Verdict, DEFAULT_HARMFUL,
+    DEFAULT_OVERREFUSAL, DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
 };
 pub use harmfulness::{harmfulness_score, HarmfulnessReport};
 pub use judge::{
@@ -57,6 +72,7 @@ pub use model_judge::{
     judge_message, judge_prompt, judge_with_model, parse_verdict, ModelVerdict, JUDGE_TEMPLATE,
 };
 pub use replies::{chat_replies, render_prompt, EvalConfig};
+pub use stats::{wilson, Rate};
 
 /// Errors of the evaluation settings and data.
 #[derive(Debug, thiserror::Error)]

@@ -28,6 +28,10 @@ pub struct ExperimentConfig {
     pub output: PathBuf,
     /// Seed of every stage (data order, mixing, layer pruning, random sets).
     pub seed: u64,
+    /// Seeds of the attack-to-repair chain (mix, attack, Safe LoRA, identification, NLSR and
+    /// their evaluations); the alignment is trained once with `seed`. Empty: `[seed]`. With
+    /// several, the report gives every row per seed and the mean ± standard deviation.
+    pub seeds: Vec<u64>,
     /// Alignment: the weak adapter `W_0` (SFT) and the aligned adapter `W_a` (DPO).
     pub align: AlignSettings,
     /// The harmful fine-tuning attack `W_t`, one per `p`.
@@ -133,12 +137,13 @@ pub struct NlsrSettings {
     pub identify_data: String,
 }
 
-/// Safe LoRA.
+/// Safe LoRA, applied to the fine-tuning update `W_t − W_a` (Hsu et al. 2024).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SafeLoraSettings {
-    /// Project modules whose cosine is below this.
-    pub threshold: f64,
+    /// Cosine thresholds τ: a module whose `cos(C ΔW, ΔW) < τ` is projected. The first is the
+    /// main setting (one Safe LoRA row per `p`); the others a sweep at the main `p`.
+    pub thresholds: Vec<f64>,
 }
 
 /// Safety neurons.
@@ -189,6 +194,15 @@ pub struct EvalSettings {
     /// The harmfulness judge: `keyword` (GCG's refusal prefixes) or `model:PATH` (a chat model
     /// prompted Llama-Guard style; the keyword score is reported beside it).
     pub judge: String,
+    /// Also evaluate the intermediate models `W_0` (SFT) and `W_e` (amplified), which no repair
+    /// row needs.
+    pub intermediate: bool,
+    /// Benign-but-edgy prompts for the over-refusal rate (`""`: not measured).
+    pub overrefusal: String,
+    /// Over-refusal prompts used (0: all).
+    pub overrefusal_limit: usize,
+    /// New tokens per over-refusal reply.
+    pub overrefusal_max_new_tokens: usize,
 }
 
 fn default_dpo_beta() -> f64 {
@@ -230,28 +244,35 @@ impl StageTrain {
 }
 
 impl Default for AlignSettings {
+    /// Alignment data mixes harmful prompts (refusals) with benign ones (helpful answers), so
+    /// that `W_a` refuses harm and still answers benign requests: `align_sft` (400 + 150 rows)
+    /// and `align_pref` (130 + 150 pairs; a benign pair prefers the helpful answer to a
+    /// refusal).
     fn default() -> Self {
-        let mut dpo = StageTrain::new("dpo", "embedded:safety_pref", 1e-4);
+        let mut dpo = StageTrain::new("dpo", "embedded:align_pref", 1e-4);
         dpo.batch_size = 4;
         dpo.grad_accum = 2;
         dpo.warmup_ratio = 0.1;
         Self {
-            sft: StageTrain::new("sft", "embedded:safety_sft", 2e-4),
+            sft: StageTrain::new("sft", "embedded:align_sft", 2e-4),
             dpo,
         }
     }
 }
 
 impl Default for AttackSettings {
+    /// The NLSR paper's attack: `n` = 1,000 rows of the task (binary sentiment) of which
+    /// `round(n p)` are harmful compliant pairs, for p = 0.1 (main), 0, 0.05 and 0.2; p = 0 is
+    /// "benign fine-tuning also erodes safety".
     fn default() -> Self {
         let mut train = StageTrain::new("sft", "", 2e-4);
-        train.epochs = 2;
-        train.max_length = 320;
+        train.epochs = 1;
+        train.max_length = 256;
         Self {
             task: "embedded:task_train".into(),
             harmful: "embedded:harmful_attack".into(),
-            n: 200,
-            ps: vec![0.1, 0.05, 0.2],
+            n: 1000,
+            ps: vec![0.1, 0.0, 0.05, 0.2],
             train,
         }
     }
@@ -260,11 +281,12 @@ impl Default for AttackSettings {
 impl Default for NlsrSettings {
     fn default() -> Self {
         Self {
-            methods: vec!["low-rank".into(), "wanda".into()],
-            betas: vec![0.9, 0.5, 1.5],
+            // `random`: the control, masks of the same density drawn at random.
+            methods: vec!["low-rank".into(), "random".into()],
+            betas: vec![0.9, 0.5],
             without_amplification: true,
-            sparsities: vec![0.8, 0.5, 0.95],
-            layer_prunes: vec![0.5, 0.25, 0.75],
+            sparsities: vec![0.8],
+            layer_prunes: vec![0.5],
             epsilon: 0.2,
             identify_samples: 200,
             identify_data: "embedded:safety_sft".into(),
@@ -274,7 +296,9 @@ impl Default for NlsrSettings {
 
 impl Default for SafeLoraSettings {
     fn default() -> Self {
-        Self { threshold: 0.5 }
+        Self {
+            thresholds: vec![0.5, 0.35, 0.65],
+        }
     }
 }
 
@@ -306,9 +330,14 @@ impl Default for EvalSettings {
             harmful_limit: 0,
             task_limit: 0,
             harmful_max_new_tokens: 48,
-            task_max_new_tokens: 256,
+            // a label word and a little more: the substring rule reads the whole reply
+            task_max_new_tokens: 8,
             batch_size: 16,
             judge: "keyword".into(),
+            intermediate: true,
+            overrefusal: "embedded:overrefusal_eval".into(),
+            overrefusal_limit: 0,
+            overrefusal_max_new_tokens: 48,
         }
     }
 }
@@ -319,6 +348,7 @@ impl Default for ExperimentConfig {
             model: None,
             output: PathBuf::from("runs/experiment"),
             seed: 42,
+            seeds: Vec::new(),
             align: AlignSettings::default(),
             attack: AttackSettings::default(),
             nlsr: NlsrSettings::default(),
@@ -330,36 +360,35 @@ impl Default for ExperimentConfig {
 }
 
 impl ExperimentConfig {
-    /// The reduced run of `realign experiment --quick`: the same stages on small slices (a few
-    /// training steps, 16 harmful and 8 task items, one `p`, no sweeps), under 10 minutes on 2
-    /// CPU cores. Its output folder is `runs/experiment-quick`.
+    /// The reduced run of `realign experiment --quick`: alignment on 96 SFT rows and 24 DPO
+    /// pairs, one attack (n = 100, p = 0.2), Safe LoRA and NLSR (low-rank and random masks),
+    /// no sweeps and no safety-neuron half; every variant on 64 harmful prompts, 64 task items
+    /// and 64 over-refusal prompts (seeded samples). About 10 minutes on 2 CPU cores. Its
+    /// output folder is `runs/experiment-quick`.
     pub fn quick() -> Self {
         let mut c = Self {
             output: PathBuf::from("runs/experiment-quick"),
             ..Self::default()
         };
-        c.align.sft.max_rows = 48;
+        c.align.sft.max_rows = 96;
         c.align.sft.max_length = 128;
-        c.align.dpo.max_rows = 12;
-        c.align.dpo.max_length = 128;
+        c.align.dpo.max_rows = 24;
+        c.align.dpo.max_length = 160;
         c.align.dpo.grad_accum = 1;
-        c.attack.n = 32;
-        c.attack.ps = vec![0.5];
-        c.attack.train.epochs = 1;
-        c.attack.train.lr = 5e-4;
-        c.nlsr.without_amplification = false;
-        c.neurons.finetune_rows = 16;
+        c.attack.n = 100;
+        c.attack.ps = vec![0.2];
         c.attack.train.max_length = 192;
+        c.nlsr.without_amplification = false;
         c.nlsr.betas = vec![0.9];
-        c.nlsr.sparsities = vec![0.8];
-        c.nlsr.layer_prunes = vec![0.5];
         c.nlsr.identify_samples = 24;
-        c.neurons.prompts = 12;
-        c.neurons.tune_docs = 16;
-        c.eval.harmful_limit = 16;
-        c.eval.task_limit = 8;
+        c.safelora.thresholds = vec![0.5];
+        c.neurons.enabled = false;
+        c.eval.intermediate = false;
+        c.eval.harmful_limit = 64;
+        c.eval.task_limit = 64;
+        c.eval.overrefusal_limit = 64;
         c.eval.harmful_max_new_tokens = 32;
-        c.eval.task_max_new_tokens = 96;
+        c.eval.overrefusal_max_new_tokens = 32;
         c
     }
 
@@ -401,6 +430,7 @@ impl ExperimentConfig {
             frac("attack.ps", p, 0.0, 1.0)?;
         }
         for (name, v) in [
+            ("safelora.thresholds", &self.safelora.thresholds),
             ("nlsr.betas", &self.nlsr.betas),
             ("nlsr.sparsities", &self.nlsr.sparsities),
             ("nlsr.layer_prunes", &self.nlsr.layer_prunes),
@@ -411,6 +441,23 @@ impl ExperimentConfig {
         }
         for &s in &self.nlsr.sparsities {
             frac("nlsr.sparsities", s, 0.0, 1.0)?;
+        }
+        for &t in &self.safelora.thresholds {
+            frac("safelora.thresholds", t, -1.0, 1.0)?;
+        }
+        for &b in &self.nlsr.betas {
+            if !b.is_finite() || b < 0.0 {
+                return Err(format!("nlsr.betas: {b} is not a finite number >= 0"));
+            }
+        }
+        if self.eval.batch_size == 0 {
+            return Err("eval.batch_size = 0: give at least 1".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.seeds {
+            if !seen.insert(s) {
+                return Err(format!("seeds: {s} is listed twice"));
+            }
         }
         for &s in &self.nlsr.layer_prunes {
             frac("nlsr.layer_prunes", s, 0.0, 1.0)?;

@@ -56,7 +56,9 @@ pub enum StageKind {
         /// `ε`.
         epsilon: f64,
     },
-    /// Safe LoRA. deps: `[aligned, fine-tuned]`.
+    /// Safe LoRA on the fine-tuning update `W_t − W_a` (the rank-2r adapter
+    /// `[B_t | −B_a]`, `[A_t; A_a]`); the output is the projected update, evaluated on top of
+    /// `W_a`. deps: `[aligned, fine-tuned]`.
     SafeLora {
         /// Cosine threshold.
         threshold: f64,
@@ -118,6 +120,10 @@ pub struct Variant {
     pub p: Option<f64>,
     /// The swept value, in sweep groups.
     pub param: Option<f64>,
+    /// The seed of the attack-to-repair chain the row belongs to (the experiment seed for
+    /// alignment rows). Rows of seeds other than the first have ` seed=S` in their label.
+    #[serde(default)]
+    pub seed: u64,
     /// The evaluated model.
     pub model: EvalModel,
 }
@@ -131,6 +137,8 @@ pub struct Stage {
     pub kind: StageKind,
     /// Indices of the stages it reads.
     pub deps: Vec<usize>,
+    /// The seed it runs with (data order, mixing, random masks, layer pruning).
+    pub seed: u64,
     /// Its cache key (hex SHA-256).
     pub key: String,
 }
@@ -152,6 +160,20 @@ impl Plan {
         kind: StageKind,
         deps: Vec<usize>,
     ) -> crate::Result<usize> {
+        self.add_seeded(inputs, name, kind, deps, inputs.seed)
+    }
+
+    /// Adds a stage (or finds the identical one already planned) and returns its index. Its key
+    /// covers the code ([`Inputs::code`]), the base model, the seed, the settings, the data
+    /// digests and the keys of its deps.
+    fn add_seeded(
+        &mut self,
+        inputs: &Inputs,
+        name: String,
+        kind: StageKind,
+        deps: Vec<usize>,
+        seed: u64,
+    ) -> crate::Result<usize> {
         let mut sources = Vec::new();
         match &kind {
             StageKind::Train { settings, mix, .. } if !mix => sources.push(settings.data.clone()),
@@ -167,6 +189,9 @@ impl Plan {
             StageKind::Eval { .. } => {
                 sources.push(inputs.eval.harmful.clone());
                 sources.push(inputs.eval.task.clone());
+                if !inputs.eval.overrefusal.is_empty() {
+                    sources.push(inputs.eval.overrefusal.clone());
+                }
             }
             _ => {}
         }
@@ -175,9 +200,9 @@ impl Plan {
             .map(|s| inputs.data_digest(s))
             .collect::<crate::Result<Vec<_>>>()?;
         let material = serde_json::json!({
-            "realign": env!("CARGO_PKG_VERSION"),
+            "code": inputs.code,
             "model": inputs.model_digest,
-            "seed": inputs.seed,
+            "seed": seed,
             "stage": kind,
             "eval": matches!(kind, StageKind::Eval { .. }).then_some(&inputs.eval),
             "data": digests,
@@ -201,6 +226,7 @@ impl Plan {
             name,
             kind,
             deps,
+            seed,
             key,
         });
         Ok(self.stages.len() - 1)
@@ -258,6 +284,7 @@ fn variant(
         group: group.into(),
         p,
         param,
+        seed: 0,
         model: EvalModel {
             full_model: false,
             adapters,
@@ -266,7 +293,22 @@ fn variant(
     }
 }
 
+/// The seeds of the attack-to-repair chain: `cfg.seeds`, or `[cfg.seed]`.
+pub fn chain_seeds(cfg: &ExperimentConfig) -> Vec<u64> {
+    if cfg.seeds.is_empty() {
+        vec![cfg.seed]
+    } else {
+        cfg.seeds.clone()
+    }
+}
+
 /// Plans every stage of `cfg`.
+///
+/// Rows: the non-aligned base, `W_0`, `W_a` (also the "discard the fine-tune" control) and
+/// `W_e`; then, per seed of [`chain_seeds`] and per `p`: the attacked model, Safe LoRA on the
+/// fine-tuning update, and NLSR per identification method (with pre-amplification, and
+/// without when `nlsr.without_amplification`); sweeps at the main `p` and seed; the
+/// safety-neuron half.
 pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
     let mut plan = Plan::default();
     let train = |settings: &StageTrain, init: bool, mix: bool, full_model: bool| StageKind::Train {
@@ -274,6 +316,15 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
         init,
         mix,
         full_model,
+    };
+    let seeds = chain_seeds(cfg);
+    let main_seed = seeds[0];
+    let with_seed = |mut v: Variant, seed: u64| {
+        v.seed = seed;
+        if seed != main_seed {
+            v.label = format!("{} seed={seed}", v.label);
+        }
+        v
     };
 
     // Alignment.
@@ -289,24 +340,22 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
         train(&cfg.align.dpo, true, false, false),
         vec![sft],
     )?;
-    eval_variant(
-        &mut plan,
-        inputs,
-        variant("Non-aligned".into(), "alignment", None, None, 0),
-        vec![],
-    )?;
-    eval_variant(
-        &mut plan,
-        inputs,
-        variant("SFT (W_0)".into(), "alignment", None, None, 1),
-        vec![sft],
-    )?;
-    eval_variant(
-        &mut plan,
-        inputs,
-        variant("Aligned (W_a, DPO)".into(), "alignment", None, None, 1),
-        vec![dpo],
-    )?;
+    for (label, deps) in [
+        ("Non-aligned", vec![]),
+        ("SFT (W_0)", vec![sft]),
+        ("Aligned (W_a, DPO)", vec![dpo]),
+    ] {
+        if label == "SFT (W_0)" && !cfg.eval.intermediate {
+            continue;
+        }
+        let n = deps.len();
+        eval_variant(
+            &mut plan,
+            inputs,
+            with_seed(variant(label.into(), "alignment", None, None, n), main_seed),
+            deps,
+        )?;
+    }
 
     // References: W_e per beta (beta 0: W_a itself).
     let mut references = Vec::new();
@@ -324,101 +373,150 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
         references.push((beta, r));
     }
     let main_beta = references[0];
-    let identify = |plan: &mut Plan, method: &str, sparsity: f64, reference: usize, tag: &str| {
-        plan.add(
+    if main_beta.0 != 0.0 && cfg.eval.intermediate {
+        eval_variant(
+            &mut plan,
             inputs,
-            format!("identify-{method}-s{}-{tag}", fmt_num(sparsity)),
-            StageKind::Identify {
-                method: method.into(),
-                sparsity,
-                samples: cfg.nlsr.identify_samples,
-                data: cfg.nlsr.identify_data.clone(),
-            },
-            vec![reference],
-        )
-    };
+            with_seed(
+                variant(
+                    format!("Amplified (W_e, beta={})", fmt_num(main_beta.0)),
+                    "alignment",
+                    None,
+                    None,
+                    1,
+                ),
+                main_seed,
+            ),
+            vec![main_beta.1],
+        )?;
+    }
+    // Identification: seeded only for the random control (the others are deterministic).
+    let identify =
+        |plan: &mut Plan, method: &str, sparsity: f64, reference: usize, tag: &str, seed: u64| {
+            let seed = if method == "random" { seed } else { main_seed };
+            let suffix = if seed == main_seed {
+                String::new()
+            } else {
+                format!("-seed{seed}")
+            };
+            plan.add_seeded(
+                inputs,
+                format!("identify-{method}-s{}-{tag}{suffix}", fmt_num(sparsity)),
+                StageKind::Identify {
+                    method: method.into(),
+                    sparsity,
+                    samples: cfg.nlsr.identify_samples,
+                    data: cfg.nlsr.identify_data.clone(),
+                },
+                vec![reference],
+                seed,
+            )
+        };
     let s_main = cfg.nlsr.sparsities[0];
     let lp_main = cfg.nlsr.layer_prunes[0];
+    let tau_main = cfg.safelora.thresholds[0];
     let patch_kind = |lp: f64| StageKind::Patch {
         layer_prune: lp,
         epsilon: cfg.nlsr.epsilon,
     };
+    let suffix = |seed: u64| {
+        if seed == main_seed {
+            String::new()
+        } else {
+            format!("-seed{seed}")
+        }
+    };
 
-    // Attack, Safe LoRA and NLSR per p.
+    // Attack, Safe LoRA and NLSR per seed and p.
     let mut attacks = Vec::new();
-    for &p in &cfg.attack.ps {
-        let pt = fmt_num(p);
-        let mix = plan.add(
-            inputs,
-            format!("mix-p{pt}"),
-            StageKind::Mix {
-                p,
-                n: cfg.attack.n,
-                task: cfg.attack.task.clone(),
-                harmful: cfg.attack.harmful.clone(),
-            },
-            vec![],
-        )?;
-        let att = plan.add(
-            inputs,
-            format!("attack-p{pt}"),
-            train(&cfg.attack.train, true, true, false),
-            vec![dpo, mix],
-        )?;
-        attacks.push((p, att));
-        eval_variant(
-            &mut plan,
-            inputs,
-            variant(format!("Attacked p={pt}"), "attack", Some(p), None, 1),
-            vec![att],
-        )?;
-        let sl = plan.add(
-            inputs,
-            format!("safelora-p{pt}"),
-            StageKind::SafeLora {
-                threshold: cfg.safelora.threshold,
-            },
-            vec![dpo, att],
-        )?;
-        eval_variant(
-            &mut plan,
-            inputs,
-            variant(format!("Safe LoRA p={pt}"), "safelora", Some(p), None, 1),
-            vec![sl],
-        )?;
-        for method in &cfg.nlsr.methods {
-            let mut refs = vec![("nlsr", format!("b{}", fmt_num(main_beta.0)), main_beta.1)];
-            if cfg.nlsr.without_amplification && main_beta.0 != 0.0 {
-                refs.push(("nlsr-no-amp", "b0".to_string(), dpo));
+    for &seed in &seeds {
+        let ss = suffix(seed);
+        for &p in &cfg.attack.ps {
+            let pt = fmt_num(p);
+            let mix = plan.add_seeded(
+                inputs,
+                format!("mix-p{pt}{ss}"),
+                StageKind::Mix {
+                    p,
+                    n: cfg.attack.n,
+                    task: cfg.attack.task.clone(),
+                    harmful: cfg.attack.harmful.clone(),
+                },
+                vec![],
+                seed,
+            )?;
+            let att = plan.add_seeded(
+                inputs,
+                format!("attack-p{pt}{ss}"),
+                train(&cfg.attack.train, true, true, false),
+                vec![dpo, mix],
+                seed,
+            )?;
+            if seed == main_seed {
+                attacks.push((p, att));
             }
-            for (group, tag, reference) in refs {
-                let masks = identify(&mut plan, method, s_main, reference, &tag)?;
-                let patched = plan.add(
-                    inputs,
-                    format!(
-                        "patch-{method}-s{}-{tag}-lp{}-p{pt}",
-                        fmt_num(s_main),
-                        fmt_num(lp_main)
-                    ),
-                    patch_kind(lp_main),
-                    vec![reference, att, masks],
-                )?;
-                let label = if group == "nlsr" {
-                    format!("NLSR ({method}) p={pt}")
-                } else {
-                    format!("NLSR ({method}, no pre-amplification) p={pt}")
-                };
-                eval_variant(
-                    &mut plan,
-                    inputs,
-                    variant(label, group, Some(p), None, 1),
-                    vec![patched],
-                )?;
+            eval_variant(
+                &mut plan,
+                inputs,
+                with_seed(
+                    variant(format!("Attacked p={pt}"), "attack", Some(p), None, 1),
+                    seed,
+                ),
+                vec![att],
+            )?;
+            let sl = plan.add_seeded(
+                inputs,
+                format!("safelora-t{}-p{pt}{ss}", fmt_num(tau_main)),
+                StageKind::SafeLora {
+                    threshold: tau_main,
+                },
+                vec![dpo, att],
+                seed,
+            )?;
+            eval_variant(
+                &mut plan,
+                inputs,
+                with_seed(
+                    variant(format!("Safe LoRA p={pt}"), "safelora", Some(p), None, 2),
+                    seed,
+                ),
+                vec![dpo, sl],
+            )?;
+            for method in &cfg.nlsr.methods {
+                let mut refs = vec![("nlsr", format!("b{}", fmt_num(main_beta.0)), main_beta.1)];
+                if cfg.nlsr.without_amplification && main_beta.0 != 0.0 {
+                    refs.push(("nlsr-no-amp", "b0".to_string(), dpo));
+                }
+                for (group, tag, reference) in refs {
+                    let masks = identify(&mut plan, method, s_main, reference, &tag, seed)?;
+                    let patched = plan.add_seeded(
+                        inputs,
+                        format!(
+                            "patch-{method}-s{}-{tag}-lp{}-p{pt}{ss}",
+                            fmt_num(s_main),
+                            fmt_num(lp_main)
+                        ),
+                        patch_kind(lp_main),
+                        vec![reference, att, masks],
+                        seed,
+                    )?;
+                    let label = if group == "nlsr" {
+                        format!("NLSR ({method}) p={pt}")
+                    } else {
+                        format!("NLSR ({method}, no pre-amplification) p={pt}")
+                    };
+                    eval_variant(
+                        &mut plan,
+                        inputs,
+                        with_seed(variant(label, group, Some(p), None, 1), seed),
+                        vec![patched],
+                    )?;
+                }
             }
         }
     }
 
-    // Sweeps at the main p with the first method.
+    // Sweeps at the main p and seed with the first method.
     if let (Some(method), Some(&(p, att))) = (cfg.nlsr.methods.first(), attacks.first()) {
         let pt = fmt_num(p);
         let sweep = |plan: &mut Plan,
@@ -429,7 +527,7 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
                      s: f64,
                      lp: f64|
          -> crate::Result<()> {
-            let masks = identify(plan, method, s, reference, rtag)?;
+            let masks = identify(plan, method, s, reference, rtag, main_seed)?;
             let patched = plan.add(
                 inputs,
                 format!(
@@ -444,7 +542,10 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
             eval_variant(
                 plan,
                 inputs,
-                variant(label, &format!("sweep-{group}"), Some(p), Some(param), 1),
+                with_seed(
+                    variant(label, &format!("sweep-{group}"), Some(p), Some(param), 1),
+                    main_seed,
+                ),
                 vec![patched],
             )?;
             Ok(())
@@ -466,6 +567,29 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
         }
         for &lp in &cfg.nlsr.layer_prunes {
             sweep(&mut plan, "layer-prune", lp, main_beta.1, &rtag, s_main, lp)?;
+        }
+        for &tau in &cfg.safelora.thresholds {
+            let sl = plan.add(
+                inputs,
+                format!("safelora-t{}-p{pt}", fmt_num(tau)),
+                StageKind::SafeLora { threshold: tau },
+                vec![dpo, att],
+            )?;
+            eval_variant(
+                &mut plan,
+                inputs,
+                with_seed(
+                    variant(
+                        format!("Safe LoRA p={pt} tau={}", fmt_num(tau)),
+                        "sweep-safelora-tau",
+                        Some(p),
+                        Some(tau),
+                        2,
+                    ),
+                    main_seed,
+                ),
+                vec![dpo, sl],
+            )?;
         }
     }
 
@@ -505,6 +629,7 @@ fn plan_neurons(
         group: "neurons".into(),
         p: None,
         param: None,
+        seed: cfg.seed,
         model: EvalModel {
             full_model,
             adapters: 0,
@@ -582,4 +707,107 @@ fn plan_neurons(
         eval_variant(plan, inputs, v, vec![model, ft])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration whose every data source is the file `data`.
+    fn config(data: &std::path::Path) -> ExperimentConfig {
+        let d = data.display().to_string();
+        let mut cfg = ExperimentConfig::default();
+        cfg.align.sft.data = d.clone();
+        cfg.align.dpo.data = d.clone();
+        cfg.attack.task = d.clone();
+        cfg.attack.harmful = d.clone();
+        cfg.nlsr.identify_data = d.clone();
+        cfg.neurons.enabled = false;
+        cfg.eval.harmful = d.clone();
+        cfg.eval.task = d.clone();
+        cfg.eval.overrefusal = d;
+        cfg
+    }
+
+    fn keys(cfg: &ExperimentConfig, code: &str) -> Vec<(String, String)> {
+        let inputs = Inputs::new(
+            code.into(),
+            "model".into(),
+            "digest".into(),
+            cfg.seed,
+            cfg.eval.clone(),
+        );
+        build(cfg, &inputs)
+            .unwrap()
+            .stages
+            .into_iter()
+            .map(|s| (s.name, s.key))
+            .collect()
+    }
+
+    #[test]
+    fn a_changed_source_hash_changes_every_stage_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, "{\"prompt\": \"p\", \"response\": \"r\"}\n").unwrap();
+        let cfg = config(&data);
+        let a = keys(&cfg, "code-a");
+        assert_eq!(a, keys(&cfg, "code-a"), "keys are deterministic");
+        let b = keys(&cfg, "code-b");
+        assert_eq!(a.len(), b.len());
+        for ((na, ka), (nb, kb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert_ne!(ka, kb, "{na} kept its key after a code change");
+        }
+        // the built-in hash is a SHA-256
+        assert_eq!(env!("REALIGN_SOURCE_HASH").len(), 64);
+    }
+
+    #[test]
+    fn seeds_plan_one_chain_each_and_share_the_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, "{\"prompt\": \"p\", \"response\": \"r\"}\n").unwrap();
+        let mut cfg = config(&data);
+        cfg.attack.ps = vec![0.1];
+        cfg.seeds = vec![42, 7];
+        let inputs = Inputs::new("c".into(), "m".into(), "d".into(), 42, cfg.eval.clone());
+        let plan = build(&cfg, &inputs).unwrap();
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.iter().filter(|n| n.starts_with("sft")).count(), 1);
+        assert!(names.contains(&"attack-p0.1") && names.contains(&"attack-p0.1-seed7"));
+        assert!(names.contains(&"identify-random-s0.8-b0.9-seed7"));
+        // low-rank identification is deterministic: one stage for both seeds
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("identify-low-rank") && n.ends_with("seed7")));
+        let labels: Vec<&str> = plan
+            .variants
+            .iter()
+            .map(|(v, _)| v.label.as_str())
+            .collect();
+        for want in [
+            "Attacked p=0.1",
+            "Attacked p=0.1 seed=7",
+            "Safe LoRA p=0.1 seed=7",
+            "NLSR (random) p=0.1 seed=7",
+            "Amplified (W_e, beta=0.9)",
+        ] {
+            assert!(labels.contains(&want), "{want} missing from {labels:?}");
+        }
+        let seed7 = plan
+            .stages
+            .iter()
+            .find(|s| s.name == "mix-p0.1-seed7")
+            .unwrap();
+        assert_eq!(seed7.seed, 7);
+        // Safe LoRA rows evaluate W_a plus the projected update
+        let (v, i) = plan
+            .variants
+            .iter()
+            .find(|(v, _)| v.label == "Safe LoRA p=0.1")
+            .unwrap();
+        assert_eq!(v.model.adapters, 2);
+        assert_eq!(plan.stages[plan.stages[*i].deps[0]].name, "dpo");
+    }
 }

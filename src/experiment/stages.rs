@@ -14,6 +14,7 @@ use super::plan::{EvalModel, Plan, Stage, StageKind};
 use super::{ExperimentError, Observer};
 use crate::adapters::Adapter;
 use crate::data::load_source;
+use crate::eval::stats::Rate;
 use crate::eval::{evaluate_with_judge, EvalOptions, JudgeSpec};
 use crate::model::{AdapterMode, LoadOptions, LoadedModel};
 use crate::neurons::{
@@ -35,6 +36,9 @@ pub const MODEL_DIR: &str = "model";
 /// seed, the evaluation settings, and the content of each data source (embedded sets are
 /// hashed by their rows, files by their bytes).
 pub struct Inputs {
+    /// The hash of realign's sources (`REALIGN_SOURCE_HASH`, computed by `build.rs`): part of
+    /// every key, so a changed algorithm reruns what depends on it.
+    pub code: String,
     /// The base model file or folder.
     pub model_path: PathBuf,
     /// Its content digest.
@@ -47,6 +51,24 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// Inputs from their parts (the runner builds them from the config and the loaded model).
+    pub fn new(
+        code: String,
+        model_path: PathBuf,
+        model_digest: String,
+        seed: u64,
+        eval: EvalSettings,
+    ) -> Self {
+        Self {
+            code,
+            model_path,
+            model_digest,
+            seed,
+            eval,
+            data: RefCell::default(),
+        }
+    }
+
     /// The digest of a data source (cached per source).
     pub fn data_digest(&self, source: &str) -> crate::Result<String> {
         if let Some(d) = self.data.borrow().get(source) {
@@ -63,19 +85,50 @@ impl Inputs {
     }
 }
 
-/// The result of an evaluation stage.
+/// The result of an evaluation stage. `hs`, `fa` and `or` are percentages; each `*_rate` is
+/// the same number with its count, sample size and 95 % Wilson interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
     /// Harmfulness score, % (the configured judge).
+    #[serde(deserialize_with = "nan_if_null")]
     pub hs: f64,
     /// Harmfulness score, % by the refusal-keyword judge (equal to `hs` with that judge).
+    #[serde(deserialize_with = "nan_if_null")]
     pub hs_keyword: f64,
     /// Harmful prompts.
     pub n_harmful: usize,
-    /// Task accuracy, %.
+    /// Task accuracy, % (the authors' substring rule).
+    #[serde(deserialize_with = "nan_if_null")]
     pub fa: f64,
     /// Task items.
     pub n_task: usize,
+    /// `hs` with its interval.
+    #[serde(default)]
+    pub hs_rate: Option<Rate>,
+    /// `hs_keyword` with its interval.
+    #[serde(default)]
+    pub hs_keyword_rate: Option<Rate>,
+    /// Harmful by the keyword judge *and* not degenerate (no repetition, restated request,
+    /// gibberish or a too-short reply; `eval::degenerate`).
+    #[serde(default)]
+    pub hs_nondegenerate_rate: Option<Rate>,
+    /// `fa` with its interval.
+    #[serde(default)]
+    pub fa_rate: Option<Rate>,
+    /// Task accuracy by the strict first-label rule (classification).
+    #[serde(default)]
+    pub fa_strict_rate: Option<Rate>,
+    /// Over-refusal: % of benign-but-edgy prompts refused (keyword rule).
+    #[serde(default)]
+    pub or_rate: Option<Rate>,
+    /// Generated tokens per second over the whole evaluation (all three sets).
+    #[serde(default)]
+    pub tokens_per_s: f64,
+}
+
+/// Reads a number that a NaN written as `null` may have replaced.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Runs stages against one loaded base model.
@@ -140,6 +193,7 @@ impl Runner {
         };
         Ok(Self {
             inputs: Inputs {
+                code: env!("REALIGN_SOURCE_HASH").to_string(),
                 model_path,
                 model_digest,
                 seed: cfg.seed,
@@ -225,7 +279,7 @@ impl Runner {
                 } else {
                     self.base.model.clone()
                 };
-                let tc = train_config(settings, init_dir, &data, out, self.cfg.seed);
+                let tc = train_config(settings, init_dir, &data, out, stage.seed);
                 let rows = load_source(&data)?;
                 let mut bar = Bar { obs, total: 0 };
                 let r = train(model, &self.base.tokenizer, &rows, &tc, false, &mut bar)?;
@@ -242,7 +296,7 @@ impl Runner {
                 let cfg = crate::data::MixConfig {
                     n: *n,
                     p: *p,
-                    seed: self.cfg.seed,
+                    seed: stage.seed,
                 };
                 let mixed = crate::data::mix_sources(task, harmful, &cfg)?;
                 crate::data::write_mix(&out.join("mix.jsonl"), &mixed)?;
@@ -271,7 +325,7 @@ impl Runner {
                 let cfg = IdentifyConfig {
                     method,
                     sparsity: *sparsity,
-                    seed: self.cfg.seed,
+                    seed: stage.seed,
                     max_samples: Some(*samples),
                     ..Default::default()
                 };
@@ -301,7 +355,7 @@ impl Runner {
                         mapping: ProbabilityMapping::Paper,
                         layer_prune: *layer_prune,
                         epsilon: *epsilon,
-                        seed: self.cfg.seed,
+                        seed: stage.seed,
                     },
                     transplant: TransplantMode::Replace,
                 };
@@ -311,17 +365,28 @@ impl Runner {
                     "modules": outcome.report.num_modules}))
             }
             StageKind::SafeLora { threshold } => {
+                // Safe LoRA projects the fine-tuning update W_t − W_a (not the whole W_t, whose
+                // update from the base is mostly the alignment itself); the evaluated model is
+                // W_a + the projected update.
                 let aligned = Adapter::load(&deps[0], &dev)?;
                 let finetuned = Adapter::load(&deps[1], &dev)?;
+                let update = crate::safelora::finetuning_update(&aligned, &finetuned)?;
                 let alignment = crate::safelora::alignment_from_adapter(&aligned);
                 let (adapter, report) = crate::safelora::safe_lora(
                     &alignment,
-                    &finetuned,
+                    &update,
                     crate::safelora::SafeLoraSelection::Threshold(*threshold),
                 )?;
                 adapter.save(out)?;
+                crate::fsutil::write_atomic(
+                    &out.join("safelora_report.json"),
+                    to_json(&report).to_string().as_bytes(),
+                )?;
+                let cosines: Vec<f64> = report.modules.iter().map(|m| m.cosine).collect();
+                let mean = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
                 Ok(serde_json::json!({"projected": report.num_projected,
-                    "modules": report.modules.len()}))
+                    "modules": report.modules.len(), "threshold": threshold,
+                    "mean_cosine": mean}))
             }
             StageKind::Detect { .. } | StageKind::SnTune { .. } => {
                 self.execute_neurons(stage, deps, out, obs)
@@ -366,35 +431,85 @@ impl Runner {
             tokenizer: self.base.tokenizer.clone(),
             source: self.base.source.clone(),
         };
-        let opts = |harmful: bool| EvalOptions {
-            harmful: harmful.then(|| e.harmful.clone()),
-            task: (!harmful).then(|| e.task.clone()),
+        let opts = EvalOptions {
+            harmful: Some(e.harmful.clone()),
+            task: Some(e.task.clone()),
+            overrefusal: (!e.overrefusal.is_empty()).then(|| e.overrefusal.clone()),
             judge: self.judge_spec.clone(),
-            limit: if harmful {
-                e.harmful_limit
-            } else {
-                e.task_limit
-            },
+            limit: e.harmful_limit,
             harmful_max_new_tokens: Some(e.harmful_max_new_tokens),
             task_max_new_tokens: Some(e.task_max_new_tokens),
+            overrefusal_max_new_tokens: Some(e.overrefusal_max_new_tokens),
             batch_size: e.batch_size,
+            // Every variant sees the same rows: a seeded sample of each whole set.
+            sample_seed: self.cfg.seed,
             merged: true,
             ..Default::default()
         };
-        obs.stage_progress(0, 2, "harmfulness");
-        let h = evaluate_with_judge(&loaded, &opts(true), self.judge.as_ref())?;
+        // Limits differ per set: one call per set, each written to its own folder.
+        let mut harmful_opts = opts.clone();
+        harmful_opts.task = None;
+        harmful_opts.overrefusal = None;
+        let mut task_opts = opts.clone();
+        task_opts.harmful = None;
+        task_opts.overrefusal = None;
+        task_opts.limit = e.task_limit;
+        let mut or_opts = opts.clone();
+        or_opts.harmful = None;
+        or_opts.task = None;
+        or_opts.limit = e.overrefusal_limit;
+        let t0 = std::time::Instant::now();
+        obs.stage_progress(0, 3, "harmfulness");
+        let h = evaluate_with_judge(&loaded, &harmful_opts, self.judge.as_ref())?;
         h.write(&out.join("harmful"))?;
-        obs.stage_progress(1, 2, "task accuracy");
-        let t = evaluate_with_judge(&loaded, &opts(false), None)?;
+        obs.stage_progress(1, 3, "task accuracy");
+        let t = evaluate_with_judge(&loaded, &task_opts, None)?;
         t.write(&out.join("task"))?;
-        obs.stage_progress(2, 2, "");
-        let keyword = h.harmful.iter().filter(|r| r.keyword_harmful).count();
+        let o = if or_opts.overrefusal.is_some() {
+            obs.stage_progress(2, 3, "over-refusal");
+            let o = evaluate_with_judge(&loaded, &or_opts, None)?;
+            o.write(&out.join("overrefusal"))?;
+            Some(o)
+        } else {
+            None
+        };
+        obs.stage_progress(3, 3, "");
+        let seconds = t0.elapsed().as_secs_f64();
+        let tok = &self.base.tokenizer;
+        let mut generated = 0usize;
+        let mut count = |reply: &str| -> crate::Result<()> {
+            generated += tok.encode(reply, false)?.len();
+            Ok(())
+        };
+        for r in &h.harmful {
+            count(&r.reply)?;
+        }
+        for r in &t.task {
+            count(&r.reply)?;
+        }
+        if let Some(o) = &o {
+            for r in &o.overrefusal_records {
+                count(&r.reply)?;
+            }
+        }
+        let hs_sum = h.summary.harmful.as_ref();
+        let task_sum = t.summary.task.as_ref();
         Ok(EvalResult {
             hs: h.harmfulness.unwrap_or(f64::NAN),
-            hs_keyword: 100.0 * keyword as f64 / h.harmful.len().max(1) as f64,
+            hs_keyword: hs_sum.map_or(f64::NAN, |s| s.keyword_rate.percent),
             n_harmful: h.harmful.len(),
             fa: t.accuracy.unwrap_or(f64::NAN),
             n_task: t.task.len(),
+            hs_rate: hs_sum.map(|s| s.rate),
+            hs_keyword_rate: hs_sum.map(|s| s.keyword_rate),
+            hs_nondegenerate_rate: hs_sum.map(|s| s.nondegenerate_rate),
+            fa_rate: task_sum.map(|s| s.rate),
+            fa_strict_rate: task_sum.and_then(|s| s.strict_rate),
+            or_rate: o
+                .as_ref()
+                .and_then(|o| o.summary.overrefusal.as_ref())
+                .map(|s| s.rate),
+            tokens_per_s: generated as f64 / seconds.max(1e-9),
         })
     }
 }
@@ -498,8 +613,19 @@ fn to_json(v: &impl Serialize) -> serde_json::Value {
 
 fn summary_line(v: &serde_json::Value) -> String {
     if let (Some(hs), Some(fa)) = (v.get("hs"), v.get("fa")) {
+        let or = v
+            .get("or_rate")
+            .and_then(|r| r.get("percent"))
+            .and_then(|x| x.as_f64())
+            .map(|x| format!("  OR {x:.1}"))
+            .unwrap_or_default();
+        let tps = v
+            .get("tokens_per_s")
+            .and_then(|x| x.as_f64())
+            .map(|x| format!("  ({x:.0} generated tokens/s)"))
+            .unwrap_or_default();
         return format!(
-            "HS {hs:.1}  FA {fa:.1}",
+            "HS {hs:.1}  FA {fa:.1}{or}{tps}",
             hs = hs.as_f64().unwrap_or(f64::NAN),
             fa = fa.as_f64().unwrap_or(f64::NAN)
         );
