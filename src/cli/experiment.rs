@@ -24,6 +24,11 @@ pub struct Args {
     /// with --quick)]
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Evaluate on the validation slices (embedded:harmful_val, embedded:task_val; no
+    /// over-refusal set) instead of the held-out sets: for choosing settings without looking
+    /// at the evaluation sets. Training stages are shared with the normal run
+    #[arg(long)]
+    validate: bool,
     /// Print the resolved configuration (every key with its value) as TOML and exit
     #[arg(long)]
     print_config: bool,
@@ -96,6 +101,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     if let Some(o) = a.output {
         cfg.output = o;
+    }
+    if a.validate {
+        cfg = cfg.validation();
     }
     if a.print_config {
         print!("{}", cfg.to_toml());

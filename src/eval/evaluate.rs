@@ -444,11 +444,15 @@ pub fn evaluate_with_judge(
         .as_deref()
         .map(|spec| prompts_of(spec, opts.limit, opts.sample_seed))
         .transpose()?;
-    let task_items = opts
+    let task_sample = opts
         .task
         .as_deref()
         .map(|spec| task_items(spec, opts.limit, opts.sample_seed))
         .transpose()?;
+    let (task_items, all_golds) = match task_sample {
+        Some((items, golds)) => (Some(items), golds),
+        None => (None, Vec::new()),
+    };
     let overrefusal_prompts = opts
         .overrefusal
         .as_deref()
@@ -456,8 +460,8 @@ pub fn evaluate_with_judge(
         .transpose()?;
     let kind = match (&task_items, &opts.task_kind) {
         (Some(_), Some(k)) => Some(k.clone()),
-        (Some(items), None) => Some(TaskKind::detect(
-            &items.iter().map(|i| i.1.as_str()).collect::<Vec<_>>(),
+        (Some(_), None) => Some(TaskKind::detect(
+            &all_golds.iter().map(String::as_str).collect::<Vec<_>>(),
         )?),
         _ => None,
     };
@@ -712,20 +716,28 @@ fn prompts_of(spec: &str, limit: usize, seed: u64) -> crate::Result<Vec<String>>
 }
 
 /// `(prompt, gold)` of a task set (prompt/response rows only), sampled by [`sample_rows`].
-fn task_items(spec: &str, limit: usize, seed: u64) -> crate::Result<Vec<(String, String)>> {
-    sample_rows(load_source(spec)?, limit, seed)
+/// The task items of `spec` as `(prompt, gold)`: the seeded sample, and every gold answer of
+/// the whole set (the task kind is told from all of them, so that a small sample whose golds
+/// happen to be one label is still read as classification).
+fn task_items(spec: &str, limit: usize, seed: u64) -> crate::Result<TaskItems> {
+    let all: Vec<(String, String)> = load_source(spec)?
         .into_iter()
         .enumerate()
         .map(|(i, row)| match row {
             Row::Sft { prompt, response } => Ok((prompt.plain_text(), response)),
             other => Err(EvalError::Config(format!(
-                "{spec}: sampled row {i}: task rows need a prompt and a gold response, got a {} row",
+                "{spec}: row {i}: task rows need a prompt and a gold response, got a {} row",
                 other.kind()
             ))
             .into()),
         })
-        .collect()
+        .collect::<crate::Result<_>>()?;
+    let golds = all.iter().map(|(_, g)| g.clone()).collect();
+    Ok((sample_rows(all, limit, seed), golds))
 }
+
+/// A task sample and the gold answers of the whole set.
+type TaskItems = (Vec<(String, String)>, Vec<String>);
 
 /// The rows an evaluation uses: with `0 < limit < rows.len()`, the first `limit` rows of a
 /// seeded random permutation of the whole set (SplitMix64 seeded with `seed`, Fisher-Yates), in

@@ -149,7 +149,9 @@ impl StageStore {
             std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
         }
         std::fs::rename(&partial, &dir).map_err(|e| io(&dir, e))?;
-        Ok(rec)
+        // The record as a later run will read it (JSON does not round-trip every f64 bit), so
+        // a fresh run and a resumed one report the same numbers.
+        Ok(serde_json::from_str(&json).unwrap_or(rec))
     }
 }
 

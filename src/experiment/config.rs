@@ -392,6 +392,17 @@ impl ExperimentConfig {
         c
     }
 
+    /// This configuration evaluated on the validation slices instead of the held-out sets:
+    /// `embedded:harmful_val` and `embedded:task_val`, no over-refusal set (it has no
+    /// validation slice). Settings are chosen on these (`realign experiment --validate`), never
+    /// on the held-out sets. Training stages are unchanged, so they are shared with the real run.
+    pub fn validation(mut self) -> Self {
+        self.eval.harmful = "embedded:harmful_val".into();
+        self.eval.task = "embedded:task_val".into();
+        self.eval.overrefusal = String::new();
+        self
+    }
+
     /// Parses an experiment file; unknown keys and bad values are errors naming the file.
     pub fn from_file(path: &Path) -> Result<Self, ExperimentError> {
         let text = std::fs::read_to_string(path).map_err(|source| ExperimentError::Io {

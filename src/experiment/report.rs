@@ -96,6 +96,8 @@ pub struct Report {
     pub seeds: Vec<u64>,
     /// The comparisons the report draws, in words, each with its intervals.
     pub findings: Vec<String>,
+    /// The evaluation sets: harmful, task, over-refusal (empty: not measured).
+    pub eval_sets: Vec<String>,
 }
 
 /// The seed of the first row (reports of older runs carry no seed list).
@@ -199,6 +201,11 @@ impl Report {
             ps: cfg.attack.ps.clone(),
             seeds: super::plan::chain_seeds(cfg),
             findings: Vec::new(),
+            eval_sets: vec![
+                cfg.eval.harmful.clone(),
+                cfg.eval.task.clone(),
+                cfg.eval.overrefusal.clone(),
+            ],
         };
         for (stage, rec) in plan.stages.iter().zip(records) {
             r.times.push(StageTime {
@@ -607,6 +614,16 @@ impl Report {
             n(&|e| e.n_harmful),
             n(&|e| e.n_task),
             n(&|e| e.or_rate.map_or(0, |r| r.n)),
+        );
+        let _ = writeln!(
+            s,
+            "Evaluation sets: harmful `{}`, task `{}`, over-refusal `{}`.\n",
+            self.eval_sets.first().map_or("", |x| x.as_str()),
+            self.eval_sets.get(1).map_or("", |x| x.as_str()),
+            self.eval_sets
+                .get(2)
+                .filter(|x| !x.is_empty())
+                .map_or("none", |x| x.as_str()),
         );
         s.push_str("## HS and FA by method and harmful fraction p\n\n");
         s.push_str(&self.main_table());
