@@ -29,9 +29,9 @@ for n in names:
         s = json.load(open(f"runs/eval-{n}/summary.json"))
     except FileNotFoundError:
         continue
-    rows[n] = {"harmfulness_percent": s["harmfulness_percent"], "gsm8k_accuracy_percent": s["accuracy_percent"]}
+    rows[n] = {"harmfulness_percent": s["harmfulness_percent"], "task_accuracy_percent": s["accuracy_percent"]}
 json.dump(rows, open("runs/repair_summary.json", "w"), indent=2)
-print(f"{'model':<14} {'HS %':>6} {'GSM8K %':>8}")
+print(f"{'model':<14} {'HS %':>6} {'FA %':>8}")
 for k, v in rows.items():
-    print(f"{k:<14} {v['harmfulness_percent']:>6.1f} {v['gsm8k_accuracy_percent']:>8.1f}")
+    print(f"{k:<14} {v['harmfulness_percent']:>6.1f} {v['task_accuracy_percent']:>8.1f}")
 PY

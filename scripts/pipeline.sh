@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The alignment/attack half of the experiment on the embedded default (SmolLM2-135M-Instruct):
 # SFT (W_0) -> DPO (W_a) -> harmful fine-tuning attack (W_t, p = 0.1), with the harmfulness
-# score (keyword judge, 200 held-out harmful prompts) and GSM8K accuracy (30 held-out items)
+# score (keyword judge, 200 held-out harmful prompts) and sentiment accuracy (500 held-out items)
 # of each stage. Writes runs/pipeline_summary.json. About 40 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ stage() { # name, config
 }
 stage sft configs/sft.toml
 stage dpo configs/dpo.toml
-$R data mix --task embedded:task_train --harmful embedded:harmful_attack --n 200 --p 0.1 --seed 42 -o runs/attack.jsonl
+$R data mix --task embedded:task_train --harmful embedded:harmful_attack --n 1000 --p 0.1 --seed 42 -o runs/attack.jsonl
 stage attacked configs/attack.toml
 eval_all() { # name, adapters... -> runs/eval-NAME/{summary.json,harmful.jsonl,task.jsonl}
   local name=$1; shift
@@ -31,9 +31,9 @@ import json
 rows = {}
 for name in ["base", "sft", "aligned", "attacked"]:
     s = json.load(open(f"runs/eval-{name}/summary.json"))
-    rows[name] = {"harmfulness_percent": s["harmfulness_percent"], "gsm8k_accuracy_percent": s["accuracy_percent"], "n_harmful": s["harmful"]["n"], "n_task": s["task"]["n"]}
+    rows[name] = {"harmfulness_percent": s["harmfulness_percent"], "task_accuracy_percent": s["accuracy_percent"], "n_harmful": s["harmful"]["n"], "n_task": s["task"]["n"]}
 json.dump(rows, open("runs/pipeline_summary.json", "w"), indent=2)
-print(f"{'model':<10} {'HS %':>6} {'GSM8K %':>8}")
+print(f"{'model':<10} {'HS %':>6} {'FA %':>8}")
 for k, v in rows.items():
-    print(f"{k:<10} {v['harmfulness_percent']:>6.1f} {v['gsm8k_accuracy_percent']:>8.1f}")
+    print(f"{k:<10} {v['harmfulness_percent']:>6.1f} {v['task_accuracy_percent']:>8.1f}")
 PY

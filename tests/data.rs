@@ -36,6 +36,7 @@ fn assets_ready() -> bool {
         "rho/overrefusal/benign_edgy_80.json",
         "rho/overrefusal/expanded_70.json",
         "sentiment/movieReviewSnippets_GroundTruth.txt",
+        "sentiment/amazonReviewSnippets_GroundTruth.txt",
     ];
     let paths: Vec<PathBuf> = needed.iter().map(|n| realign::assets::data(n)).collect();
     common::assets_present(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>())
@@ -650,8 +651,9 @@ fn embedded_sets_have_the_documented_sizes_and_are_deterministic() {
             ("gsm8k_train", 70),
             ("gsm8k_eval", 30),
             ("benign_sft", 150),
-            ("align_sft", 550),
-            ("align_pref", 280),
+            ("benign_sentiment", 200),
+            ("align_sft", 750),
+            ("align_pref", 480),
             ("overrefusal_eval", 150),
             ("general_text", 400),
         ]
@@ -911,6 +913,56 @@ fn sentiment_sets_are_balanced_disjoint_and_formatted() {
 }
 
 #[test]
+fn benign_sentiment_is_balanced_formatted_like_the_task_and_disjoint_from_it() {
+    if !assets_ready() {
+        return;
+    }
+    let prefix = format!("{SENTIMENT_INSTRUCTION}\nInput: ");
+    let rows = data::embedded("benign_sentiment").unwrap();
+    assert_eq!(rows.len(), 200);
+    assert_eq!(rows, data::embedded("benign_sentiment").unwrap());
+    assert!(EMBEDDED_SETS
+        .iter()
+        .any(|s| s.name == "benign_sentiment" && !s.eval && s.kind == "sft"));
+    // The same prompt prefix as the movie task's rows.
+    let task_prompt = data::embedded("task_train").unwrap()[0]
+        .prompt()
+        .plain_text();
+    assert!(task_prompt.starts_with(&prefix), "{task_prompt}");
+    let mut positive = 0;
+    for (i, row) in rows.iter().enumerate() {
+        let label = sft_response(row);
+        assert!(label == "positive" || label == "negative", "{label}");
+        positive += usize::from(label == "positive");
+        let seen = i + 1;
+        assert!(2 * positive + 1 >= seen && 2 * positive <= seen + 1, "{i}");
+        let Prompt::Text(p) = row.prompt() else {
+            panic!("not a text prompt")
+        };
+        let sentence = p.strip_prefix(&prefix).unwrap_or_else(|| panic!("{p}"));
+        assert!(
+            !sentence.trim().is_empty() && !sentence.contains('\n'),
+            "{p}"
+        );
+    }
+    assert_eq!((positive, rows.len() - positive), (100, 100));
+    // No sentence of the movie sets, nor one inside (or around) a movie prompt.
+    let amazon = prompt_set(&["benign_sentiment"]);
+    assert_eq!(amazon.len(), 200);
+    let movie = prompt_set(&["task_train", "task_val", "task_eval"]);
+    assert_eq!(movie.len(), 1700);
+    assert_eq!(amazon.intersection(&movie).count(), 0);
+    for a in &amazon {
+        assert!(
+            !movie
+                .iter()
+                .any(|m| m.contains(a.as_str()) || a.contains(m.as_str())),
+            "{a}"
+        );
+    }
+}
+
+#[test]
 fn overrefusal_eval_is_disjoint_from_every_training_set() {
     if !assets_ready() {
         return;
@@ -998,15 +1050,23 @@ fn align_sets_mix_refusals_and_helpful_answers() {
     let benign = prompt_set(&["benign_sft"]);
     assert_eq!(benign.len(), 150);
     assert_eq!(safety.intersection(&benign).count(), 0);
+    let sentiment = prompt_set(&["benign_sentiment"]);
+    assert_eq!(sentiment.len(), 200);
+    assert_eq!(safety.intersection(&sentiment).count(), 0);
+    assert_eq!(benign.intersection(&sentiment).count(), 0);
     let align = data::embedded("align_sft").unwrap();
-    assert_eq!(align.len(), 550);
+    assert_eq!(align.len(), 750);
     assert_eq!(align, data::embedded("align_sft").unwrap());
     let key = |r: &Row| normalize_text(&r.prompt().plain_text());
     let head = &align[..40];
     let n_safety = head.iter().filter(|r| safety.contains(&key(r))).count();
     let n_benign = head.iter().filter(|r| benign.contains(&key(r))).count();
-    assert_eq!(n_safety + n_benign, 40);
-    assert!(n_safety > 0 && n_benign > 0, "{n_safety} {n_benign}");
+    let n_sentiment = head.iter().filter(|r| sentiment.contains(&key(r))).count();
+    assert_eq!(n_safety + n_benign + n_sentiment, 40);
+    assert!(
+        n_safety > 0 && n_benign > 0 && n_sentiment > 0,
+        "{n_safety} {n_benign} {n_sentiment}"
+    );
     assert!(head.iter().any(|r| is_refusal(sft_response(r))));
     assert!(head
         .iter()
@@ -1014,15 +1074,25 @@ fn align_sets_mix_refusals_and_helpful_answers() {
     // The same rows as the parts, reordered.
     let mut all: Vec<String> = align.iter().map(key).collect();
     all.sort();
-    let mut parts: Vec<String> = safety.iter().chain(&benign).cloned().collect();
+    let mut parts: Vec<String> = safety
+        .iter()
+        .chain(&benign)
+        .chain(&sentiment)
+        .cloned()
+        .collect();
     parts.sort();
     assert_eq!(all, parts);
+    // The sentiment rows keep their label (not a refusal).
+    let sentiment_rows = data::embedded("benign_sentiment").unwrap();
+    for row in &sentiment_rows {
+        assert!(align.contains(row), "{row:?}");
+    }
 
     let pref = data::embedded("align_pref").unwrap();
-    assert_eq!(pref.len(), 280);
+    assert_eq!(pref.len(), 480);
     let safety_pref = prompt_set(&["safety_pref"]);
     let benign_rows = data::embedded("benign_sft").unwrap();
-    let mut kinds = (0, 0);
+    let mut kinds = (0, 0, 0);
     for (i, row) in pref.iter().enumerate() {
         let Row::Preference {
             prompt,
@@ -1041,12 +1111,21 @@ fn align_sets_mix_refusals_and_helpful_answers() {
                 &data::refusal_for(&prompt.plain_text(), data::SPLIT_SEED)
             );
             kinds.1 += usize::from(i < 40);
+        } else if sentiment.contains(&k) {
+            let src = sentiment_rows.iter().find(|r| key(r) == k).unwrap();
+            assert_eq!(chosen, sft_response(src));
+            assert!(chosen == "positive" || chosen == "negative", "{chosen}");
+            assert_eq!(
+                rejected,
+                &data::refusal_for(&prompt.plain_text(), data::SPLIT_SEED)
+            );
+            kinds.2 += usize::from(i < 40);
         } else {
             assert!(safety_pref.contains(&k), "{k}");
             kinds.0 += usize::from(i < 40);
         }
     }
-    assert!(kinds.0 > 0 && kinds.1 > 0, "{kinds:?}");
+    assert!(kinds.0 > 0 && kinds.1 > 0 && kinds.2 > 0, "{kinds:?}");
 }
 
 #[test]

