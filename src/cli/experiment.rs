@@ -14,7 +14,7 @@ pub struct Args {
     /// Experiment file (TOML; every key optional, see `--print-config`) [default: the embedded
     /// default: SmolLM2-135M-Instruct + the shipped data]
     config: Option<PathBuf>,
-    /// The reduced run (192 SFT rows and 24 DPO pairs, one attack of 100 rows at p = 0.2,
+    /// The reduced run (320 SFT rows and 32 DPO pairs, one attack of 100 rows at p = 0.2,
     /// Safe LoRA and NLSR with low-rank and random masks, no sweeps, no safety-neuron half;
     /// 64 harmful, 64 task and 64 over-refusal prompts per model): about 10 minutes on 2
     /// cores; writes runs/experiment-quick

@@ -777,7 +777,7 @@ mod tests {
         let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names.iter().filter(|n| n.starts_with("sft")).count(), 1);
         assert!(names.contains(&"attack-p0.1") && names.contains(&"attack-p0.1-seed7"));
-        assert!(names.contains(&"identify-random-s0.8-b0.9-seed7"));
+        assert!(names.contains(&"identify-random-s0.2-b0.9-seed7"));
         // low-rank identification is deterministic: one stage for both seeds
         assert!(!names
             .iter()
