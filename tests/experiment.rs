@@ -15,6 +15,7 @@ fn miniature(out: &Path, neurons: bool) -> ExperimentConfig {
         r#"
 model = "{model}"
 output = "{out}"
+seeds = [42, 7]
 [align.sft]
 method = "sft"
 data = "embedded:safety_sft"
@@ -178,6 +179,13 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     );
     assert!(md.contains("## Effect of pre-amplification"));
     assert!(md.contains("## Comparisons (95 % intervals)"), "{md}");
+    // a second seed reruns the attack-to-repair chain and the report gives mean ± sd
+    assert!(
+        labels.contains(&"NLSR (random) p=0.25 seed=7"),
+        "{labels:?}"
+    );
+    assert!(md.contains("## Across seeds [42, 7]"), "{md}");
+    assert!(md.contains("| Attacked | 0.25 | 2 |"), "{md}");
     assert!(md.contains("## Safe LoRA's threshold"), "{md}");
     assert!(md.contains("## Safety neurons"));
     let json: serde_json::Value =
