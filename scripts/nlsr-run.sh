@@ -2,7 +2,8 @@
 # The repair half of the experiment, after scripts/pipeline.sh: NLSR (pre-amplification of the
 # aligned adapter, safety-critical neurons by the low-rank method and by Wanda, random masks as
 # a control, adaptive layer pruning, neuron transplant) and the Safe LoRA baseline, each
-# evaluated like the pipeline's stages. Writes runs/repair_summary.json.
+# evaluated like the pipeline's stages. Safe LoRA projects the fine-tuning update W_t − W_a and
+# is evaluated as W_a plus the projected update. Writes runs/repair_summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R="${REALIGN_BIN:-cargo run --release --quiet --}"
@@ -12,14 +13,16 @@ for m in low-rank wanda random; do
   [ -f "runs/masks-$m.safetensors" ] || $R identify --adapter runs/reference --method "$m" --max-samples 200 --seed 42 -o "runs/masks-$m.safetensors"
   [ -f "runs/nlsr-$m/adapter_model.safetensors" ] || $R patch --reference runs/reference --finetuned runs/attacked --masks "runs/masks-$m.safetensors" --seed 42 -o "runs/nlsr-$m"
 done
-[ -f runs/safelora/adapter_model.safetensors ] || $R safelora --aligned runs/dpo --finetuned runs/attacked --threshold 0.5 -o runs/safelora
-eval_all() { # name, adapter -> runs/eval-NAME/{summary.json,harmful.jsonl,task.jsonl}
-  [ -f "runs/eval-$1/summary.json" ] && return
-  echo "== $1"
-  $R eval --adapter "$2" --merge --harmful-max-new-tokens 48 -o "runs/eval-$1"
+[ -f runs/safelora/adapter_model.safetensors ] || $R safelora --aligned runs/dpo --finetuned runs/attacked --update-from runs/dpo --threshold 0.5 -o runs/safelora
+eval_all() { # name, adapters... -> runs/eval-NAME/{summary.json,harmful.jsonl,task.jsonl}
+  local name=$1; shift
+  [ -f "runs/eval-$name/summary.json" ] && return
+  local ads=(); for a in "$@"; do ads+=(--adapter "$a"); done
+  echo "== $name"
+  $R eval "${ads[@]}" --merge --harmful-max-new-tokens 48 -o "runs/eval-$name"
 }
 for m in low-rank wanda random; do eval_all "nlsr-$m" "runs/nlsr-$m"; done
-eval_all safelora runs/safelora
+eval_all safelora runs/dpo runs/safelora
 python3 - <<'PY'
 import json
 names = ["aligned", "attacked", "safelora", "nlsr-low-rank", "nlsr-wanda", "nlsr-random"]

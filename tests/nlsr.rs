@@ -524,3 +524,59 @@ fn safe_lora_from_full_models_equals_the_adapter_form() {
         assert_eq!(max_abs_diff(&written.modules[path].b, &m.b), 0.0, "{path}");
     }
 }
+
+/// `realign safelora --update-from W_a` projects the fine-tuning update `W_t − W_a`: with a
+/// threshold no cosine is below (-2), nothing is projected and `W_a` + the written update has
+/// the logits of `W_t`; with 2, everything is projected and the written adapter is the
+/// library's projection of `finetuning_update`, bit for bit.
+#[test]
+fn safe_lora_cli_projects_the_finetuning_update() {
+    use realign::model::{AdapterMode, LoadOptions, LoadedModel};
+    use realign::safelora::finetuning_update;
+    let ids = Tensor::new(&[[1u32, 5, 9, 2, 7, 3]], &Device::Cpu).unwrap();
+    let logits = |adapters: &[&Adapter]| {
+        let mut m =
+            LoadedModel::load(&fixtures().join("tiny-llama"), &LoadOptions::default()).unwrap();
+        for a in adapters {
+            m.model.apply_adapter(a, AdapterMode::Merged).unwrap();
+        }
+        m.model.forward(&ids).unwrap()
+    };
+    let (a, t) = (load("aligned"), load("finetuned"));
+    let dir = tempfile::tempdir().unwrap();
+    let run = |tau: &str, out: &Path| {
+        ok(&[
+            "safelora",
+            "--aligned",
+            adapter_dir("aligned").to_str().unwrap(),
+            "--finetuned",
+            adapter_dir("finetuned").to_str().unwrap(),
+            "--update-from",
+            adapter_dir("aligned").to_str().unwrap(),
+            "--threshold",
+            tau,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        Adapter::load(out, &Device::Cpu).unwrap()
+    };
+    let none = run("-2", &dir.path().join("none"));
+    let d = max_abs_diff(&logits(&[&a, &none]), &logits(&[&t]));
+    assert!(d < 1e-4, "W_a + (W_t - W_a) differs from W_t by {d}");
+    let all = run("2", &dir.path().join("all"));
+    let update = finetuning_update(&a, &t).unwrap();
+    assert_eq!(all.config.r, a.config.r + t.config.r);
+    let (want, report) = safe_lora(
+        &alignment_from_adapter(&a),
+        &update,
+        SafeLoraSelection::Threshold(2.0),
+    )
+    .unwrap();
+    assert_eq!(report.num_projected, report.modules.len());
+    for (path, m) in &want.modules {
+        assert_eq!(max_abs_diff(&all.modules[path].b, &m.b), 0.0, "{path}");
+        assert_eq!(max_abs_diff(&all.modules[path].a, &m.a), 0.0, "{path}");
+    }
+    // the projection moved the model away from W_t
+    assert!(max_abs_diff(&logits(&[&a, &all]), &logits(&[&t])) > 1e-5);
+}

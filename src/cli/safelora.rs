@@ -24,11 +24,19 @@ pub struct Args {
     /// The fine-tuned adapter W_t
     #[arg(long)]
     finetuned: PathBuf,
+    /// The adapter W_t was fine-tuned from (usually the aligned adapter W_a): project the
+    /// fine-tuning update W_t − W_a (the rank-2r adapter [B_t | −B_a], [A_t; A_a]) instead of
+    /// the whole W_t, as the Safe LoRA paper does. The output is then the projected update, to
+    /// be stacked on W_a (`realign eval --adapter W_A --adapter OUT --merge`) [default: project
+    /// W_t itself]
+    #[arg(long)]
+    update_from: Option<PathBuf>,
     /// Project modules with cos(C dW, dW) < threshold
     #[arg(
         long,
         conflicts_with = "num_layers",
-        required_unless_present = "num_layers"
+        required_unless_present = "num_layers",
+        allow_negative_numbers = true
     )]
     threshold: Option<f64>,
     /// Project the K modules with the lowest cosine
@@ -42,8 +50,13 @@ pub struct Args {
 /// Runs `realign safelora`.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    let finetuned = Adapter::load(&a.finetuned, &dev)
+    let mut finetuned = Adapter::load(&a.finetuned, &dev)
         .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
+    if let Some(p) = &a.update_from {
+        let from = Adapter::load(p, &dev)
+            .with_context(|| format!("loading the adapter W_t started from {}", p.display()))?;
+        finetuned = realign::safelora::finetuning_update(&from, &finetuned)?;
+    }
     let alignment = match (&a.aligned, &a.base, &a.aligned_model) {
         (Some(p), _, _) => alignment_from_adapter(
             &Adapter::load(p, &dev)
