@@ -44,7 +44,7 @@ mod encode;
 mod formats;
 mod mix;
 mod refusals;
-mod rng;
+pub(crate) mod rng;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -758,29 +758,10 @@ pub fn sample_rows<T>(rows: Vec<T>, limit: usize, seed: u64) -> Vec<T> {
 }
 
 /// `0..n` shuffled by Fisher-Yates with SplitMix64 seeded with `seed` and Lemire's unbiased
-/// bounded draw: the same algorithm and output as `crate::data::rng::SplitMix64::permutation`
-/// (private to `data`), so that samples are version-stable.
+/// bounded draw (`crate::data::rng`, the generator of every split and mix), so that samples are
+/// the same on every platform and build.
 fn permutation(seed: u64, n: usize) -> Vec<usize> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut p: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let bound = (i + 1) as u64;
-        let j = loop {
-            let m = u128::from(next()) * u128::from(bound);
-            if (m as u64) >= bound.wrapping_neg() % bound {
-                break (m >> 64) as usize;
-            }
-        };
-        p.swap(i, j);
-    }
-    p
+    crate::data::rng::SplitMix64::new(seed).permutation(n)
 }
 
 impl EvalOutcome {
