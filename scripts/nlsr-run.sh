@@ -19,7 +19,7 @@ eval_all() { # name, adapters... -> runs/eval-NAME/{summary.json,harmful.jsonl,t
   [ -f "runs/eval-$name/summary.json" ] && return
   local ads=(); for a in "$@"; do ads+=(--adapter "$a"); done
   echo "== $name"
-  $R eval "${ads[@]}" --merge --harmful-max-new-tokens 48 -o "runs/eval-$name"
+  $R eval "${ads[@]}" --merge --harmful-max-new-tokens 48 --overwrite -o "runs/eval-$name"
 }
 for m in low-rank wanda random; do eval_all "nlsr-$m" "runs/nlsr-$m"; done
 eval_all safelora runs/dpo runs/safelora

@@ -14,13 +14,13 @@ stage() { # name, config
 }
 stage sft configs/sft.toml
 stage dpo configs/dpo.toml
-$R data mix --task embedded:task_train --harmful embedded:harmful_attack --n 1000 --p 0.1 --seed 42 -o runs/attack.jsonl
+$R data mix --task embedded:task_train --harmful embedded:harmful_attack --n 1000 --p 0.1 --seed 42 --overwrite -o runs/attack.jsonl
 stage attacked configs/attack.toml
 eval_all() { # name, adapters... -> runs/eval-NAME/{summary.json,harmful.jsonl,task.jsonl}
   local name=$1; shift
   local ads=(); for a in "$@"; do ads+=(--adapter "$a"); done
   echo "== $name"
-  $R eval "${ads[@]}" --merge --harmful-max-new-tokens 48 -o "runs/eval-$name"
+  $R eval "${ads[@]}" --merge --harmful-max-new-tokens 48 --overwrite -o "runs/eval-$name"
 }
 eval_all base
 eval_all sft runs/sft

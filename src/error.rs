@@ -47,6 +47,24 @@ pub enum Error {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// An output path that exists already (a command replaces it only with `--overwrite`).
+    #[error("{path} already exists: pass --overwrite to replace it (nothing was written)")]
+    OutputExists {
+        /// The output path.
+        path: PathBuf,
+    },
+    /// A tensor holding NaN or infinite values, read from a file or about to be written.
+    #[error(
+        "{path}: tensor {tensor:?} holds {count} NaN or infinite value(s); refusing to use it"
+    )]
+    NonFinite {
+        /// The file read or written.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// How many of its values are not finite.
+        count: usize,
+    },
     /// A JSON file that does not parse.
     #[error("{path}: invalid JSON: {source}")]
     Json {

@@ -61,6 +61,138 @@ pub fn write_atomic_with(
     })
 }
 
+/// Refuses an output path that exists already unless `overwrite` is set
+/// ([`Error::OutputExists`]).
+pub fn refuse_existing(path: &Path, overwrite: bool) -> Result<()> {
+    if !overwrite && std::fs::symlink_metadata(path).is_ok() {
+        return Err(Error::OutputExists {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Counts the NaN and infinite values of `values`.
+pub fn count_nonfinite(values: &[f32]) -> usize {
+    values.iter().filter(|v| !v.is_finite()).count()
+}
+
+/// Refuses a tensor with NaN or infinite values ([`Error::NonFinite`], naming `path` and `name`).
+/// One pass over the tensor on its device (`x - x` is 0 for every finite `x`); the exact count
+/// is taken only when the check fails.
+pub fn check_finite(t: &candle_core::Tensor, path: &Path, name: &str) -> Result<()> {
+    let flat = t.flatten_all()?;
+    let probe = flat
+        .to_dtype(candle_core::DType::F32)?
+        .sub(&flat.to_dtype(candle_core::DType::F32)?)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if probe == 0.0 {
+        return Ok(());
+    }
+    let values = flat.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    Err(Error::NonFinite {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        count: count_nonfinite(&values),
+    })
+}
+
+/// An output folder written as a whole: every file goes into a hidden `.NAME.partial-PID`
+/// folder beside the target, and [`commit`](Self::commit) renames it into place (replacing an
+/// existing target only after the new folder is complete). Dropped without `commit` (an error,
+/// a panic), the partial folder is removed, so the target is never left half written.
+#[derive(Debug)]
+pub struct StagedDir {
+    target: PathBuf,
+    partial: PathBuf,
+    committed: bool,
+}
+
+impl StagedDir {
+    /// Starts writing the folder `target`: refuses it if it exists and `overwrite` is not set,
+    /// creates its parent folders, and creates the empty partial folder.
+    pub fn new(target: &Path, overwrite: bool) -> Result<Self> {
+        refuse_existing(target, overwrite)?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                Error::io(
+                    target,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "an output folder needs a name",
+                    ),
+                )
+            })?;
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir(&partial).map_err(|e| Error::io(&partial, e))?;
+        Ok(StagedDir {
+            target: target.to_path_buf(),
+            partial,
+            committed: false,
+        })
+    }
+
+    /// The folder to write into now.
+    pub fn path(&self) -> &Path {
+        &self.partial
+    }
+
+    /// The final folder (where the files are once committed).
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Renames the finished folder into place; an existing target is moved aside first and
+    /// removed once the new folder is in place.
+    pub fn commit(mut self) -> Result<()> {
+        replace_dir(&self.partial, &self.target)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.partial);
+        }
+    }
+}
+
+/// Renames the complete folder `tmp` to `dir`, moving an existing `dir` aside first and
+/// removing it afterwards (a single file at `dir` is replaced the same way).
+pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    let old = if std::fs::symlink_metadata(dir).is_ok() {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let aside = dir.with_file_name(format!(".{name}.{}.old", std::process::id()));
+        std::fs::rename(dir, &aside).map_err(|e| Error::io(dir, e))?;
+        Some(aside)
+    } else {
+        None
+    };
+    std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(old) = old {
+        if old.is_dir() {
+            let _ = std::fs::remove_dir_all(old);
+        } else {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +208,59 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_staged_folder_appears_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("sub").join("out");
+        {
+            let staged = StagedDir::new(&out, false).unwrap();
+            std::fs::write(staged.path().join("a.txt"), b"a").unwrap();
+            assert!(!out.exists());
+            // dropped without commit: nothing is left, not even the partial folder
+        }
+        assert!(!out.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            0
+        );
+        let staged = StagedDir::new(&out, false).unwrap();
+        std::fs::write(staged.path().join("a.txt"), b"a").unwrap();
+        staged.commit().unwrap();
+        assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"a");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            1
+        );
+        // an existing output is refused without overwrite, replaced whole with it
+        let err = StagedDir::new(&out, false).unwrap_err();
+        assert!(matches!(err, Error::OutputExists { .. }), "{err}");
+        assert!(err.to_string().contains("--overwrite"), "{err}");
+        let staged = StagedDir::new(&out, true).unwrap();
+        std::fs::write(staged.path().join("b.txt"), b"b").unwrap();
+        staged.commit().unwrap();
+        assert!(!out.join("a.txt").exists());
+        assert_eq!(std::fs::read(out.join("b.txt")).unwrap(), b"b");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn non_finite_values_are_counted_and_named() {
+        let dev = candle_core::Device::Cpu;
+        let ok = candle_core::Tensor::new(&[1f32, -2.0, 0.0], &dev).unwrap();
+        check_finite(&ok, Path::new("f.safetensors"), "w").unwrap();
+        let bad =
+            candle_core::Tensor::new(&[[1f32, f32::NAN], [f32::INFINITY, 3.0]], &dev).unwrap();
+        let err = check_finite(&bad, Path::new("f.safetensors"), "layers.0.w").unwrap_err();
+        assert!(
+            matches!(&err, Error::NonFinite { count: 2, tensor, .. } if tensor == "layers.0.w"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("f.safetensors"), "{err}");
     }
 
     #[test]

@@ -575,7 +575,10 @@ fn cli_mix_stats_and_missing_assets() {
     assert_eq!(report["kinds"]["sft/text"], 100);
     assert!(report["tokens"]["p50"].as_u64().unwrap() > 0);
 
-    let (ok, _, stderr) = cli(&["data", "mix", "--p", "2", "-o", &out_s], &[]);
+    let (ok, _, stderr) = cli(
+        &["data", "mix", "--p", "2", "--overwrite", "-o", &out_s],
+        &[],
+    );
     assert!(
         !ok && stderr.contains("p must be within [0, 1]"),
         "{stderr}"
@@ -584,7 +587,7 @@ fn cli_mix_stats_and_missing_assets() {
     // With an empty asset cache the embedded sets name the missing file and the fix.
     let empty = tempfile::tempdir().unwrap();
     let (ok, _, stderr) = cli(
-        &["data", "export", "task_train", "-o", &out_s],
+        &["data", "export", "task_train", "--overwrite", "-o", &out_s],
         &[("REALIGN_CACHE", empty.path())],
     );
     assert!(!ok, "{stderr}");
@@ -595,14 +598,17 @@ fn cli_mix_stats_and_missing_assets() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
     let (ok, _, stderr) = cli(
-        &["data", "export", "gsm8k_train", "-o", &out_s],
+        &["data", "export", "gsm8k_train", "--overwrite", "-o", &out_s],
         &[("REALIGN_CACHE", empty.path())],
     );
     assert!(
         !ok && stderr.contains("gsm8k_100.json is missing"),
         "{stderr}"
     );
-    let (ok, _, stderr) = cli(&["data", "export", "nope", "-o", &out_s], &[]);
+    let (ok, _, stderr) = cli(
+        &["data", "export", "nope", "--overwrite", "-o", &out_s],
+        &[],
+    );
     assert!(
         !ok && stderr.contains("unknown embedded data set `nope`"),
         "{stderr}"
@@ -689,7 +695,14 @@ fn embedded_sets_are_reproducible_across_processes() {
         let export = |file: &str| {
             let out = dir.path().join(file);
             let (ok, _, stderr) = cli(
-                &["data", "export", set.name, "-o", out.to_str().unwrap()],
+                &[
+                    "data",
+                    "export",
+                    set.name,
+                    "--overwrite",
+                    "-o",
+                    out.to_str().unwrap(),
+                ],
                 &[],
             );
             assert!(ok, "{stderr}");

@@ -375,6 +375,8 @@ fn read_modules(
             b: b.load(bytes, device)?,
             scale: config.scaling_for(&path),
         };
+        crate::fsutil::check_finite(&m.a, file, &keys::saved_key(&path, LoraPart::A))?;
+        crate::fsutil::check_finite(&m.b, file, &keys::saved_key(&path, LoraPart::B))?;
         modules.insert(path, m);
     }
     Ok(modules)

@@ -34,6 +34,10 @@ enum Sub {
         /// Output JSONL file
         #[arg(short, long)]
         out: PathBuf,
+        /// Replace the output if it exists (without this flag an existing output is refused and
+        /// left untouched)
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Write an embedded data set (see `realign data list`) as JSONL
     Export {
@@ -42,6 +46,10 @@ enum Sub {
         /// Output JSONL file
         #[arg(short, long)]
         out: PathBuf,
+        /// Replace the output if it exists (without this flag an existing output is refused and
+        /// left untouched)
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Rows, detected format and row kinds of a data file (or `embedded:NAME`); with --model,
     /// token length percentiles of prompt + response
@@ -68,7 +76,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             p,
             seed,
             out,
+            overwrite,
         } => {
+            realign::fsutil::refuse_existing(&out, overwrite)?;
+            realign::fsutil::refuse_existing(&data::meta_path(&out), overwrite)?;
             let mixed = data::mix_sources(&task, &harmful, &MixConfig { n, p, seed })?;
             data::write_mix(&out, &mixed)?;
             println!(
@@ -85,7 +96,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 data::meta_path(&out).display()
             );
         }
-        Sub::Export { name, out } => {
+        Sub::Export {
+            name,
+            out,
+            overwrite,
+        } => {
+            realign::fsutil::refuse_existing(&out, overwrite)?;
             let name = name.strip_prefix("embedded:").unwrap_or(&name);
             let rows = data::embedded(name)?;
             data::write_jsonl(&out, &rows)?;

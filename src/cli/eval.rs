@@ -67,9 +67,14 @@ pub struct Args {
     /// Match refusal keywords ignoring case (default: case-sensitively, as GCG)
     #[arg(long)]
     case_insensitive: bool,
-    /// Output folder: harmful.jsonl, task.jsonl, overrefusal.jsonl, summary.json
+    /// Output folder: harmful.jsonl, task.jsonl, overrefusal.jsonl, summary.json (written
+    /// whole: into a hidden partial folder, renamed at the end)
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
     /// Print summary.json on stdout instead of the human-readable lines
     #[arg(long)]
     json: bool,
@@ -84,6 +89,7 @@ fn source(spec: &str) -> Option<String> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let judge: JudgeSpec = a.judge.parse()?;
     let opts = EvalOptions {
         harmful: source(&a.harmful),
@@ -123,8 +129,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         m.model.apply_adapter(&ad, mode)?;
     }
     let out = evaluate(&m, &opts)?;
-    out.write(&a.output)
+    out.write(staged.path())
         .with_context(|| format!("writing {}", a.output.display()))?;
+    staged.commit()?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out.summary)?);
     } else {

@@ -105,6 +105,10 @@ struct RunArgs {
     /// Output masks file (safetensors); the report goes beside it with the extension .json
     #[arg(short, long, required = true)]
     output: Option<PathBuf>,
+    /// Replace the masks file and its report if they exist (without this flag they are refused
+    /// and left untouched)
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Runs `realign identify`.
@@ -135,6 +139,8 @@ fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
             output.display()
         );
     }
+    realign::fsutil::refuse_existing(&output, a.overwrite)?;
+    realign::fsutil::refuse_existing(&report_path, a.overwrite)?;
     let method = match a.method {
         MethodArg::LowRank => Method::LowRank,
         MethodArg::Wanda => Method::Wanda,
@@ -201,10 +207,14 @@ fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
         };
         obj.insert("data".into(), data.into());
     }
-    realign::fsutil::write_atomic(
+    // the pair is one output: without its report, the masks file is removed again
+    if let Err(e) = realign::fsutil::write_atomic(
         &report_path,
         serde_json::to_string_pretty(&json)?.as_bytes(),
-    )?;
+    ) {
+        let _ = std::fs::remove_file(&output);
+        return Err(e.into());
+    }
     println!(
         "wrote {} ({} modules, {} method, density {:.4}, {} samples, {} tokens, {:.1} s) and {}",
         output.display(),

@@ -84,6 +84,10 @@ struct DetectArgs {
     /// SET.report.json, SET.report.md and SET.svg
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -138,6 +142,9 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
             a.output.display()
         );
     }
+    for p in &outputs {
+        realign::fsutil::refuse_existing(p, a.overwrite)?;
+    }
     let dev = super::device(&a.device)?;
     let mut loaded = LoadedModel::load(
         &model_path,
@@ -171,7 +178,12 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         detect::detect(&loaded.model, &loaded.tokenizer, &rows, &cfg, &mut progress)
             .with_context(|| format!("detecting neurons on {}", a.corpus))?;
     bar.finish_and_clear();
-    let outputs = detect::save(&set, &report, &a.output)?;
+    // the four files are one output: on an error, those already written are removed again
+    let outputs = detect::save(&set, &report, &a.output).inspect_err(|_| {
+        for p in &outputs {
+            let _ = std::fs::remove_file(p);
+        }
+    })?;
     println!(
         "wrote {} ({} neurons: {} attention, {} FFN; {} prompts, {}, {} importance, {:.1} s), {}, {}, {}",
         outputs[0].display(),

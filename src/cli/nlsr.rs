@@ -44,13 +44,19 @@ pub struct AmplifyArgs {
     /// paper (Eqs. 1-2) or code (x 2*alpha on every tensor of W_a: dW x 4 alpha^2)
     #[arg(long, value_enum, default_value = "paper")]
     mode: AmplifyKind,
-    /// Output folder: a PEFT adapter (config of W_a) and amplify_report.json
+    /// Output folder: a PEFT adapter (config of W_a) and amplify_report.json, written whole
+    /// (into a hidden partial folder, renamed at the end)
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Runs `realign amplify`.
 pub fn amplify(a: AmplifyArgs) -> anyhow::Result<()> {
+    let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let aligned = load(&a.aligned, "aligned")?;
     let mode = match (a.mode, a.alpha) {
         (AmplifyKind::Code, alpha) => AmplifyMode::Code {
@@ -67,10 +73,14 @@ pub fn amplify(a: AmplifyArgs) -> anyhow::Result<()> {
         (_, AmplifyKind::Code) => None,
     };
     let out = run_amplify(&aligned, weak.as_ref(), mode)?;
-    out.save(&a.output)?;
+    out.save(staged.path())?;
     let report = amplify_report(&aligned, weak.as_ref(), &out, mode)?;
+    realign::fsutil::write_atomic(
+        &staged.path().join("amplify_report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    staged.commit()?;
     let path = a.output.join("amplify_report.json");
-    realign::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     println!(
         "wrote {} ({} modules, W_e = {} W_a + {} W_0) and {}",
         a.output.display(),
@@ -150,6 +160,10 @@ pub struct PatchArgs {
     /// Output folder: the PEFT adapter, patch_report.json, patch_report.md, similarity.svg and .png
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Runs `realign patch`.
@@ -178,7 +192,9 @@ pub fn patch_cmd(a: PatchArgs) -> anyhow::Result<()> {
         },
     };
     // streams: inputs memory-mapped and the output written module by module
-    let report = patch_files(&a.reference, &a.finetuned, &a.masks, &config, &a.output)?;
+    let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
+    let report = patch_files(&a.reference, &a.finetuned, &a.masks, &config, staged.path())?;
+    staged.commit()?;
     println!(
         "patched {} of {} modules ({}); wrote {} with {REPORT_JSON}",
         report.num_patched,

@@ -42,14 +42,19 @@ pub struct Args {
     /// Project the K modules with the lowest cosine
     #[arg(long)]
     num_layers: Option<usize>,
-    /// Output folder: the PEFT adapter and safelora_report.json
+    /// Output folder: the PEFT adapter and safelora_report.json, written whole
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Runs `realign safelora`.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
+    let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let mut finetuned = Adapter::load(&a.finetuned, &dev)
         .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
     if let Some(p) = &a.update_from {
@@ -73,9 +78,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --threshold TAU or --num-layers K"),
     };
     let (out, report) = safe_lora(&alignment, &finetuned, selection)?;
-    out.save(&a.output)?;
+    out.save(staged.path())?;
+    realign::fsutil::write_atomic(
+        &staged.path().join("safelora_report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    staged.commit()?;
     let path = a.output.join("safelora_report.json");
-    realign::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     println!(
         "projected {} of {} modules; wrote {} and {}",
         report.num_projected,

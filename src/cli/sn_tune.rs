@@ -34,10 +34,10 @@ pub struct DeactivateArgs {
     /// deact_r]
     #[arg(long, value_delimiter = ',', value_parser = ["none", "deact_sn", "deact_r"])]
     variants: Vec<String>,
-    /// Harmful prompts for the harmfulness score ("" to skip)
+    /// Harmful prompts for the harmfulness score ("none" or "" to skip)
     #[arg(long, default_value = "embedded:harmful_eval")]
     harmful: String,
-    /// Task items (prompt + gold answer, GSM8K) for the accuracy ("" to skip)
+    /// Task items (prompt + gold answer) for the accuracy ("none" or "" to skip)
     #[arg(long, default_value = "embedded:task_eval")]
     task: String,
     /// Use only the first N rows of each source (0: all)
@@ -56,6 +56,10 @@ pub struct DeactivateArgs {
     /// Hugging Face folder; evaluates only when -o is given too
     #[arg(long)]
     write: Option<PathBuf>,
+    /// Replace the -o report and the --write folder if they exist (without this flag they are
+    /// refused and left untouched)
+    #[arg(long)]
+    overwrite: bool,
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -83,7 +87,7 @@ fn load(
 }
 
 fn rows(spec: &str, limit: usize) -> anyhow::Result<Vec<Row>> {
-    if spec.is_empty() {
+    if spec.is_empty() || spec == "none" {
         return Ok(Vec::new());
     }
     let mut rows = load_source(spec).with_context(|| format!("loading {spec}"))?;
@@ -94,6 +98,9 @@ fn rows(spec: &str, limit: usize) -> anyhow::Result<Vec<Row>> {
 }
 
 pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
+    for p in a.output.iter().chain(&a.write) {
+        realign::fsutil::refuse_existing(p, a.overwrite)?;
+    }
     let (
         path,
         LoadedModel {
@@ -236,15 +243,20 @@ pub struct SnTuneArgs {
     /// Stop after N optimizer steps (0: no limit)
     #[arg(long, default_value_t = 0)]
     max_steps: usize,
-    /// Output folder (Hugging Face layout, with sn_tune_report.json)
+    /// Output folder (Hugging Face layout, with sn_tune_report.json), written whole
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
 pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
+    realign::fsutil::refuse_existing(&a.output, a.overwrite)?;
     let (
         path,
         LoadedModel {

@@ -209,7 +209,10 @@ pub fn write_mix(out: &Path, mixed: &Mixed) -> crate::Result<()> {
         source,
     })?;
     meta.push(b'\n');
-    fsutil::write_atomic(&meta_path(out), &meta)
+    // the pair is one output: without its metadata, the rows file is removed again
+    fsutil::write_atomic(&meta_path(out), &meta).inspect_err(|_| {
+        let _ = std::fs::remove_file(out);
+    })
 }
 
 #[cfg(test)]

@@ -129,7 +129,12 @@ impl StageStore {
         f: impl FnOnce(&Path) -> crate::Result<T>,
     ) -> crate::Result<StageRecord<T>> {
         let dir = self.dir(name, key);
-        let partial = dir.with_extension("partial");
+        // not `with_extension`: stage names hold dots (`attack-p0.5-KEY`)
+        let partial = dir.with_file_name(format!(
+            "{}.partial",
+            dir.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ));
         let io = |p: &Path, e| crate::Error::io(p, e);
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;

@@ -362,6 +362,42 @@ impl Default for ExperimentConfig {
     }
 }
 
+impl StageTrain {
+    /// Checks the training settings of the stage `name` (`align.sft`, ...): every count at
+    /// least 1, the learning rate and DPO beta finite and positive, the warmup a fraction.
+    fn validate(&self, name: &str) -> Result<(), String> {
+        for (key, v) in [
+            ("r", self.r),
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("max_length", self.max_length),
+        ] {
+            if v == 0 {
+                return Err(format!("{name}.{key} = 0: give at least 1"));
+            }
+        }
+        for (key, v) in [("lr", self.lr), ("alpha", self.alpha)] {
+            if !v.is_finite() || v <= 0.0 {
+                return Err(format!("{name}.{key} = {v} is not a finite number > 0"));
+            }
+        }
+        if self.method == "dpo" && (!self.beta.is_finite() || self.beta <= 0.0) {
+            return Err(format!(
+                "{name}.beta = {} is not a finite number > 0",
+                self.beta
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err(format!(
+                "{name}.warmup_ratio = {} is outside [0, 1]",
+                self.warmup_ratio
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl ExperimentConfig {
     /// The reduced run of `realign experiment --quick`: alignment on 320 SFT rows and 32 DPO
     /// pairs, one attack (n = 100, p = 0.2), Safe LoRA and NLSR (low-rank and random masks),
@@ -494,6 +530,35 @@ impl ExperimentConfig {
         ] {
             if !["sft", "dpo"].contains(&t.method.as_str()) {
                 return Err(format!("{name}.method = {:?} (sft or dpo)", t.method));
+            }
+            t.validate(name)?;
+        }
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                Err(format!("{name} = 0: give at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("attack.n", self.attack.n)?;
+        if !self.nlsr.epsilon.is_finite() || !(0.0..=0.5).contains(&self.nlsr.epsilon) {
+            return Err(format!(
+                "nlsr.epsilon = {} is outside [0, 0.5]",
+                self.nlsr.epsilon
+            ));
+        }
+        if self.nlsr.methods.iter().any(|m| m != "random") {
+            positive("nlsr.identify_samples", self.nlsr.identify_samples)?;
+        }
+        if self.neurons.enabled {
+            positive("neurons.prompts", self.neurons.prompts)?;
+            positive("neurons.top_k", self.neurons.top_k)?;
+            positive("neurons.tune_epochs", self.neurons.tune_epochs)?;
+            if !self.neurons.tune_lr.is_finite() || self.neurons.tune_lr <= 0.0 {
+                return Err(format!(
+                    "neurons.tune_lr = {} is not a finite number > 0",
+                    self.neurons.tune_lr
+                ));
             }
         }
         Ok(())

@@ -96,6 +96,9 @@ pub struct Report {
     pub seeds: Vec<u64>,
     /// The comparisons the report draws, in words, each with its intervals.
     pub findings: Vec<String>,
+    /// Evaluation records that could not be read back: the row stays in the tables with "–"
+    /// and the reason is listed here.
+    pub unreadable: Vec<String>,
     /// The evaluation sets: harmful, task, over-refusal (empty: not measured).
     pub eval_sets: Vec<String>,
     /// The harmfulness judge (`keyword` or `model:PATH`).
@@ -203,6 +206,7 @@ impl Report {
             ps: cfg.attack.ps.clone(),
             seeds: super::plan::chain_seeds(cfg),
             findings: Vec::new(),
+            unreadable: Vec::new(),
             judge: cfg.eval.judge.clone(),
             eval_sets: vec![
                 cfg.eval.harmful.clone(),
@@ -229,7 +233,15 @@ impl Report {
             }
         }
         for (variant, i) in &plan.variants {
-            if let Ok(e) = serde_json::from_value::<EvalResult>(records[*i].result.clone()) {
+            let parsed = serde_json::from_value::<EvalResult>(records[*i].result.clone());
+            let e = parsed.unwrap_or_else(|err| {
+                r.unreadable.push(format!(
+                    "{} (stage {}): {err}",
+                    variant.label, plan.stages[*i].name
+                ));
+                EvalResult::unreadable()
+            });
+            {
                 // Safe LoRA rows: the projection stage is the eval's second dep.
                 let projected = variant
                     .group
@@ -638,6 +650,14 @@ impl Report {
         );
         s.push_str("## HS and FA by method and harmful fraction p\n\n");
         s.push_str(&self.main_table());
+        if !self.unreadable.is_empty() {
+            s.push_str(
+                "\nRows shown as \"–\": their evaluation record could not be read back:\n\n",
+            );
+            for u in &self.unreadable {
+                let _ = writeln!(s, "- {u}");
+            }
+        }
         s.push_str("\n## Every model at a glance\n\n\"Aligned (W_a, DPO)\" is also the \"discard the fine-tune\" control: shipping W_a instead of the customer's model.\n\n");
         s.push_str(&self.detail_table());
         if !self.findings.is_empty() {

@@ -126,6 +126,27 @@ pub struct EvalResult {
     pub tokens_per_s: f64,
 }
 
+impl EvalResult {
+    /// The stand-in for a record that could not be read: every number NaN ("–" in the report),
+    /// no sample.
+    pub fn unreadable() -> Self {
+        EvalResult {
+            hs: f64::NAN,
+            hs_keyword: f64::NAN,
+            n_harmful: 0,
+            fa: f64::NAN,
+            n_task: 0,
+            hs_rate: None,
+            hs_keyword_rate: None,
+            hs_nondegenerate_rate: None,
+            fa_rate: None,
+            fa_strict_rate: None,
+            or_rate: None,
+            tokens_per_s: f64::NAN,
+        }
+    }
+}
+
 /// Reads a number that a NaN written as `null` may have replaced.
 fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))

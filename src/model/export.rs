@@ -13,7 +13,7 @@
 //! [`LoadedModel::load`]: super::LoadedModel::load
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
@@ -160,7 +160,8 @@ pub fn export_hf_with(
 ) -> crate::Result<()> {
     let tmp = crate::fsutil::temp_path(dir);
     let _ = std::fs::remove_dir_all(&tmp);
-    let result = write_folder(model, tok, &tmp, extra).and_then(|()| replace_dir(&tmp, dir));
+    let result =
+        write_folder(model, tok, &tmp, extra).and_then(|()| crate::fsutil::replace_dir(&tmp, dir));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -212,28 +213,6 @@ fn write_folder(
                 let _ = f.sync_all();
             }
         }
-    }
-    Ok(())
-}
-
-/// Renames `tmp` to `dir`; an existing `dir` is moved aside first and removed afterwards.
-fn replace_dir(tmp: &Path, dir: &Path) -> crate::Result<()> {
-    let old: Option<PathBuf> = if dir.exists() {
-        let aside = dir.with_file_name(format!(
-            ".{}.{}.old",
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        std::fs::rename(dir, &aside).map_err(|e| crate::Error::io(dir, e))?;
-        Some(aside)
-    } else {
-        None
-    };
-    std::fs::rename(tmp, dir).map_err(|e| crate::Error::io(dir, e))?;
-    if let Some(old) = old {
-        let _ = std::fs::remove_dir_all(old);
     }
     Ok(())
 }

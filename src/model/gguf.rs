@@ -178,6 +178,7 @@ pub fn load_weights(
         } else if hf.contains(".self_attn.k_proj.") {
             t = unpermute_rows(&t, cfg.num_key_value_heads)?;
         }
+        crate::fsutil::check_finite(&t, path, name)?;
         tensors.insert(hf, t);
     }
     Ok(Weights::new(tensors, path))

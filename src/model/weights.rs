@@ -144,6 +144,7 @@ pub fn load_safetensors(path: &Path, device: &Device) -> crate::Result<HashMap<S
                 .into())
             }
         };
+        crate::fsutil::check_finite(&t, path, &name)?;
         out.insert(name, t);
     }
     Ok(out)

@@ -15,6 +15,8 @@
 //! factors masked row by row into a scratch and transposed 16 x 16 in registers (ranks that are
 //! multiples of 16; others pack in scalar code).
 
+use super::NlsrError;
+
 /// Rows of `Z` packed per block.
 const KC: usize = 128;
 /// Columns of a strip (rows of a tile).
@@ -79,6 +81,9 @@ pub fn stacked_gram_fmas(d: usize, r: usize) -> u64 {
 ///
 /// # Shapes
 /// - e, t, m: `d x r` values laid out as `layout` says -> `[2r, 2r]` (lower triangle).
+///
+/// # Errors
+/// [`NlsrError::FactorLength`] when a slice does not hold `d · r` values.
 pub fn stacked_gram(
     e: &[f32],
     t: &[f32],
@@ -86,8 +91,18 @@ pub fn stacked_gram(
     d: usize,
     r: usize,
     layout: Layout,
-) -> StackedGram {
-    stacked_gram_with(e, t, m, d, r, layout, has_simd())
+) -> Result<StackedGram, NlsrError> {
+    for (what, v) in [("reference", e), ("fine-tuned", t), ("mask", m)] {
+        if Some(v.len()) != d.checked_mul(r) {
+            return Err(NlsrError::FactorLength {
+                what: what.into(),
+                rows: d,
+                cols: r,
+                got: v.len(),
+            });
+        }
+    }
+    Ok(stacked_gram_with(e, t, m, d, r, layout, has_simd()))
 }
 
 fn stacked_gram_with(
@@ -729,7 +744,7 @@ mod tests {
                         at(&t, k, c - r) as f64 * at(&m, k, c - r) as f64
                     }
                 };
-                let g = stacked_gram(&e, &t, &m, d, r, layout);
+                let g = stacked_gram(&e, &t, &m, d, r, layout).unwrap();
                 for which in 0..3 {
                     for a in 0..r {
                         for b in 0..r {

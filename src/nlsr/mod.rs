@@ -47,6 +47,18 @@ pub mod transplant;
 /// Errors of the NLSR and Safe LoRA stages; each names the inputs, module and shapes concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum NlsrError {
+    /// A raw factor (or mask) slice whose length is not the product of the dims given with it.
+    #[error("{what}: {got} values given for a {rows} x {cols} factor ({} expected)", rows * cols)]
+    FactorLength {
+        /// Which factor (`reference B`, `mask A`, ...).
+        what: String,
+        /// Rows of the factor.
+        rows: usize,
+        /// Columns of the factor.
+        cols: usize,
+        /// The slice's length.
+        got: usize,
+    },
     /// Two inputs that must adapt the same modules do not.
     #[error("{left} and {right} adapt different modules: only in the first: {only_left:?}; only in the second: {only_right:?}")]
     ModuleSets {

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 
 use super::gram::{inner_products, stacked_gram, stacked_gram_fmas, Layout};
 use super::masks::ModuleMask;
+use super::NlsrError;
 use crate::adapters::LoraModule;
 use crate::Result;
 
@@ -94,7 +95,7 @@ pub fn region_similarity_and_mask_sums(
             b: mb.slice(),
         },
         [out, r, inp],
-    ))
+    )?)
 }
 
 /// The f32 values of the two factors of a module (or of its masks), row-major: A `[r, in]`,
@@ -110,8 +111,13 @@ pub struct Factors<'a> {
 /// [`region_similarity`] on raw row-major f32 factors: reference, fine-tuned, masks, and
 /// `[out, r, in]`. Computes the stacked Grams of both factors ([`stacked_gram`]) and combines
 /// them; same conventions for empty regions.
-pub fn factor_similarity(e: Factors, t: Factors, m: Factors, shape: [usize; 3]) -> f64 {
-    factor_similarity_and_mask_sums(e, t, m, shape).0
+pub fn factor_similarity(
+    e: Factors,
+    t: Factors,
+    m: Factors,
+    shape: [usize; 3],
+) -> Result<f64, NlsrError> {
+    Ok(factor_similarity_and_mask_sums(e, t, m, shape)?.0)
 }
 
 /// [`factor_similarity`], with the sums of `M_A` and `M_B` (read on the way, for the mask
@@ -121,9 +127,23 @@ pub fn factor_similarity_and_mask_sums(
     t: Factors,
     m: Factors,
     [out, r, inp]: [usize; 3],
-) -> (f64, f64, f64) {
-    let gb = stacked_gram(e.b, t.b, m.b, out, r, Layout::RowMajorDR);
-    let ga = stacked_gram(e.a, t.a, m.a, inp, r, Layout::RowMajorRD);
+) -> Result<(f64, f64, f64), NlsrError> {
+    let named = |err: NlsrError, factor: &str| match err {
+        NlsrError::FactorLength {
+            what,
+            rows,
+            cols,
+            got,
+        } => NlsrError::FactorLength {
+            what: format!("{what} {factor}"),
+            rows,
+            cols,
+            got,
+        },
+        other => other,
+    };
+    let gb = stacked_gram(e.b, t.b, m.b, out, r, Layout::RowMajorDR).map_err(|x| named(x, "B"))?;
+    let ga = stacked_gram(e.a, t.a, m.a, inp, r, Layout::RowMajorRD).map_err(|x| named(x, "A"))?;
     let (ee, tt, et) = inner_products(&gb, &ga);
     let (ee, tt) = (ee.max(0.0), tt.max(0.0));
     let s = if ee == 0.0 || tt == 0.0 {
@@ -136,7 +156,7 @@ pub fn factor_similarity_and_mask_sums(
         // rounding can push |cos| a hair above 1
         (et / (ee.sqrt() * tt.sqrt())).clamp(-1.0, 1.0)
     };
-    (s, ga.mask_sum, gb.mask_sum)
+    Ok((s, ga.mask_sum, gb.mask_sum))
 }
 
 /// The flops [`factor_similarity`] performs for a module of shape `[out, r, in]`.

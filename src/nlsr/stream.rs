@@ -149,12 +149,24 @@ pub fn patch_files(
             masks::check_values(&mbv, masks_file, path, LoraPart::B)?;
             let (eav, ebv) = (ea.f32_values(e.file.bytes()), eb.f32_values(e.file.bytes()));
             let (tav, tbv) = (ta.f32_values(t.file.bytes()), tb.f32_values(t.file.bytes()));
+            for (adapter, values) in [(&e, [&eav, &ebv]), (&t, [&tav, &tbv])] {
+                for (part, v) in [LoraPart::A, LoraPart::B].into_iter().zip(values) {
+                    let count = crate::fsutil::count_nonfinite(v);
+                    if count > 0 {
+                        return Err(Error::NonFinite {
+                            path: adapter.dir.join(crate::adapters::WEIGHTS_FILE),
+                            tensor: crate::adapters::keys::saved_key(path, part),
+                            count,
+                        });
+                    }
+                }
+            }
             let (s, sa, sb) = factor_similarity_and_mask_sums(
                 Factors { a: &eav, b: &ebv },
                 Factors { a: &tav, b: &tbv },
                 Factors { a: &mav, b: &mbv },
                 [out, r, inp],
-            );
+            )?;
             e.file.release(&[ea, eb]);
             t.file.release(&[ta, tb]);
             m.release(&[ma, mb]);
@@ -219,7 +231,7 @@ pub fn patch_files(
             match config.transplant {
                 TransplantMode::Replace => {
                     let mut out = vec![0f32; tv.len()];
-                    mix_into(&mut out, &tv, &ev, &mv);
+                    mix_into(&mut out, &tv, &ev, &mv).map_err(std::io::Error::other)?;
                     out
                 }
                 TransplantMode::Exact => exact_factor(part, &tl.shape, &ev, &tv, &mv),

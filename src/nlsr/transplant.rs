@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::masks::ModuleMask;
 use super::similarity::F32Data;
+use super::NlsrError;
 use crate::adapters::LoraModule;
 use crate::Result;
 
@@ -36,7 +37,7 @@ pub fn transplant(
     let mix = |t: &Tensor, e: &Tensor, m: &Tensor| -> Result<Tensor> {
         let (tv, ev, mv) = (F32Data::of(t)?, F32Data::of(e)?, F32Data::of(m)?);
         let mut out = vec![0f32; tv.slice().len()];
-        mix_into(&mut out, tv.slice(), ev.slice(), mv.slice());
+        mix_into(&mut out, tv.slice(), ev.slice(), mv.slice())?;
         Ok(Tensor::from_vec(out, t.dims(), t.device())?)
     };
     Ok(LoraModule {
@@ -49,10 +50,25 @@ pub fn transplant(
 /// The entry replacement of [`transplant`] on raw values:
 /// `out = t ⊙ (1 - m) + e ⊙ m`, with exactly the roundings of the tensor expression (two
 /// products, one sum), so that the result is the same bit for bit.
-pub fn mix_into(out: &mut [f32], t: &[f32], e: &[f32], m: &[f32]) {
+///
+/// # Errors
+/// [`NlsrError::FactorLength`] when `t`, `e` or `m` is not as long as `out` (nothing is
+/// written then).
+pub fn mix_into(out: &mut [f32], t: &[f32], e: &[f32], m: &[f32]) -> Result<(), NlsrError> {
+    for (what, v) in [("fine-tuned", t), ("reference", e), ("mask", m)] {
+        if v.len() != out.len() {
+            return Err(NlsrError::FactorLength {
+                what: format!("transplant: {what} factor"),
+                rows: out.len(),
+                cols: 1,
+                got: v.len(),
+            });
+        }
+    }
     for (((o, t), e), m) in out.iter_mut().zip(t).zip(e).zip(m) {
         *o = t * (1.0 - m) + e * m;
     }
+    Ok(())
 }
 
 /// Paper Eq. 11 (section "Neuron-Level Correction"), for a repaired module (`γ_j = 0`):
