@@ -26,6 +26,13 @@
 //! # Ok::<(), realign::Error>(())
 //! ```
 #![deny(missing_docs)]
+// No panics on what a caller supplies: library code returns typed errors (tests may unwrap).
+// Indexing is not denied (hot numeric loops index checked slices); invariants that could
+// panic are documented where they are allowed.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod adapters;
 pub mod assets;

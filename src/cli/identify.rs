@@ -139,8 +139,6 @@ fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
             output.display()
         );
     }
-    realign::fsutil::refuse_existing(&output, a.overwrite)?;
-    realign::fsutil::refuse_existing(&report_path, a.overwrite)?;
     let method = match a.method {
         MethodArg::LowRank => Method::LowRank,
         MethodArg::Wanda => Method::Wanda,
@@ -169,6 +167,8 @@ fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     cfg.validate()?;
+    realign::fsutil::refuse_existing(&output, a.overwrite)?;
+    realign::fsutil::refuse_existing(&report_path, a.overwrite)?;
     let model_path = super::model_path(a.model)?;
     let dev = super::device(&a.device)?;
     let loaded = LoadedModel::load(

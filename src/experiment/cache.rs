@@ -20,6 +20,8 @@ pub const STAGE_JSON: &str = "stage.json";
 
 /// The hex SHA-256 of a canonical JSON value (object keys sorted by `serde_json`'s map).
 pub fn key_of(material: &serde_json::Value) -> String {
+    // A `Value` always serialises (its map keys are strings).
+    #[allow(clippy::expect_used)]
     let text = serde_json::to_string(material).expect("JSON serialises");
     hex(&Sha256::digest(text.as_bytes()))
 }
@@ -148,7 +150,11 @@ impl StageStore {
             seconds: start.elapsed().as_secs_f64(),
             result,
         };
-        let json = serde_json::to_string_pretty(&rec).expect("a stage record serialises");
+        let json =
+            serde_json::to_string_pretty(&rec).map_err(|source| crate::Error::Json {
+                path: partial.join(STAGE_JSON),
+                source,
+            })?;
         crate::fsutil::write_atomic(&partial.join(STAGE_JSON), json.as_bytes())?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;

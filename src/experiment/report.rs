@@ -719,7 +719,10 @@ impl Report {
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let md = self.markdown();
         crate::fsutil::write_atomic(&dir.join("report.md"), md.as_bytes())?;
-        let json = serde_json::to_string_pretty(self).expect("the report serialises");
+        let json = serde_json::to_string_pretty(self).map_err(|source| crate::Error::Json {
+            path: dir.join("report.json"),
+            source,
+        })?;
         crate::fsutil::write_atomic(&dir.join("report.json"), json.as_bytes())?;
         let mut index = String::from("# Experiment report\n\n- [report.md](report.md): the tables\n- [report.json](report.json): the same numbers\n");
         for f in self.plots(dir)? {

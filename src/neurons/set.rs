@@ -266,6 +266,8 @@ impl NeuronSet {
             version: 1,
             set: self.clone(),
         };
+        // Strings, integers and vectors only: serialising cannot fail.
+        #[allow(clippy::expect_used)]
         let mut s = serde_json::to_string_pretty(&file).expect("a neuron set serialises");
         s.push('\n');
         s

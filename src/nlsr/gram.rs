@@ -546,8 +546,12 @@ fn micro_portable(xs: &[f32], bs: &[f32], kc: usize, h: &mut [f64], ld: usize) {
     check_tile(xs, bs, kc, h, ld);
     let mut acc = [[0f32; MR]; NR];
     for (x, b) in xs[..kc * MR].chunks_exact(MR).zip(bs.chunks(MR)) {
-        let x: &[f32; MR] = x.try_into().expect("a strip row");
-        let b: &[f32; NR] = b[..NR].try_into().expect("a tile row");
+        // chunks of exactly MR (`chunks_exact`) and tiles of at least NR (`check_tile`)
+        #[allow(clippy::expect_used)]
+        let (x, b): (&[f32; MR], &[f32; NR]) = (
+            x.try_into().expect("a strip row"),
+            b[..NR].try_into().expect("a tile row"),
+        );
         for jj in 0..NR {
             for ii in 0..MR {
                 acc[jj][ii] += x[ii] * b[jj];
