@@ -11,6 +11,7 @@
 //! | [`tokenizer`] | `tokenizer.json` / GGUF tokenizers and chat templates with transformers' semantics |
 //! | [`adapters`] | PEFT LoRA adapters: reading, writing, applying (merged or unmerged) |
 //! | [`data`] | data files (JSONL, JSON, CSV), the embedded data sets, prompt rendering and masking, the attack mix |
+//! | [`diagnose`](mod@diagnose) | `realign diagnose`: the intake check of a fine-tune (safety drift, Safe LoRA's cosine, a verdict) |
 //! | [`bench`](mod@bench) | the `realign bench` figures |
 //! | [`eval`] | [`eval::evaluate()`]: harmfulness score (GCG refusal keywords or a judge model) and fine-tuning accuracy (GSM8K, labels), every sample kept |
 //! | [`experiment`] | `realign experiment`: the whole pipeline as cached stages, the papers' tables and plots |
@@ -31,6 +32,7 @@ pub mod adapters;
 pub mod assets;
 pub mod bench;
 pub mod data;
+pub mod diagnose;
 pub mod error;
 pub mod eval;
 pub mod experiment;
