@@ -18,6 +18,7 @@
 //! | [`nlsr`] | NLSR: pre-amplification, safety-critical neuron identification, layer similarity, layer pruning, transplant, `realign patch` |
 //! | [`neurons`] | safety neurons: the neuron-set file, detection, deactivation, SN-Tune and RSN-Tune |
 //! | [`report`] | charts for the commands that draw: line and bar charts as SVG and PNG, with title, axis labels and legend |
+//! | [`resta`] | RESTA (Bhardwaj et al. 2024): the safety vector added back, `W_t + γ (W_a − W_base)` |
 //! | [`safelora`] | Safe LoRA, the training-free peer: projection onto the alignment subspace |
 //!
 //! ```no_run
@@ -41,6 +42,7 @@ pub mod model;
 pub mod neurons;
 pub mod nlsr;
 pub mod report;
+pub mod resta;
 pub mod safelora;
 pub mod tokenizer;
 pub mod train;

@@ -10,6 +10,7 @@ mod identify;
 mod inspect;
 mod neurons;
 mod nlsr;
+mod resta;
 mod safelora;
 mod sn_tune;
 mod train;
@@ -53,6 +54,8 @@ enum Command {
     /// Intake check of a fine-tuned adapter, changing nothing: drift of the safety regions
     /// (Eq. 8), Safe LoRA's cosine, the modules NLSR would repair, a verdict.
     Diagnose(diagnose::Args),
+    /// RESTA: add the safety vector back to a fine-tuned adapter, W_t + gamma (W_a - W_base).
+    Resta(resta::Args),
     /// SN-Tune / RSN-Tune: train only the neurons of a set on refusal documents; writes a
     /// Hugging Face model folder.
     SnTune(sn_tune::SnTuneArgs),
@@ -76,6 +79,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Patch(a) => nlsr::patch_cmd(a),
         Command::Safelora(a) => safelora::run(a),
         Command::Diagnose(a) => diagnose::run(a),
+        Command::Resta(a) => resta::run(a),
         Command::SnTune(a) => sn_tune::run_sn_tune(a),
         Command::Neurons(a) => neurons::run(a),
     }
