@@ -143,11 +143,11 @@ fn row_error(path: &Path, location: Location, message: String) -> crate::Error {
     .into()
 }
 
-/// What a record calls its fields, for messages.
-fn field_word(cells: Cells) -> &'static str {
+/// What a record calls its fields, for messages: (one, several).
+fn field_word(cells: Cells) -> (&'static str, &'static str) {
     match cells {
-        Cells::Csv => "columns",
-        Cells::Json => "keys",
+        Cells::Csv => ("column", "columns"),
+        Cells::Json => ("key", "keys"),
     }
 }
 
@@ -172,12 +172,11 @@ fn prompt_of(value: &Json, format: FileFormat, column: Option<&str>) -> Result<P
             json_type(value)
         ));
     };
-    let word = field_word(cells);
+    let (one, word) = field_word(cells);
     if let Some(name) = column {
         if !obj.contains_key(name) {
             return Err(format!(
-                "no {} `{name}` (the record's {word}: [{}]); --prompt-column names one of them",
-                &word[..word.len() - 1],
+                "no {one} `{name}` (the record's {word}: [{}]); --prompt-column names one of them",
                 keys_of(obj)
             ));
         }
@@ -272,13 +271,12 @@ fn gold_of(
             json_type(value)
         ));
     };
-    let word = field_word(cells);
+    let (one, word) = field_word(cells);
     let key = match label_column {
         Some(name) if obj.contains_key(name) => name,
         Some(name) => {
             return Err(format!(
-                "no {} `{name}` (the record's {word}: [{}]); --label-column names one of them",
-                &word[..word.len() - 1],
+                "no {one} `{name}` (the record's {word}: [{}]); --label-column names one of them",
                 keys_of(obj)
             ))
         }
