@@ -30,7 +30,8 @@ Summarise the text above,contextual,misc,context,\"Some, context\",ctx_3\n";
 fn every_prompt_only_shape_is_read() {
     let d = tempfile::tempdir().unwrap();
     let d = d.path();
-    let cases: [(&str, &str, Vec<&str>); 9] = [
+    let cases: [(&str, &str, Vec<&str>); 10] = [
+        ("strings.json", "[\"S1\", \"S2\"]", vec!["S1", "S2"]),
         (
             "prompt.jsonl",
             "{\"prompt\": \"How do I pick a lock?\"}\n\n{\"prompt\": \"Second\", \"category\": \"x\"}\n",

@@ -15,7 +15,8 @@
 //!
 //! A HarmBench contextual behaviour (a non-empty `ContextString` beside the `Behavior` column)
 //! becomes `"{ContextString}\n\n---\n\n{Behavior}"`, the prompt HarmBench's own direct-request
-//! baseline builds. A `.txt` file is one prompt per line (blank lines skipped). When no prompt
+//! baseline builds. A `.txt` file is one prompt per line (blank lines skipped), and a JSON
+//! string in place of a row object is a prompt (`["first", "second"]`). When no prompt
 //! is found, the error names the file, the record, the keys or columns the record has and the
 //! flag that picks one.
 //!
@@ -160,10 +161,12 @@ fn keys_of(obj: &Map<String, Json>) -> String {
 
 /// The prompt of one record (see the [module documentation](self)); the error is the message.
 fn prompt_of(value: &Json, format: FileFormat, column: Option<&str>) -> Result<Prompt, String> {
-    if let Json::String(line) = value {
-        if format == FileFormat::Text {
-            return Ok(Prompt::Text(line.clone()));
+    if let Json::String(text) = value {
+        // a `.txt` line, or a JSON string standing for a whole row (`["p1", "p2"]`)
+        if text.trim().is_empty() {
+            return Err("empty prompt".into());
         }
+        return Ok(Prompt::Text(text.clone()));
     }
     let cells = cells_of(format);
     let Json::Object(obj) = value else {
