@@ -206,13 +206,16 @@ fn seeded_uniform(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The NLSR patch stage (similarities, layer pruning, transplant) on a synthetic adapter of
-/// Llama-3-8B's shape: 32 blocks x 7 modules, r 128, f32 (hidden 4096, KV 1024, MLP 14336),
-/// reference and fine-tuned adapters and 20%-dense masks generated from seeds.
-pub fn patch(repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
+/// The synthetic adapters of [`patch`] and [`diagnose`]: Llama-3-8B's shape, 32 blocks x 7
+/// modules, r 128 (alpha 256), f32 (hidden 4096, KV 1024, MLP 14336); a reference and a
+/// fine-tuned adapter (uniform entries in ±0.02) and 20%-dense 0/1 masks, generated from seeds.
+fn synthetic_llama_adapters() -> crate::Result<(
+    crate::adapters::Adapter,
+    crate::adapters::Adapter,
+    crate::nlsr::masks::Masks,
+)> {
     use crate::adapters::{Adapter, LoraConfig, LoraModule};
     use crate::nlsr::masks::{Masks, ModuleMask};
-    use crate::nlsr::patch::{patch, PatchConfig};
     use std::collections::BTreeMap;
     let dev = candle_core::Device::Cpu;
     let (h, kv, mlp, layers, r) = (4096, 1024, 14336, 32, 128);
@@ -287,6 +290,47 @@ pub fn patch(repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
         modules: masks,
         source: None,
     };
+    Ok((reference, finetuned, masks))
+}
+
+/// `realign diagnose` on the synthetic adapters of [`patch`] (Llama-3-8B's shape, r 128):
+/// `diagnose_seconds` with a reference and masks (two stacked Grams per factor: Eq. 8 on the
+/// masked regions, Safe LoRA's statistic on the update), and `diagnose_adapters_only_seconds`
+/// with the aligned and fine-tuned adapters alone (one per factor).
+pub fn diagnose(repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
+    use crate::diagnose::{diagnose, DiagnoseConfig};
+    let (aligned, finetuned, masks) = synthetic_llama_adapters()?;
+    let cfg = DiagnoseConfig::default();
+    let threads = rayon::current_num_threads();
+    let full = best_of(repeats, || {
+        diagnose(&aligned, &finetuned, Some(&aligned), Some(&masks), &cfg).map(drop)
+    })?;
+    let plain = best_of(repeats, || {
+        diagnose(&aligned, &finetuned, None, None, &cfg).map(drop)
+    })?;
+    for (metric, secs, what) in [
+        ("diagnose_seconds", full, "--reference and --masks: Eq. 8 on the masked regions + Safe LoRA's cosine of the update"),
+        ("diagnose_adapters_only_seconds", plain, "W_a and W_t alone: whole-module Eq. 8 + Safe LoRA's cosine from the same Grams"),
+    ] {
+        let mut f = figure(
+            metric,
+            secs,
+            "s",
+            format!("{what}; 32 blocks x 7 modules, r 128, f32, Llama-3-8B shapes, adapters in memory; {threads} threads, best of {repeats}"),
+        );
+        f.bench = "diagnose".into();
+        out(f);
+    }
+    Ok(())
+}
+
+/// The NLSR patch stage (similarities, layer pruning, transplant) on a synthetic adapter of
+/// Llama-3-8B's shape: 32 blocks x 7 modules, r 128, f32 (hidden 4096, KV 1024, MLP 14336),
+/// reference and fine-tuned adapters and 20%-dense masks generated from seeds.
+pub fn patch(repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
+    use crate::nlsr::patch::{patch, PatchConfig};
+    let (layers, r) = (32, 128);
+    let (reference, finetuned, masks) = synthetic_llama_adapters()?;
     let cfg = PatchConfig::default();
     let flops: u64 = reference
         .modules

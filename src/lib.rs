@@ -11,12 +11,14 @@
 //! | [`tokenizer`] | `tokenizer.json` / GGUF tokenizers and chat templates with transformers' semantics |
 //! | [`adapters`] | PEFT LoRA adapters: reading, writing, applying (merged or unmerged) |
 //! | [`data`] | data files (JSONL, JSON, CSV), the embedded data sets, prompt rendering and masking, the attack mix |
+//! | [`diagnose`](mod@diagnose) | `realign diagnose`: the intake check of a fine-tune (safety drift, Safe LoRA's cosine, a verdict) |
 //! | [`bench`](mod@bench) | the `realign bench` figures |
 //! | [`eval`] | [`eval::evaluate()`]: harmfulness score (GCG refusal keywords or a judge model) and fine-tuning accuracy (GSM8K, labels), every sample kept |
 //! | [`experiment`] | `realign experiment`: the whole pipeline as cached stages, the papers' tables and plots |
 //! | [`nlsr`] | NLSR: pre-amplification, safety-critical neuron identification, layer similarity, layer pruning, transplant, `realign patch` |
 //! | [`neurons`] | safety neurons: the neuron-set file, detection, deactivation, SN-Tune and RSN-Tune |
 //! | [`report`] | charts for the commands that draw: line and bar charts as SVG and PNG, with title, axis labels and legend |
+//! | [`resta`] | RESTA (Bhardwaj et al. 2024): the safety vector added back, `W_t + γ (W_a − W_base)` |
 //! | [`safelora`] | Safe LoRA, the training-free peer: projection onto the alignment subspace |
 //!
 //! ```no_run
@@ -38,6 +40,7 @@ pub mod adapters;
 pub mod assets;
 pub mod bench;
 pub mod data;
+pub mod diagnose;
 pub mod error;
 pub mod eval;
 pub mod experiment;
@@ -46,6 +49,7 @@ pub mod model;
 pub mod neurons;
 pub mod nlsr;
 pub mod report;
+pub mod resta;
 pub mod safelora;
 pub mod tokenizer;
 pub mod train;

@@ -104,6 +104,16 @@ pub fn alignment_from_models(
 ///
 /// Errors: the two adapters adapt different modules, or their factors disagree in shape.
 pub fn finetuning_update(aligned: &Adapter, finetuned: &Adapter) -> Result<Adapter> {
+    stacked_sum(aligned, finetuned, -1.0)
+}
+
+/// `W_t + c · W_a` of every module as one LoRA adapter of rank `r_t + r_a`:
+/// `B = [s_t B_t | c s_a B_a]`, `A = [A_t; A_a]`, scale 1 (`lora_alpha = r`, other ranks
+/// through `rank_pattern` / `alpha_pattern`). With `c = −1` it is [`finetuning_update`]; RESTA
+/// ([`crate::resta`]) adds the safety vector with `c = γ`.
+///
+/// Errors: the two adapters adapt different modules, or their `[out, in]` differ.
+pub fn stacked_sum(aligned: &Adapter, finetuned: &Adapter, c: f64) -> Result<Adapter> {
     let (al, tl) = (
         label(aligned, "aligned adapter"),
         label(finetuned, "fine-tuned adapter"),
@@ -133,7 +143,7 @@ pub fn finetuning_update(aligned: &Adapter, finetuned: &Adapter) -> Result<Adapt
             }
             .into());
         }
-        let b = Tensor::cat(&[(&t.b * t.scale)?, (&a.b * (-a.scale))?], 1)?;
+        let b = Tensor::cat(&[(&t.b * t.scale)?, (&a.b * (c * a.scale))?], 1)?;
         let a_cat = Tensor::cat(&[&t.a, &a.a], 0)?;
         let r = t.rank() + a.rank();
         ranks.insert(path.clone(), r);

@@ -297,6 +297,8 @@ fn malformed_rows_name_the_file_and_the_line() {
     let p = write(d, "rows.parquet", "PAR1");
     assert!(data_error(&p).contains("Parquet is not supported"));
     let p = write(d, "rows.txt", "hello");
+    assert!(data_error(&p).contains("a .txt file is one prompt per line"));
+    let p = write(d, "rows.xlsx", "hello");
     assert!(data_error(&p).contains("unknown data file extension"));
     let p = write(d, "empty.jsonl", "\n\n");
     assert!(data_error(&p).contains("no rows"));

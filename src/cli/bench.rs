@@ -11,7 +11,8 @@ pub struct Args {
     /// modules, batch 8 x 128), identify (low-rank safety neurons: seconds and peak memory) or
     /// patch (NLSR's patch stage on a synthetic Llama-3-8B-shaped adapter, r 128; no model)
     /// or neurons (safety-neuron detection: seconds, peak memory, memory per prompt length)
-    #[arg(value_parser = ["forward", "train", "identify", "patch", "neurons"])]
+    /// or diagnose (`realign diagnose` on the same synthetic adapter as patch; no model)
+    #[arg(value_parser = ["forward", "train", "identify", "patch", "neurons", "diagnose"])]
     name: String,
     /// Model [default: the embedded SmolLM2-135M-Instruct]
     #[arg(long)]
@@ -34,6 +35,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let print = |f: Figure| println!("{}", serde_json::to_string(&f).unwrap_or_default());
     if a.name == "patch" {
         return Ok(bench::patch(a.repeats.max(1), print)?);
+    }
+    if a.name == "diagnose" {
+        return Ok(bench::diagnose(a.repeats.max(1), print)?);
     }
     let path = super::model_path(a.model)?;
     let loaded = LoadedModel::load(

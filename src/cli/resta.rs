@@ -1,0 +1,47 @@
+//! `realign resta`: RESTA, the safety vector added back to a fine-tuned adapter.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use realign::adapters::Adapter;
+use realign::resta::{resta, REPORT_JSON};
+
+/// Flags of `realign resta`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The aligned LoRA adapter W_a (on the base model): the safety vector s_a B_a A_a
+    #[arg(long)]
+    aligned: PathBuf,
+    /// The fine-tuned adapter W_t (fine-tuned from W_a)
+    #[arg(long)]
+    finetuned: PathBuf,
+    /// The scale gamma of the safety vector: W_r = W_t + gamma (W_a - W_base)
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    gamma: f64,
+    /// Output folder: the PEFT adapter (rank r_t + r_a) and resta_report.json
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// Runs `realign resta`.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let aligned = Adapter::load(&a.aligned, &dev)
+        .with_context(|| format!("loading the aligned adapter {}", a.aligned.display()))?;
+    let finetuned = Adapter::load(&a.finetuned, &dev)
+        .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
+    let (out, report) = resta(&aligned, &finetuned, a.gamma)?;
+    out.save(&a.output)?;
+    let path = a.output.join(REPORT_JSON);
+    realign::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    println!(
+        "W_r = W_t + {} (W_a - W_base) over {} modules, rank {}; wrote {} and {}",
+        a.gamma,
+        report.num_modules,
+        report.rank,
+        a.output.display(),
+        path.display()
+    );
+    Ok(())
+}
