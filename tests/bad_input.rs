@@ -1,7 +1,8 @@
 //! Every command against every bad input that applies (issue 15), table-driven.
 //!
 //! Commands covered: `generate`, `inspect`, `train`, `eval`, `amplify`, `identify`,
-//! `identify overlap`, `patch`, `safelora`, `sn-tune`, `neurons detect`, `neurons deactivate`,
+//! `identify overlap`, `patch`, `safelora`, `diagnose`, `resta`, `sn-tune`, `neurons detect`,
+//! `neurons deactivate`,
 //! `neurons overlap`, `data mix`, `data export`, `data stats`, `experiment`.
 //!
 //! Bad inputs: a missing file; an empty file; a safetensors file cut in its header and in its
@@ -149,6 +150,8 @@ const COMMANDS: &[&str] = &[
     "identify overlap",
     "patch",
     "safelora",
+    "diagnose",
+    "resta",
     "sn-tune",
     "neurons detect",
     "neurons deactivate",
@@ -255,6 +258,30 @@ fn argv(cmd: &str, e: &Env, o: &Over, dir: &Path) -> (Vec<String>, Option<PathBu
                 &pick(&o.other, &e.finetuned),
                 "--threshold",
                 "0.5",
+                "-o",
+                &s(&out),
+            ]),
+            true,
+        ),
+        "diagnose" => (
+            v(&[
+                "diagnose",
+                "--aligned",
+                &pick(&o.adapter, &e.aligned),
+                "--finetuned",
+                &pick(&o.other, &e.finetuned),
+                "-o",
+                &s(&out),
+            ]),
+            true,
+        ),
+        "resta" => (
+            v(&[
+                "resta",
+                "--aligned",
+                &pick(&o.adapter, &e.aligned),
+                "--finetuned",
+                &pick(&o.other, &e.finetuned),
                 "-o",
                 &s(&out),
             ]),
@@ -802,7 +829,7 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
     }
     for (name, make) in adapter_cases() {
         for cmd in [
-            "generate", "eval", "identify", "amplify", "patch", "safelora",
+            "generate", "eval", "identify", "amplify", "patch", "safelora", "diagnose", "resta",
         ] {
             push(cmd, name, &make, &mut out);
         }
@@ -819,7 +846,7 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
                 expect,
             )
         });
-        for cmd in ["amplify", "patch", "safelora"] {
+        for cmd in ["amplify", "patch", "safelora", "diagnose", "resta"] {
             push(cmd, &format!("second {name}"), &second, &mut out);
         }
     }
@@ -909,6 +936,8 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
         "identify",
         "patch",
         "safelora",
+        "diagnose",
+        "resta",
         "sn-tune",
         "neurons detect",
         "neurons deactivate",

@@ -43,6 +43,10 @@ pub struct Args {
     /// [default: print only]
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
     /// Print diagnose_report.json on stdout instead of the summary lines
     #[arg(long)]
     json: bool,
@@ -55,6 +59,9 @@ fn load(path: &Path, what: &str) -> anyhow::Result<Adapter> {
 
 /// Runs `realign diagnose`.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(dir) = &a.output {
+        realign::fsutil::refuse_existing(dir, a.overwrite)?;
+    }
     let aligned = load(&a.aligned, "aligned")?;
     let finetuned = load(&a.finetuned, "fine-tuned")?;
     let reference = a
@@ -86,7 +93,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &config,
     )?;
     if let Some(dir) = &a.output {
-        write_diagnosis(dir, &d).with_context(|| format!("writing {}", dir.display()))?;
+        let staged = realign::fsutil::StagedDir::new(dir, a.overwrite)?;
+        write_diagnosis(staged.path(), &d).with_context(|| format!("writing {}", dir.display()))?;
+        staged.commit()?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&d)?);

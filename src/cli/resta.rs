@@ -19,22 +19,31 @@ pub struct Args {
     /// The scale gamma of the safety vector: W_r = W_t + gamma (W_a - W_base)
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     gamma: f64,
-    /// Output folder: the PEFT adapter (rank r_t + r_a) and resta_report.json
+    /// Output folder: the PEFT adapter (rank r_t + r_a) and resta_report.json, written whole
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Runs `realign resta`.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
+    let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let aligned = Adapter::load(&a.aligned, &dev)
         .with_context(|| format!("loading the aligned adapter {}", a.aligned.display()))?;
     let finetuned = Adapter::load(&a.finetuned, &dev)
         .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
     let (out, report) = resta(&aligned, &finetuned, a.gamma)?;
-    out.save(&a.output)?;
+    out.save(staged.path())?;
+    realign::fsutil::write_atomic(
+        &staged.path().join(REPORT_JSON),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    staged.commit()?;
     let path = a.output.join(REPORT_JSON);
-    realign::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     println!(
         "W_r = W_t + {} (W_a - W_base) over {} modules, rank {}; wrote {} and {}",
         a.gamma,

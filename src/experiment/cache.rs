@@ -150,11 +150,10 @@ impl StageStore {
             seconds: start.elapsed().as_secs_f64(),
             result,
         };
-        let json =
-            serde_json::to_string_pretty(&rec).map_err(|source| crate::Error::Json {
-                path: partial.join(STAGE_JSON),
-                source,
-            })?;
+        let json = serde_json::to_string_pretty(&rec).map_err(|source| crate::Error::Json {
+            path: partial.join(STAGE_JSON),
+            source,
+        })?;
         crate::fsutil::write_atomic(&partial.join(STAGE_JSON), json.as_bytes())?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
