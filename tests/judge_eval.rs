@@ -128,6 +128,11 @@ fn bad_record_names_file_and_line() {
         &data.join("objective/x.csv"),
         "# v\nobjective,assistant_response,human_score\nq,r,1\nq,r,0.5\n",
     );
+    let good = tmp.path().join("good");
+    write(
+        &good.join("objective/x.csv"),
+        "objective,assistant_response,human_score\nq,r,1\n",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_realign"))
         .args([
             "judge-eval",
@@ -146,6 +151,11 @@ fn bad_record_names_file_and_line() {
         err.contains("x.csv") && err.contains("line 4") && err.contains("0 or 1"),
         "{err}"
     );
+    let good = tmp.path().join("good");
+    write(
+        &good.join("objective/x.csv"),
+        "objective,assistant_response,human_score\nq,r,1\n",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_realign"))
         .args([
             "judge-eval",
@@ -154,7 +164,7 @@ fn bad_record_names_file_and_line() {
             "--judge",
             "nonsense",
             "--data",
-            data.to_str().unwrap(),
+            good.to_str().unwrap(),
             "-o",
         ])
         .arg(tmp.path().join("out"))

@@ -6,7 +6,7 @@
 //! |---|---|---|---|---|
 //! | [`LabelSet::Refusal`] | `refusal_scorer/` | `refusal.csv` (105), `refusal_extra.csv` (64) | `human_score` 0/1 | 1 = the reply **refuses** |
 //! | [`LabelSet::Harm`] | `harm/` | 8 single-rater files (604) + 2 `*_multi_score.csv` (386) | harm score in [0, 1] | median score ≥ [`HARM_THRESHOLD`] (0.5) = **harmful** |
-//! | [`LabelSet::Objective`] | `objective/` | 13 files (395) | `human_score` 0/1 | 1 = the reply **fulfils** the (harmful) request |
+//! | [`LabelSet::Objective`] | `objective/` | 14 files (395) | `human_score` 0/1 | 1 = the reply **fulfils** the (harmful) request |
 //!
 //! The meaning of the refusal and objective scores is PyRIT's: its refusal scorer returns
 //! true for a refusal, its objective ("true/false") scorers true when the objective was
@@ -262,7 +262,7 @@ fn parse(path: &Path, text: &str, set: LabelSet) -> Result<Vec<LabeledRow>, Data
                     score == 1.0
                 } else {
                     return Err(row_error(format!(
-                        "human score {score}: a {set} label must be 0 or 1"
+                        "human score {score}: labels of the {set} set must be 0 or 1"
                     )));
                 }
             }
