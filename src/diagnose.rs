@@ -14,7 +14,8 @@
 //! then the **layer drift** (the mean `d_j` of a layer's modules), the **overall drift**
 //! `D = (1/N) Σ_j d_j` over all `N` modules, the modules NLSR's layer pruning (Eqs. 9-10,
 //! [`crate::nlsr::prune`], the settings of `realign patch`) would repair, the modules Safe
-//! LoRA would project (`c_j < τ`), and a verdict: **drifted** when `D ≥ τ_D`
+//! LoRA would project (`c_j < τ`), the **update drift** `U = 1 − mean c_j` (reported, not used
+//! by the verdict), and a verdict: **drifted** when `D ≥ τ_D`
 //! ([`DEFAULT_DRIFT_THRESHOLD`], 0.05: the safety regions have lost 5 % of their cosine on
 //! average), else **clean**. A provider calibrates `τ_D` on fine-tunes it knows to be benign
 //! (their `D` plus a margin); the default is a starting point, not a calibrated constant.
@@ -123,6 +124,9 @@ pub struct LayerDiagnosis {
     pub min_similarity: f64,
     /// The lowest `c_j` of its modules.
     pub min_safelora_cosine: f64,
+    /// The mean `1 − c_j` of its modules (the share of the update outside the alignment
+    /// subspace, in cosine terms).
+    pub update_drift: f64,
     /// Its number of modules.
     pub modules: usize,
 }
@@ -162,6 +166,10 @@ pub struct Diagnosis {
     pub max_drift_layer: Option<usize>,
     /// The mean `c_j`.
     pub mean_safelora_cosine: f64,
+    /// The update drift `U = (1/N) Σ_j (1 − c_j) = 1 − mean c_j`: reported beside `D`, not
+    /// used by the verdict. Unlike `D` it ignores the update's size and sign (`c_j ≥ 0`, and
+    /// `ΔW = −V` has `c_j = 1`).
+    pub update_drift: f64,
     /// Modules NLSR would repair.
     pub num_nlsr_repair: usize,
     /// Modules Safe LoRA would project.
@@ -304,6 +312,7 @@ fn summarize(
                 .iter()
                 .map(|m| m.safelora_cosine)
                 .fold(f64::INFINITY, f64::min),
+            update_drift: ms.iter().map(|m| 1.0 - m.safelora_cosine).sum::<f64>() / ms.len() as f64,
             modules: ms.len(),
         })
         .collect();
@@ -345,6 +354,7 @@ fn summarize(
         max_layer_drift: worst.map_or(0.0, |w| w.drift),
         max_drift_layer: worst.map(|w| w.layer),
         mean_safelora_cosine,
+        update_drift: 1.0 - mean_safelora_cosine,
         num_nlsr_repair,
         num_safelora_project,
         verdict,
@@ -499,10 +509,10 @@ pub fn report_markdown(d: &Diagnosis) -> String {
         "# realign diagnose\n\n**{}**\n\n\
          - aligned W_a: `{}`\n- fine-tuned W_t: `{}`\n- reference W_e: `{}`\n- masks: {}\n\
          - drift: {}\n- overall drift D = {:.6} (threshold {}); worst layer {} ({:.6})\n\
-         - mean Safe LoRA cosine {:.4}; {} of {} modules below tau {}\n\
+         - mean Safe LoRA cosine {:.4} (update drift U = 1 - mean cos = {:.4}, not used by the verdict); {} of {} modules below tau {}\n\
          - NLSR (layer pruning as `realign patch`, {}) would repair {} of {} modules\n\
          - plot: `{PLOT_STEM}.svg`, `{PLOT_STEM}.png`\n\n\
-         | layer | drift | min S | min Safe LoRA cos | modules |\n|---|---|---|---|---|\n",
+         | layer | drift | min S | min Safe LoRA cos | update drift | modules |\n|---|---|---|---|---|---|\n",
         d.verdict_line,
         d.aligned,
         d.finetuned,
@@ -516,6 +526,7 @@ pub fn report_markdown(d: &Diagnosis) -> String {
         d.max_drift_layer.map_or("-".to_string(), |l| l.to_string()),
         d.max_layer_drift,
         d.mean_safelora_cosine,
+        d.update_drift,
         d.num_safelora_project,
         d.num_modules,
         d.config.safelora_tau,
@@ -525,8 +536,8 @@ pub fn report_markdown(d: &Diagnosis) -> String {
     );
     for l in &d.layers {
         s.push_str(&format!(
-            "| {} | {:.6} | {:.6} | {:.4} | {} |\n",
-            l.layer, l.drift, l.min_similarity, l.min_safelora_cosine, l.modules
+            "| {} | {:.6} | {:.6} | {:.4} | {:.4} | {} |\n",
+            l.layer, l.drift, l.min_similarity, l.min_safelora_cosine, l.update_drift, l.modules
         ));
     }
     s.push_str(
@@ -551,7 +562,7 @@ pub fn report_markdown(d: &Diagnosis) -> String {
 }
 
 /// Writes `diagnose_report.json`, `diagnose_report.md` and the plot (`drift.svg`, `drift.png`:
-/// the drift per layer and the Safe LoRA cosine's complement `1 − c` per layer) into `dir`,
+/// the drift and the update drift, mean `1 − c_j`, per layer) into `dir`,
 /// each atomically; creates `dir`.
 pub fn write_diagnosis(dir: &Path, d: &Diagnosis) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -566,11 +577,11 @@ pub fn write_diagnosis(dir: &Path, d: &Diagnosis) -> Result<()> {
     let safelora: Vec<(f64, f64)> = d
         .layers
         .iter()
-        .map(|l| (l.layer as f64, 1.0 - l.min_safelora_cosine))
+        .map(|l| (l.layer as f64, l.update_drift))
         .collect();
     let series = [
         Series::line("safety drift (mean 1 - S)", drift),
-        Series::line("1 - min Safe LoRA cos", safelora),
+        Series::line("update drift (mean 1 - Safe LoRA cos)", safelora),
     ];
     let ticks: Vec<(f64, String)> = d
         .layers
@@ -644,6 +655,7 @@ mod tests {
             assert!(!m.safelora_project);
         }
         assert!(d.drift.abs() < 1e-6);
+        assert_eq!(d.update_drift, 0.0);
         assert_eq!(d.layers.len(), 2);
         assert!(
             d.verdict_line.starts_with("verdict: clean"),
@@ -708,6 +720,7 @@ mod tests {
         let m = &d.modules[0];
         assert_eq!(m.safelora_cosine, 0.0);
         assert!(m.safelora_project);
+        assert_eq!((d.update_drift, d.layers[0].update_drift), (1.0, 1.0));
         // S = <E, T> / (|E| |T|) = 1 / (1 · √2).
         assert!((m.similarity - 0.5f64.sqrt()).abs() < 1e-9);
         assert!((d.drift - (1.0 - 0.5f64.sqrt())).abs() < 1e-9);
