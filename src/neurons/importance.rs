@@ -177,9 +177,30 @@ impl<'m> NeuronImportance<'m> {
     /// The importances of every neuron of every layer for one prompt (token ids, all of them
     /// count), one [`LayerImportance`] per decoder layer.
     pub fn prompt(&self, ids: &[u32]) -> crate::Result<Vec<LayerImportance>> {
+        self.prompt_rows(ids, &(0..ids.len()).collect::<Vec<_>>())
+    }
+
+    /// Like [`prompt`](Self::prompt), but only the positions `rows` (ascending, each `<
+    /// ids.len()`) count: the change of the module outputs is measured at those positions
+    /// only, and for Q/K only those query rows of the attention probabilities (each still
+    /// attends to every earlier key). The forward pass sees every token.
+    ///
+    /// Errors when `rows` is empty, not ascending or out of range.
+    pub fn prompt_rows(&self, ids: &[u32], rows: &[usize]) -> crate::Result<Vec<LayerImportance>> {
+        if rows.is_empty()
+            || rows.windows(2).any(|w| w[0] >= w[1])
+            || rows.last().is_some_and(|&r| r >= ids.len())
+        {
+            return Err(super::NeuronError::Invalid(format!(
+                "token rows {rows:?} must be ascending positions of the {}-token prompt",
+                ids.len()
+            ))
+            .into());
+        }
         let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), self.model.device())?;
         let hook = LayerHook {
             imp: self,
+            rows,
             pending: Mutex::default(),
             done: Mutex::new(vec![None; self.weights.len()]),
         };
@@ -216,7 +237,12 @@ impl<'m> NeuronImportance<'m> {
 
     /// One layer's importances from its activations (`q [1, n, l, d]`, `k [1, kv, l, d]`,
     /// `o_proj` input `[1, l, n d]`, FFN activation `[1, l, inter]`).
-    fn layer(&self, layer: usize, acts: &BTreeMap<&str, Tensor>) -> crate::Result<LayerImportance> {
+    fn layer(
+        &self,
+        layer: usize,
+        acts: &BTreeMap<&str, Tensor>,
+        rows: &[usize],
+    ) -> crate::Result<LayerImportance> {
         let [qs, ks, os, fs] = self.sites();
         let get = |s: &str| -> crate::Result<(Vec<f32>, Vec<usize>)> {
             let t = acts.get(s).ok_or_else(|| {
@@ -235,20 +261,23 @@ impl<'m> NeuronImportance<'m> {
             fd.last().copied().unwrap_or(0),
         );
         let w = &self.weights[layer];
+        // The o_proj and down_proj inputs at the counted positions only.
+        let (a, f) = (gather_rows(&a, qw, rows), gather_rows(&f, inter, rows));
+        let lr = rows.len();
         let (qi, ki, vi, oi, fi) = match self.kind {
             ImportanceKind::Exact => {
-                let (qi, ki) = qk_importance(&q, &k, l, hs.n, hs.kv, hs.dim);
-                let vi = v_importance(&a, l, &w.o_group_gram, hs.n, hs.kv, hs.dim);
-                let oi = mul(&col_norms_rows(&a, l, qw), &w.o_col_norm);
-                let fi = mul(&col_norms_rows(&f, l, inter), &w.down_col_norm);
+                let (qi, ki) = qk_importance_rows(&q, &k, l, rows, hs.n, hs.kv, hs.dim);
+                let vi = v_importance(&a, lr, &w.o_group_gram, hs.n, hs.kv, hs.dim);
+                let oi = mul(&col_norms_rows(&a, lr, qw), &w.o_col_norm);
+                let fi = mul(&col_norms_rows(&f, lr, inter), &w.down_col_norm);
                 (qi, ki, vi, oi, fi)
             }
             ImportanceKind::Proxy => {
                 let per_head_abs = |x: &[f32], heads: usize| -> Vec<f32> {
-                    // x: [heads, l, d] -> sum over tokens of |x| per (head, dim)
+                    // x: [heads, l, d] -> sum over the counted tokens of |x| per (head, dim)
                     let mut out = vec![0f32; heads * hs.dim];
                     for h in 0..heads {
-                        for t in 0..l {
+                        for &t in rows {
                             let row = &x[(h * l + t) * hs.dim..(h * l + t + 1) * hs.dim];
                             for (o, v) in out[h * hs.dim..(h + 1) * hs.dim].iter_mut().zip(row) {
                                 *o += v.abs();
@@ -257,7 +286,7 @@ impl<'m> NeuronImportance<'m> {
                     }
                     out
                 };
-                let oi = col_abs_sums(&a, l, qw);
+                let oi = col_abs_sums(&a, lr, qw);
                 let mut vi = vec![0f32; hs.kv * hs.dim];
                 for h in 0..hs.n {
                     let g = h / hs.groups();
@@ -270,7 +299,7 @@ impl<'m> NeuronImportance<'m> {
                     per_head_abs(&k, hs.kv),
                     vi,
                     oi,
-                    col_abs_sums(&f, l, inter),
+                    col_abs_sums(&f, lr, inter),
                 )
             }
         };
@@ -284,6 +313,7 @@ impl<'m> NeuronImportance<'m> {
 /// its sites have arrived (the FFN site is the layer's last), then drops them.
 struct LayerHook<'a, 'm> {
     imp: &'a NeuronImportance<'m>,
+    rows: &'a [usize],
     pending: Mutex<BTreeMap<usize, BTreeMap<&'static str, Tensor>>>,
     done: Mutex<Vec<Option<LayerImportance>>>,
 }
@@ -321,7 +351,7 @@ impl Hook for LayerHook<'_, '_> {
             }
         };
         if let Some(acts) = ready {
-            let li = self.imp.layer(layer, &acts).map_err(|e| {
+            let li = self.imp.layer(layer, &acts, self.rows).map_err(|e| {
                 candle_core::Error::Msg(format!("importance of layer {layer}: {e}"))
             })?;
             if let Ok(mut d) = self.done.lock() {
@@ -349,6 +379,15 @@ fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
         .contiguous()?
         .flatten_all()?
         .to_vec1::<f32>()
+}
+
+/// The rows `rows` of a row-major `[_, cols]` matrix, stacked.
+fn gather_rows(x: &[f32], cols: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * cols);
+    for &r in rows {
+        out.extend_from_slice(&x[r * cols..(r + 1) * cols]);
+    }
+    out
 }
 
 fn mul(a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -471,6 +510,22 @@ pub fn qk_importance(
     n_kv: usize,
     d: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    let rows: Vec<usize> = (0..l).collect();
+    qk_importance_rows(q, k, l, &rows, n_heads, n_kv, d)
+}
+
+/// [`qk_importance`] with only the query rows `rows` (ascending, each `< l`) in the Frobenius
+/// norm: the change of the attention probabilities of those queries (each over all its keys
+/// `j ≤ i`, template tokens included).
+pub fn qk_importance_rows(
+    q: &[f32],
+    k: &[f32],
+    l: usize,
+    rows: &[usize],
+    n_heads: usize,
+    n_kv: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let groups = (n_heads / n_kv.max(1)).max(1);
     let scale = 1.0 / (d as f32).sqrt();
     // Keys transposed per KV head, [kv, d, l], so the inner loop over keys is contiguous.
@@ -493,7 +548,7 @@ pub fn qk_importance(
             let mut sq = vec![0f64; d];
             let (mut s, mut p0) = (vec![0f32; l], vec![0f32; l]);
             let (mut z, mut pk) = (vec![0f32; l], vec![0f32; l]);
-            for i in 0..l {
+            for &i in rows {
                 let n = i + 1;
                 let qi = &qh[i * d..(i + 1) * d];
                 s[..n].fill(0.0);
