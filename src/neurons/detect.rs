@@ -5,14 +5,21 @@
 //! neurons on a harmful corpus, foundation neurons on a general one (`embedded:general_text`).
 //!
 //! Each prompt is the user message rendered with the model's chat template and the generation
-//! prompt (the same for harmful and general text), and all of its tokens count. Only one
-//! prompt's (one layer's) activations are held at a time, plus the running selection.
+//! prompt (the same for harmful and general text); by default only the tokens of the user's
+//! content count ([`TokenScope::Content`]): the template and a system preamble are identical in
+//! every prompt and would select generally important neurons. The default rule ranks per
+//! module kind ([`Selection::PerKind`], the paper's 1000 attention / 2000 FFN per layer at 7B
+//! width scaled to the model's), an FFN unit counted once. Only one prompt's (one layer's)
+//! activations are held at a time, plus the running selection and the per-neuron importance
+//! sums (the [`NeuronRanking`] written beside the set).
 //!
 //! ```no_run
 //! use realign::neurons::detect::{detect, DetectConfig, Selection};
 //! let loaded = realign::model::LoadedModel::load("model".as_ref(), &Default::default())?;
 //! let rows = realign::data::load_source("embedded:safety_sft")?;
-//! let cfg = DetectConfig { selection: Selection::TopK(1000), ..Default::default() };
+//! let c = loaded.model.config();
+//! let selection = Selection::paper_split(c.hidden_size, c.intermediate_size, None, None);
+//! let cfg = DetectConfig { selection, ..Default::default() };
 //! let (set, report) = detect(&loaded.model, &loaded.tokenizer, &rows, &cfg, &mut |_, _| {})?;
 //! set.save("safety.json".as_ref())?;
 //! println!("{}", report.to_markdown());

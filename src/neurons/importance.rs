@@ -4,7 +4,10 @@
 //!
 //! One prompt (all its tokens, `l` of them) goes through the model once; a [`Hook`] receives
 //! each layer's activations and turns them into that layer's importances as soon as the layer
-//! is done, so only one layer's activations are alive at a time.
+//! is done, so only one layer's activations are alive at a time. With
+//! [`NeuronImportance::prompt_rows`] only some positions count (the user's content, see
+//! [`scope`](super::scope)): the norms below run over those rows `t` only (for Q/K: those
+//! query rows, each still over all its keys).
 //!
 //! | neuron | [`ImportanceKind::Exact`] (default) | [`ImportanceKind::Proxy`] (the authors' code) |
 //! |---|---|---|
@@ -546,8 +549,7 @@ pub fn qk_importance_rows(
             let kt = &kt[h / groups];
             let qh = &q[h * l * d..(h + 1) * l * d];
             let mut sq = vec![0f64; d];
-            let (mut s, mut p0) = (vec![0f32; l], vec![0f32; l]);
-            let (mut z, mut pk) = (vec![0f32; l], vec![0f32; l]);
+            let (mut s, mut p0, mut z) = (vec![0f32; l], vec![0f32; l], vec![0f32; l]);
             for &i in rows {
                 let n = i + 1;
                 let qi = &qh[i * d..(i + 1) * d];
@@ -557,21 +559,15 @@ pub fn qk_importance_rows(
                         *sj += qc * kj;
                     }
                 }
-                softmax_into(&s[..n], scale, &mut p0[..n]);
+                p0[..n].copy_from_slice(&s[..n]);
+                softmax_lanes(&mut p0[..n], scale);
                 for (c, &qc) in qi.iter().enumerate() {
                     for ((zj, sj), kj) in z[..n].iter_mut().zip(&s[..n]).zip(&kt[c * l..c * l + n])
                     {
                         *zj = sj - qc * kj;
                     }
-                    softmax_into(&z[..n], scale, &mut pk[..n]);
-                    sq[c] += pk[..n]
-                        .iter()
-                        .zip(&p0[..n])
-                        .map(|(a, b)| {
-                            let e = f64::from(a - b);
-                            e * e
-                        })
-                        .sum::<f64>();
+                    softmax_lanes(&mut z[..n], scale);
+                    sq[c] += f64::from(sq_diff_lanes(&z[..n], &p0[..n]));
                 }
             }
             sq
@@ -591,21 +587,108 @@ pub fn qk_importance_rows(
     (qi, ki.into_iter().map(|v| v.sqrt() as f32).collect())
 }
 
-/// `out = softmax(x * scale)` (max-subtracted).
-fn softmax_into(x: &[f32], scale: f32, out: &mut [f32]) {
-    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-    let mut sum = 0f32;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v * scale - m).exp();
-        sum += *o;
+/// Lanes of the vectorised loops below: sums and maxima are kept in `LANES` independent
+/// accumulators so the compiler can use SIMD (a single running `f32` sum is a serial chain).
+const LANES: usize = 8;
+
+/// `x ← softmax(x · scale)` (max-subtracted), with [`exp_fast`] and lane-wise reductions.
+fn softmax_lanes(x: &mut [f32], scale: f32) {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (mi, &v) in m.iter_mut().zip(c) {
+            *mi = if v > *mi { v } else { *mi };
+        }
     }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inv);
+    let mut mx = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    mx = m.iter().fold(mx, |a, &v| a.max(v));
+    let mut sum = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (si, v) in sum.iter_mut().zip(c.iter_mut()) {
+            *v = exp_fast((*v - mx) * scale);
+            *si += *v;
+        }
+    }
+    let mut total: f32 = sum.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp_fast((*v - mx) * scale);
+        total += *v;
+    }
+    let inv = 1.0 / total;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `Σ_j (a_j − b_j)²` with lane-wise accumulation.
+fn sq_diff_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, u), v) in acc.iter_mut().zip(x).zip(y) {
+            let e = u - v;
+            *s += e * e;
+        }
+    }
+    let rest: f32 = ra.iter().zip(rb).map(|(u, v)| (u - v) * (u - v)).sum();
+    acc.iter().sum::<f32>() + rest
+}
+
+/// `e^x` for `x ≤ 0` (used on max-subtracted logits), branch-free so that loops over it
+/// vectorise: `r = round(x log2 e)` (by the `1.5 · 2^23` trick), `g = x − r ln 2` (Cody-Waite:
+/// `ln 2` in a high and a low part, so `g` is exact to a few ulp), `e^g` by its degree-6 Taylor
+/// polynomial (`|g| ≤ 0.35`: truncation below `1e-7` relative), `2^r` built in the exponent
+/// bits. Inputs below −87 give `e^-87` (≈ 1.6e-38, next
+/// to the f32 normal range), which a probability of that size does not notice.
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_4; // 0.693359375, 9 significant bits
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0);
+    let r = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let g = (x - r * LN2_HI) - r * LN2_LO;
+    let p = 1.0
+        + g * (1.0
+            + g * (0.5
+                + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0))))));
+    let bits = ((r as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_fast_matches_exp() {
+        for i in 0..2000 {
+            let x = -(i as f32) * 0.0437;
+            let (got, want) = (exp_fast(x), x.exp());
+            assert!(
+                (got - want).abs() <= 2e-6 * want + 1e-37,
+                "x = {x}: {got} vs {want}"
+            );
+        }
+        assert_eq!(exp_fast(0.0), 1.0);
+        assert!(exp_fast(-1000.0) < 2e-38);
+        let mut v = vec![1.0f32, 2.0, 3.0, 0.5, -1.0, 4.0, 2.5, 0.0, 1.5, 3.5, -2.0];
+        let want: Vec<f32> = {
+            let e: Vec<f32> = v.iter().map(|x| ((x - 4.0) * 0.5f32).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.iter().map(|x| x / s).collect()
+        };
+        softmax_lanes(&mut v, 0.5);
+        for (g, w) in v.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        assert!((sq_diff_lanes(&v, &want)).abs() < 1e-10);
+        let (a, b): (Vec<f32>, Vec<f32>) = (0..11).map(|i| (i as f32, 0.0)).unzip();
+        assert_eq!(sq_diff_lanes(&a, &b), 385.0);
+    }
 
     #[test]
     fn ffn_importance_is_the_outer_product_norm() {
