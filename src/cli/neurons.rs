@@ -262,8 +262,9 @@ fn overlap_cmd(a: OverlapArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `realign bench neurons`: exact detection (top 1000 per layer) on `prompts` rows of
-/// `embedded:safety_sft`, then one prompt of random tokens at each of 64, 256 and 1024 tokens
+/// `realign bench neurons`: exact detection (the paper's per-kind split scaled to the model,
+/// content tokens) on `prompts` rows of `embedded:safety_sft`, then one prompt of random tokens
+/// (every token scored) at each of 64, 256 and 1024 tokens
 /// with the peak resident memory reset before each (`/proc/self/clear_refs`), to show that
 /// memory stays bounded as prompts grow. Prints JSON lines.
 pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
@@ -279,9 +280,11 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
     };
     let threads = rayon::current_num_threads();
     let rows = realign::data::load_source("embedded:safety_sft")?;
+    let mc = loaded.model.config();
     let cfg = DetectConfig {
         limit: Some(prompts),
         corpus: "embedded:safety_sft".into(),
+        selection: Selection::paper_split(mc.hidden_size, mc.intermediate_size, None, None),
         ..Default::default()
     };
     let (set, report) = detect::detect(
@@ -296,8 +299,8 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
         report.seconds,
         "s",
         format!(
-            "exact importance, top 1000 per layer, {} prompts of embedded:safety_sft ({} tokens), {} neurons kept; {threads} rayon threads",
-            report.prompts, report.tokens, set.len()
+            "exact importance, {}, {} prompts of embedded:safety_sft ({} tokens, {} scored), {} neurons kept; {threads} rayon threads",
+            report.rule, report.prompts, report.tokens, report.scored_tokens, set.len()
         ),
     );
     print(

@@ -111,7 +111,9 @@ impl Selection {
 pub struct DetectConfig {
     /// Exact (the paper's formulas) or proxy (the authors' code).
     pub importance: ImportanceKind,
-    /// How a prompt's activated neurons are chosen.
+    /// How a prompt's activated neurons are chosen. The default is the paper's 1000 / 2000 at
+    /// 7B width; for another model use [`Selection::paper_split`] with its sizes (the CLI and
+    /// the experiment do).
     pub selection: Selection,
     /// Which tokens of each prompt count.
     pub tokens: TokenScope,
