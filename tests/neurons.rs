@@ -691,3 +691,97 @@ fn smollm2_detection_on_a_few_prompts() {
     assert!(o.overall.ratio_of_b >= 0.0 && o.overall.ratio_of_b <= 1.0);
     let _ = DType::F32;
 }
+
+/// `neurons deactivate` with every control: Deact-SN, Deact-R and Deact-F zero as many neurons
+/// as the set has, and each row has its perplexity beside HS (the untouched row at ratio 1).
+#[test]
+fn cli_deactivate_reports_every_control_with_perplexity() {
+    let fx = common::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("corpus.jsonl");
+    let lines: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p, "completion": "No."}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let model = fx.join("tiny-llama");
+    let cli = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_realign"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let set = dir.path().join("s.json");
+    cli(&[
+        "neurons",
+        "detect",
+        "--model",
+        m,
+        "--corpus",
+        d,
+        "--top-k-attn",
+        "8",
+        "--top-k-ffn",
+        "20",
+        "-o",
+        set.to_str().unwrap(),
+    ]);
+    let found = dir.path().join("f.json");
+    cli(&[
+        "neurons",
+        "detect",
+        "--model",
+        m,
+        "--corpus",
+        d,
+        "--tokens",
+        "all",
+        "-o",
+        found.to_str().unwrap(),
+    ]);
+    let report = dir.path().join("deact.json");
+    cli(&[
+        "neurons",
+        "deactivate",
+        "--model",
+        m,
+        "--set",
+        set.to_str().unwrap(),
+        "--foundation-importance",
+        dir.path().join("f.importance.json").to_str().unwrap(),
+        "--harmful",
+        d,
+        "--task",
+        "",
+        "--ppl-text",
+        d,
+        "--ppl-offset",
+        "1",
+        "--ppl-rows",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "-o",
+        report.to_str().unwrap(),
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let rows = r["summary"]["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|x| x["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["none", "deact_sn", "deact_r", "deact_f"]);
+    let n = NeuronSet::load(&set).unwrap().len();
+    assert!(n > 0);
+    for row in &rows[1..] {
+        assert_eq!(row["neurons"], n, "{row}");
+        assert!(row["perplexity"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(rows[0]["perplexity_ratio"], 1.0);
+    assert_eq!(rows[0]["harmful_rate"]["n"], 3);
+    assert_eq!(r["summary"]["ppl_rows"], "1..3");
+}
