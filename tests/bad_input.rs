@@ -1033,7 +1033,11 @@ fn every_command_refuses_every_bad_input_cleanly() {
             ));
         }
     }
-    eprintln!("{} bad-input cases over {} commands", table.len(), covered.len());
+    eprintln!(
+        "{} bad-input cases over {} commands",
+        table.len(),
+        covered.len()
+    );
     assert!(table.len() >= 60, "only {} cases", table.len());
     let missing: Vec<_> = COMMANDS.iter().filter(|c| !covered.contains(*c)).collect();
     assert!(missing.is_empty(), "commands without a case: {missing:?}");

@@ -12,7 +12,7 @@ use realign::bench::Figure;
 use realign::model::{AdapterMode, LoadOptions, LoadedModel};
 use realign::neurons::detect::{self, DetectConfig, Selection};
 use realign::neurons::importance::{ImportanceKind, NeuronImportance};
-use realign::neurons::NeuronSet;
+use realign::neurons::{NeuronSet, TokenScope};
 
 /// Flags of `realign neurons`.
 #[derive(clap::Args, Debug)]
@@ -46,6 +46,17 @@ enum ImportanceArg {
     Proxy,
 }
 
+/// Token scopes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TokensArg {
+    /// Every token of the rendered prompt
+    All,
+    /// The user's content only
+    Content,
+    /// The last token only
+    Last,
+}
+
 #[derive(clap::Args, Debug)]
 struct DetectArgs {
     /// Model: HF folder or GGUF [default: the embedded SmolLM2-135M-Instruct]
@@ -61,13 +72,31 @@ struct DetectArgs {
     /// Use at most this many rows of the corpus (in order); 0: all
     #[arg(long, default_value_t = 200)]
     limit: usize,
-    /// Per prompt, keep the K most important neurons of each layer (over its 7 modules)
-    /// [default: 1000 when --epsilon is not given]
+    /// Per prompt and layer, keep the N most important rows of q_proj and columns of o_proj;
+    /// k_proj and v_proj keep N scaled by their size (round(N * kv_rows / q_rows)). Default:
+    /// the paper's 1000 per layer at width 4096 scaled to the model's hidden size,
+    /// round(1000 * hidden / 4096) (141 on SmolLM2-135M)
+    #[arg(long, conflicts_with_all = ["epsilon", "top_k"])]
+    top_k_attn: Option<usize>,
+    /// Per prompt and layer, keep the N most important FFN units (gate row, up row and down
+    /// column together, counted once). Default: the paper's 2000 at intermediate size 11008
+    /// scaled to the model's, round(2000 * intermediate / 11008) (279 on SmolLM2-135M)
+    #[arg(long, conflicts_with_all = ["epsilon", "top_k"])]
+    top_k_ffn: Option<usize>,
+    /// Instead of the per-kind rule: keep the K most important of each layer pooled over q, k,
+    /// v, o and the FFN units (mixes Q/K attention changes with output norms) [default: not
+    /// used]
     #[arg(long, conflicts_with = "epsilon")]
     top_k: Option<usize>,
-    /// Per prompt, keep the neurons with importance >= E (the paper's rule)
+    /// Instead of the per-kind rule: keep the neurons with importance >= E (the paper's rule)
+    /// [default: not used]
     #[arg(long)]
     epsilon: Option<f64>,
+    /// Which tokens of each prompt count in the importance: content (the user's message
+    /// only, not the chat template or system preamble), all (every token), last (the last
+    /// token of the prompt)
+    #[arg(long, value_enum, default_value = "content")]
+    tokens: TokensArg,
     /// Importance formula
     #[arg(long, value_enum, default_value = "exact")]
     importance: ImportanceArg,
@@ -111,11 +140,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
-    let selection = match (a.top_k, a.epsilon) {
-        (_, Some(e)) => Selection::Epsilon(e),
-        (Some(k), None) => Selection::TopK(k),
-        (None, None) => Selection::TopK(1000),
-    };
     let model_path = super::model_path(a.model)?;
     let mut model_label = model_path.display().to_string();
     for p in &a.adapter {
@@ -126,7 +150,12 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
             ImportanceArg::Exact => ImportanceKind::Exact,
             ImportanceArg::Proxy => ImportanceKind::Proxy,
         },
-        selection,
+        selection: Selection::Epsilon(0.0),
+        tokens: match a.tokens {
+            TokensArg::All => TokenScope::All,
+            TokensArg::Content => TokenScope::Content,
+            TokensArg::Last => TokenScope::Last,
+        },
         limit: (a.limit > 0).then_some(a.limit),
         max_length: a.max_length,
         system: a.system,
@@ -135,6 +164,7 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     cfg.validate()?;
+    let mut cfg = cfg;
     let outputs = detect::output_paths(&a.output);
     if outputs[1..].contains(&a.output) {
         anyhow::bail!(
@@ -161,6 +191,18 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
             .apply_adapter(&adapter, AdapterMode::Merged)
             .with_context(|| format!("applying the adapter {}", p.display()))?;
     }
+    let mc = loaded.model.config();
+    cfg.selection = match (a.top_k, a.epsilon) {
+        (_, Some(e)) => Selection::Epsilon(e),
+        (Some(k), None) => Selection::TopK(k),
+        (None, None) => Selection::paper_split(
+            mc.hidden_size,
+            mc.intermediate_size,
+            a.top_k_attn,
+            a.top_k_ffn,
+        ),
+    };
+    cfg.validate()?;
     let rows = realign::data::load_source(&a.corpus)
         .with_context(|| format!("loading the corpus {}", a.corpus))?;
     let bar = ProgressBar::new(0);
@@ -185,7 +227,7 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         }
     })?;
     println!(
-        "wrote {} ({} neurons: {} attention, {} FFN; {} prompts, {}, {} importance, {:.1} s), {}, {}, {}",
+        "wrote {} ({} neurons: {} attention, {} FFN; {} prompts, {}, {} importance, {:.1} s, {:.2} s per prompt), {}, {}, {}, {}",
         outputs[0].display(),
         report.counts.neurons,
         report.counts.attention,
@@ -194,9 +236,11 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         report.rule,
         report.importance,
         report.seconds,
+        report.seconds_per_prompt,
         outputs[1].display(),
         outputs[2].display(),
-        outputs[3].display()
+        outputs[3].display(),
+        outputs[4].display()
     );
     Ok(())
 }
@@ -230,8 +274,9 @@ fn overlap_cmd(a: OverlapArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `realign bench neurons`: exact detection (top 1000 per layer) on `prompts` rows of
-/// `embedded:safety_sft`, then one prompt of random tokens at each of 64, 256 and 1024 tokens
+/// `realign bench neurons`: exact detection (the paper's per-kind split scaled to the model,
+/// content tokens) on `prompts` rows of `embedded:safety_sft`, then one prompt of random tokens
+/// (every token scored) at each of 64, 256 and 1024 tokens
 /// with the peak resident memory reset before each (`/proc/self/clear_refs`), to show that
 /// memory stays bounded as prompts grow. Prints JSON lines.
 pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
@@ -247,9 +292,11 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
     };
     let threads = rayon::current_num_threads();
     let rows = realign::data::load_source("embedded:safety_sft")?;
+    let mc = loaded.model.config();
     let cfg = DetectConfig {
         limit: Some(prompts),
         corpus: "embedded:safety_sft".into(),
+        selection: Selection::paper_split(mc.hidden_size, mc.intermediate_size, None, None),
         ..Default::default()
     };
     let (set, report) = detect::detect(
@@ -264,8 +311,8 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
         report.seconds,
         "s",
         format!(
-            "exact importance, top 1000 per layer, {} prompts of embedded:safety_sft ({} tokens), {} neurons kept; {threads} rayon threads",
-            report.prompts, report.tokens, set.len()
+            "exact importance, {}, {} prompts of embedded:safety_sft ({} tokens, {} scored), {} neurons kept; {threads} rayon threads",
+            report.rule, report.prompts, report.tokens, report.scored_tokens, set.len()
         ),
     );
     print(

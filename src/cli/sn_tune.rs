@@ -9,7 +9,7 @@ use realign::eval::{EvalConfig, TaskKind};
 use realign::model::{AdapterMode, LoadOptions, LoadedModel};
 use realign::neurons::{
     deactivate, deactivation_check, random_like, rsn_tune_set, sn_tune, write_outcome,
-    DeactivationCheck, NeuronSet, SnTuneConfig, Variant,
+    DeactivationCheck, NeuronRanking, NeuronSet, SnTuneConfig, Variant,
 };
 
 /// Flags of `realign neurons deactivate`.
@@ -30,13 +30,40 @@ pub struct DeactivateArgs {
     /// Seed of the random control
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Columns of Table 1 to measure [default: none,deact_sn,deact_r; with --random-like:
-    /// deact_r]
-    #[arg(long, value_delimiter = ',', value_parser = ["none", "deact_sn", "deact_r"])]
+    /// Columns of Table 1 to measure [default: none,deact_sn,deact_r, and deact_f when
+    /// --foundation-importance is given; with --random-like: deact_r]
+    #[arg(long, value_delimiter = ',', value_parser = ["none", "deact_sn", "deact_r", "deact_f"])]
     variants: Vec<String>,
+    /// The foundation importance ranking for the Deact-F control: FOUNDATION.importance.json,
+    /// written beside a set detected on general text (`neurons detect --corpus
+    /// embedded:general_text`); Deact-F zeroes, per module, as many of its most important
+    /// neurons outside the set as the set has [default: none, no Deact-F]
+    #[arg(long)]
+    foundation_importance: Option<PathBuf>,
     /// Harmful prompts for the harmfulness score ("none" or "" to skip)
     #[arg(long, default_value = "embedded:harmful_eval")]
     harmful: String,
+    /// Use a seeded sample of N harmful prompts (--sample-seed) instead of all or the first
+    /// --limit (0: no sampling)
+    #[arg(long, default_value_t = 0)]
+    sample: usize,
+    /// Seed of the harmful-prompt sample
+    #[arg(long, default_value_t = 42)]
+    sample_seed: u64,
+    /// Held-out general text for the perplexity column ("none" or "" to skip); a model with perplexity
+    /// above 2x the untouched model's is flagged broken
+    #[arg(long, default_value = "embedded:general_text")]
+    ppl_text: String,
+    /// First row of --ppl-text used for the perplexity: rows before it are left for detection
+    /// (the default leaves rows 0..300 of embedded:general_text to `neurons detect`)
+    #[arg(long, default_value_t = 300)]
+    ppl_offset: usize,
+    /// Rows of --ppl-text used for the perplexity
+    #[arg(long, default_value_t = 32)]
+    ppl_rows: usize,
+    /// Tokens per perplexity text (longer ones are truncated)
+    #[arg(long, default_value_t = 256)]
+    ppl_max_tokens: usize,
     /// Task items (prompt + gold answer) for the accuracy ("none" or "" to skip)
     #[arg(long, default_value = "embedded:task_eval")]
     task: String,
@@ -138,18 +165,54 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
             .map(|v| match v.as_str() {
                 "none" => Variant::None,
                 "deact_sn" => Variant::DeactSn,
+                "deact_f" => Variant::DeactF,
                 _ => Variant::DeactR,
             })
             .collect()
     } else if a.random_like {
         vec![Variant::DeactR]
+    } else if a.foundation_importance.is_some() {
+        vec![
+            Variant::None,
+            Variant::DeactSn,
+            Variant::DeactR,
+            Variant::DeactF,
+        ]
     } else {
         vec![Variant::None, Variant::DeactSn, Variant::DeactR]
     };
-    let harmful: Vec<String> = rows(&a.harmful, a.limit)?
+    let foundation = a
+        .foundation_importance
+        .as_ref()
+        .map(|p| {
+            NeuronRanking::load(p)
+                .with_context(|| format!("loading the foundation ranking {}", p.display()))
+        })
+        .transpose()?;
+    if variants.contains(&Variant::DeactF) && foundation.is_none() {
+        anyhow::bail!("deact_f needs --foundation-importance FOUNDATION.importance.json");
+    }
+    let mut harmful_rows = rows(&a.harmful, a.limit)?;
+    if a.sample > 0 {
+        harmful_rows = realign::eval::sample_rows(harmful_rows, a.sample, a.sample_seed);
+    }
+    let harmful: Vec<String> = harmful_rows
         .iter()
         .map(|r| r.prompt().plain_text())
         .collect();
+    let ppl_texts: Vec<String> = rows(&a.ppl_text, 0)?
+        .iter()
+        .skip(a.ppl_offset)
+        .take(a.ppl_rows)
+        .map(|r| r.prompt().plain_text())
+        .collect();
+    if !a.ppl_text.is_empty() && a.ppl_text != "none" && a.ppl_rows > 0 && ppl_texts.is_empty() {
+        anyhow::bail!(
+            "--ppl-text {}: no row at --ppl-offset {}",
+            a.ppl_text,
+            a.ppl_offset
+        );
+    }
     let task: Vec<(String, String)> = rows(&a.task, a.limit)?
         .into_iter()
         .map(|r| match r {
@@ -172,6 +235,9 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
             batch_size: a.batch_size,
             ..Default::default()
         },
+        foundation,
+        perplexity_texts: ppl_texts,
+        perplexity_max_tokens: a.ppl_max_tokens,
     };
     let results = deactivation_check(&model, &tokenizer, &set, &check)?;
     let summary: Vec<serde_json::Value> = results
@@ -181,6 +247,11 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
                 "variant": r.variant.name(),
                 "neurons": r.neurons,
                 "harmfulness_score": r.harmfulness.as_ref().map(|h| h.score_percent),
+                "harmful_rate": r.harmful_rate,
+                "nondegenerate_rate": r.nondegenerate_rate,
+                "perplexity": r.perplexity.as_ref().map(|p| p.perplexity),
+                "perplexity_ratio": r.perplexity_ratio,
+                "broken": r.broken,
                 "task_accuracy": r.accuracy.as_ref().map(|t| t.accuracy_percent),
             })
         })
@@ -188,14 +259,49 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
     let summary = serde_json::json!({
         "model": path, "adapters": a.adapters, "adapters_merged_before_deactivation": !a.adapters.is_empty(),
         "set": a.set, "set_neurons": set.len(), "set_params": set.params(), "seed": a.seed,
-        "harmful": a.harmful, "task": a.task, "limit": a.limit, "rows": summary,
+        "harmful": a.harmful, "task": a.task, "limit": a.limit, "sample": a.sample,
+        "sample_seed": a.sample_seed, "foundation_importance": a.foundation_importance,
+        "ppl_text": a.ppl_text, "ppl_rows": format!("{}..{}", a.ppl_offset, a.ppl_offset + a.ppl_rows),
+        "broken_rule": "perplexity > 2x the untouched model's", "rows": summary,
     });
     if let Some(out) = &a.output {
         let full = serde_json::json!({"summary": summary, "variants": results});
         realign::fsutil::write_atomic(out, serde_json::to_string_pretty(&full)?.as_bytes())?;
     }
     println!("{summary}");
+    eprintln!("{}", deactivation_table(&results));
     Ok(())
+}
+
+/// The check as a Markdown table (HS keyword and non-degenerate with 95 % Wilson intervals,
+/// perplexity and its ratio to the untouched model's).
+fn deactivation_table(results: &[realign::neurons::VariantResult]) -> String {
+    let rate = |r: &Option<realign::eval::Rate>| {
+        r.as_ref().map_or("-".to_string(), |r| {
+            format!("{:.1} [{:.1}, {:.1}] (n={})", r.percent, r.lo, r.hi, r.n)
+        })
+    };
+    let mut s = String::from(
+        "| variant | neurons | HS keyword % [95% CI] | HS non-degenerate % [95% CI] | perplexity | ratio | broken | FA % |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.variant.name(),
+            r.neurons,
+            rate(&r.harmful_rate),
+            rate(&r.nondegenerate_rate),
+            r.perplexity
+                .as_ref()
+                .map_or("-".into(), |p| format!("{:.2}", p.perplexity)),
+            r.perplexity_ratio.map_or("-".into(), |x| format!("{x:.2}")),
+            if r.broken { "yes" } else { "no" },
+            r.accuracy
+                .as_ref()
+                .map_or("-".into(), |t| format!("{:.1}", t.accuracy_percent)),
+        ));
+    }
+    s
 }
 
 /// Flags of `realign sn-tune`.

@@ -158,8 +158,18 @@ pub struct NeuronSettings {
     pub general: String,
     /// Prompts used from each corpus.
     pub prompts: usize,
-    /// Per-layer top-k rule (neurons kept per prompt and layer).
+    /// Pooled per-layer top-k rule (neurons kept per prompt and layer over q, k, v, o and FFN
+    /// units); 0 (default): the per-kind rule of `top_k_attn` / `top_k_ffn`.
     pub top_k: usize,
+    /// Per-kind rule: rows of q (and columns of o) kept per prompt and layer, k and v scaled
+    /// by size; 0 (default): the paper's 1000 at width 4096 scaled to the model's.
+    pub top_k_attn: usize,
+    /// Per-kind rule: FFN units kept per prompt and layer; 0 (default): the paper's 2000 at
+    /// intermediate size 11008 scaled to the model's.
+    pub top_k_ffn: usize,
+    /// Which tokens of a prompt count in the importance: `content` (default: the user's
+    /// message only), `all` or `last`.
+    pub tokens: crate::neurons::TokenScope,
     /// Refusal documents for SN-Tune.
     pub tune_data: String,
     /// Documents used by SN-Tune.
@@ -312,7 +322,10 @@ impl Default for NeuronSettings {
             corpus: "embedded:safety_sft".into(),
             general: "embedded:general_text".into(),
             prompts: 200,
-            top_k: 100,
+            top_k: 0,
+            top_k_attn: 0,
+            top_k_ffn: 0,
+            tokens: crate::neurons::TokenScope::Content,
             tune_data: "embedded:safety_sft".into(),
             tune_docs: 50,
             // The paper's 1e-6 (for 7B models) leaves SmolLM2-135M unchanged after 1 epoch of

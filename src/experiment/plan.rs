@@ -71,8 +71,14 @@ pub enum StageKind {
         corpus: String,
         /// Prompts used.
         prompts: usize,
-        /// Per-layer top-k.
+        /// Pooled per-layer top-k (0: per kind).
         top_k: usize,
+        /// Per-kind attention top-k (0: the paper's, scaled).
+        top_k_attn: usize,
+        /// Per-kind FFN top-k (0: the paper's, scaled).
+        top_k_ffn: usize,
+        /// Which tokens count.
+        tokens: crate::neurons::TokenScope,
     },
     /// SN-Tune (deps `[set]`) or RSN-Tune (deps `[set, exclude]`) of the base model.
     SnTune {
@@ -616,6 +622,9 @@ fn plan_neurons(
                 corpus: corpus.into(),
                 prompts: n.prompts,
                 top_k: n.top_k,
+                top_k_attn: n.top_k_attn,
+                top_k_ffn: n.top_k_ffn,
+                tokens: n.tokens,
             },
             adapter.into_iter().collect(),
         )

@@ -590,6 +590,9 @@ impl Runner {
                 corpus,
                 prompts,
                 top_k,
+                top_k_attn,
+                top_k_ffn,
+                tokens,
             } => {
                 let rows = load_source(corpus)?;
                 let mut model = self.base.model.clone();
@@ -597,8 +600,20 @@ impl Runner {
                     let ad = Adapter::load(&deps[0], model.device())?;
                     model.apply_adapter(&ad, AdapterMode::Merged)?;
                 }
+                let mc = model.config();
+                let selection = if *top_k > 0 {
+                    crate::neurons::Selection::TopK(*top_k)
+                } else {
+                    crate::neurons::Selection::paper_split(
+                        mc.hidden_size,
+                        mc.intermediate_size,
+                        (*top_k_attn > 0).then_some(*top_k_attn),
+                        (*top_k_ffn > 0).then_some(*top_k_ffn),
+                    )
+                };
                 let cfg = DetectConfig {
-                    selection: crate::neurons::Selection::TopK(*top_k),
+                    selection,
+                    tokens: *tokens,
                     limit: Some(*prompts),
                     corpus: corpus.clone(),
                     model: self.inputs.model_path.display().to_string(),

@@ -5,14 +5,21 @@
 //! neurons on a harmful corpus, foundation neurons on a general one (`embedded:general_text`).
 //!
 //! Each prompt is the user message rendered with the model's chat template and the generation
-//! prompt (the same for harmful and general text), and all of its tokens count. Only one
-//! prompt's (one layer's) activations are held at a time, plus the running selection.
+//! prompt (the same for harmful and general text); by default only the tokens of the user's
+//! content count ([`TokenScope::Content`]): the template and a system preamble are identical in
+//! every prompt and would select generally important neurons. The default rule ranks per
+//! module kind ([`Selection::PerKind`], the paper's 1000 attention / 2000 FFN per layer at 7B
+//! width scaled to the model's), an FFN unit counted once. Only one prompt's (one layer's)
+//! activations are held at a time, plus the running selection and the per-neuron importance
+//! sums (the [`NeuronRanking`] written beside the set).
 //!
 //! ```no_run
 //! use realign::neurons::detect::{detect, DetectConfig, Selection};
 //! let loaded = realign::model::LoadedModel::load("model".as_ref(), &Default::default())?;
 //! let rows = realign::data::load_source("embedded:safety_sft")?;
-//! let cfg = DetectConfig { selection: Selection::TopK(1000), ..Default::default() };
+//! let c = loaded.model.config();
+//! let selection = Selection::paper_split(c.hidden_size, c.intermediate_size, None, None);
+//! let cfg = DetectConfig { selection, ..Default::default() };
 //! let (set, report) = detect(&loaded.model, &loaded.tokenizer, &rows, &cfg, &mut |_, _| {})?;
 //! set.save("safety.json".as_ref())?;
 //! println!("{}", report.to_markdown());
@@ -25,9 +32,11 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::importance::{ImportanceKind, LayerImportance, NeuronImportance};
+use super::ranking::{NeuronRanking, RankingAccumulator};
+use super::scope::{scoped_prompt, TokenScope};
 use super::set::layer_key;
 use super::{Axis, ModuleNeurons, NeuronError, NeuronSet};
-use crate::data::{render_prompt, PromptTemplate, Row};
+use crate::data::{PromptTemplate, Row};
 use crate::model::{Model, LINEAR_MODULES};
 use crate::tokenizer::Tokenizer;
 
@@ -37,17 +46,62 @@ use crate::tokenizer::Tokenizer;
 pub enum Selection {
     /// `importance >= ε` (the paper's rule).
     Epsilon(f64),
-    /// Per layer, the `k` highest importances among all neurons of the layer's 7 modules (ties
-    /// broken by module order then index).
+    /// Per layer, the `k` highest importances pooled over q, k, v, o rows/columns and the FFN
+    /// units (an FFN unit, gate row + up row + down column, takes one slot and is selected
+    /// whole); ties broken by module order then index. Q/K importances (changes of attention
+    /// probabilities) and the others (output norms) are not in the same unit: prefer
+    /// [`Selection::PerKind`].
     TopK(usize),
+    /// Per layer and module kind: the `attn` most important rows of q_proj and columns of
+    /// o_proj, as many of k_proj and v_proj scaled by their size (`round(attn · kv_rows /
+    /// q_rows)`, at least 1), and the `ffn` most important FFN units (gate row `k`, up row `k`
+    /// and down column `k` together). [`Selection::paper_split`] gives the paper's split.
+    PerKind {
+        /// Neurons per attention module of the query width (q, o); k and v scaled.
+        attn: usize,
+        /// FFN units.
+        ffn: usize,
+    },
 }
+
+/// The paper's per-layer attention top-k on 7B models (Llama-2-7B, hidden size 4096).
+pub const PAPER_TOP_K_ATTN: usize = 1000;
+/// The paper's per-layer FFN top-k on 7B models (intermediate size 11008).
+pub const PAPER_TOP_K_FFN: usize = 2000;
+/// The hidden size of the paper's 7B models.
+pub const PAPER_HIDDEN: usize = 4096;
+/// The intermediate size of the paper's 7B models.
+pub const PAPER_INTERMEDIATE: usize = 11008;
 
 impl Selection {
     /// `epsilon E` or `top-k K`, for reports.
     pub fn describe(&self) -> String {
         match self {
             Selection::Epsilon(e) => format!("importance >= {e}"),
-            Selection::TopK(k) => format!("top {k} per layer"),
+            Selection::TopK(k) => format!(
+                "top {k} per layer pooled over q, k, v, o and FFN units (one slot per unit)"
+            ),
+            Selection::PerKind { attn, ffn } => format!(
+                "per layer and module kind: top {attn} of q_proj rows and of o_proj columns, k_proj and v_proj rows scaled by their size, top {ffn} FFN units (gate row, up row and down column together)"
+            ),
+        }
+    }
+
+    /// The paper's split scaled to a model's width: `round(1000 · hidden / 4096)` per attention
+    /// module and `round(2000 · intermediate / 11008)` FFN units per layer (at least 1 each);
+    /// `attn` / `ffn` override either. SmolLM2-135M (576, 1536): 141 and 279.
+    pub fn paper_split(
+        hidden: usize,
+        intermediate: usize,
+        attn: Option<usize>,
+        ffn: Option<usize>,
+    ) -> Self {
+        let scale = |k: usize, width: usize, paper: usize| {
+            ((k as f64 * width as f64 / paper as f64).round() as usize).max(1)
+        };
+        Selection::PerKind {
+            attn: attn.unwrap_or_else(|| scale(PAPER_TOP_K_ATTN, hidden, PAPER_HIDDEN)),
+            ffn: ffn.unwrap_or_else(|| scale(PAPER_TOP_K_FFN, intermediate, PAPER_INTERMEDIATE)),
         }
     }
 }
@@ -57,8 +111,12 @@ impl Selection {
 pub struct DetectConfig {
     /// Exact (the paper's formulas) or proxy (the authors' code).
     pub importance: ImportanceKind,
-    /// How a prompt's activated neurons are chosen.
+    /// How a prompt's activated neurons are chosen. The default is the paper's 1000 / 2000 at
+    /// 7B width; for another model use [`Selection::paper_split`] with its sizes (the CLI and
+    /// the experiment do).
     pub selection: Selection,
+    /// Which tokens of each prompt count.
+    pub tokens: TokenScope,
     /// Use at most this many rows of the corpus (in file order); `None`: all.
     pub limit: Option<usize>,
     /// Prompts with more tokens than this are skipped (and counted).
@@ -78,7 +136,11 @@ impl Default for DetectConfig {
     fn default() -> Self {
         Self {
             importance: ImportanceKind::Exact,
-            selection: Selection::TopK(1000),
+            selection: Selection::PerKind {
+                attn: PAPER_TOP_K_ATTN,
+                ffn: PAPER_TOP_K_FFN,
+            },
+            tokens: TokenScope::Content,
             limit: Some(200),
             max_length: 2048,
             template: PromptTemplate::Chat,
@@ -100,6 +162,16 @@ impl DetectConfig {
             }
             Selection::TopK(0) => {
                 return Err(NeuronError::Invalid("--top-k 0: must be at least 1".into()))
+            }
+            Selection::PerKind { attn: 0, .. } => {
+                return Err(NeuronError::Invalid(
+                    "--top-k-attn 0: must be at least 1".into(),
+                ))
+            }
+            Selection::PerKind { ffn: 0, .. } => {
+                return Err(NeuronError::Invalid(
+                    "--top-k-ffn 0: must be at least 1".into(),
+                ))
             }
             _ => {}
         }
@@ -267,6 +339,10 @@ pub struct DetectReport {
     pub skipped_too_long: usize,
     /// Prompt tokens seen.
     pub tokens: usize,
+    /// Tokens whose activations counted (the token scope's).
+    pub scored_tokens: usize,
+    /// Which tokens counted: `all`, `content` or `last`.
+    pub token_scope: &'static str,
     /// Mean number of neurons a single prompt selected (before intersection).
     pub mean_selected_per_prompt: f64,
     /// Neurons of the model's 7 linear modules of every layer (rows or columns on the
@@ -284,6 +360,11 @@ pub struct DetectReport {
     pub params_fraction: f64,
     /// Wall time.
     pub seconds: f64,
+    /// `seconds / prompts`.
+    pub seconds_per_prompt: f64,
+    /// The mean importance of every neuron over the prompts (saved as `SET.importance.json`).
+    #[serde(skip)]
+    pub ranking: NeuronRanking,
 }
 
 impl DetectReport {
@@ -293,13 +374,15 @@ impl DetectReport {
         let mut s = String::new();
         s.push_str("# Neuron detection\n\n");
         s.push_str(&format!(
-            "- model: `{}`\n- corpus: `{}` ({} prompts used, {} skipped as longer than {} tokens, {} tokens)\n- importance: {}; rule: {} (Eq. 3)\n- neurons: **{}** of {} ({:.3}%); a prompt alone selected {:.1} on average\n- attention {} / FFN {} (attention share {:.1}%)\n- parameters covered: {} of {} linear-layer weights ({:.4}%; denominator: the 7 linear modules of every layer)\n- time: {:.1} s\n\n",
+            "- model: `{}`\n- corpus: `{}` ({} prompts used, {} skipped as longer than {} tokens, {} tokens, {} of them scored: token scope `{}`)\n- importance: {}; rule: {} (Eq. 3)\n- neurons: **{}** of {} ({:.3}%); a prompt alone selected {:.1} on average\n- attention {} / FFN {} (attention share {:.1}%)\n- parameters covered: {} of {} linear-layer weights ({:.4}%; denominator: the 7 linear modules of every layer)\n- time: {:.1} s ({:.2} s per prompt)\n\n",
             self.config.model,
             self.config.corpus,
             self.prompts,
             self.skipped_too_long,
             self.config.max_length,
             self.tokens,
+            self.scored_tokens,
+            self.token_scope,
             self.importance,
             self.rule,
             c.neurons,
@@ -313,6 +396,7 @@ impl DetectReport {
             self.linear_params,
             100.0 * self.params_fraction,
             self.seconds,
+            self.seconds_per_prompt,
         ));
         s.push_str("| module | neurons |\n|---|---|\n");
         for (k, n) in c.modules.pairs() {
@@ -343,38 +427,74 @@ impl DetectReport {
 /// A selection per layer and module ([`LINEAR_MODULES`] order), one flag per neuron.
 type Mask = Vec<[Vec<bool>; 7]>;
 
-/// The neurons one prompt activates (Eq. 2), as flags per layer and module.
-fn select_mask(imp: &[LayerImportance], selection: Selection) -> Mask {
+/// The `k` best of `(value, module, index)` candidates (NaN lowest; ties by module then index).
+fn top_k(mut all: Vec<(f32, usize, usize)>, k: usize) -> Vec<(f32, usize, usize)> {
+    for c in &mut all {
+        if c.0.is_nan() {
+            c.0 = f32::NEG_INFINITY;
+        }
+    }
+    let cmp = |a: &(f32, usize, usize), b: &(f32, usize, usize)| {
+        b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2)))
+    };
+    if k < all.len() {
+        all.select_nth_unstable_by(k, cmp);
+        all.truncate(k);
+    }
+    all
+}
+
+/// The candidates of the modules `ms` of a layer.
+fn candidates(layer: &LayerImportance, ms: &[usize]) -> Vec<(f32, usize, usize)> {
+    ms.iter()
+        .flat_map(|&m| {
+            layer.modules[m]
+                .iter()
+                .enumerate()
+                .map(move |(i, &x)| (x, m, i))
+        })
+        .collect()
+}
+
+/// The index of gate_proj in [`LINEAR_MODULES`] order; up and down follow, sharing its values.
+const GATE: usize = 4;
+
+/// The neurons one prompt activates (Eq. 2), as flags per layer and module. FFN units are
+/// ranked once (by the gate values) and set in gate, up and down together.
+pub(crate) fn select_mask(imp: &[LayerImportance], selection: Selection) -> Mask {
     imp.iter()
-        .map(|layer| match selection {
-            Selection::Epsilon(e) => layer
-                .modules
-                .clone()
-                .map(|v| v.iter().map(|&x| f64::from(x) >= e).collect()),
-            Selection::TopK(k) => {
-                let mut all: Vec<(f32, usize, usize)> = layer
-                    .modules
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(m, v)| {
-                        v.iter().enumerate().map(move |(i, &x)| {
-                            (if x.is_nan() { f32::NEG_INFINITY } else { x }, m, i)
-                        })
-                    })
-                    .collect();
-                let cmp = |a: &(f32, usize, usize), b: &(f32, usize, usize)| {
-                    b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2)))
-                };
-                let mut out = layer.modules.clone().map(|v| vec![false; v.len()]);
-                if k < all.len() {
-                    all.select_nth_unstable_by(k, cmp);
-                    all.truncate(k);
+        .map(|layer| {
+            let mut out = layer.modules.clone().map(|v| vec![false; v.len()]);
+            let chosen: Vec<(f32, usize, usize)> = match selection {
+                Selection::Epsilon(e) => candidates(layer, &[0, 1, 2, 3, GATE])
+                    .into_iter()
+                    .filter(|c| f64::from(c.0) >= e)
+                    .collect(),
+                Selection::TopK(k) => top_k(candidates(layer, &[0, 1, 2, 3, GATE]), k),
+                Selection::PerKind { attn, ffn } => {
+                    let q_len = layer.modules[0].len().max(1);
+                    let mut all = Vec::new();
+                    for m in 0..4 {
+                        let len = layer.modules[m].len();
+                        let k = ((attn as f64 * len as f64 / q_len as f64).round() as usize).max(1);
+                        all.extend(top_k(candidates(layer, &[m]), k));
+                    }
+                    all.extend(top_k(candidates(layer, &[GATE]), ffn));
+                    all
                 }
-                for (_, m, i) in all {
+            };
+            for (_, m, i) in chosen {
+                if m == GATE {
+                    for f in &mut out[GATE..] {
+                        if let Some(x) = f.get_mut(i) {
+                            *x = true;
+                        }
+                    }
+                } else {
                     out[m][i] = true;
                 }
-                out
             }
+            out
         })
         .collect()
 }
@@ -446,17 +566,25 @@ pub fn detect(
     let imp = NeuronImportance::new(model, cfg.importance)?;
     let rows = &rows[..cfg.limit.map_or(rows.len(), |n| n.min(rows.len()))];
     let (mut prompts, mut skipped, mut tokens, mut selected) = (0usize, 0usize, 0usize, 0usize);
+    let mut scored = 0usize;
+    let mut ranking = RankingAccumulator::default();
     let mut running: Option<Mask> = None;
     for (i, row) in rows.iter().enumerate() {
-        let text = render_prompt(tok, cfg.template, row.prompt(), cfg.system.as_deref())?;
-        let add_special = cfg.template == PromptTemplate::Alpaca;
-        let ids = tok.encode(&text, add_special)?;
-        if ids.is_empty() || ids.len() > cfg.max_length {
+        let sp = scoped_prompt(
+            tok,
+            cfg.template,
+            row.prompt(),
+            cfg.system.as_deref(),
+            cfg.tokens,
+        )?;
+        if sp.ids.is_empty() || sp.ids.len() > cfg.max_length {
             skipped += 1;
             progress(i + 1, rows.len());
             continue;
         }
-        let mask = select_mask(&imp.prompt(&ids)?, cfg.selection);
+        let layers = imp.prompt_rows(&sp.ids, &sp.rows)?;
+        ranking.add(&layers);
+        let mask = select_mask(&layers, cfg.selection);
         selected += mask
             .iter()
             .flat_map(|l| l.iter())
@@ -476,7 +604,8 @@ pub fn detect(
             }
         });
         prompts += 1;
-        tokens += ids.len();
+        tokens += sp.ids.len();
+        scored += sp.rows.len();
         progress(i + 1, rows.len());
     }
     let Some(mask) = running else {
@@ -492,19 +621,35 @@ pub fn detect(
     let (total_neurons, linear_params) = model_totals(model);
     let counts = SetCounts::of(&set, model.config().num_hidden_layers);
     let params = set.params();
+    let seconds = start.elapsed().as_secs_f64();
+    let ranking = ranking.finish(serde_json::json!({
+        "kind": "mean importance per neuron",
+        "model": cfg.model,
+        "corpus": cfg.corpus,
+        "importance": cfg.importance.name(),
+        "tokens": cfg.tokens.name(),
+    }));
     let report = DetectReport {
         config: cfg.clone(),
         importance: cfg.importance.name(),
-        rule: format!("{}, intersected over all prompts", cfg.selection.describe()),
+        rule: format!(
+            "{}, intersected over all prompts; tokens scored: {}",
+            cfg.selection.describe(),
+            cfg.tokens.name()
+        ),
         prompts,
         skipped_too_long: skipped,
         tokens,
+        scored_tokens: scored,
+        token_scope: cfg.tokens.name(),
         mean_selected_per_prompt: selected as f64 / prompts as f64,
         total_neurons,
         params,
         linear_params,
         params_fraction: params as f64 / linear_params.max(1) as f64,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
+        seconds_per_prompt: seconds / prompts.max(1) as f64,
+        ranking,
         counts,
     };
     set.meta = serde_json::json!({
@@ -514,6 +659,7 @@ pub fn detect(
         "prompts": prompts,
         "importance": cfg.importance.name(),
         "selection": cfg.selection,
+        "tokens": cfg.tokens.name(),
         "rule": report.rule,
         "neurons": report.counts.neurons,
         "attention": report.counts.attention,
@@ -522,9 +668,10 @@ pub fn detect(
     Ok((set, report))
 }
 
-/// Where [`save`] writes: `SET.json` itself, then `SET.report.json`, `SET.report.md` and
-/// `SET.svg` in the same folder (the stem is the file name without its extension).
-pub fn output_paths(output: &Path) -> [PathBuf; 4] {
+/// Where [`save`] writes: `SET.json` itself, then `SET.report.json`, `SET.report.md`,
+/// `SET.svg` and `SET.importance.json` (the [`NeuronRanking`]) in the same folder (the stem is
+/// the file name without its extension).
+pub fn output_paths(output: &Path) -> [PathBuf; 5] {
     let stem = output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -535,12 +682,14 @@ pub fn output_paths(output: &Path) -> [PathBuf; 4] {
         beside(".report.json"),
         beside(".report.md"),
         beside(".svg"),
+        beside(".importance.json"),
     ]
 }
 
-/// Writes the set, its JSON and Markdown reports and the per-layer plot (see
-/// [`output_paths`]), each atomically, creating the folder. Returns the four paths.
-pub fn save(set: &NeuronSet, report: &DetectReport, output: &Path) -> crate::Result<[PathBuf; 4]> {
+/// Writes the set, its JSON and Markdown reports, the per-layer plot and the importance
+/// ranking (see [`output_paths`]), each atomically, creating the folder. Returns the five
+/// paths.
+pub fn save(set: &NeuronSet, report: &DetectReport, output: &Path) -> crate::Result<[PathBuf; 5]> {
     let paths = output_paths(output);
     if paths[1..].contains(&paths[0]) {
         return Err(NeuronError::Invalid(format!(
@@ -562,6 +711,7 @@ pub fn save(set: &NeuronSet, report: &DetectReport, output: &Path) -> crate::Res
     crate::fsutil::write_atomic(&paths[1], json.as_bytes())?;
     crate::fsutil::write_atomic(&paths[2], report.to_markdown().as_bytes())?;
     super::plot::layer_plot(&paths[3], &report.counts.layers)?;
+    report.ranking.save(&paths[4])?;
     Ok(paths)
 }
 
@@ -630,25 +780,80 @@ mod tests {
     }
 
     #[test]
-    fn top_k_is_per_layer_over_all_modules_with_ties_by_module_order() {
+    fn pooled_top_k_counts_an_ffn_unit_once_with_ties_by_module_order() {
         let l = layer([
             vec![5.0, 1.0],
             vec![2.0],
             vec![0.5],
             vec![3.0],
-            vec![2.0],
-            vec![2.0],
-            vec![f32::NAN],
+            vec![2.0, 4.0],
+            vec![2.0, 4.0],
+            vec![2.0, 4.0],
         ]);
         let m = select_mask(std::slice::from_ref(&l), Selection::TopK(3));
-        // 5 (q0), 3 (o0), then the tie at 2.0 goes to k (module 1) before gate/up.
+        // 5 (q0), 4 (FFN unit 1: one slot, three flags), 3 (o0); the 2.0 ties are left out.
         assert_eq!(m[0][0], vec![true, false]);
-        assert_eq!(m[0][1], vec![true]);
+        assert_eq!(m[0][1], vec![false]);
         assert_eq!(m[0][3], vec![true]);
-        assert_eq!(m[0][4], vec![false]);
+        for f in &m[0][4..] {
+            assert_eq!(f, &vec![false, true]);
+        }
+        // k = 4: the tie at 2.0 goes to k (module 1) before the FFN unit 0.
+        let m = select_mask(std::slice::from_ref(&l), Selection::TopK(4));
+        assert_eq!(m[0][1], vec![true]);
+        assert_eq!(m[0][4], vec![false, true]);
         let e = select_mask(&[l], Selection::Epsilon(2.0));
-        assert_eq!(e[0][4], vec![true]);
-        assert_eq!(e[0][6], vec![false]);
+        assert_eq!(e[0][4], vec![true, true]);
+        assert_eq!(e[0][6], vec![true, true]);
         assert_eq!(e[0][2], vec![false]);
+    }
+
+    #[test]
+    fn per_kind_top_k_ranks_each_module_kind_on_its_own() {
+        // q and o have 4 neurons, k and v 2 (GQA); attn = 2 -> q 2, o 2, k and v
+        // round(2 * 2 / 4) = 1; ffn = 1 unit. Q/K values are tiny next to the others, which
+        // would leave them out of a pooled ranking.
+        let l = layer([
+            vec![0.01, 0.03, 0.02, 0.0],
+            vec![0.001, 0.002],
+            vec![7.0, 9.0],
+            vec![1.0, 8.0, 8.0, 2.0],
+            vec![6.0, 3.0, 10.0],
+            vec![6.0, 3.0, 10.0],
+            vec![6.0, 3.0, 10.0],
+        ]);
+        let m = select_mask(
+            std::slice::from_ref(&l),
+            Selection::PerKind { attn: 2, ffn: 1 },
+        );
+        assert_eq!(m[0][0], vec![false, true, true, false]);
+        assert_eq!(m[0][1], vec![false, true]);
+        assert_eq!(m[0][2], vec![false, true]);
+        // tie 8.0/8.0 both kept; o keeps exactly 2
+        assert_eq!(m[0][3], vec![false, true, true, false]);
+        for f in &m[0][4..] {
+            assert_eq!(f, &vec![false, false, true]);
+        }
+        let pooled = select_mask(&[l], Selection::TopK(7));
+        assert!(pooled[0][0].iter().all(|f| !f) && pooled[0][1].iter().all(|f| !f));
+    }
+
+    #[test]
+    fn paper_split_scales_by_width() {
+        assert_eq!(
+            Selection::paper_split(576, 1536, None, None),
+            Selection::PerKind {
+                attn: 141,
+                ffn: 279
+            }
+        );
+        assert_eq!(
+            Selection::paper_split(4096, 11008, None, Some(5)),
+            Selection::PerKind { attn: 1000, ffn: 5 }
+        );
+        assert_eq!(
+            Selection::paper_split(4, 4, None, None),
+            Selection::PerKind { attn: 1, ffn: 1 }
+        );
     }
 }

@@ -4,7 +4,10 @@
 //!
 //! One prompt (all its tokens, `l` of them) goes through the model once; a [`Hook`] receives
 //! each layer's activations and turns them into that layer's importances as soon as the layer
-//! is done, so only one layer's activations are alive at a time.
+//! is done, so only one layer's activations are alive at a time. With
+//! [`NeuronImportance::prompt_rows`] only some positions count (the user's content, see
+//! [`scope`](super::scope)): the norms below run over those rows `t` only (for Q/K: those
+//! query rows, each still over all its keys).
 //!
 //! | neuron | [`ImportanceKind::Exact`] (default) | [`ImportanceKind::Proxy`] (the authors' code) |
 //! |---|---|---|
@@ -177,9 +180,30 @@ impl<'m> NeuronImportance<'m> {
     /// The importances of every neuron of every layer for one prompt (token ids, all of them
     /// count), one [`LayerImportance`] per decoder layer.
     pub fn prompt(&self, ids: &[u32]) -> crate::Result<Vec<LayerImportance>> {
+        self.prompt_rows(ids, &(0..ids.len()).collect::<Vec<_>>())
+    }
+
+    /// Like [`prompt`](Self::prompt), but only the positions `rows` (ascending, each `<
+    /// ids.len()`) count: the change of the module outputs is measured at those positions
+    /// only, and for Q/K only those query rows of the attention probabilities (each still
+    /// attends to every earlier key). The forward pass sees every token.
+    ///
+    /// Errors when `rows` is empty, not ascending or out of range.
+    pub fn prompt_rows(&self, ids: &[u32], rows: &[usize]) -> crate::Result<Vec<LayerImportance>> {
+        if rows.is_empty()
+            || rows.windows(2).any(|w| w[0] >= w[1])
+            || rows.last().is_some_and(|&r| r >= ids.len())
+        {
+            return Err(super::NeuronError::Invalid(format!(
+                "token rows {rows:?} must be ascending positions of the {}-token prompt",
+                ids.len()
+            ))
+            .into());
+        }
         let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), self.model.device())?;
         let hook = LayerHook {
             imp: self,
+            rows,
             pending: Mutex::default(),
             done: Mutex::new(vec![None; self.weights.len()]),
         };
@@ -216,7 +240,12 @@ impl<'m> NeuronImportance<'m> {
 
     /// One layer's importances from its activations (`q [1, n, l, d]`, `k [1, kv, l, d]`,
     /// `o_proj` input `[1, l, n d]`, FFN activation `[1, l, inter]`).
-    fn layer(&self, layer: usize, acts: &BTreeMap<&str, Tensor>) -> crate::Result<LayerImportance> {
+    fn layer(
+        &self,
+        layer: usize,
+        acts: &BTreeMap<&str, Tensor>,
+        rows: &[usize],
+    ) -> crate::Result<LayerImportance> {
         let [qs, ks, os, fs] = self.sites();
         let get = |s: &str| -> crate::Result<(Vec<f32>, Vec<usize>)> {
             let t = acts.get(s).ok_or_else(|| {
@@ -235,20 +264,23 @@ impl<'m> NeuronImportance<'m> {
             fd.last().copied().unwrap_or(0),
         );
         let w = &self.weights[layer];
+        // The o_proj and down_proj inputs at the counted positions only.
+        let (a, f) = (gather_rows(&a, qw, rows), gather_rows(&f, inter, rows));
+        let lr = rows.len();
         let (qi, ki, vi, oi, fi) = match self.kind {
             ImportanceKind::Exact => {
-                let (qi, ki) = qk_importance(&q, &k, l, hs.n, hs.kv, hs.dim);
-                let vi = v_importance(&a, l, &w.o_group_gram, hs.n, hs.kv, hs.dim);
-                let oi = mul(&col_norms_rows(&a, l, qw), &w.o_col_norm);
-                let fi = mul(&col_norms_rows(&f, l, inter), &w.down_col_norm);
+                let (qi, ki) = qk_importance_rows(&q, &k, l, rows, hs.n, hs.kv, hs.dim);
+                let vi = v_importance(&a, lr, &w.o_group_gram, hs.n, hs.kv, hs.dim);
+                let oi = mul(&col_norms_rows(&a, lr, qw), &w.o_col_norm);
+                let fi = mul(&col_norms_rows(&f, lr, inter), &w.down_col_norm);
                 (qi, ki, vi, oi, fi)
             }
             ImportanceKind::Proxy => {
                 let per_head_abs = |x: &[f32], heads: usize| -> Vec<f32> {
-                    // x: [heads, l, d] -> sum over tokens of |x| per (head, dim)
+                    // x: [heads, l, d] -> sum over the counted tokens of |x| per (head, dim)
                     let mut out = vec![0f32; heads * hs.dim];
                     for h in 0..heads {
-                        for t in 0..l {
+                        for &t in rows {
                             let row = &x[(h * l + t) * hs.dim..(h * l + t + 1) * hs.dim];
                             for (o, v) in out[h * hs.dim..(h + 1) * hs.dim].iter_mut().zip(row) {
                                 *o += v.abs();
@@ -257,7 +289,7 @@ impl<'m> NeuronImportance<'m> {
                     }
                     out
                 };
-                let oi = col_abs_sums(&a, l, qw);
+                let oi = col_abs_sums(&a, lr, qw);
                 let mut vi = vec![0f32; hs.kv * hs.dim];
                 for h in 0..hs.n {
                     let g = h / hs.groups();
@@ -270,7 +302,7 @@ impl<'m> NeuronImportance<'m> {
                     per_head_abs(&k, hs.kv),
                     vi,
                     oi,
-                    col_abs_sums(&f, l, inter),
+                    col_abs_sums(&f, lr, inter),
                 )
             }
         };
@@ -284,6 +316,7 @@ impl<'m> NeuronImportance<'m> {
 /// its sites have arrived (the FFN site is the layer's last), then drops them.
 struct LayerHook<'a, 'm> {
     imp: &'a NeuronImportance<'m>,
+    rows: &'a [usize],
     pending: Mutex<BTreeMap<usize, BTreeMap<&'static str, Tensor>>>,
     done: Mutex<Vec<Option<LayerImportance>>>,
 }
@@ -321,7 +354,7 @@ impl Hook for LayerHook<'_, '_> {
             }
         };
         if let Some(acts) = ready {
-            let li = self.imp.layer(layer, &acts).map_err(|e| {
+            let li = self.imp.layer(layer, &acts, self.rows).map_err(|e| {
                 candle_core::Error::Msg(format!("importance of layer {layer}: {e}"))
             })?;
             if let Ok(mut d) = self.done.lock() {
@@ -349,6 +382,15 @@ fn to_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
         .contiguous()?
         .flatten_all()?
         .to_vec1::<f32>()
+}
+
+/// The rows `rows` of a row-major `[_, cols]` matrix, stacked.
+fn gather_rows(x: &[f32], cols: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * cols);
+    for &r in rows {
+        out.extend_from_slice(&x[r * cols..(r + 1) * cols]);
+    }
+    out
 }
 
 fn mul(a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -471,6 +513,22 @@ pub fn qk_importance(
     n_kv: usize,
     d: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    let rows: Vec<usize> = (0..l).collect();
+    qk_importance_rows(q, k, l, &rows, n_heads, n_kv, d)
+}
+
+/// [`qk_importance`] with only the query rows `rows` (ascending, each `< l`) in the Frobenius
+/// norm: the change of the attention probabilities of those queries (each over all its keys
+/// `j ≤ i`, template tokens included).
+pub fn qk_importance_rows(
+    q: &[f32],
+    k: &[f32],
+    l: usize,
+    rows: &[usize],
+    n_heads: usize,
+    n_kv: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let groups = (n_heads / n_kv.max(1)).max(1);
     let scale = 1.0 / (d as f32).sqrt();
     // Keys transposed per KV head, [kv, d, l], so the inner loop over keys is contiguous.
@@ -491,9 +549,8 @@ pub fn qk_importance(
             let kt = &kt[h / groups];
             let qh = &q[h * l * d..(h + 1) * l * d];
             let mut sq = vec![0f64; d];
-            let (mut s, mut p0) = (vec![0f32; l], vec![0f32; l]);
-            let (mut z, mut pk) = (vec![0f32; l], vec![0f32; l]);
-            for i in 0..l {
+            let (mut s, mut p0, mut z) = (vec![0f32; l], vec![0f32; l], vec![0f32; l]);
+            for &i in rows {
                 let n = i + 1;
                 let qi = &qh[i * d..(i + 1) * d];
                 s[..n].fill(0.0);
@@ -502,21 +559,15 @@ pub fn qk_importance(
                         *sj += qc * kj;
                     }
                 }
-                softmax_into(&s[..n], scale, &mut p0[..n]);
+                p0[..n].copy_from_slice(&s[..n]);
+                softmax_lanes(&mut p0[..n], scale);
                 for (c, &qc) in qi.iter().enumerate() {
                     for ((zj, sj), kj) in z[..n].iter_mut().zip(&s[..n]).zip(&kt[c * l..c * l + n])
                     {
                         *zj = sj - qc * kj;
                     }
-                    softmax_into(&z[..n], scale, &mut pk[..n]);
-                    sq[c] += pk[..n]
-                        .iter()
-                        .zip(&p0[..n])
-                        .map(|(a, b)| {
-                            let e = f64::from(a - b);
-                            e * e
-                        })
-                        .sum::<f64>();
+                    softmax_lanes(&mut z[..n], scale);
+                    sq[c] += f64::from(sq_diff_lanes(&z[..n], &p0[..n]));
                 }
             }
             sq
@@ -536,21 +587,108 @@ pub fn qk_importance(
     (qi, ki.into_iter().map(|v| v.sqrt() as f32).collect())
 }
 
-/// `out = softmax(x * scale)` (max-subtracted).
-fn softmax_into(x: &[f32], scale: f32, out: &mut [f32]) {
-    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-    let mut sum = 0f32;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v * scale - m).exp();
-        sum += *o;
+/// Lanes of the vectorised loops below: sums and maxima are kept in `LANES` independent
+/// accumulators so the compiler can use SIMD (a single running `f32` sum is a serial chain).
+const LANES: usize = 8;
+
+/// `x ← softmax(x · scale)` (max-subtracted), with [`exp_fast`] and lane-wise reductions.
+fn softmax_lanes(x: &mut [f32], scale: f32) {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (mi, &v) in m.iter_mut().zip(c) {
+            *mi = if v > *mi { v } else { *mi };
+        }
     }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inv);
+    let mut mx = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    mx = m.iter().fold(mx, |a, &v| a.max(v));
+    let mut sum = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (si, v) in sum.iter_mut().zip(c.iter_mut()) {
+            *v = exp_fast((*v - mx) * scale);
+            *si += *v;
+        }
+    }
+    let mut total: f32 = sum.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp_fast((*v - mx) * scale);
+        total += *v;
+    }
+    let inv = 1.0 / total;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `Σ_j (a_j − b_j)²` with lane-wise accumulation.
+fn sq_diff_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, u), v) in acc.iter_mut().zip(x).zip(y) {
+            let e = u - v;
+            *s += e * e;
+        }
+    }
+    let rest: f32 = ra.iter().zip(rb).map(|(u, v)| (u - v) * (u - v)).sum();
+    acc.iter().sum::<f32>() + rest
+}
+
+/// `e^x` for `x ≤ 0` (used on max-subtracted logits), branch-free so that loops over it
+/// vectorise: `r = round(x log2 e)` (by the `1.5 · 2^23` trick), `g = x − r ln 2` (Cody-Waite:
+/// `ln 2` in a high and a low part, so `g` is exact to a few ulp), `e^g` by its degree-6 Taylor
+/// polynomial (`|g| ≤ 0.35`: truncation below `1e-7` relative), `2^r` built in the exponent
+/// bits. Inputs below −87 give `e^-87` (≈ 1.6e-38, next
+/// to the f32 normal range), which a probability of that size does not notice.
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_4; // 0.693359375, 9 significant bits
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0);
+    let r = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let g = (x - r * LN2_HI) - r * LN2_LO;
+    let p = 1.0
+        + g * (1.0
+            + g * (0.5
+                + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0))))));
+    let bits = ((r as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_fast_matches_exp() {
+        for i in 0..2000 {
+            let x = -(i as f32) * 0.0437;
+            let (got, want) = (exp_fast(x), x.exp());
+            assert!(
+                (got - want).abs() <= 2e-6 * want + 1e-37,
+                "x = {x}: {got} vs {want}"
+            );
+        }
+        assert_eq!(exp_fast(0.0), 1.0);
+        assert!(exp_fast(-1000.0) < 2e-38);
+        let mut v = vec![1.0f32, 2.0, 3.0, 0.5, -1.0, 4.0, 2.5, 0.0, 1.5, 3.5, -2.0];
+        let want: Vec<f32> = {
+            let e: Vec<f32> = v.iter().map(|x| ((x - 4.0) * 0.5f32).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.iter().map(|x| x / s).collect()
+        };
+        softmax_lanes(&mut v, 0.5);
+        for (g, w) in v.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        assert!((sq_diff_lanes(&v, &want)).abs() < 1e-10);
+        let (a, b): (Vec<f32>, Vec<f32>) = (0..11).map(|i| (i as f32, 0.0)).unzip();
+        assert_eq!(sq_diff_lanes(&a, &b), 385.0);
+    }
 
     #[test]
     fn ffn_importance_is_the_outer_product_norm() {

@@ -9,6 +9,9 @@
 //! | [`sn_tune`](mod@sn_tune) | SN-Tune (§3) and RSN-Tune (§4): training only the selected neurons |
 //! | [`importance`] | per-prompt importance of every neuron, exact (Eqs. 4, 8-14) or the authors' proxy |
 //! | [`detect`] | streaming detection: per-prompt selection (ε or per-layer top-k, Eq. 2), intersection over the corpus (Eq. 3), report, overlap of two sets |
+//! | [`scope`] | which tokens of a prompt count: the user's content by default (issue 12) |
+//! | [`ranking`] | the mean importance of every neuron over a corpus, for the `Deact-F` control |
+//! | [`perplexity`](mod@perplexity) | perplexity on held-out general text, beside HS in the deactivation check |
 //! | [`plot`] | the per-layer plot of a detected set (attention vs FFN) |
 
 use std::path::PathBuf;
@@ -16,16 +19,22 @@ use std::path::PathBuf;
 pub mod deactivate;
 pub mod detect;
 pub mod importance;
+pub mod perplexity;
 pub mod plot;
+pub mod ranking;
+pub mod scope;
 pub mod set;
 pub mod sn_tune;
 
 pub use deactivate::{
-    deactivate, deactivation_check, fold_adapters, random_like, DeactivationCheck,
+    deactivate, deactivation_check, fold_adapters, foundation_like, random_like, DeactivationCheck,
     DeactivationSummary, Variant, VariantResult,
 };
 pub use detect::{detect, overlap, DetectConfig, DetectReport, OverlapReport, Selection};
 pub use importance::{ImportanceKind, LayerImportance, NeuronImportance};
+pub use perplexity::{perplexity, PerplexityReport};
+pub use ranking::NeuronRanking;
+pub use scope::TokenScope;
 pub use set::{Axis, ModuleNeurons, NeuronSet};
 pub use sn_tune::{
     rsn_tune_set, sn_tune, write_outcome, NeuronDeltas, SnTuneConfig, SnTuneOutcome, SnTuneReport,
