@@ -1082,3 +1082,40 @@ fn overwrite_replaces_an_existing_output_whole() {
         .collect();
     assert_eq!(names, vec!["amplified".to_string()], "{names:?}");
 }
+
+#[test]
+fn writing_a_non_finite_tensor_is_refused_before_the_rename() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ad = realign::adapters::Adapter::load(
+        &fixtures().join("tiny-llama-adapters/aligned"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let m = ad
+        .modules
+        .get_mut("model.layers.2.self_attn.v_proj")
+        .unwrap();
+    let mut b: Vec<f32> = m.b.flatten_all().unwrap().to_vec1().unwrap();
+    b[3] = f32::INFINITY;
+    b[7] = f32::NAN;
+    m.b = Tensor::from_vec(b, m.b.dims(), &Device::Cpu).unwrap();
+    let out = dir.path().join("out");
+    let err = ad.save(&out).unwrap_err();
+    assert!(
+        matches!(&err, realign::Error::NonFinite { count: 2, tensor, .. }
+            if tensor == "base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight"),
+        "{err}"
+    );
+    // nothing under the weights' name, and no temporary file left
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !left.iter().any(|n| n.contains("adapter_model")),
+        "{left:?}"
+    );
+}

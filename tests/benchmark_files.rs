@@ -259,6 +259,7 @@ fn cli_eval_takes_benchmark_files() {
             "none",
             "--max-new-tokens",
             "3",
+            "--overwrite",
             "-o",
             out_dir.to_str().unwrap().to_string().leak(),
             "--json",

@@ -36,7 +36,7 @@ fn run(aligned: &Path, finetuned: &Path, out: &Path) -> serde_json::Value {
 fn an_unchanged_adapter_is_clean() {
     let d = tempfile::tempdir().unwrap();
     let a = fixture("aligned");
-    let j = run(&a, &a, d.path());
+    let j = run(&a, &a, &d.path().join("report"));
     assert_eq!(j["verdict"], "clean");
     assert!(j["drift"].as_f64().unwrap().abs() < 1e-6, "{}", j["drift"]);
     for m in j["modules"].as_array().unwrap() {
@@ -49,7 +49,7 @@ fn an_unchanged_adapter_is_clean() {
         "drift.svg",
         "drift.png",
     ] {
-        assert!(d.path().join(f).is_file(), "{f}");
+        assert!(d.path().join("report").join(f).is_file(), "{f}");
     }
 }
 
@@ -57,7 +57,7 @@ fn an_unchanged_adapter_is_clean() {
 fn the_report_is_eq_8_and_safe_lora_per_module() {
     let d = tempfile::tempdir().unwrap();
     let (ap, tp) = (fixture("aligned"), fixture("finetuned"));
-    let j = run(&ap, &tp, d.path());
+    let j = run(&ap, &tp, &d.path().join("report"));
     let dev = Device::Cpu;
     let (wa, wt) = (
         Adapter::load(&ap, &dev).unwrap(),
@@ -87,6 +87,6 @@ fn the_report_is_eq_8_and_safe_lora_per_module() {
     assert!(drift > 0.05, "{drift}");
     assert_eq!(lib.verdict, DriftVerdict::Drifted);
     assert_eq!(j["verdict_line"], lib.verdict_line.as_str());
-    let md = std::fs::read_to_string(d.path().join("diagnose_report.md")).unwrap();
+    let md = std::fs::read_to_string(d.path().join("report").join("diagnose_report.md")).unwrap();
     assert!(md.contains(&lib.verdict_line), "{md}");
 }

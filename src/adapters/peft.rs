@@ -201,9 +201,11 @@ pub(crate) fn write_weights(
         file: file.to_path_buf(),
         reason: e.to_string(),
     })?;
-    write_atomic_with(file, |w| {
+    // a tensor with NaN/Inf is refused before the rename: (its key, how many values)
+    let mut nonfinite: Option<(String, usize)> = None;
+    let written = write_atomic_with(file, |w| {
         w.write_all(&header)?;
-        for (_, path, part, shape) in &order {
+        for (key, path, part, shape) in &order {
             let bytes = bytes_of(path, *part)?;
             if bytes.len() != shape.iter().product::<usize>() * 4 {
                 return Err(std::io::Error::other(format!(
@@ -211,10 +213,26 @@ pub(crate) fn write_weights(
                     bytes.len()
                 )));
             }
+            let count = bytes
+                .chunks_exact(4)
+                .filter(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+                .count();
+            if count > 0 {
+                nonfinite = Some((key.clone(), count));
+                return Err(std::io::Error::other("non-finite values"));
+            }
             w.write_all(&bytes)?;
         }
         Ok(())
-    })
+    });
+    match (written, nonfinite) {
+        (Err(_), Some((tensor, count))) => Err(Error::NonFinite {
+            path: file.to_path_buf(),
+            tensor,
+            count,
+        }),
+        (written, _) => written,
+    }
 }
 
 /// The config as peft writes it: `json.dumps(config, indent=2, sort_keys=True)`.

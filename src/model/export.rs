@@ -125,6 +125,15 @@ pub fn safetensors_f32_bytes(tensors: &[(String, Tensor)]) -> crate::Result<Vec<
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let count = crate::fsutil::count_nonfinite(&v);
+        if count > 0 {
+            // refused before anything is written (the folder is renamed into place only later)
+            return Err(crate::Error::NonFinite {
+                path: "model.safetensors".into(),
+                tensor: name.clone(),
+                count,
+            });
+        }
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         data.push((name.clone(), t.dims().to_vec(), bytes));
     }
