@@ -94,10 +94,8 @@ fn q4_k_block_by_hand() {
     let sc: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
     let m: [u8; 8] = [0, 2, 4, 6, 8, 10, 12, 14];
     let mut scales = [0u8; 12];
-    for k in 0..4 {
-        scales[k] = sc[k];
-        scales[k + 4] = m[k];
-    }
+    scales[..4].copy_from_slice(&sc[..4]);
+    scales[4..8].copy_from_slice(&m[..4]);
     for k in 4..8 {
         scales[k + 4] = (sc[k] & 15) | ((m[k] & 15) << 4);
         scales[k - 4] |= (sc[k] >> 4) << 6;
