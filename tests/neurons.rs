@@ -688,7 +688,17 @@ fn smollm2_detection_on_a_few_prompts() {
     .unwrap();
     assert!(!foundation.is_empty());
     let o = detect::overlap(&safety, &foundation).unwrap();
-    assert!(o.overall.ratio_of_b >= 0.0 && o.overall.ratio_of_b <= 1.0);
+    // the overlap against a brute-force count over the two sets' indices
+    let mut both = 0usize;
+    for m in &safety.modules {
+        if let Some(f) = foundation.get(&m.module, m.axis) {
+            let in_f: std::collections::HashSet<u32> = f.indices.iter().copied().collect();
+            both += m.indices.iter().filter(|i| in_f.contains(i)).count();
+        }
+    }
+    assert_eq!(o.overall.intersection, both);
+    assert!((o.overall.ratio_of_b - both as f64 / foundation.len() as f64).abs() < 1e-12);
+    assert!((o.overall.ratio_of_a - both as f64 / safety.len() as f64).abs() < 1e-12);
     let _ = DType::F32;
 }
 
