@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::fixtures;
+use common::{copy_dir, fixtures};
 
 /// The good inputs every case starts from.
 struct Env {
@@ -386,14 +386,6 @@ struct Case {
 
 // --- the bad inputs -------------------------------------------------------------------------
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 fn truncate(path: &Path, len: usize) {
     let bytes = std::fs::read(path).unwrap();
     std::fs::write(path, &bytes[..len.min(bytes.len())]).unwrap();
@@ -447,19 +439,19 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 /// Builds the case's bad input in `dir`.
 type Make = Box<dyn Fn(&Env, &Path) -> (Over, Vec<String>)>;
 
+/// A case whose bad input is one path (from `f`, with the expected message parts) put in the
+/// flag that `set` names.
+fn into(set: fn(&mut Over, String), f: fn(&Env, &Path) -> (String, Vec<String>)) -> Make {
+    Box::new(move |e, d| {
+        let (value, expect) = f(e, d);
+        let mut o = Over::default();
+        set(&mut o, value);
+        (o, expect)
+    })
+}
+
 fn model_cases() -> Vec<(&'static str, Make)> {
-    let m = |f: fn(&Env, &Path) -> (String, Vec<String>)| -> Make {
-        Box::new(move |e, d| {
-            let (model, expect) = f(e, d);
-            (
-                Over {
-                    model: Some(model),
-                    ..Default::default()
-                },
-                expect,
-            )
-        })
-    };
+    let m = |f| into(|o, v| o.model = Some(v), f);
     fn copy(e: &Env, d: &Path) -> PathBuf {
         let p = d.join("model");
         copy_dir(Path::new(&e.model), &p);
@@ -539,18 +531,7 @@ fn model_cases() -> Vec<(&'static str, Make)> {
 }
 
 fn adapter_cases() -> Vec<(&'static str, Make)> {
-    let a = |f: fn(&Env, &Path) -> (String, Vec<String>)| -> Make {
-        Box::new(move |e, d| {
-            let (adapter, expect) = f(e, d);
-            (
-                Over {
-                    adapter: Some(adapter),
-                    ..Default::default()
-                },
-                expect,
-            )
-        })
-    };
+    let a = |f| into(|o, v| o.adapter = Some(v), f);
     fn copy(e: &Env, d: &Path) -> PathBuf {
         let p = d.join("adapter");
         copy_dir(Path::new(&e.aligned), &p);
@@ -601,26 +582,15 @@ fn adapter_cases() -> Vec<(&'static str, Make)> {
 }
 
 fn data_cases() -> Vec<(&'static str, Make)> {
-    let dd = |f: fn(&Path) -> (String, Vec<String>)| -> Make {
-        Box::new(move |_, d| {
-            let (data, expect) = f(d);
-            (
-                Over {
-                    data: Some(data),
-                    ..Default::default()
-                },
-                expect,
-            )
-        })
-    };
+    let dd = |f| into(|o, v| o.data = Some(v), f);
     vec![
         (
             "data missing",
-            dd(|d| (s(&d.join("nope.jsonl")), vec!["nope.jsonl".into()])),
+            dd(|_, d| (s(&d.join("nope.jsonl")), vec!["nope.jsonl".into()])),
         ),
         (
             "data empty",
-            dd(|d| {
+            dd(|_, d| {
                 (
                     write(d, "empty.jsonl", ""),
                     vec!["empty.jsonl".into(), "no rows".into()],
@@ -629,7 +599,7 @@ fn data_cases() -> Vec<(&'static str, Make)> {
         ),
         (
             "data row 3 malformed",
-            dd(|d| {
+            dd(|_, d| {
                 (
                     write(
                         d,
@@ -642,7 +612,7 @@ fn data_cases() -> Vec<(&'static str, Make)> {
         ),
         (
             "data row of unknown shape",
-            dd(|d| {
+            dd(|_, d| {
                 (
                     write(d, "odd.jsonl", "{\"foo\": \"a\"}\n"),
                     vec!["odd.jsonl".into(), "line 1".into(), "foo".into()],
@@ -653,18 +623,7 @@ fn data_cases() -> Vec<(&'static str, Make)> {
 }
 
 fn set_cases() -> Vec<(&'static str, Make)> {
-    let st = |f: fn(&Env, &Path) -> (String, Vec<String>)| -> Make {
-        Box::new(move |e, d| {
-            let (set, expect) = f(e, d);
-            (
-                Over {
-                    set: Some(set),
-                    ..Default::default()
-                },
-                expect,
-            )
-        })
-    };
+    let st = |f| into(|o, v| o.set = Some(v), f);
     vec![
         (
             "neuron set corrupt",

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::fixtures;
+use common::{copy_dir, fixtures};
 
 /// Runs `realign ARGS`, expecting failure; returns stderr.
 fn fails(args: &[&str]) -> String {
@@ -22,14 +22,6 @@ fn fails(args: &[&str]) -> String {
     );
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
     err
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 fn gen_args(model: &Path) -> Vec<String> {

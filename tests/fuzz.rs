@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::Device;
-use common::fixtures;
+use common::{copy_dir, fixtures};
 use proptest::prelude::*;
 
 fn config(cases: u32) -> ProptestConfig {
@@ -56,14 +56,6 @@ fn header_edits(span: usize) -> impl Strategy<Value = (Vec<(usize, u8)>, Option<
 
 fn temp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 fn adapter_dir() -> PathBuf {

@@ -45,3 +45,12 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     let p = realign::assets::default_model();
     assets_present(&[&p]).then_some(p)
 }
+
+/// Copies the files of folder `from` into `to` (created), one level deep: a fixture folder.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
