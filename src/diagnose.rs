@@ -48,7 +48,7 @@ use crate::fsutil::write_atomic;
 use crate::nlsr::gram::{inner_products, stacked_gram, Layout, StackedGram};
 use crate::nlsr::masks::{Masks, ModuleMask};
 use crate::nlsr::prune::{layer_pruning, PruneConfig};
-use crate::nlsr::similarity::{cosine_of, factor_similarity, F32Data, Factors};
+use crate::nlsr::similarity::{cosine_of, region_similarity, F32Data};
 use crate::nlsr::{check_compatible, dims2, kind_of, label, layer_of, NlsrError};
 use crate::report::{write_chart, Chart, ChartKind, Series};
 use crate::{Error, Result};
@@ -408,29 +408,7 @@ fn module_statistics(
     let safelora_cosine = safelora_cosine_from_grams(&gb, &ga, sa, st, uu)?;
     let similarity = match (e, mask) {
         (None, None) => cosine_of(ee, tt, et),
-        _ => {
-            let e = e.unwrap_or(a);
-            let (ea, eb) = (F32Data::of(&e.a)?, F32Data::of(&e.b)?);
-            let (ma, mb) = match mask {
-                Some(m) => (F32Data::of(&m.a)?, F32Data::of(&m.b)?),
-                None => (F32Data::Owned(ones_a), F32Data::Owned(ones_b)),
-            };
-            factor_similarity(
-                Factors {
-                    a: ea.slice(),
-                    b: eb.slice(),
-                },
-                Factors {
-                    a: ta.slice(),
-                    b: tb.slice(),
-                },
-                Factors {
-                    a: ma.slice(),
-                    b: mb.slice(),
-                },
-                [out, r, inp],
-            )?
-        }
+        _ => region_similarity(e.unwrap_or(a), t, mask)?,
     };
     for (what, v) in [
         ("the similarity S (Eq. 8)", similarity),
