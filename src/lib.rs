@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`model`] | the Llama-family runtime: config, weights (safetensors, GGUF), forward, KV cache, activation capture, generation |
 //! | [`tokenizer`] | `tokenizer.json` / GGUF tokenizers and chat templates with transformers' semantics |
+//! | [`antidote`] | Antidote (Huang et al. 2024): one-shot Wanda pruning of the fine-tuning update on harmful data |
 //! | [`adapters`] | PEFT LoRA adapters: reading, writing, applying (merged or unmerged) |
 //! | [`data`] | data files (JSONL, JSON, CSV), the embedded data sets, prompt rendering and masking, the attack mix |
 //! | [`diagnose`](mod@diagnose) | `realign diagnose`: the intake check of a fine-tune (safety drift, Safe LoRA's cosine, a verdict) |
@@ -20,6 +21,7 @@
 //! | [`report`] | charts for the commands that draw: line and bar charts as SVG and PNG, with title, axis labels and legend |
 //! | [`resta`] | RESTA (Bhardwaj et al. 2024): the safety vector added back, `W_t + γ (W_a − W_base)` |
 //! | [`safelora`] | Safe LoRA, the training-free peer: projection onto the alignment subspace |
+//! | [`safemerge`] | SafeMERGE (Djuhera et al. 2025): `α W_t + (1 − α) W_a` in the modules whose update left the safety subspace |
 //!
 //! ```no_run
 //! use realign::model::{LoadOptions, LoadedModel};
@@ -37,6 +39,7 @@
 )]
 
 pub mod adapters;
+pub mod antidote;
 pub mod assets;
 pub mod bench;
 pub mod data;
@@ -51,6 +54,7 @@ pub mod nlsr;
 pub mod report;
 pub mod resta;
 pub mod safelora;
+pub mod safemerge;
 pub mod tokenizer;
 pub mod train;
 

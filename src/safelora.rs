@@ -114,6 +114,20 @@ pub fn finetuning_update(aligned: &Adapter, finetuned: &Adapter) -> Result<Adapt
 ///
 /// Errors: the two adapters adapt different modules, or their `[out, in]` differ.
 pub fn stacked_sum(aligned: &Adapter, finetuned: &Adapter, c: f64) -> Result<Adapter> {
+    stacked_combination(aligned, finetuned, |_| (1.0, c))
+}
+
+/// `c_t(j) · W_t + c_a(j) · W_a` per module `j` as one LoRA adapter of rank `r_t + r_a`:
+/// `B = [c_t s_t B_t | c_a s_a B_a]`, `A = [A_t; A_a]`, scale 1, where `coef(module)` gives
+/// `(c_t, c_a)`. [`stacked_sum`] is `coef = (1, c)` everywhere; SafeMERGE
+/// ([`crate::safemerge`]) merges only some modules.
+///
+/// Errors: the two adapters adapt different modules, or their `[out, in]` differ.
+pub fn stacked_combination(
+    aligned: &Adapter,
+    finetuned: &Adapter,
+    coef: impl Fn(&str) -> (f64, f64),
+) -> Result<Adapter> {
     let (al, tl) = (
         label(aligned, "aligned adapter"),
         label(finetuned, "fine-tuned adapter"),
@@ -143,7 +157,8 @@ pub fn stacked_sum(aligned: &Adapter, finetuned: &Adapter, c: f64) -> Result<Ada
             }
             .into());
         }
-        let b = Tensor::cat(&[(&t.b * t.scale)?, (&a.b * (c * a.scale))?], 1)?;
+        let (ct, ca) = coef(path);
+        let b = Tensor::cat(&[(&t.b * (ct * t.scale))?, (&a.b * (ca * a.scale))?], 1)?;
         let a_cat = Tensor::cat(&[&t.a, &a.a], 0)?;
         let r = t.rank() + a.rank();
         ranks.insert(path.clone(), r);
@@ -156,25 +171,35 @@ pub fn stacked_sum(aligned: &Adapter, finetuned: &Adapter, c: f64) -> Result<Ada
             },
         );
     }
+    Ok(Adapter {
+        config: scale_one_config(&finetuned.config, &ranks),
+        modules,
+        source: None,
+    })
+}
+
+/// The PEFT config of an adapter whose modules all have scale 1 and the given ranks: `r` the
+/// largest rank with `lora_alpha = r`, other ranks through `rank_pattern` / `alpha_pattern`
+/// (each with `alpha = rank`); the target modules and the rest are `template`'s.
+pub(crate) fn scale_one_config(
+    template: &crate::adapters::LoraConfig,
+    ranks: &BTreeMap<String, usize>,
+) -> crate::adapters::LoraConfig {
     let r = ranks.values().copied().max().unwrap_or(0);
-    let mut config = finetuned.config.clone();
+    let mut config = template.clone();
     config.r = r;
     config.lora_alpha = r as f64;
     config.use_rslora = false;
     config.rank_pattern.clear();
     config.alpha_pattern.clear();
-    for (path, &rm) in &ranks {
+    for (path, &rm) in ranks {
         if rm != r {
             // a module of another rank keeps scale 1 through its own alpha
             config.rank_pattern.insert(path.clone(), rm);
             config.alpha_pattern.insert(path.clone(), rm as f64);
         }
     }
-    Ok(Adapter {
-        config,
-        modules,
-        source: None,
-    })
+    config
 }
 
 /// Safe LoRA's projection (Hsu et al. 2024, section 3): `C B = V (Vᵀ B) / ||V||_F`, with

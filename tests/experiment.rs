@@ -52,6 +52,8 @@ tune_docs = 4
 tune_lr = 1e-3
 [safelora]
 thresholds = [0.5, 0.2]
+[baselines]
+antidote_samples = 3
 [eval]
 harmful_limit = 3
 task_limit = 2
@@ -108,6 +110,9 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "Safe LoRA p=0.25 tau=0.2",
         "Amplified (W_e, beta=0.9)",
         "NLSR (random) p=0.25",
+        "RESTA p=0.25",
+        "SafeMERGE p=0.5",
+        "Antidote p=0.25",
         "NLSR (low-rank) p=0.25",
         "NLSR (low-rank, no pre-amplification) p=0.5",
         "Aligned, Deact-SN",
@@ -140,6 +145,35 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         .unwrap();
     let (k, n) = sl.projected.expect("projected modules");
     assert!(n > 0 && k <= n);
+    // The peers' repairs wrote their reports: Antidote pruned round(0.2 n) entries of every
+    // module's update; SafeMERGE merged only modules below its threshold.
+    let stage_dir = |prefix: &str| {
+        std::fs::read_dir(out.join("stages"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no stage {prefix}"))
+    };
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let antidote = read(stage_dir("antidote-p0.25-").join("antidote_report.json"));
+    for m in antidote["modules"].as_array().unwrap() {
+        let n = m["entries"].as_u64().unwrap() as f64;
+        assert_eq!(
+            m["pruned"].as_u64().unwrap(),
+            (0.2 * n).round() as u64,
+            "{m}"
+        );
+    }
+    let merge = read(stage_dir("safemerge-p0.5-").join("safemerge_report.json"));
+    for m in merge["modules"].as_array().unwrap() {
+        assert_eq!(
+            m["merged"].as_bool().unwrap(),
+            m["cosine"].as_f64().unwrap() < 0.5,
+            "{m}"
+        );
+    }
     // The random-mask control has the density of the low-rank masks it stands beside.
     let density = |name: &str| {
         report

@@ -1,5 +1,6 @@
 //! Subcommands. Each file parses its flags (clap derive) and calls the library.
 
+mod antidote;
 mod bench;
 mod data;
 mod diagnose;
@@ -13,6 +14,7 @@ mod neurons;
 mod nlsr;
 mod resta;
 mod safelora;
+mod safemerge;
 mod sn_tune;
 mod train;
 
@@ -60,6 +62,12 @@ enum Command {
     Diagnose(diagnose::Args),
     /// RESTA: add the safety vector back to a fine-tuned adapter, W_t + gamma (W_a - W_base).
     Resta(resta::Args),
+    /// SafeMERGE: merge a fine-tuned adapter with the aligned one where the fine-tuning update
+    /// left the safety subspace (Safe LoRA's cosine below a threshold).
+    Safemerge(safemerge::Args),
+    /// Antidote: prune the fine-tuning update's entries with the highest Wanda score on harmful
+    /// data (one shot, no training).
+    Antidote(antidote::Args),
     /// SN-Tune / RSN-Tune: train only the neurons of a set on refusal documents; writes a
     /// Hugging Face model folder.
     SnTune(sn_tune::SnTuneArgs),
@@ -85,6 +93,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Safelora(a) => safelora::run(a),
         Command::Diagnose(a) => diagnose::run(a),
         Command::Resta(a) => resta::run(a),
+        Command::Safemerge(a) => safemerge::run(a),
+        Command::Antidote(a) => antidote::run(a),
         Command::SnTune(a) => sn_tune::run_sn_tune(a),
         Command::Neurons(a) => neurons::run(a),
     }

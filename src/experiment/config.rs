@@ -40,6 +40,8 @@ pub struct ExperimentConfig {
     pub nlsr: NlsrSettings,
     /// The Safe LoRA baseline.
     pub safelora: SafeLoraSettings,
+    /// The other training-free repairs (RESTA, SafeMERGE, Antidote), one row each per `p`.
+    pub baselines: super::baselines::BaselineSettings,
     /// Safety neurons: detection, deactivation, SN-Tune, RSN-Tune.
     pub neurons: NeuronSettings,
     /// How every variant is evaluated.
@@ -369,6 +371,7 @@ impl Default for ExperimentConfig {
             attack: AttackSettings::default(),
             nlsr: NlsrSettings::default(),
             safelora: SafeLoraSettings::default(),
+            baselines: Default::default(),
             neurons: NeuronSettings::default(),
             eval: EvalSettings::default(),
         }
@@ -438,6 +441,8 @@ impl ExperimentConfig {
         c.nlsr.sparsities = vec![0.2];
         c.nlsr.identify_samples = 24;
         c.safelora.thresholds = vec![0.5];
+        // the peers' rows are in the default and medium runs; the quick run keeps its time
+        c.baselines.methods.clear();
         c.neurons.enabled = false;
         c.eval.intermediate = false;
         c.eval.harmful_limit = 64;
@@ -531,6 +536,7 @@ impl ExperimentConfig {
         for &s in &self.nlsr.layer_prunes {
             frac("nlsr.layer_prunes", s, 0.0, 1.0)?;
         }
+        self.baselines.validate()?;
         for m in &self.nlsr.methods {
             if !["low-rank", "wanda", "snip", "preference-snip", "random"].contains(&m.as_str()) {
                 return Err(format!(

@@ -15,6 +15,7 @@
 //! deactivation vs an equal random set, SN-Tune, RSN-Tune with foundation neurons from general
 //! text, and the attack of each tuned model); every variant evaluated on the held-out sets.
 
+pub mod baselines;
 pub mod cache;
 pub mod config;
 pub mod plan;

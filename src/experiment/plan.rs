@@ -63,6 +63,13 @@ pub enum StageKind {
         /// Cosine threshold.
         threshold: f64,
     },
+    /// A training-free peer's repair (RESTA, SafeMERGE, Antidote;
+    /// [`super::baselines`]); the output is an adapter on the base model. deps:
+    /// `[aligned, fine-tuned]`.
+    Baseline {
+        /// The method and its settings.
+        method: super::baselines::Baseline,
+    },
     /// Neuron detection on the base model, or on base + the adapter of the only dep.
     Detect {
         /// Whether the first dep is an adapter merged before detection.
@@ -119,7 +126,7 @@ pub struct EvalModel {
 pub struct Variant {
     /// Row label, e.g. `NLSR (low-rank)`.
     pub label: String,
-    /// Report group: `alignment`, `attack`, `safelora`, `nlsr`, `nlsr-no-amp`, `sweep-beta`,
+    /// Report group: `alignment`, `attack`, `safelora`, `baseline`, `nlsr`, `nlsr-no-amp`, `sweep-beta`,
     /// `sweep-sparsity`, `sweep-layer-prune`, `neurons`.
     pub group: String,
     /// The attack's `p`, if the variant is an attacked model.
@@ -312,7 +319,8 @@ pub fn chain_seeds(cfg: &ExperimentConfig) -> Vec<u64> {
 ///
 /// Rows: the non-aligned base, `W_0`, `W_a` (also the "discard the fine-tune" control) and
 /// `W_e`; then, per seed of [`chain_seeds`] and per `p`: the attacked model, Safe LoRA on the
-/// fine-tuning update, and NLSR per identification method (with pre-amplification, and
+/// fine-tuning update, the other training-free repairs (`baselines`), and NLSR per
+/// identification method (with pre-amplification, and
 /// without when `nlsr.without_amplification`); sweeps at the main `p` and seed; the
 /// safety-neuron half.
 pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
@@ -488,6 +496,30 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
                 ),
                 vec![dpo, sl],
             )?;
+            for b in cfg.baselines.baselines() {
+                let repaired = plan.add_seeded(
+                    inputs,
+                    format!("{}-p{pt}{ss}", b.name()),
+                    StageKind::Baseline { method: b.clone() },
+                    vec![dpo, att],
+                    seed,
+                )?;
+                eval_variant(
+                    &mut plan,
+                    inputs,
+                    with_seed(
+                        variant(
+                            format!("{} p={pt}", b.label()),
+                            "baseline",
+                            Some(p),
+                            None,
+                            1,
+                        ),
+                        seed,
+                    ),
+                    vec![repaired],
+                )?;
+            }
             for (mi, method) in cfg.nlsr.methods.iter().enumerate() {
                 let mut refs = vec![("nlsr", format!("b{}", fmt_num(main_beta.0)), main_beta.1)];
                 // the ablation without pre-amplification: for the main (first) method only

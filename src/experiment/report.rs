@@ -376,7 +376,7 @@ impl Report {
             let g = e.variant.group.as_str();
             if !matches!(
                 g,
-                "alignment" | "attack" | "safelora" | "nlsr" | "nlsr-no-amp"
+                "alignment" | "attack" | "safelora" | "baseline" | "nlsr" | "nlsr-no-amp"
             ) {
                 continue;
             }
@@ -425,7 +425,7 @@ impl Report {
             e.variant.seed == main_seed
                 && matches!(
                     e.variant.group.as_str(),
-                    "alignment" | "attack" | "safelora" | "nlsr" | "nlsr-no-amp"
+                    "alignment" | "attack" | "safelora" | "baseline" | "nlsr" | "nlsr-no-amp"
                 )
         }) {
             let mut name = row_name(&e.variant.label);
@@ -461,7 +461,7 @@ impl Report {
         for e in &self.evals {
             if !matches!(
                 e.variant.group.as_str(),
-                "attack" | "safelora" | "nlsr" | "nlsr-no-amp"
+                "attack" | "safelora" | "baseline" | "nlsr" | "nlsr-no-amp"
             ) {
                 continue;
             }
@@ -767,7 +767,7 @@ impl Report {
                 e.variant.p,
                 matches!(
                     e.variant.group.as_str(),
-                    "attack" | "safelora" | "nlsr" | "nlsr-no-amp"
+                    "attack" | "safelora" | "baseline" | "nlsr" | "nlsr-no-amp"
                 ),
             ) {
                 by_method

@@ -409,6 +409,11 @@ impl Runner {
                     "modules": report.modules.len(), "threshold": threshold,
                     "mean_cosine": mean}))
             }
+            StageKind::Baseline { method } => {
+                let aligned = Adapter::load(&deps[0], &dev)?;
+                let finetuned = Adapter::load(&deps[1], &dev)?;
+                method.run(&self.base, &aligned, &finetuned, out)
+            }
             StageKind::Detect { .. } | StageKind::SnTune { .. } => {
                 self.execute_neurons(stage, deps, out, obs)
             }

@@ -1,0 +1,105 @@
+//! `realign antidote`: Antidote, one-shot pruning of the fine-tuning update's entries with the
+//! highest Wanda score on harmful data.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use realign::adapters::Adapter;
+use realign::antidote::{antidote, AntidoteConfig, REPORT_JSON};
+use realign::model::{LoadOptions, LoadedModel};
+
+/// Flags of `realign antidote`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model (Hugging Face folder or GGUF) the adapters apply to [default: the embedded
+    /// SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The aligned LoRA adapter W_a (on the base model); the result is W_a plus the pruned
+    /// update
+    #[arg(long)]
+    aligned: PathBuf,
+    /// The fine-tuned adapter W_t (fine-tuned from W_a); the activations are taken through it
+    #[arg(long)]
+    finetuned: PathBuf,
+    /// The realignment set: harmful prompts with harmful answers (the answers' tokens are
+    /// scored); a file or `embedded:NAME`
+    #[arg(long, default_value = "embedded:harmful_attack")]
+    data: String,
+    /// The fraction of each module's update entries pruned (those with the highest
+    /// |dW| * rms(x))
+    #[arg(long, default_value_t = 0.2)]
+    density: f64,
+    /// Use at most this many usable rows of the realignment set (in file order)
+    #[arg(long, default_value_t = 100)]
+    max_samples: usize,
+    /// Sequences per forward pass
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per sequence (prompt + answer); answers are cut beyond
+    #[arg(long, default_value_t = 256)]
+    max_length: usize,
+    /// Device: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output folder: the PEFT adapter (rank r_a + min(out, in) per module: exact, as large as
+    /// the dense update) and antidote_report.json, written whole
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Runs `realign antidote`.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = AntidoteConfig {
+        density: a.density,
+        max_samples: Some(a.max_samples),
+        batch_size: a.batch_size,
+        max_length: a.max_length,
+        ..Default::default()
+    };
+    let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
+    let model_path = super::model_path(a.model)?;
+    let dev = super::device(&a.device)?;
+    let loaded = LoadedModel::load(
+        &model_path,
+        &LoadOptions {
+            device: dev.clone(),
+        },
+    )
+    .with_context(|| format!("loading {}", model_path.display()))?;
+    let aligned = Adapter::load(&a.aligned, &dev)
+        .with_context(|| format!("loading the aligned adapter {}", a.aligned.display()))?;
+    let finetuned = Adapter::load(&a.finetuned, &dev)
+        .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
+    let rows = realign::data::load_source(&a.data)
+        .with_context(|| format!("loading the realignment set {}", a.data))?;
+    let (out, report) = antidote(
+        &loaded.model,
+        &loaded.tokenizer,
+        &aligned,
+        &finetuned,
+        &rows,
+        &cfg,
+    )?;
+    out.save(staged.path())?;
+    realign::fsutil::write_atomic(
+        &staged.path().join(REPORT_JSON),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    staged.commit()?;
+    let pruned: usize = report.modules.iter().map(|m| m.pruned).sum();
+    let entries: usize = report.modules.iter().map(|m| m.entries).sum();
+    println!(
+        "pruned {pruned} of {entries} update entries over {} modules ({} samples, {} tokens); wrote {} and {}",
+        report.modules.len(),
+        report.samples,
+        report.tokens,
+        a.output.display(),
+        a.output.join(REPORT_JSON).display()
+    );
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! `realign safemerge`: SafeMERGE, the fine-tuned adapter merged with the aligned one in the
+//! modules whose fine-tuning update left the safety subspace.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use realign::adapters::Adapter;
+use realign::safemerge::{safemerge, REPORT_JSON};
+
+/// Flags of `realign safemerge`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The aligned LoRA adapter W_a (on the base model): the safe model merged in, and the
+    /// alignment update V of Safe LoRA's projection
+    #[arg(long)]
+    aligned: PathBuf,
+    /// The fine-tuned adapter W_t (fine-tuned from W_a)
+    #[arg(long)]
+    finetuned: PathBuf,
+    /// Merge the modules whose Safe LoRA cosine cos(C dW, dW) of the fine-tuning update
+    /// dW = W_t - W_a is below this threshold
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f64,
+    /// The weight of the fine-tuned model in a merged module: alpha W_t + (1 - alpha) W_a
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Output folder: the PEFT adapter (rank r_t + r_a) and safemerge_report.json, written
+    /// whole
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Runs `realign safemerge`.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
+    let aligned = Adapter::load(&a.aligned, &dev)
+        .with_context(|| format!("loading the aligned adapter {}", a.aligned.display()))?;
+    let finetuned = Adapter::load(&a.finetuned, &dev)
+        .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
+    let (out, report) = safemerge(&aligned, &finetuned, a.threshold, a.alpha)?;
+    out.save(staged.path())?;
+    realign::fsutil::write_atomic(
+        &staged.path().join(REPORT_JSON),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    staged.commit()?;
+    println!(
+        "merged {} of {} modules (cos < {}, alpha {}); wrote {} and {}",
+        report.num_merged,
+        report.modules.len(),
+        a.threshold,
+        a.alpha,
+        a.output.display(),
+        a.output.join(REPORT_JSON).display()
+    );
+    Ok(())
+}
