@@ -1,7 +1,7 @@
 //! Every command against every bad input that applies (issue 15), table-driven.
 //!
 //! Commands covered: `generate`, `inspect`, `train`, `eval`, `amplify`, `identify`,
-//! `identify overlap`, `patch`, `safelora`, `diagnose`, `resta`, `sn-tune`, `neurons detect`,
+//! `identify overlap`, `patch`, `safelora`, `diagnose`, `resta`, `safemerge`, `antidote`, `sn-tune`, `neurons detect`,
 //! `neurons deactivate`,
 //! `neurons overlap`, `data mix`, `data export`, `data stats`, `experiment`.
 //!
@@ -152,6 +152,8 @@ const COMMANDS: &[&str] = &[
     "safelora",
     "diagnose",
     "resta",
+    "safemerge",
+    "antidote",
     "sn-tune",
     "neurons detect",
     "neurons deactivate",
@@ -282,6 +284,34 @@ fn argv(cmd: &str, e: &Env, o: &Over, dir: &Path) -> (Vec<String>, Option<PathBu
                 &pick(&o.adapter, &e.aligned),
                 "--finetuned",
                 &pick(&o.other, &e.finetuned),
+                "-o",
+                &s(&out),
+            ]),
+            true,
+        ),
+        "safemerge" => (
+            v(&[
+                "safemerge",
+                "--aligned",
+                &pick(&o.adapter, &e.aligned),
+                "--finetuned",
+                &pick(&o.other, &e.finetuned),
+                "-o",
+                &s(&out),
+            ]),
+            true,
+        ),
+        "antidote" => (
+            v(&[
+                "antidote",
+                "--model",
+                &model,
+                "--aligned",
+                &pick(&o.adapter, &e.aligned),
+                "--finetuned",
+                &pick(&o.other, &e.finetuned),
+                "--max-samples",
+                "2",
                 "-o",
                 &s(&out),
             ]),
@@ -777,6 +807,7 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
         "generate",
         "eval",
         "identify",
+        "antidote",
         "sn-tune",
         "neurons detect",
         "neurons deactivate",
@@ -788,7 +819,16 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
     }
     for (name, make) in adapter_cases() {
         for cmd in [
-            "generate", "eval", "identify", "amplify", "patch", "safelora", "diagnose", "resta",
+            "generate",
+            "eval",
+            "identify",
+            "amplify",
+            "patch",
+            "safelora",
+            "diagnose",
+            "resta",
+            "safemerge",
+            "antidote",
         ] {
             push(cmd, name, &make, &mut out);
         }
@@ -805,7 +845,15 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
                 expect,
             )
         });
-        for cmd in ["amplify", "patch", "safelora", "diagnose", "resta"] {
+        for cmd in [
+            "amplify",
+            "patch",
+            "safelora",
+            "diagnose",
+            "resta",
+            "safemerge",
+            "antidote",
+        ] {
             push(cmd, &format!("second {name}"), &second, &mut out);
         }
     }
@@ -897,6 +945,8 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
         "safelora",
         "diagnose",
         "resta",
+        "safemerge",
+        "antidote",
         "sn-tune",
         "neurons detect",
         "neurons deactivate",

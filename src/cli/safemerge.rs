@@ -20,7 +20,7 @@ pub struct Args {
     finetuned: PathBuf,
     /// Merge the modules whose Safe LoRA cosine cos(C dW, dW) of the fine-tuning update
     /// dW = W_t - W_a is below this threshold
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     threshold: f64,
     /// The weight of the fine-tuned model in a merged module: alpha W_t + (1 - alpha) W_a
     #[arg(long, default_value_t = 0.5)]
