@@ -13,9 +13,8 @@
 //! `W_j ← W_a,j + ΔW'_j`.
 //!
 //! Only the fine-tuning update is pruned (the base weights and the alignment stay), so the
-//! result is `W_a` plus a sparse update, which is not low-rank: it is written exactly as the
-//! adapter `B = [s_a B_a | F_B]`, `A = [A_a; F_A]`, scale 1, with `(F_B, F_A) = (I, ΔW')` when
-//! `out ≤ in` and `(ΔW', I)` otherwise (rank `r_a + min(out, in)` per module, through peft's
+//! result is `W_a` plus a sparse update, which is not low-rank: it is written exactly
+//! ([`crate::adapters::exact`]: rank `r_a + min(out, in)` per module, through peft's
 //! `rank_pattern`). That is as large as the dense update; it suits models of this project's
 //! size and is the price of exactness.
 //!
@@ -36,9 +35,9 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::exact::{dense_update, with_dense_update};
 use crate::adapters::{Adapter, LoraModule};
 use crate::data::{PromptTemplate, Row};
 use crate::model::{AdapterMode, Model};
@@ -116,15 +115,6 @@ pub struct AntidoteReport {
     pub modules: Vec<AntidoteModule>,
 }
 
-/// The dense `s B A` of a LoRA module in f64.
-fn dense(m: &LoraModule) -> candle_core::Result<Mat> {
-    let mut d = Mat::from_tensor(&m.b)?.matmul(&Mat::from_tensor(&m.a)?);
-    for v in &mut d.data {
-        *v *= m.scale;
-    }
-    Ok(d)
-}
-
 /// `ΔW ⊙ (1 − M)` for `M` the top `density` of `scores`, and the module's report row.
 ///
 /// # Shapes
@@ -153,22 +143,6 @@ pub fn prune_update(
         energy_removed: if total > 0.0 { removed / total } else { 0.0 },
     };
     (pruned, row)
-}
-
-/// `W_a + ΔW'` as one LoRA module of scale 1 (see the [module documentation](self)).
-fn exact_module(aligned: &LoraModule, update: &Mat) -> candle_core::Result<LoraModule> {
-    let dev = &Device::Cpu;
-    let (out, inp) = (update.rows, update.cols);
-    let values: Vec<f32> = update.data.iter().map(|&v| v as f32).collect();
-    let upd = Tensor::from_vec(values, (out, inp), dev)?;
-    let (fb, fa) = if out <= inp {
-        (Tensor::eye(out, candle_core::DType::F32, dev)?, upd)
-    } else {
-        (upd, Tensor::eye(inp, candle_core::DType::F32, dev)?)
-    };
-    let b = Tensor::cat(&[(&aligned.b * aligned.scale)?, fb], 1)?;
-    let a = Tensor::cat(&[&aligned.a, &fa], 0)?;
-    Ok(LoraModule { a, b, scale: 1.0 })
 }
 
 /// Antidote on a fine-tuned adapter (see the [module documentation](self)): the activations of
@@ -238,21 +212,25 @@ pub fn antidote(
     let mut tokens = 0;
     for (path, t) in &finetuned.modules {
         let a = &aligned.modules[path];
-        let wt = dense(t)?;
-        let wa = dense(a)?;
-        if (wt.rows, wt.cols) != (wa.rows, wa.cols) {
+        let shape = |m: &LoraModule| (crate::nlsr::dims2(&m.b)[0], crate::nlsr::dims2(&m.a)[1]);
+        let ((to, ti), (ao, ai)) = (shape(t), shape(a));
+        if (to, ti) != (ao, ai) {
             return Err(NlsrError::Shapes {
                 module: path.clone(),
                 tensor: "ΔW [out, in]",
                 left: al.clone(),
-                left_shape: [wa.rows, wa.cols],
+                left_shape: [ao, ai],
                 right: tl.clone(),
-                right_shape: [wt.rows, wt.cols],
+                right_shape: [to, ti],
             }
             .into());
         }
-        let mut update = wt;
-        for (u, v) in update.data.iter_mut().zip(&wa.data) {
+        let mut update = Mat {
+            rows: to,
+            cols: ti,
+            data: dense_update(t)?,
+        };
+        for (u, v) in update.data.iter_mut().zip(dense_update(a)?) {
             *u -= v;
         }
         let Some(s) = stats.get(path) else {
@@ -265,7 +243,8 @@ pub fn antidote(
         tokens = s.tokens;
         let scores = wanda_scores(&update, &s.input_sq, s.tokens);
         let (pruned, row) = prune_update(path, &update, &scores, cfg.density);
-        let m = exact_module(a, &pruned)?;
+        let values: Vec<f32> = pruned.data.iter().map(|&v| v as f32).collect();
+        let m = with_dense_update(a, &values, to, ti)?;
         ranks.insert(path.clone(), m.rank());
         modules.insert(path.clone(), m);
         rows_out.push(row);
@@ -292,7 +271,6 @@ pub fn antidote(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::lora_delta;
 
     #[test]
     fn prunes_the_highest_wanda_scores_of_the_update() {
@@ -313,39 +291,5 @@ mod tests {
         // density 0.5: the tie (0, 0) = (0, 1) = 1 goes to the lower index.
         let (pruned, _) = prune_update("m", &update, &scores, 0.5);
         assert_eq!(pruned.data, vec![0., -4., 0., 0.5]);
-    }
-
-    #[test]
-    fn the_exact_module_is_the_aligned_update_plus_the_pruned_one() {
-        let dev = Device::Cpu;
-        // W_a = 2 [1 0]ᵀ [1 2]: [[2, 4], [0, 0]]; ΔW' 2 x 3 and 3 x 2 (both factorings).
-        let aligned = LoraModule {
-            a: Tensor::from_slice(&[1f32, 2., 0.], (1, 3), &dev).unwrap(),
-            b: Tensor::from_slice(&[1f32, 0.], (2, 1), &dev).unwrap(),
-            scale: 2.0,
-        };
-        let upd = Mat {
-            rows: 2,
-            cols: 3,
-            data: vec![0., 1., 0., -1., 0., 3.],
-        };
-        let m = exact_module(&aligned, &upd).unwrap();
-        assert_eq!(m.rank(), 3);
-        let d: Vec<Vec<f32>> = lora_delta(&m).unwrap().to_vec2().unwrap();
-        assert_eq!(d, vec![vec![2., 5., 0.], vec![-1., 0., 3.]]);
-        let tall = LoraModule {
-            a: Tensor::from_slice(&[1f32, 2.], (1, 2), &dev).unwrap(),
-            b: Tensor::from_slice(&[1f32, 0., 1.], (3, 1), &dev).unwrap(),
-            scale: 1.0,
-        };
-        let upd = Mat {
-            rows: 3,
-            cols: 2,
-            data: vec![1., 0., 0., 0., 0., -2.],
-        };
-        let m = exact_module(&tall, &upd).unwrap();
-        assert_eq!(m.rank(), 3);
-        let d: Vec<Vec<f32>> = lora_delta(&m).unwrap().to_vec2().unwrap();
-        assert_eq!(d, vec![vec![2., 2.], vec![0., 0.], vec![1., 0.]]);
     }
 }

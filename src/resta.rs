@@ -9,9 +9,12 @@
 //! adapter on the base model, `δ_safe = s_a B_a A_a` per module, and `W_r` is exactly the
 //! rank `r_t + r_a` adapter `B = [s_t B_t | γ s_a B_a]`, `A = [A_t; A_a]`, scale 1
 //! ([`stacked_sum`]), which peft loads like any other (other ranks go through
-//! `rank_pattern` / `alpha_pattern`). The paper's optional DARE sparsification of `δ_safe`
-//! (drop entries with probability p, rescale the rest by `1/(1−p)`) is not implemented: on a
-//! LoRA it would make the vector a dense `out x in` matrix.
+//! `rank_pattern` / `alpha_pattern`).
+//!
+//! The paper's optional DARE sparsification of `δ_safe` (Yu et al. 2024: drop each entry with
+//! probability `q`, rescale the rest by `1/(1−q)`, so the vector is unchanged in expectation)
+//! is [`resta_dare`]: the sparsified vector is dense, so each module is written exactly as
+//! `W_t` plus a dense update ([`crate::adapters::exact`], rank `r_t + min(out, in)`).
 //!
 //! ```no_run
 //! use realign::adapters::Adapter;
@@ -25,6 +28,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::exact::{dense_update, with_dense_update};
 use crate::adapters::Adapter;
 use crate::nlsr::{label, NlsrError};
 use crate::safelora::stacked_sum;
@@ -48,6 +52,12 @@ pub struct RestaReport {
     pub num_modules: usize,
     /// The output's rank (`r_t + r_a`, the largest over modules).
     pub rank: usize,
+    /// DARE's drop probability `q` (absent: no sparsification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dare_drop: Option<f64>,
+    /// The seed of DARE's draws.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 /// RESTA: `W_t + γ (W_aligned − W_base)` as a PEFT adapter (see the
@@ -71,7 +81,70 @@ pub fn resta(aligned: &Adapter, finetuned: &Adapter, gamma: f64) -> Result<(Adap
         formula: "W_r = W_t + gamma (W_aligned - W_base) = s_t B_t A_t + gamma s_a B_a A_a".into(),
         num_modules: out.modules.len(),
         rank: out.config.r,
+        dare_drop: None,
+        seed: None,
     };
+    Ok((out, report))
+}
+
+/// RESTA with DARE: `W_t + γ DARE_q(W_a − W_base)`, each entry of the safety vector dropped
+/// with probability `q` and the rest scaled by `1/(1−q)` (seeded; modules in path order), as
+/// an exact PEFT adapter (see the [module documentation](self)), and its report.
+///
+/// Errors: `γ` not finite, `q` outside `[0, 1)`; adapters over different modules or
+/// `[out, in]`.
+pub fn resta_dare(
+    aligned: &Adapter,
+    finetuned: &Adapter,
+    gamma: f64,
+    drop: f64,
+    seed: u64,
+) -> Result<(Adapter, RestaReport)> {
+    use rand::{Rng, SeedableRng};
+    if !(0.0..1.0).contains(&drop) {
+        return Err(NlsrError::Option {
+            name: "dare-drop".into(),
+            value: drop.to_string(),
+            reason: "must be in [0, 1) (the probability of dropping an entry)".into(),
+        }
+        .into());
+    }
+    // checks γ, the module sets and shapes
+    let (_, mut report) = resta(aligned, finetuned, gamma)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep_scale = gamma / (1.0 - drop);
+    let mut modules = std::collections::BTreeMap::new();
+    let mut ranks = std::collections::BTreeMap::new();
+    for (path, t) in &finetuned.modules {
+        let a = &aligned.modules[path];
+        let [out, _] = crate::nlsr::dims2(&a.b);
+        let [_, inp] = crate::nlsr::dims2(&a.a);
+        let dense: Vec<f32> = dense_update(a)?
+            .into_iter()
+            .map(|v| {
+                if rng.gen::<f64>() < drop {
+                    0.0
+                } else {
+                    (v * keep_scale) as f32
+                }
+            })
+            .collect();
+        let m = with_dense_update(t, &dense, out, inp)?;
+        ranks.insert(path.clone(), m.rank());
+        modules.insert(path.clone(), m);
+    }
+    let out = Adapter {
+        config: crate::safelora::scale_one_config(&finetuned.config, &ranks),
+        modules,
+        source: None,
+    };
+    report.formula =
+        "W_r = W_t + gamma DARE_q(W_aligned - W_base): each entry of the safety vector \
+                      dropped with probability q, the rest scaled by 1/(1 - q)"
+            .into();
+    report.rank = out.config.r;
+    report.dare_drop = Some(drop);
+    report.seed = Some(seed);
     Ok((out, report))
 }
 
@@ -113,5 +186,36 @@ mod tests {
         let d: Vec<Vec<f32>> = lora_delta(m).unwrap().to_vec2().unwrap();
         assert_eq!(d, vec![vec![1., 4.], vec![0., 2.]]);
         assert!(resta(&wa, &wt, f64::NAN).is_err());
+    }
+
+    #[test]
+    fn dare_keeps_the_vector_at_q_0_and_rescales_the_kept_entries() {
+        // W_a = [[2, 4], [0, 0]], W_t = [[0, 2], [0, 2]], γ = 0.5.
+        let wa = one(&[1., 2.], &[1., 0.], 2.0);
+        let wt = one(&[0., 1.], &[1., 1.], 2.0);
+        let delta = |a: &Adapter| -> Vec<f32> {
+            lora_delta(&a.modules["model.layers.0.self_attn.q_proj"])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        // q = 0: plain RESTA, [[1, 4], [0, 2]]
+        let (out, report) = resta_dare(&wa, &wt, 0.5, 0.0, 7).unwrap();
+        assert_eq!(delta(&out), vec![1., 4., 0., 2.]);
+        assert_eq!(report.dare_drop, Some(0.0));
+        // q = 0.5: each of the two non-zero entries of γ W_a (1, 2) is dropped or doubled
+        // (2, 4); the zero row stays zero.
+        for seed in 0..8 {
+            let (out, _) = resta_dare(&wa, &wt, 0.5, 0.5, seed).unwrap();
+            let d = delta(&out);
+            assert!(d[0] == 0.0 || d[0] == 2.0, "{d:?}");
+            assert!(d[1] == 2.0 || d[1] == 6.0, "{d:?}");
+            assert_eq!((d[2], d[3]), (0.0, 2.0));
+            // the same seed draws the same entries
+            assert_eq!(d, delta(&resta_dare(&wa, &wt, 0.5, 0.5, seed).unwrap().0));
+        }
+        assert!(resta_dare(&wa, &wt, 0.5, 1.0, 0).is_err());
     }
 }

@@ -10,6 +10,8 @@
 //!   (`model.layers.0.self_attn.q_proj`), loaded with [`Adapter::load`] and written back with
 //!   [`Adapter::save`] so that peft reads it unchanged.
 //! - [`lora_forward`], [`lora_delta`], [`merge_into`]: the adapter applied unmerged or merged.
+//! - [`exact`]: a module plus a dense update, written exactly (for repairs that are not
+//!   low-rank).
 //! - [`keys`]: the single place where peft's tensor names map to module paths and back.
 //!
 //! ```no_run
@@ -24,6 +26,7 @@
 use std::path::PathBuf;
 
 mod config;
+pub mod exact;
 pub mod keys;
 mod lora;
 mod peft;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::Device;
 use realign::adapters::Adapter;
-use realign::resta::{resta, REPORT_JSON};
+use realign::resta::{resta, resta_dare, REPORT_JSON};
 
 /// Flags of `realign resta`.
 #[derive(clap::Args, Debug)]
@@ -19,6 +19,14 @@ pub struct Args {
     /// The scale gamma of the safety vector: W_r = W_t + gamma (W_a - W_base)
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     gamma: f64,
+    /// DARE: drop each entry of the safety vector with this probability and scale the rest by
+    /// 1/(1 - q) (the adapter is then written exactly, rank r_t + min(out, in) per module)
+    /// [default: no sparsification]
+    #[arg(long)]
+    dare_drop: Option<f64>,
+    /// Seed of DARE's draws
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
     /// Output folder: the PEFT adapter (rank r_t + r_a) and resta_report.json, written whole
     #[arg(short, long)]
     output: PathBuf,
@@ -36,7 +44,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("loading the aligned adapter {}", a.aligned.display()))?;
     let finetuned = Adapter::load(&a.finetuned, &dev)
         .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
-    let (out, report) = resta(&aligned, &finetuned, a.gamma)?;
+    let (out, report) = match a.dare_drop {
+        Some(q) => resta_dare(&aligned, &finetuned, a.gamma, q, a.seed)?,
+        None => resta(&aligned, &finetuned, a.gamma)?,
+    };
     out.save(staged.path())?;
     realign::fsutil::write_atomic(
         &staged.path().join(REPORT_JSON),

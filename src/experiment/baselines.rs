@@ -27,6 +27,8 @@ pub struct BaselineSettings {
     pub methods: Vec<String>,
     /// RESTA's scale `γ` of the safety vector (`W_t + γ W_a`; 1 is the unscaled vector).
     pub resta_gamma: f64,
+    /// RESTA's DARE drop probability of the safety vector's entries (0: no sparsification).
+    pub resta_dare_drop: f64,
     /// SafeMERGE's cosine threshold `τ` (the same statistic as Safe LoRA's).
     pub safemerge_threshold: f64,
     /// SafeMERGE's weight `α` of the fine-tuned model in a merged module (0.5: equal weights).
@@ -44,6 +46,7 @@ impl Default for BaselineSettings {
         Self {
             methods: METHODS.iter().map(|s| s.to_string()).collect(),
             resta_gamma: 1.0,
+            resta_dare_drop: 0.0,
             safemerge_threshold: 0.5,
             safemerge_alpha: 0.5,
             antidote_density: 0.2,
@@ -61,6 +64,7 @@ impl BaselineSettings {
             .filter_map(|m| match m.as_str() {
                 "resta" => Some(Baseline::Resta {
                     gamma: self.resta_gamma,
+                    dare_drop: self.resta_dare_drop,
                 }),
                 "safemerge" => Some(Baseline::Safemerge {
                     threshold: self.safemerge_threshold,
@@ -96,6 +100,12 @@ impl BaselineSettings {
                 self.resta_gamma
             ));
         }
+        if !(0.0..1.0).contains(&self.resta_dare_drop) {
+            return Err(format!(
+                "baselines.resta_dare_drop = {} is outside [0, 1)",
+                self.resta_dare_drop
+            ));
+        }
         if !(-1.0..=1.0).contains(&self.safemerge_threshold) {
             return Err(format!(
                 "baselines.safemerge_threshold = {} is outside [-1, 1]",
@@ -121,10 +131,13 @@ impl BaselineSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
 pub enum Baseline {
-    /// RESTA: `W_t + γ (W_a − W_base)`.
+    /// RESTA: `W_t + γ (W_a − W_base)`, optionally DARE-sparsified.
     Resta {
         /// Scale of the safety vector.
         gamma: f64,
+        /// DARE's drop probability (0: none).
+        #[serde(default)]
+        dare_drop: f64,
     },
     /// SafeMERGE: `α W_t + (1 − α) W_a` where Safe LoRA's cosine is below `τ`.
     Safemerge {
@@ -163,24 +176,30 @@ impl Baseline {
         }
     }
 
-    /// Runs the repair on `W_a` (`aligned`) and `W_t` (`finetuned`), writes the adapter and
-    /// its report into `out`, and returns the stage's summary.
+    /// Runs the repair on `W_a` (`aligned`) and `W_t` (`finetuned`) with the stage's `seed`,
+    /// writes the adapter and its report into `out`, and returns the stage's summary.
     pub fn run(
         &self,
         base: &LoadedModel,
         aligned: &Adapter,
         finetuned: &Adapter,
         out: &Path,
+        seed: u64,
     ) -> crate::Result<serde_json::Value> {
         let write = |adapter: &Adapter, file: &str, report: String| -> crate::Result<()> {
             adapter.save(out)?;
             crate::fsutil::write_atomic(&out.join(file), report.as_bytes())
         };
         match self {
-            Baseline::Resta { gamma } => {
-                let (a, r) = crate::resta::resta(aligned, finetuned, *gamma)?;
+            Baseline::Resta { gamma, dare_drop } => {
+                let (a, r) = if *dare_drop > 0.0 {
+                    crate::resta::resta_dare(aligned, finetuned, *gamma, *dare_drop, seed)?
+                } else {
+                    crate::resta::resta(aligned, finetuned, *gamma)?
+                };
                 write(&a, crate::resta::REPORT_JSON, json(&r))?;
-                Ok(serde_json::json!({"method": "resta", "gamma": gamma, "rank": r.rank}))
+                Ok(serde_json::json!({"method": "resta", "gamma": gamma,
+                    "dare_drop": dare_drop, "rank": r.rank}))
             }
             Baseline::Safemerge { threshold, alpha } => {
                 let (a, r) = crate::safemerge::safemerge(aligned, finetuned, *threshold, *alpha)?;

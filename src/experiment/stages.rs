@@ -412,7 +412,7 @@ impl Runner {
             StageKind::Baseline { method } => {
                 let aligned = Adapter::load(&deps[0], &dev)?;
                 let finetuned = Adapter::load(&deps[1], &dev)?;
-                method.run(&self.base, &aligned, &finetuned, out)
+                method.run(&self.base, &aligned, &finetuned, out, stage.seed)
             }
             StageKind::Detect { .. } | StageKind::SnTune { .. } => {
                 self.execute_neurons(stage, deps, out, obs)
