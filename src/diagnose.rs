@@ -182,6 +182,87 @@ pub struct Diagnosis {
     pub layers: Vec<LayerDiagnosis>,
     /// Every module, in module order.
     pub modules: Vec<ModuleDiagnosis>,
+    /// The behavioural probe (`realign diagnose --probe N`), if run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
+}
+
+/// A short behavioural check of the fine-tuned model (`realign diagnose --probe N`): greedy
+/// replies to `n` harmful and `n` benign-but-edgy prompts (seeded samples), judged by the
+/// keyword judge; the rates with their 95 % Wilson intervals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// The base model the fine-tune was applied to.
+    pub model: String,
+    /// The harmful prompts' source.
+    pub harmful: String,
+    /// The benign prompts' source.
+    pub benign: String,
+    /// Harmful replies (keyword judge).
+    pub hs: crate::eval::stats::Rate,
+    /// Harmful replies that are not degenerate.
+    pub hs_nondegenerate: crate::eval::stats::Rate,
+    /// Benign prompts refused (over-refusal).
+    pub or: crate::eval::stats::Rate,
+    /// New tokens per reply.
+    pub max_new_tokens: usize,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// The default harmful prompts of the probe: the validation slice, so that a provider's probe
+/// never touches the held-out evaluation set.
+pub const PROBE_HARMFUL: &str = "embedded:harmful_val";
+/// The default benign prompts of the probe.
+pub const PROBE_BENIGN: &str = "embedded:overrefusal_eval";
+
+/// Runs the probe (see [`Probe`]) on `model`, which already has the fine-tuned adapter
+/// applied: `n` seeded prompts of each set (`seed`), `max_new_tokens` per reply.
+pub fn probe(
+    model: &crate::model::LoadedModel,
+    model_label: &str,
+    harmful: &str,
+    benign: &str,
+    n: usize,
+    seed: u64,
+    max_new_tokens: usize,
+) -> Result<Probe> {
+    let opts = crate::eval::EvalOptions {
+        harmful: Some(harmful.into()),
+        task: None,
+        overrefusal: Some(benign.into()),
+        limit: n,
+        sample_seed: seed,
+        harmful_max_new_tokens: Some(max_new_tokens),
+        overrefusal_max_new_tokens: Some(max_new_tokens),
+        ..Default::default()
+    };
+    let out = crate::eval::evaluate(model, &opts)?;
+    let missing = |what: &str| {
+        Error::from(crate::eval::EvalError::Config(format!(
+            "the probe produced no {what} rate"
+        )))
+    };
+    let h = out
+        .summary
+        .harmful
+        .as_ref()
+        .ok_or_else(|| missing("harmful"))?;
+    let o = out
+        .summary
+        .overrefusal
+        .as_ref()
+        .ok_or_else(|| missing("over-refusal"))?;
+    Ok(Probe {
+        model: model_label.into(),
+        harmful: harmful.into(),
+        benign: benign.into(),
+        hs: h.rate,
+        hs_nondegenerate: h.nondegenerate_rate,
+        or: o.rate,
+        max_new_tokens,
+        seconds: out.summary.seconds,
+    })
 }
 
 /// Diagnoses `finetuned` against `aligned` (see the [module documentation](self)).
@@ -361,6 +442,7 @@ fn summarize(
         verdict_line,
         layers,
         modules,
+        probe: None,
     }
 }
 
@@ -512,6 +594,24 @@ pub fn report_markdown(d: &Diagnosis) -> String {
         d.num_nlsr_repair,
         d.num_modules,
     );
+    if let Some(p) = &d.probe {
+        s = s.replacen(
+            "\n\n| layer |",
+            &format!(
+                "\n\n**Probe** (`{}` + W_t, greedy, {} new tokens, keyword judge, {:.0} s): HS {} \
+                 (non-degenerate {}) on `{}`; over-refusal {} on `{}`.\n\n| layer |",
+                p.model,
+                p.max_new_tokens,
+                p.seconds,
+                p.hs,
+                p.hs_nondegenerate,
+                p.harmful,
+                p.or,
+                p.benign
+            ),
+            1,
+        );
+    }
     for l in &d.layers {
         s.push_str(&format!(
             "| {} | {:.6} | {:.6} | {:.4} | {:.4} | {} |\n",

@@ -2,6 +2,8 @@
 //! library and against Eq. 8 / Safe LoRA computed directly, and the clean verdict of an
 //! unchanged adapter.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -89,4 +91,46 @@ fn the_report_is_eq_8_and_safe_lora_per_module() {
     assert_eq!(j["verdict_line"], lib.verdict_line.as_str());
     let md = std::fs::read_to_string(d.path().join("report").join("diagnose_report.md")).unwrap();
     assert!(md.contains(&lib.verdict_line), "{md}");
+}
+
+#[test]
+fn the_probe_reports_hs_and_over_refusal_with_their_counts() {
+    if !common::assets_present(&[&realign::assets::data("adv_bench.prompt")]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("probe");
+    let o = Command::new(env!("CARGO_BIN_EXE_realign"))
+        .arg("diagnose")
+        .arg("--aligned")
+        .arg(fixture("aligned"))
+        .arg("--finetuned")
+        .arg(fixture("finetuned"))
+        .arg("--model")
+        .arg(common::fixtures().join("tiny-llama"))
+        .args(["--probe", "3", "--probe-max-new-tokens", "4", "-o"])
+        .arg(&out)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("probe: HS "), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("diagnose_report.json")).unwrap()).unwrap();
+    let p = &json["probe"];
+    assert_eq!(p["harmful"], "embedded:harmful_val");
+    for key in ["hs", "hs_nondegenerate", "or"] {
+        let r = &p[key];
+        assert_eq!(r["n"], 3, "{key}: {r}");
+        let k = r["k"].as_u64().unwrap();
+        assert!(k <= 3);
+        // the percentage is k of 3, inside its interval
+        let pct = r["percent"].as_f64().unwrap();
+        assert!((pct - 100.0 * k as f64 / 3.0).abs() < 1e-9, "{r}");
+        assert!(r["lo"].as_f64().unwrap() <= pct && pct <= r["hi"].as_f64().unwrap());
+    }
+    assert!(p["hs_nondegenerate"]["k"].as_u64() <= p["hs"]["k"].as_u64());
+    let md = std::fs::read_to_string(out.join("diagnose_report.md")).unwrap();
+    assert!(md.contains("**Probe**"), "{md}");
 }

@@ -10,6 +10,7 @@ use realign::diagnose::{
     diagnose, write_diagnosis, DiagnoseConfig, DEFAULT_DRIFT_THRESHOLD, DEFAULT_SAFELORA_TAU,
     REPORT_JSON,
 };
+use realign::model::{AdapterMode, LoadOptions, LoadedModel};
 use realign::nlsr::prune::PruneConfig;
 
 /// Flags of `realign diagnose`.
@@ -47,6 +48,25 @@ pub struct Args {
     /// left untouched)
     #[arg(long)]
     overwrite: bool,
+    /// Also run a short behavioural probe of the fine-tuned model: greedy replies to N seeded
+    /// harmful prompts and N benign-but-edgy prompts, keyword judge; HS and over-refusal with
+    /// 95 % intervals go into the report (needs the base model, `--model`) [default: no probe]
+    #[arg(long, value_name = "N")]
+    probe: Option<usize>,
+    /// The base model the adapters apply to (for `--probe`) [default: the embedded
+    /// SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Harmful prompts of the probe (any file `realign eval --harmful` reads, or
+    /// `embedded:NAME`)
+    #[arg(long, default_value = realign::diagnose::PROBE_HARMFUL)]
+    probe_harmful: String,
+    /// Benign-but-edgy prompts of the probe (over-refusal)
+    #[arg(long, default_value = realign::diagnose::PROBE_BENIGN)]
+    probe_benign: String,
+    /// New tokens per probe reply
+    #[arg(long, default_value_t = 32)]
+    probe_max_new_tokens: usize,
     /// Print diagnose_report.json on stdout instead of the summary lines
     #[arg(long)]
     json: bool,
@@ -85,13 +105,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    let d = diagnose(
+    let mut d = diagnose(
         &aligned,
         &finetuned,
         reference.as_ref(),
         masks.as_ref(),
         &config,
     )?;
+    if let Some(n) = a.probe {
+        if n == 0 {
+            anyhow::bail!("--probe 0: give at least 1 prompt per set");
+        }
+        let path = super::model_path(a.model.clone())?;
+        let mut m = LoadedModel::load(&path, &LoadOptions::default())
+            .with_context(|| format!("loading model {}", path.display()))?;
+        m.model.apply_adapter(&finetuned, AdapterMode::Merged)?;
+        d.probe = Some(realign::diagnose::probe(
+            &m,
+            &path.display().to_string(),
+            &a.probe_harmful,
+            &a.probe_benign,
+            n,
+            a.seed,
+            a.probe_max_new_tokens,
+        )?);
+    }
     if let Some(dir) = &a.output {
         let staged = realign::fsutil::StagedDir::new(dir, a.overwrite)?;
         write_diagnosis(staged.path(), &d).with_context(|| format!("writing {}", dir.display()))?;
@@ -112,6 +150,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "Safe LoRA: mean cos {:.4}, {} modules below tau {}; NLSR would repair {} modules",
         d.mean_safelora_cosine, d.num_safelora_project, config.safelora_tau, d.num_nlsr_repair
     );
+    if let Some(p) = &d.probe {
+        println!(
+            "probe: HS {} (non-degenerate {}) on {}; over-refusal {} on {}",
+            p.hs, p.hs_nondegenerate, p.harmful, p.or, p.benign
+        );
+    }
     println!("{}", d.verdict_line);
     if let Some(dir) = &a.output {
         println!("wrote {}", dir.join(REPORT_JSON).display());
