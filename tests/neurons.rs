@@ -795,3 +795,63 @@ fn cli_deactivate_reports_every_control_with_perplexity() {
     assert_eq!(rows[0]["harmful_rate"]["n"], 3);
     assert_eq!(r["summary"]["ppl_rows"], "1..3");
 }
+
+#[test]
+fn combine_cli_is_the_set_algebra_of_a_brute_force_count() {
+    use realign::neurons::ModuleNeurons;
+    let set = |q: &[u32], down: &[u32]| {
+        NeuronSet::new(
+            serde_json::Value::Null,
+            vec![
+                ModuleNeurons {
+                    module: "model.layers.0.self_attn.q_proj".into(),
+                    axis: Axis::Row,
+                    shape: [8, 8],
+                    indices: q.to_vec(),
+                },
+                ModuleNeurons {
+                    module: "model.layers.1.mlp.down_proj".into(),
+                    axis: Axis::Column,
+                    shape: [8, 16],
+                    indices: down.to_vec(),
+                },
+            ],
+        )
+    };
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.json"), d.path().join("b.json"));
+    set(&[0, 2, 5, 7], &[1, 3, 15]).save(&a).unwrap();
+    set(&[2, 3, 7], &[3]).save(&b).unwrap();
+    let combine = |op: &str| {
+        let out = d.path().join(format!("{op}.json"));
+        let o = Command::new(env!("CARGO_BIN_EXE_realign"))
+            .args(["neurons", "combine"])
+            .arg(&a)
+            .arg(&b)
+            .args(["--op", op, "-o"])
+            .arg(&out)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let s = NeuronSet::load(&out).unwrap();
+        s.modules
+            .iter()
+            .map(|m| (m.module.clone(), m.indices.clone()))
+            .collect::<Vec<_>>()
+    };
+    let q = "model.layers.0.self_attn.q_proj".to_string();
+    let down = "model.layers.1.mlp.down_proj".to_string();
+    assert_eq!(
+        combine("difference"),
+        vec![(q.clone(), vec![0, 5]), (down.clone(), vec![1, 15])]
+    );
+    assert_eq!(
+        combine("intersection"),
+        vec![(q.clone(), vec![2, 7]), (down.clone(), vec![3])]
+    );
+    assert_eq!(
+        combine("union"),
+        vec![(q, vec![0, 2, 3, 5, 7]), (down, vec![1, 3, 15])]
+    );
+}

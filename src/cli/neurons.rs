@@ -31,6 +31,10 @@ enum NeuronsCommand {
     /// Compare two neuron-set files: |A and B| / |B| (the paper's ratio), |A and B| / |A|, the
     /// intersection size, per module kind
     Overlap(OverlapArgs),
+    /// Set algebra on two neuron-set files: `A - B` (e.g. safety minus foundation neurons, the
+    /// set RSN-Tune trains), `A & B` or `A | B`; writes a set file that `neurons deactivate`,
+    /// `sn-tune --set` and `neurons overlap` read
+    Combine(CombineArgs),
     /// The deactivation check (the paper's Table 1): harmfulness and task accuracy with no
     /// neuron zeroed, with the set zeroed (Deact-SN) and with an equal random set per module
     /// (Deact-R); or write the deactivated model as a Hugging Face folder
@@ -130,11 +134,72 @@ struct OverlapArgs {
     json: bool,
 }
 
+/// Set operations of `neurons combine`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum SetOp {
+    /// Neurons of A that are not in B
+    Difference,
+    /// Neurons in both
+    Intersection,
+    /// Neurons in either
+    Union,
+}
+
+#[derive(clap::Args, Debug)]
+struct CombineArgs {
+    /// Set A (e.g. safety neurons)
+    first: PathBuf,
+    /// Set B (e.g. foundation neurons)
+    second: PathBuf,
+    /// The operation
+    #[arg(long, value_enum, default_value = "difference")]
+    op: SetOp,
+    /// Output set file (JSON), written whole
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
+}
+
+fn combine_cmd(a: CombineArgs) -> anyhow::Result<()> {
+    realign::fsutil::refuse_existing(&a.output, a.overwrite)?;
+    let load = |p: &Path| {
+        NeuronSet::load(p).with_context(|| format!("loading the neuron set {}", p.display()))
+    };
+    let (first, second) = (load(&a.first)?, load(&a.second)?);
+    let (mut out, op) = match a.op {
+        SetOp::Difference => (first.difference(&second)?, "difference"),
+        SetOp::Intersection => (first.intersection(&second)?, "intersection"),
+        SetOp::Union => (first.union(&second)?, "union"),
+    };
+    out.meta = serde_json::json!({
+        "op": op,
+        "a": a.first.display().to_string(),
+        "b": a.second.display().to_string(),
+        "a_neurons": first.len(),
+        "b_neurons": second.len(),
+    });
+    out.save(&a.output)?;
+    println!(
+        "{op} of {} ({} neurons) and {} ({} neurons): {} neurons; wrote {}",
+        a.first.display(),
+        first.len(),
+        a.second.display(),
+        second.len(),
+        out.len(),
+        a.output.display()
+    );
+    Ok(())
+}
+
 /// Runs `realign neurons`.
 pub fn run(a: Args) -> anyhow::Result<()> {
     match a.command {
         NeuronsCommand::Detect(a) => detect_cmd(a),
         NeuronsCommand::Overlap(a) => overlap_cmd(a),
+        NeuronsCommand::Combine(a) => combine_cmd(a),
         NeuronsCommand::Deactivate(a) => super::sn_tune::run_deactivate(a),
     }
 }
