@@ -117,6 +117,7 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "NLSR (low-rank, no pre-amplification) p=0.5",
         "Aligned, Deact-SN",
         "Aligned, Deact-R",
+        "Aligned, Deact-F",
         "SN-Tune",
         "RSN-Tune + task fine-tuning",
     ] {

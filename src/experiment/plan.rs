@@ -116,9 +116,13 @@ pub struct EvalModel {
     pub full_model: bool,
     /// How many deps (after the full model) are adapters.
     pub adapters: usize,
-    /// The last dep is a neuron set to switch off: `Some(false)` as is, `Some(true)` as an
-    /// equal-size random set (Deact-R).
+    /// The set dep (after the adapters) is a neuron set to switch off: `Some(false)` as is,
+    /// `Some(true)` as an equal-size random set (Deact-R).
     pub deactivate: Option<bool>,
+    /// Instead, switch off as many of the most important foundation neurons outside the set
+    /// (Deact-F): the dep after the set is a foundation detection (its importance ranking).
+    #[serde(default)]
+    pub deactivate_foundation: bool,
 }
 
 /// A row of the report: a label and group for one evaluated model.
@@ -302,6 +306,7 @@ fn variant(
             full_model: false,
             adapters,
             deactivate: None,
+            deactivate_foundation: false,
         },
     }
 }
@@ -676,6 +681,7 @@ fn plan_neurons(
             full_model,
             adapters: 0,
             deactivate,
+            deactivate_foundation: false,
         },
     };
     for (label, random) in [("Aligned, Deact-SN", false), ("Aligned, Deact-R", true)] {
@@ -683,6 +689,23 @@ fn plan_neurons(
         v.model.adapters = 1;
         eval_variant(plan, inputs, v, vec![aligned, aligned_safety])?;
     }
+    // Deact-F: as many of the aligned model's most important general-text neurons outside the
+    // safety set (separates "safety" from "generally important").
+    let aligned_foundation = detect(
+        plan,
+        "neurons-foundation-aligned",
+        &n.general,
+        Some(aligned),
+    )?;
+    let mut v = neuron_variant("Aligned, Deact-F", false, Some(false));
+    v.model.adapters = 1;
+    v.model.deactivate_foundation = true;
+    eval_variant(
+        plan,
+        inputs,
+        v,
+        vec![aligned, aligned_safety, aligned_foundation],
+    )?;
     let tune = |exclude: bool| StageKind::SnTune {
         data: n.tune_data.clone(),
         docs: n.tune_docs,

@@ -58,6 +58,9 @@ pub struct Row {
     pub tokens_per_s: f64,
     /// Safe LoRA rows: modules projected and modules in all.
     pub projected: Option<(usize, usize)>,
+    /// Deactivation rows: perplexity with the neurons off, and of the untouched model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<(f64, f64)>,
 }
 
 /// The overlap of two detected neuron sets.
@@ -271,6 +274,7 @@ impl Report {
                     or_rate: e.or_rate,
                     tokens_per_s: e.tokens_per_s,
                     projected,
+                    perplexity: e.perplexity.zip(e.perplexity_untouched),
                 });
             }
         }
@@ -593,7 +597,22 @@ impl Report {
                     .unwrap_or_else(|| "?".into()),
             );
         }
-        s.push_str("\n| model | HS ↓ | FA ↑ |\n|---|---:|---:|\n");
+        s.push_str(&format!(
+            "\n| model | HS ↓ | HS, non-degenerate ↓ | FA ↑ | perplexity (× untouched) |\n\
+             |---|---:|---:|---:|---:|\n"
+        ));
+        let ppl = |e: &Row| match e.perplexity {
+            Some((p, u)) => {
+                let ratio = p / u;
+                let broken = if ratio > crate::neurons::perplexity::BROKEN_FACTOR {
+                    ", broken"
+                } else {
+                    ""
+                };
+                format!("{p:.1} (×{ratio:.2}{broken})")
+            }
+            None => "–".into(),
+        };
         for (label, row) in [
             ("Aligned (W_a, DPO)", "Aligned (W_a), none deactivated"),
             ("Non-aligned", "Non-aligned (before SN-Tune)"),
@@ -601,19 +620,23 @@ impl Report {
             if let Some(e) = self.find(label) {
                 let _ = writeln!(
                     s,
-                    "| {row} | {} | {} |",
+                    "| {row} | {} | {} | {} | {} |",
                     cell(e.hs_rate, e.hs),
-                    cell(e.fa_rate, e.fa)
+                    cell(e.hs_nondegenerate_rate, f64::NAN),
+                    cell(e.fa_rate, e.fa),
+                    ppl(e)
                 );
             }
         }
         for e in rows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 e.variant.label,
                 cell(e.hs_rate, e.hs),
-                cell(e.fa_rate, e.fa)
+                cell(e.hs_nondegenerate_rate, f64::NAN),
+                cell(e.fa_rate, e.fa),
+                ppl(e)
             );
         }
         Some(s)

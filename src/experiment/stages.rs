@@ -124,7 +124,24 @@ pub struct EvalResult {
     /// Generated tokens per second over the whole evaluation (all three sets).
     #[serde(default)]
     pub tokens_per_s: f64,
+    /// Deactivation rows: perplexity on held-out general text with the neurons switched off
+    /// (rows [`PPL_OFFSET`].. of `neurons.general`, never used by detection at
+    /// `neurons.prompts` ≤ [`PPL_OFFSET`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    /// Deactivation rows: the same perplexity before switching off (the untouched model);
+    /// above [`crate::neurons::perplexity::BROKEN_FACTOR`] times it the row is "broken".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity_untouched: Option<f64>,
 }
+
+/// The first row of the general text used for the deactivation rows' perplexity (as
+/// `realign neurons deactivate --ppl-offset`).
+pub const PPL_OFFSET: usize = 300;
+/// Rows of it used.
+pub const PPL_ROWS: usize = 32;
+/// Tokens per text.
+pub const PPL_MAX_TOKENS: usize = 256;
 
 impl EvalResult {
     /// The stand-in for a record that could not be read: every number NaN ("–" in the report),
@@ -143,6 +160,8 @@ impl EvalResult {
             fa_strict_rate: None,
             or_rate: None,
             tokens_per_s: f64::NAN,
+            perplexity: None,
+            perplexity_untouched: None,
         }
     }
 }
@@ -442,14 +461,36 @@ impl Runner {
             let ad = Adapter::load(dir, model.device())?;
             model.apply_adapter(&ad, AdapterMode::Merged)?;
         }
+        let mut ppl = None;
         if let Some(random) = v.deactivate {
+            let texts: Vec<String> = load_source(&self.cfg.neurons.general)?
+                .iter()
+                .skip(PPL_OFFSET)
+                .take(PPL_ROWS)
+                .map(|r| r.prompt().plain_text())
+                .collect();
+            let measure = |m: &crate::model::Model| -> crate::Result<Option<f64>> {
+                if texts.is_empty() {
+                    return Ok(None);
+                }
+                let r =
+                    crate::neurons::perplexity(m, &self.base.tokenizer, &texts, PPL_MAX_TOKENS)?;
+                Ok(Some(r.perplexity))
+            };
+            let untouched = measure(&model)?;
             let set = NeuronSet::load(&deps[k + v.adapters].join(SET_JSON))?;
-            let set = if random {
+            let set = if v.deactivate_foundation {
+                let paths =
+                    crate::neurons::detect::output_paths(&deps[k + v.adapters + 1].join(SET_JSON));
+                let ranking = crate::neurons::NeuronRanking::load(&paths[4])?;
+                crate::neurons::deactivate::foundation_like(&set, &ranking)?
+            } else if random {
                 random_like(&set, self.cfg.seed)
             } else {
                 set
             };
             deactivate(&mut model, &set)?;
+            ppl = Some((measure(&model)?, untouched));
         }
         let e = &self.cfg.eval;
         let loaded = LoadedModel {
@@ -536,6 +577,8 @@ impl Runner {
                 .and_then(|o| o.summary.overrefusal.as_ref())
                 .map(|s| s.rate),
             tokens_per_s: generated as f64 / seconds.max(1e-9),
+            perplexity: ppl.and_then(|p| p.0),
+            perplexity_untouched: ppl.and_then(|p| p.1),
         })
     }
 }
