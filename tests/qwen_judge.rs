@@ -24,7 +24,8 @@ fn qwen2_config_template_and_greedy_answer() {
     let Some(m) = load() else { return };
     let c = m.model.config();
     // Qwen2.5-0.5B: 24 layers, width 896, MLP 4864, 14 heads over 2 KV heads of 64, vocab
-    // 151936, tied embedding, q/k/v biases.
+    // 151936, q/k/v biases; this GGUF stores the LM head (`output.weight`) apart from the
+    // embedding.
     assert_eq!(
         (
             c.num_hidden_layers,
@@ -37,7 +38,7 @@ fn qwen2_config_template_and_greedy_answer() {
         ),
         (24, 896, 4864, 14, 2, 64, 151936)
     );
-    assert!(c.qkv_bias && c.tie_word_embeddings);
+    assert!(c.qkv_bias && !c.tie_word_embeddings);
     assert_eq!(c.rope_theta, 1_000_000.0);
     let text = m
         .tokenizer

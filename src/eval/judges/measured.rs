@@ -33,7 +33,7 @@ const ALL_ROWS: &str = "realign judge-eval --judge keyword --judge keyword+coher
 const SMOL_100: &str =
     "realign judge-eval --judge model:.cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf --limit 100 --sample-seed 42 -o DIR";
 const QWEN_REPORT: &str =
-    "nice realign judge-eval --judge qwen --split report --limit 100 --sample-seed 42 -o DIR";
+    "nice realign judge-eval --judge qwen --split report --limit 40 --sample-seed 42 -o DIR";
 
 /// Every measured figure.
 pub const MEASURED: &[MeasuredAgreement] = &[
@@ -63,24 +63,8 @@ pub const MEASURED: &[MeasuredAgreement] = &[
         f64::NAN,
         QWEN_REPORT,
     ),
-    m(
-        qwen::NAME,
-        "harm",
-        0,
-        f64::NAN,
-        f64::NAN,
-        f64::NAN,
-        QWEN_REPORT,
-    ),
-    m(
-        qwen::NAME,
-        "objective",
-        0,
-        f64::NAN,
-        f64::NAN,
-        f64::NAN,
-        QWEN_REPORT,
-    ),
+    m(qwen::NAME, "harm", 40, 0.34, 0.05, 0.63, QWEN_REPORT),
+    m(qwen::NAME, "objective", 40, 0.64, 0.40, 0.88, QWEN_REPORT),
 ];
 
 const fn m(
