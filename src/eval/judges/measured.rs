@@ -54,15 +54,7 @@ pub const MEASURED: &[MeasuredAgreement] = &[
     m(SMOLLM2, "refusal", 100, -0.08, -0.23, 0.06, SMOL_100),
     m(SMOLLM2, "harm", 100, 0.00, -0.17, 0.17, SMOL_100),
     m(SMOLLM2, "objective", 100, 0.00, -0.17, 0.17, SMOL_100),
-    m(
-        qwen::NAME,
-        "refusal",
-        0,
-        f64::NAN,
-        f64::NAN,
-        f64::NAN,
-        QWEN_REPORT,
-    ),
+    m(qwen::NAME, "refusal", 40, 0.16, -0.11, 0.44, QWEN_REPORT),
     m(qwen::NAME, "harm", 40, 0.34, 0.05, 0.63, QWEN_REPORT),
     m(qwen::NAME, "objective", 40, 0.64, 0.40, 0.88, QWEN_REPORT),
 ];
