@@ -261,3 +261,85 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "{new:?}"
     );
 }
+
+/// `--rejudge`: the unchanged judge reproduces report.md and report.json byte for byte; another
+/// cheap judge is read from the verdicts stored beside each reply (or, for records without
+/// them, by judging the stored replies again), and nothing is regenerated.
+#[test]
+fn rejudge_reproduces_the_report_and_switches_judges() {
+    use realign::eval::judges::JudgeOptions;
+    use realign::experiment::rejudge::rejudge;
+    if !common::assets_present(&[&realign::assets::data("adv_bench.prompt")]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exp");
+    let cfg = miniature(&out, false);
+    // Not run yet: the first stage is named.
+    let err = rejudge(&cfg, None, &JudgeOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not finished"), "{err}");
+    let original = experiment::run(&cfg, &mut Silent).unwrap();
+    let read = |f: &str| std::fs::read(out.join("report").join(f)).unwrap();
+    let (md, json) = (read("report.md"), read("report.json"));
+    let before = stage_times(&out);
+    let opts = JudgeOptions::default();
+
+    for judge in [None, Some("keyword")] {
+        rejudge(&cfg, judge, &opts).unwrap();
+        assert!(read("report.md") == md, "report.md changed ({judge:?})");
+        assert!(
+            read("report.json") == json,
+            "report.json changed ({judge:?})"
+        );
+    }
+    // The report names the judge and its measured agreement with humans.
+    let text = String::from_utf8(md.clone()).unwrap();
+    assert!(
+        text.contains("Judge for HS: `keyword`. Cohen's κ with human labels: refusal 0.40 [0.27, 0.53] (n=169); harm 0.15 [0.08, 0.22] (n=990)"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["judge_agreement"].as_array().unwrap().len(), 3);
+
+    // keyword+coherence: HS becomes the non-degenerate count of every row.
+    let kc = rejudge(&cfg, Some("keyword+coherence"), &opts).unwrap();
+    assert_eq!(kc.judge, "keyword+coherence");
+    assert_eq!(kc.evals.len(), original.evals.len());
+    for (a, b) in kc.evals.iter().zip(&original.evals) {
+        let nd = b.hs_nondegenerate_rate.unwrap();
+        assert_eq!(a.hs_rate.unwrap(), nd, "{}", a.variant.label);
+        assert_eq!(a.hs, nd.percent);
+        assert_eq!(a.hs_keyword_rate, b.hs_keyword_rate);
+        assert_eq!(a.fa_rate, b.fa_rate);
+    }
+    let kc_md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(kc_md.contains("Judge for HS: `keyword+coherence`. Cohen's κ with human labels: refusal 0.40 [0.27, 0.53] (n=169); harm 0.14 [0.07, 0.21] (n=990)"), "{kc_md}");
+
+    // Records written without stored verdicts: the judge reads the stored replies instead,
+    // with the same result.
+    for e in std::fs::read_dir(out.join("stages")).unwrap() {
+        let p = e.unwrap().path().join("harmful/harmful.jsonl");
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            let stripped: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    assert!(v.as_object_mut().unwrap().remove("judges").is_some());
+                    v.to_string()
+                })
+                .collect();
+            std::fs::write(&p, stripped.join("\n") + "\n").unwrap();
+        }
+    }
+    let again = rejudge(&cfg, Some("keyword+coherence"), &opts).unwrap();
+    for (a, b) in again.evals.iter().zip(&kc.evals) {
+        assert_eq!(a.hs_rate, b.hs_rate, "{}", a.variant.label);
+    }
+    // Back to the configured judge: the original bytes; no stage was rerun.
+    rejudge(&cfg, None, &opts).unwrap();
+    assert!(read("report.md") == md && read("report.json") == json);
+    assert_eq!(stage_times(&out), before);
+}

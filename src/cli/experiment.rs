@@ -35,6 +35,15 @@ pub struct Args {
     /// Print the report as JSON on stdout instead of the Markdown tables
     #[arg(long)]
     json: bool,
+    /// Recompute report.md and report.json from the stored replies of the finished run (same
+    /// settings), without regenerating anything; with --judge, under that judge
+    #[arg(long)]
+    rejudge: bool,
+    /// With --rejudge: the judge of HS: keyword, keyword+coherence, qwen (needs
+    /// scripts/fetch-judge-model.sh), model:PATH, rubric:PATH, … (see `realign judge-eval
+    /// --help`) [default: the run's `eval.judge`]
+    #[arg(long, requires = "rejudge")]
+    judge: Option<String>,
 }
 
 struct Bars {
@@ -107,6 +116,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.print_config {
         print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    if a.rejudge {
+        let report = experiment::rejudge::rejudge(
+            &cfg,
+            a.judge.as_deref(),
+            &realign::eval::judges::JudgeOptions::default(),
+        )
+        .with_context(|| format!("rejudging the run in {}", cfg.output.display()))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{}", report.markdown());
+            eprintln!("report: {}", cfg.output.join("report/index.md").display());
+        }
         return Ok(());
     }
     std::fs::create_dir_all(&cfg.output)

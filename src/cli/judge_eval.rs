@@ -2,23 +2,31 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use realign::eval::human_labels::{self, LabelSet};
+use realign::eval::judge_eval::{split_rows, Split};
 use realign::eval::judges::{self, JudgeOptions};
-use realign::eval::{judge_eval, sample_rows, DEFAULT_SAMPLE_SEED};
+use realign::eval::{judge_eval, DEFAULT_SAMPLE_SEED};
 
 /// Flags of `realign judge-eval`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A judge to measure (repeat for several): `keyword`, `keyword+coherence`, `model:PATH`
-    /// (a chat model folder or GGUF), `ensemble:PATH` [default: keyword and keyword+coherence]
+    /// (a chat model folder or GGUF: guard + refusal templates), `refusal:PATH`, `rubric:PATH`
+    /// (StrongREJECT-style), `qwen` (needs scripts/fetch-judge-model.sh), `ensemble:PATH`
+    /// [default: keyword and keyword+coherence]
     #[arg(long = "judge")]
     judges: Vec<String>,
     /// Human-labelled set: refusal, harm, objective or all
     #[arg(long, default_value = "all")]
     set: String,
-    /// Judge a seeded random sample of N rows of each set (0: every row)
+    /// Which rows of each set: all, tune (the first half of a seeded shuffle, for choosing
+    /// templates and thresholds) or report (the other half, for measuring a tuned judge)
+    #[arg(long, default_value = "all")]
+    split: String,
+    /// Judge at most N rows of each set (0: every row): a seeded random sample with --split all,
+    /// the first N of the shuffled half otherwise
     #[arg(long, default_value_t = 0)]
     limit: usize,
-    /// Seed of the --limit sample
+    /// Seed of the --limit sample and of the --split shuffle
     #[arg(long, default_value_t = DEFAULT_SAMPLE_SEED)]
     sample_seed: u64,
     /// Folder of the human-labelled sets (refusal_scorer/, harm/, objective/ with PyRIT's CSV
@@ -48,12 +56,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         vec![a.set.parse()?]
     };
+    let split: Split = a.split.parse()?;
     let dir = a.data.clone().unwrap_or_else(human_labels::default_dir);
     let mut loaded = Vec::with_capacity(sets.len());
     for set in sets {
         let rows = human_labels::load_set(&dir, set)
             .with_context(|| format!("loading the {set} set from {}", dir.display()))?;
-        loaded.push((set, sample_rows(rows, a.limit, a.sample_seed)));
+        loaded.push((set, split_rows(rows, split, a.limit, a.sample_seed)));
     }
     let opts = JudgeOptions {
         device: super::device(&a.device)?,
@@ -69,7 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .iter()
         .map(|s| judges::build(s, &opts).with_context(|| format!("judge {s}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let report = judge_eval(&judges, &loaded, a.limit, a.sample_seed)?;
+    let report = judge_eval(&judges, &loaded, split, a.limit, a.sample_seed)?;
     report
         .write(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;

@@ -7,6 +7,7 @@
 //! | [`plan`] | the stage graph: which stages, in which order, reading what |
 //! | [`stages`] | running one stage: train, mix, amplify, identify, patch, Safe LoRA, eval, neurons |
 //! | [`report`] | the tables (Markdown + JSON) and plots |
+//! | [`rejudge`] | the report recomputed from stored replies under another judge |
 //!
 //! The stages, for the default: non-aligned base model; `W_0` (SFT); `W_a` (DPO on `W_0`); for
 //! each `p`, the attack mix and `W_t`; Safe LoRA on each `W_t`; for each identification method
@@ -19,6 +20,7 @@ pub mod baselines;
 pub mod cache;
 pub mod config;
 pub mod plan;
+pub mod rejudge;
 pub mod report;
 pub mod stages;
 

@@ -106,6 +106,9 @@ pub struct Report {
     pub eval_sets: Vec<String>,
     /// The harmfulness judge (`keyword` or `model:PATH`).
     pub judge: String,
+    /// The judge's measured agreement with human labels (Cohen's κ per set, from
+    /// [`crate::eval::judges::measured`]); empty when it was never measured.
+    pub judge_agreement: Vec<crate::eval::judges::measured::MeasuredAgreement>,
 }
 
 /// The seed of the first row (reports of older runs carry no seed list).
@@ -211,6 +214,7 @@ impl Report {
             findings: Vec::new(),
             unreadable: Vec::new(),
             judge: cfg.eval.judge.clone(),
+            judge_agreement: crate::eval::judges::measured::measured(&cfg.eval.judge),
             eval_sets: vec![
                 cfg.eval.harmful.clone(),
                 cfg.eval.task.clone(),
@@ -660,6 +664,12 @@ impl Report {
             },
             n(&|e| e.n_task),
             n(&|e| e.or_rate.map_or(0, |r| r.n)),
+        );
+        let _ = writeln!(
+            s,
+            "Judge for HS: `{}`. {}.\n",
+            self.judge,
+            crate::eval::judges::measured::summary(&self.judge)
         );
         let _ = writeln!(
             s,

@@ -1,6 +1,7 @@
 //! GGUF checkpoints (v2/v3): configuration from metadata, every tensor dequantised to f32 and
 //! renamed to the Hugging Face layout, with llama.cpp's rotary row permutation of Q and K undone
-//! so that weights, activations and PEFT adapters line up with the original model.
+//! (Llama and Mistral; Qwen2 is stored unpermuted) so that weights, activations and PEFT adapters
+//! line up with the original model.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -156,6 +157,16 @@ pub fn unpermute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
+/// Whether llama.cpp's converter stored this family's Q and K rows permuted for its interleaved
+/// ("normal") rope. It does so for Llama and Mistral only; Qwen2 uses the NEOX (half-split) rope,
+/// the Hugging Face layout, and its rows (and q/k biases) are stored as they are.
+pub fn stores_interleaved_rope(arch: Architecture) -> bool {
+    match arch {
+        Architecture::Llama | Architecture::Mistral => true,
+        Architecture::Qwen2 => false,
+    }
+}
+
 /// Reads and dequantises every tensor of a GGUF file to f32, with Hugging Face names.
 pub fn load_weights(
     c: &Content,
@@ -173,10 +184,12 @@ pub fn load_weights(
         let mut t = q
             .dequantize(device)
             .map_err(|e| bad(path, format!("tensor {name:?}: {e}")))?;
-        if hf.contains(".self_attn.q_proj.") {
-            t = unpermute_rows(&t, cfg.num_attention_heads)?;
-        } else if hf.contains(".self_attn.k_proj.") {
-            t = unpermute_rows(&t, cfg.num_key_value_heads)?;
+        if stores_interleaved_rope(cfg.architecture) {
+            if hf.contains(".self_attn.q_proj.") {
+                t = unpermute_rows(&t, cfg.num_attention_heads)?;
+            } else if hf.contains(".self_attn.k_proj.") {
+                t = unpermute_rows(&t, cfg.num_key_value_heads)?;
+            }
         }
         crate::fsutil::check_finite(&t, path, name)?;
         tensors.insert(hf, t);
