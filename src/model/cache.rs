@@ -77,4 +77,23 @@ impl KvCache {
         l.len = len + s;
         Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?))
     }
+
+    /// Keeps only the batch rows `rows` (in that order), e.g. when sequences that finished
+    /// leave a batched generation; later steps then attend over fewer rows.
+    pub fn retain_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            let b = l.k.dim(0)?;
+            if let Some(&bad) = rows.iter().find(|&&r| r >= b) {
+                candle_core::bail!("KV cache has {b} rows, asked to keep row {bad}");
+            }
+            let idx = Tensor::from_vec(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                rows.len(),
+                l.k.device(),
+            )?;
+            l.k = l.k.index_select(&idx, 0)?;
+            l.v = l.v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
 }
