@@ -89,16 +89,19 @@ pub fn generate(
         // One copy of the last-position logits, read row by row.
         let vocab = logits.dim(candle_core::D::Minus1)?;
         let logits: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let greedy = greedy_rows(&logits, vocab, cfg.sampling);
         let mut next = Vec::with_capacity(rows);
         let mut keep = Vec::with_capacity(rows);
         for (r, row) in logits.chunks_exact(vocab).enumerate() {
             let i = active[r];
-            let t = match (cfg.sampling, rng.as_mut()) {
+            let t = match (cfg.sampling, rng.as_mut(), greedy.get(r)) {
+                (_, _, Some(&t)) => t,
                 (
                     Sampling::Sample {
                         temperature, top_p, ..
                     },
                     Some(rng),
+                    _,
                 ) if temperature > 0.0 => sample(row, temperature, top_p, rng),
                 _ => argmax(row),
             };
@@ -124,6 +127,28 @@ pub fn generate(
         input = Tensor::from_vec(next, (keep.len(), 1), dev)?;
     }
     Ok(out)
+}
+
+/// The argmax of every `vocab`-long row when decoding is greedy (rows spread over the worker
+/// pool: at batch 16-32 the serial scan of 0.8-1.6 M logits shows in a step's time); empty
+/// when sampling.
+fn greedy_rows(logits: &[f32], vocab: usize, sampling: Sampling) -> Vec<u32> {
+    let greedy = match sampling {
+        Sampling::Greedy => true,
+        Sampling::Sample { temperature, .. } => temperature <= 0.0,
+    };
+    if !greedy || vocab == 0 {
+        return Vec::new();
+    }
+    let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
+    let found: Vec<std::sync::atomic::AtomicU32> = rows
+        .iter()
+        .map(|_| std::sync::atomic::AtomicU32::new(0))
+        .collect();
+    super::parallel::Pool::global().run(rows.len(), &|r| {
+        found[r].store(argmax(rows[r]), std::sync::atomic::Ordering::Relaxed);
+    });
+    found.into_iter().map(|a| a.into_inner()).collect()
 }
 
 /// Index of the largest value; the first one on ties.
