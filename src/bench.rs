@@ -67,8 +67,8 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> crate::Result<()>) -> crate::R
     Ok(best)
 }
 
-/// Prefill (batch 8 x 128), greedy decode (batch 1, 64 tokens) and batched decode (batch 16,
-/// 64 tokens) on random token ids (seed 0). Calls `out` for each figure as it is measured.
+/// Prefill (batch 8 x 128), greedy decode (batch 1, 64 tokens) and batched decode (batch 16
+/// and batch 32, 64 tokens) on random token ids (seed 0). Calls `out` for each figure as it is measured.
 pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
     let vocab = model.config().vocab_size;
     let dev = model.device();
@@ -122,12 +122,18 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
         ),
     ));
 
-    let prompts: Vec<Vec<u32>> = (0..16)
-        .map(|i| random_ids(&mut rng, 8 + i, vocab))
-        .collect();
-    let secs = best_of(repeats, || generate(model, &prompts, &cfg).map(drop))?;
-    out(figure("batched_decode_tokens_per_s", (16 * new) as f64 / secs, "tokens/s",
-        format!("batch 16, left-padded 8..23-token prompts, {new} greedy tokens each, {threads} threads")));
+    for (batch, metric) in [
+        (16, "batched_decode_tokens_per_s"),
+        (32, "batched32_decode_tokens_per_s"),
+    ] {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|i| random_ids(&mut rng, 8 + i, vocab))
+            .collect();
+        let secs = best_of(repeats, || generate(model, &prompts, &cfg).map(drop))?;
+        let last = 8 + batch - 1;
+        out(figure(metric, (batch * new) as f64 / secs, "tokens/s",
+            format!("batch {batch}, left-padded 8..{last}-token prompts, {new} greedy tokens each, {threads} threads")));
+    }
     Ok(())
 }
 

@@ -101,3 +101,63 @@ fn batched_greedy_equals_single() {
         assert_eq!(batched[i], single, "prompt {i}");
     }
 }
+
+/// Ten prompts (the register-blocked few-row products: 9-16 rows use 16-lane tiles, 5-8 rows
+/// 8-lane tiles, fewer the dot products), with stop tokens picked so that some sequences stop
+/// early and leave the batch while the others run on: every prompt still gets the tokens it
+/// gets alone.
+#[test]
+fn batched_greedy_with_early_stops_equals_single() {
+    let Some(p) = model_path() else { return };
+    let m = LoadedModel::load(&p, &LoadOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "What is the capital of France?",
+        "Name a colour.",
+        "Write one word about the sea, please, and nothing else.",
+        "How many legs does a spider have?",
+        "Say hello.",
+        "What is 2 + 2?",
+        "Give me a synonym of happy.",
+        "Which planet is the largest?",
+        "Tell me a fruit that is yellow.",
+        "What do bees make?",
+    ]
+    .iter()
+    .map(|q| {
+        let t = m
+            .tokenizer
+            .render_chat(&[ChatMessage::user(*q)], true)
+            .unwrap();
+        m.tokenizer.encode(&t, false).unwrap()
+    })
+    .collect();
+    let max_new_tokens = 12;
+    let free = GenerationConfig {
+        max_new_tokens,
+        sampling: Sampling::Greedy,
+        stop_ids: vec![],
+        pad_id: 2,
+    };
+    let alone = |p: &Vec<u32>, cfg: &GenerationConfig| {
+        generate(&m.model, std::slice::from_ref(p), cfg)
+            .unwrap()
+            .remove(0)
+    };
+    // Stop on what prompt 0 emits third and prompt 1 emits sixth.
+    let (a, b) = (alone(&prompts[0], &free), alone(&prompts[1], &free));
+    let cfg = GenerationConfig {
+        stop_ids: vec![a[2], b[5]],
+        ..free
+    };
+    let batched = generate(&m.model, &prompts, &cfg).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(batched[i], alone(p, &cfg), "prompt {i}");
+    }
+    // Sequences left the batch early and others ran to the end.
+    assert!(batched[0].len() <= 3, "{:?}", batched[0]);
+    assert!(batched[1].len() <= 6, "{:?}", batched[1]);
+    assert!(
+        batched.iter().any(|o| o.len() == max_new_tokens),
+        "{batched:?}"
+    );
+}

@@ -17,9 +17,14 @@ pub struct Args {
     /// PEFT adapter(s), stacked in order
     #[arg(long = "adapter")]
     adapters: Vec<PathBuf>,
-    /// Merge the adapters into the weights (faster; the default keeps them apart)
-    #[arg(long)]
+    /// Merge the adapters into the weights: the default (evaluation does not inspect the
+    /// adapters, and merged weights generate faster); accepted for older scripts
+    #[arg(long, conflicts_with = "unmerged")]
     merge: bool,
+    /// Keep the adapters apart from the weights (`x W^T + s (x A^T) B^T` at every layer)
+    /// instead of merging them [default: merged]
+    #[arg(long)]
+    unmerged: bool,
     /// Harmful prompts: a data file (JSONL/JSON/CSV rows with a prompt, e.g. HarmBench,
     /// StrongREJECT, AdvBench as distributed; `.txt`: one prompt per line) or an embedded set,
     /// or `none` to skip the harmfulness score
@@ -154,7 +159,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         system: a.system.clone(),
         case_insensitive: a.case_insensitive,
         adapters: a.adapters.clone(),
-        merged: a.merge && !a.adapters.is_empty(),
+        merged: (a.merge || !a.unmerged) && !a.adapters.is_empty(),
         columns: columns(&a.prompt_columns, a.label_column.clone())?,
     };
     let path = super::model_path(a.model.clone())?;
@@ -165,7 +170,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading model {}", path.display()))?;
-    let mode = if a.merge {
+    let mode = if a.merge || !a.unmerged {
         AdapterMode::Merged
     } else {
         AdapterMode::Unmerged

@@ -77,4 +77,49 @@ impl KvCache {
         l.len = len + s;
         Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?))
     }
+
+    /// Keeps only the batch rows `rows` (in that order), e.g. when sequences that finished
+    /// leave a batched generation; later steps then attend over fewer rows.
+    pub fn retain_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            let b = l.k.dim(0)?;
+            if let Some(&bad) = rows.iter().find(|&&r| r >= b) {
+                candle_core::bail!("KV cache has {b} rows, asked to keep row {bad}");
+            }
+            let idx = Tensor::from_vec(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                rows.len(),
+                l.k.device(),
+            )?;
+            l.k = l.k.index_select(&idx, 0)?;
+            l.v = l.v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn retain_rows_keeps_the_chosen_rows_in_order() {
+        // Three rows, one KV head, two positions of width 1: row r holds [10 r, 10 r + 1].
+        let dev = Device::Cpu;
+        let k =
+            Tensor::from_vec(vec![0f32, 1.0, 10.0, 11.0, 20.0, 21.0], (3, 1, 2, 1), &dev).unwrap();
+        let v = (&k * 2.0).unwrap();
+        let mut c = KvCache::new(1);
+        c.append(0, &k, &v).unwrap();
+        c.retain_rows(&[2, 0]).unwrap();
+        // The next step appends one position for the two rows left.
+        let k1 = Tensor::from_vec(vec![22f32, 2.0], (2, 1, 1, 1), &dev).unwrap();
+        let (kk, vv) = c.append(0, &k1, &(&k1 * 2.0).unwrap()).unwrap();
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(kk), [20.0, 21.0, 22.0, 0.0, 1.0, 2.0]);
+        assert_eq!(flat(vv), [40.0, 42.0, 44.0, 0.0, 2.0, 4.0]);
+        assert_eq!(c.seq_len(), 3);
+        assert!(c.retain_rows(&[2]).is_err(), "only rows 0 and 1 are left");
+    }
 }

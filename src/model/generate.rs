@@ -66,11 +66,15 @@ pub fn generate(
     };
     let mut cache = KvCache::new(model.config().num_hidden_layers);
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done = vec![false; b];
+    // The prompts still generating, as indices into `prompts`; row r of the batch is
+    // `active[r]`. A sequence that stops leaves the batch (its cache rows are dropped), so
+    // later steps compute only the rows still running.
+    let mut active: Vec<usize> = (0..b).collect();
     let mut input = Tensor::from_vec(ids, (b, len), dev)?;
     for step in 0..cfg.max_new_tokens {
         let total = len + step;
-        let mask_t = Tensor::from_vec(mask.clone(), (b, total), dev)?;
+        let rows = active.len();
+        let mask_t = Tensor::from_vec(mask.clone(), (rows, total), dev)?;
         let padded = mask.contains(&0);
         let logits = model.forward_with(
             &input,
@@ -82,41 +86,69 @@ pub fn generate(
                 logits: Logits::Last,
             },
         )?;
-        let logits: Vec<Vec<f32>> = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
-        let mut next = Vec::with_capacity(b);
-        for (i, row) in logits.iter().enumerate() {
-            let tok = if done[i] {
-                cfg.pad_id
-            } else {
-                let t = match (cfg.sampling, rng.as_mut()) {
-                    (
-                        Sampling::Sample {
-                            temperature, top_p, ..
-                        },
-                        Some(r),
-                    ) if temperature > 0.0 => sample(row, temperature, top_p, r),
-                    _ => argmax(row),
-                };
-                out[i].push(t);
-                done[i] = cfg.stop_ids.contains(&t);
-                t
+        // One copy of the last-position logits, read row by row.
+        let vocab = logits.dim(candle_core::D::Minus1)?;
+        let logits: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let greedy = greedy_rows(&logits, vocab, cfg.sampling);
+        let mut next = Vec::with_capacity(rows);
+        let mut keep = Vec::with_capacity(rows);
+        for (r, row) in logits.chunks_exact(vocab).enumerate() {
+            let i = active[r];
+            let t = match (cfg.sampling, rng.as_mut(), greedy.get(r)) {
+                (_, _, Some(&t)) => t,
+                (
+                    Sampling::Sample {
+                        temperature, top_p, ..
+                    },
+                    Some(rng),
+                    _,
+                ) if temperature > 0.0 => sample(row, temperature, top_p, rng),
+                _ => argmax(row),
             };
-            next.push(tok);
+            out[i].push(t);
+            if !cfg.stop_ids.contains(&t) {
+                keep.push(r);
+                next.push(t);
+            }
         }
-        if done.iter().all(|&d| d) {
+        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
             break;
         }
-        // Rows that stopped keep attending as padding would (transformers keeps their mask at 1
-        // and feeds pad tokens; their outputs are discarded either way).
-        let mut grown = Vec::with_capacity(b * (total + 1));
-        for r in 0..b {
+        if keep.len() < rows {
+            cache.retain_rows(&keep)?;
+            active = keep.iter().map(|&r| active[r]).collect();
+        }
+        let mut grown = Vec::with_capacity(keep.len() * (total + 1));
+        for &r in &keep {
             grown.extend_from_slice(&mask[r * total..(r + 1) * total]);
             grown.push(1);
         }
         mask = grown;
-        input = Tensor::from_vec(next, (b, 1), dev)?;
+        input = Tensor::from_vec(next, (keep.len(), 1), dev)?;
     }
     Ok(out)
+}
+
+/// The argmax of every `vocab`-long row when decoding is greedy (rows spread over the worker
+/// pool: at batch 16-32 the serial scan of 0.8-1.6 M logits shows in a step's time); empty
+/// when sampling.
+fn greedy_rows(logits: &[f32], vocab: usize, sampling: Sampling) -> Vec<u32> {
+    let greedy = match sampling {
+        Sampling::Greedy => true,
+        Sampling::Sample { temperature, .. } => temperature <= 0.0,
+    };
+    if !greedy || vocab == 0 {
+        return Vec::new();
+    }
+    let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
+    let found: Vec<std::sync::atomic::AtomicU32> = rows
+        .iter()
+        .map(|_| std::sync::atomic::AtomicU32::new(0))
+        .collect();
+    super::parallel::Pool::global().run(rows.len(), &|r| {
+        found[r].store(argmax(rows[r]), std::sync::atomic::Ordering::Relaxed);
+    });
+    found.into_iter().map(|a| a.into_inner()).collect()
 }
 
 /// Index of the largest value; the first one on ties.

@@ -21,6 +21,7 @@ pub mod llama;
 pub mod matmul;
 pub mod parallel;
 pub mod rope;
+pub mod tile;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -4,35 +4,46 @@
 //! costs 10-20 us per call on this class of machine (its idle workers sleep on a futex), which
 //! is a third of a small product's time. The workers here spin for a short while after each job
 //! before parking, so back-to-back jobs are handed over in well under a microsecond.
+//!
+//! The caller never waits for a worker that has not joined the job: a worker joins through a
+//! gate (one atomic word: epoch, open flag, count of joined workers) that the caller closes when
+//! every part is claimed, and the caller then waits only for the joined workers to finish their
+//! parts. On a machine shared with other processes a descheduled worker therefore costs
+//! nothing (the caller does its parts), instead of stalling every product for a time slice.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before parking.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// Gate layout: epoch in the bits above [`OPEN`], the open flag, joined workers below.
+const OPEN: u64 = 1 << 32;
+const JOINED: u64 = OPEN - 1;
+const EPOCH_SHIFT: u32 = 33;
+
 type Task = *const (dyn Fn(usize) + Sync);
 
 struct Shared {
-    /// Bumped for every job; workers watch it.
-    epoch: AtomicUsize,
-    /// The job: written by the caller before the epoch bump, read by workers after it.
+    /// `epoch << 33 | open << 32 | joined`; workers watch the epoch.
+    gate: AtomicU64,
+    /// The job: written by the caller before it opens the gate, read by workers only after
+    /// joining through the open gate.
     task: UnsafeCell<(Task, usize)>,
     /// Next part to claim.
     next: AtomicUsize,
-    /// Workers finished with the current epoch.
-    acked: AtomicUsize,
     /// Workers parked on the condvar.
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
 }
 
-// SAFETY: `task` is written only by the caller holding `caller`, before publishing the epoch,
-// and read by workers only after observing it; the caller waits for every worker to finish
-// with the epoch before it returns (and before the borrowed closure can die).
+// SAFETY: `task` is written only by the caller holding `caller`, while the gate is closed and
+// no worker is joined; workers read it only while joined to the open gate of its epoch, and the
+// caller waits for every joined worker to leave before it returns (and before the borrowed
+// closure can die) or writes the next task.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -40,7 +51,7 @@ unsafe impl Send for Shared {}
 pub struct Pool {
     shared: &'static Shared,
     workers: usize,
-    caller: Mutex<()>,
+    caller: Mutex<u64>,
 }
 
 impl Pool {
@@ -53,10 +64,9 @@ impl Pool {
     fn new(workers: usize) -> Self {
         let noop: &'static (dyn Fn(usize) + Sync) = &|_| {};
         let shared: &'static Shared = Box::leak(Box::new(Shared {
-            epoch: AtomicUsize::new(0),
+            gate: AtomicU64::new(0),
             task: UnsafeCell::new((noop as Task, 0)),
             next: AtomicUsize::new(0),
-            acked: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -72,7 +82,7 @@ impl Pool {
         Self {
             shared,
             workers: started,
-            caller: Mutex::new(()),
+            caller: Mutex::new(0),
         }
     }
 
@@ -84,7 +94,7 @@ impl Pool {
     /// Runs `f(0..parts)` across the pool and returns when all parts are done. Falls back to
     /// running every part on the calling thread when another job is in flight.
     pub fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
-        let Ok(_guard) = self.caller.try_lock() else {
+        let Ok(mut epoch) = self.caller.try_lock() else {
             (0..parts).for_each(f);
             return;
         };
@@ -93,20 +103,31 @@ impl Pool {
             return;
         }
         let s = self.shared;
-        // SAFETY: the lifetime is erased only for the duration of this call: we wait below until
-        // every worker has acknowledged this epoch, after which none touches `f` again.
+        // SAFETY: the lifetime is erased only for the duration of this call: the gate is
+        // closed and no worker is joined here (the previous call waited for that), and below
+        // we close the gate and wait for every joined worker to leave before returning.
         let task: Task = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Task>(f) };
         unsafe { *s.task.get() = (task, parts) };
         s.next.store(0, SeqCst);
-        s.acked.store(0, SeqCst);
-        s.epoch.fetch_add(1, SeqCst);
+        *epoch = (*epoch + 1) & (u64::MAX >> EPOCH_SHIFT);
+        s.gate.store((*epoch << EPOCH_SHIFT) | OPEN, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = s.lock.lock();
             s.wake.notify_all();
         }
         claim(s, f, parts);
-        while s.acked.load(SeqCst) < self.workers {
-            std::hint::spin_loop();
+        // Every part is claimed: close the gate (late workers stay out), then wait for the
+        // joined ones to finish the parts they hold.
+        s.gate.fetch_and(!OPEN, SeqCst);
+        let mut spins = 0u32;
+        while s.gate.load(SeqCst) & JOINED != 0 {
+            spins = spins.wrapping_add(1);
+            if spins % 256 == 0 {
+                // A joined worker was descheduled mid-part: let it run.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
@@ -121,29 +142,48 @@ fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync), parts: usize) {
     }
 }
 
+/// Joins the open gate of `epoch`; false when it is closed or a later job began.
+fn join(s: &Shared, epoch: u64) -> bool {
+    let mut g = s.gate.load(SeqCst);
+    loop {
+        if g >> EPOCH_SHIFT != epoch || g & OPEN == 0 {
+            return false;
+        }
+        match s.gate.compare_exchange_weak(g, g + 1, SeqCst, SeqCst) {
+            Ok(_) => return true,
+            Err(now) => g = now,
+        }
+    }
+}
+
 fn worker(s: &'static Shared) {
-    let mut seen = 0;
+    let epoch_of = |g: u64| g >> EPOCH_SHIFT;
+    let mut seen = epoch_of(s.gate.load(SeqCst));
     loop {
         let start = Instant::now();
         let mut spins = 0u32;
-        while s.epoch.load(SeqCst) == seen {
+        while epoch_of(s.gate.load(SeqCst)) == seen {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins % 1024 == 0 && start.elapsed() > SPIN {
                 s.sleepers.fetch_add(1, SeqCst);
                 let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
-                while s.epoch.load(SeqCst) == seen {
+                while epoch_of(s.gate.load(SeqCst)) == seen {
                     g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
                 drop(g);
                 s.sleepers.fetch_sub(1, SeqCst);
             }
         }
-        seen = s.epoch.load(SeqCst);
-        // SAFETY: published before the epoch bump; the caller keeps it alive until we ack.
+        seen = epoch_of(s.gate.load(SeqCst));
+        if !join(s, seen) {
+            continue;
+        }
+        // SAFETY: joined to the open gate of this epoch, so the task is this job's and the
+        // caller keeps it alive until we leave.
         let (task, parts) = unsafe { *s.task.get() };
         claim(s, unsafe { &*task }, parts);
-        s.acked.fetch_add(1, SeqCst);
+        s.gate.fetch_sub(1, SeqCst);
     }
 }
 
