@@ -32,9 +32,9 @@ def main():
     torch.set_num_interop_threads(1)
     if args.model.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(args.model))
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     vocab = model.config.vocab_size
     b, s = 8, 128
     gen = torch.Generator().manual_seed(0)
