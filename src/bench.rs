@@ -169,7 +169,12 @@ pub fn train(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> crat
         .collect();
     let ids = Tensor::from_vec(ids, (b, s), &dev)?;
     let labels = Tensor::from_vec(labels, (b, s), &dev)?;
-    let mut step = || -> crate::Result<()> {
+    // Phase times of the best step: forward to the final norm, LM head + loss, backward,
+    // AdamW; and the process's CPU seconds per wall second over the step (cores kept busy).
+    let mut best = [f64::INFINITY; 6];
+    let mut step = || -> crate::Result<[f64; 6]> {
+        let (u0, s0, _) = process_usage();
+        let t0 = Instant::now();
         let hidden = model.forward_with(
             &ids,
             ForwardArgs {
@@ -177,22 +182,68 @@ pub fn train(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> crat
                 ..Default::default()
             },
         )?;
+        let t1 = Instant::now();
         let loss = LabelLogprobs::from_hidden(&model, &hidden, &labels)?.mean_nll()?;
+        let t2 = Instant::now();
         let grads = collect_grads(&loss.backward()?, &vars);
+        let t3 = Instant::now();
         opt.step(&grads)?;
-        Ok(())
+        let t4 = Instant::now();
+        let (u1, s1, _) = process_usage();
+        let wall = (t4 - t0).as_secs_f64();
+        Ok([
+            wall,
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+            (t4 - t3).as_secs_f64(),
+            (u1 - u0 + s1 - s0) / wall,
+        ])
     };
     step()?; // warm-up
-    let secs = best_of(repeats, &mut step)?;
+    for _ in 0..repeats {
+        let t = step()?;
+        if t[0] < best[0] {
+            best = t;
+        }
+    }
+    let secs = best[0];
     let threads = candle_core::utils::get_num_threads();
-    let mut f = figure(
+    let mut figures = vec![figure(
         "train_tokens_per_s",
         (b * s) as f64 / secs,
         "tokens/s",
         format!("LoRA r 16 on q,k,v,o,gate,up,down; batch {b} x {s}; forward + backward + AdamW; {threads} threads, best of {repeats}"),
-    );
-    f.bench = "train".into();
-    out(f);
+    )];
+    for (i, (metric, what)) in [
+        ("train_forward_s", "forward through the final norm"),
+        (
+            "train_loss_s",
+            "LM head on the label positions + fused log-softmax/NLL",
+        ),
+        ("train_backward_s", "backward pass"),
+        ("train_adamw_s", "AdamW update"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        figures.push(figure(
+            metric,
+            best[i + 1],
+            "s",
+            format!("{what}, in the best step"),
+        ));
+    }
+    figures.push(figure(
+        "train_cores_busy",
+        best[5],
+        "CPU s / wall s",
+        "user + system CPU seconds of the process per wall second in the best step (spinning counts as busy)".into(),
+    ));
+    for mut f in figures {
+        f.bench = "train".into();
+        out(f);
+    }
     Ok(())
 }
 

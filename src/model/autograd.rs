@@ -3,10 +3,9 @@
 //! of the composed versions (RMSNorm, rotary embedding, the attention softmax and SwiGLU are ~25% of a LoRA step
 //! otherwise). CPU only; other devices use the composed ops.
 
+use super::frozen::with_slice;
+use super::gemm::run_parts;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
-use rayon::prelude::*;
-
-use super::frozen::{cpu_storage, cpu_tensor};
 
 /// RMSNorm with a frozen weight: `y = x * r * w`, `r = 1 / sqrt(mean(x^2) + eps)`.
 /// Backward: `dx = r (g w) - x r^3 mean(g w x)`.
@@ -23,22 +22,89 @@ impl CustomOp1 for RmsNormOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_storage(&candle_nn::ops::rms_norm(
-            &cpu_tensor(s, l)?,
-            &self.w,
-            self.eps,
-        )?)
+        let x = slice(s, l)?;
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let y = with_slice(&self.w.contiguous()?, |w| {
+            if w.len() != n {
+                candle_core::bail!("rms-norm: weight of {} for rows of {n}", w.len());
+            }
+            let mut y = vec![0f32; x.len()];
+            rows_in_parallel(&mut y, n, |row, out| {
+                let xr = &x[row * n..(row + 1) * n];
+                let r = inv_rms(xr, self.eps);
+                for ((o, &xv), &wv) in out.iter_mut().zip(xr).zip(w) {
+                    *o = xv * r * wv;
+                }
+            });
+            Ok(y)
+        })?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let n = x.dim(D::Minus1)? as f64;
-        let r = ((x.sqr()?.sum_keepdim(D::Minus1)? / n)? + self.eps as f64)?
-            .sqrt()?
-            .recip()?;
-        let gw = g.broadcast_mul(&self.w)?;
-        let m = ((&gw * x)?.sum_keepdim(D::Minus1)? / n)?;
-        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
-        Ok(Some(dx))
+        let n = x.dim(D::Minus1)?;
+        let (x, g, w) = (x.contiguous()?, g.contiguous()?, self.w.contiguous()?);
+        let dx = with_slice(&x, |xs| {
+            with_slice(&g, |gs| {
+                with_slice(&w, |w| {
+                    let mut dx = vec![0f32; xs.len()];
+                    rows_in_parallel(&mut dx, n, |row, out| {
+                        let (xr, gr) = (&xs[row * n..(row + 1) * n], &gs[row * n..(row + 1) * n]);
+                        let r = inv_rms(xr, self.eps);
+                        let m = gr
+                            .iter()
+                            .zip(w)
+                            .zip(xr)
+                            .map(|((&gv, &wv), &xv)| gv * wv * xv)
+                            .sum::<f32>()
+                            / n as f32;
+                        let c = r * r * r * m;
+                        for (((o, &gv), &wv), &xv) in out.iter_mut().zip(gr).zip(w).zip(xr) {
+                            *o = r * (gv * wv) - xv * c;
+                        }
+                    });
+                    Ok(dx)
+                })
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `1 / sqrt(mean(x^2) + eps)`.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|&v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+/// Calls `f(row, out_row)` for every `width`-long row of `out`, in blocks of rows spread over
+/// the training pool ([`run_parts`]).
+fn rows_in_parallel(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len() / width.max(1);
+    // ~16k elements per part
+    let per = (16_384 / width.max(1)).max(1);
+    let ptr = SyncPtr(out.as_mut_ptr());
+    run_parts(rows.div_ceil(per), &|p| {
+        for row in p * per..((p + 1) * per).min(rows) {
+            // SAFETY: each row is written by the one part that owns it; `out` outlives the call.
+            let o = unsafe { ptr.slice(row * width, width) };
+            f(row, o);
+        }
+    });
+}
+
+/// Disjoint writes into one buffer from parallel parts.
+struct SyncPtr(*mut f32);
+// SAFETY: parts write disjoint ranges, and the buffer outlives `run_parts`.
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    /// `len` elements from `start`.
+    ///
+    /// # Safety
+    /// No other part touches the range while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }
 
@@ -57,20 +123,65 @@ impl CustomOp1 for RopeOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_storage(&candle_nn::rotary_emb::rope(
-            &cpu_tensor(s, l)?,
-            &self.cos,
-            &self.sin,
-        )?)
+        let y = rope(slice(s, l)?, l.shape(), &self.cos, &self.sin, false)?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(candle_nn::rotary_emb::rope(
-            &g.contiguous()?,
-            &self.cos,
-            &self.sin.neg()?,
-        )?))
+        let g = g.contiguous()?;
+        let dx = with_slice(&g, |gs| rope(gs, g.shape(), &self.cos, &self.sin, true))?;
+        Ok(Some(Tensor::from_vec(dx, g.shape(), g.device())?))
     }
+}
+
+/// The half-split rotation of `x: [b, h, t, d]` by per-batch angles `cos, sin: [b, t, d / 2]`
+/// (candle's `rope`, with the same arithmetic), or its inverse (`sin` negated) with `inverse`.
+fn rope(
+    x: &[f32],
+    shape: &Shape,
+    cos: &Tensor,
+    sin: &Tensor,
+    inverse: bool,
+) -> candle_core::Result<Vec<f32>> {
+    let (b, h, t, d) = shape.dims4()?;
+    let half = d / 2;
+    // angles per batch row `[b, t, d / 2]`, or shared `[t, d / 2]`
+    let batched = match cos.dims() {
+        [cb, ct, ch] if (*cb, *ct, *ch) == (b, t, half) => true,
+        [ct, ch] if (*ct, *ch) == (t, half) => false,
+        other => candle_core::bail!("rope: x {shape:?} with angles {other:?}"),
+    };
+    if sin.dims() != cos.dims() || x.len() != b * h * t * d {
+        candle_core::bail!(
+            "rope: x {shape:?}, cos {:?}, sin {:?}",
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    with_slice(&cos, |cos| {
+        with_slice(&sin, |sin| {
+            let mut y = vec![0f32; x.len()];
+            rows_in_parallel(&mut y, t * d, |bh, dst| {
+                let src = &x[bh * t * d..(bh + 1) * t * d];
+                let cs0 = if batched { (bh / h) * t * half } else { 0 };
+                for it in 0..t {
+                    for id in 0..half {
+                        let (i1, i2) = (it * d + id, it * d + id + half);
+                        let c = cos[cs0 + it * half + id];
+                        let s = if inverse {
+                            -sin[cs0 + it * half + id]
+                        } else {
+                            sin[cs0 + it * half + id]
+                        };
+                        dst[i1] = src[i1] * c - src[i2] * s;
+                        dst[i2] = src[i1] * s + src[i2] * c;
+                    }
+                }
+            });
+            Ok(y)
+        })
+    })
 }
 
 /// The contiguous f32 slice of a CPU storage.
@@ -104,7 +215,7 @@ impl CustomOp1 for MaskedSoftmaxOp {
             None => None,
         };
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t).enumerate().for_each(|(row, out)| {
+        rows_in_parallel(&mut y, t, |row, out| {
             let (bi, qi) = (row / (h * q), row % q);
             let xr = &x[row * t..(row + 1) * t];
             let mr = mask
@@ -127,8 +238,23 @@ impl CustomOp1 for MaskedSoftmaxOp {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(((y * g.broadcast_sub(&dot)?)? * self.scale as f64)?))
+        let t = y.dim(D::Minus1)?;
+        let (y, g) = (y.contiguous()?, g.contiguous()?);
+        let scale = self.scale;
+        let dx = with_slice(&y, |ys| {
+            with_slice(&g, |gs| {
+                let mut dx = vec![0f32; ys.len()];
+                rows_in_parallel(&mut dx, t, |row, out| {
+                    let (yr, gr) = (&ys[row * t..(row + 1) * t], &gs[row * t..(row + 1) * t]);
+                    let dot: f32 = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
+                    for ((o, &yv), &gv) in out.iter_mut().zip(yr).zip(gr) {
+                        *o = yv * (gv - dot) * scale;
+                    }
+                });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
     }
 }
 
@@ -162,8 +288,13 @@ impl CustomOp2 for SwiGluOp {
             );
         }
         let mut y = vec![0f32; gate.len()];
-        y.par_chunks_mut(4096).enumerate().for_each(|(c, out)| {
-            let o = c * 4096;
+        let len = y.len();
+        let py = SyncPtr(y.as_mut_ptr());
+        const PART: usize = 4096;
+        run_parts(len.div_ceil(PART), &|c| {
+            let o = c * PART;
+            // SAFETY: part c owns elements o..o+PART of the output.
+            let out = unsafe { py.slice(o, PART.min(len - o)) };
             for (i, v) in out.iter_mut().enumerate() {
                 let x = gate[o + i];
                 *v = x * sigmoid(x) * up[o + i];
@@ -179,24 +310,30 @@ impl CustomOp2 for SwiGluOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dv) = (
-            gate.flatten_all()?.to_vec1::<f32>()?,
-            up.flatten_all()?.to_vec1::<f32>()?,
-            g.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-        );
-        let (mut dg, mut du) = (vec![0f32; gv.len()], vec![0f32; gv.len()]);
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .enumerate()
-            .for_each(|(c, (dgc, duc))| {
-                let o = c * 4096;
-                for i in 0..dgc.len() {
-                    let x = gv[o + i];
-                    let sg = sigmoid(x);
-                    duc[i] = dv[o + i] * x * sg;
-                    dgc[i] = dv[o + i] * uv[o + i] * sg * (1.0 + x * (1.0 - sg));
-                }
-            });
+        let (gate, up, g) = (gate.contiguous()?, up.contiguous()?, g.contiguous()?);
+        let len = gate.elem_count();
+        let (mut dg, mut du) = (vec![0f32; len], vec![0f32; len]);
+        with_slice(&gate, |gv| {
+            with_slice(&up, |uv| {
+                with_slice(&g, |dv| {
+                    let (pg, pu) = (SyncPtr(dg.as_mut_ptr()), SyncPtr(du.as_mut_ptr()));
+                    const PART: usize = 4096;
+                    run_parts(len.div_ceil(PART), &|c| {
+                        let o = c * PART;
+                        let n = PART.min(len - o);
+                        // SAFETY: part c owns elements o..o+n of both outputs.
+                        let (dgc, duc) = unsafe { (pg.slice(o, n), pu.slice(o, n)) };
+                        for i in 0..n {
+                            let x = gv[o + i];
+                            let sg = sigmoid(x);
+                            duc[i] = dv[o + i] * x * sg;
+                            dgc[i] = dv[o + i] * uv[o + i] * sg * (1.0 + x * (1.0 - sg));
+                        }
+                    });
+                    Ok(())
+                })
+            })
+        })?;
         let dev = gate.device();
         Ok((
             Some(Tensor::from_vec(dg, gate.shape(), dev)?),

@@ -14,6 +14,7 @@ pub mod capture;
 pub mod config;
 pub mod export;
 pub mod frozen;
+pub mod gemm;
 pub mod generate;
 pub mod gguf;
 pub mod linear;

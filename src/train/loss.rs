@@ -5,13 +5,12 @@
 //! log-softmax with the pick of the label is one fused op ([`PickedLogSoftmax`]): with a 49k
 //! vocabulary these dominate a step otherwise.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
-use rayon::prelude::*;
-
-use crate::model::frozen::{cpu_storage, cpu_tensor};
+use crate::model::frozen::with_slice;
+use crate::model::gemm::run_parts;
 use crate::model::Model;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
 /// Per-sequence sums of the label tokens' log-probabilities.
 #[derive(Debug, Clone)]
@@ -129,18 +128,41 @@ pub fn picked_log_softmax(logits: &Tensor, targets: Vec<u32>) -> candle_core::Re
     }
     logits.contiguous()?.apply_op1(PickedLogSoftmax {
         targets: Arc::new(targets),
+        lse: Mutex::new(Vec::new()),
     })
 }
 
-/// The fused op of [`picked_log_softmax`].
+/// The fused op of [`picked_log_softmax`]. The forward pass keeps each row's log-sum-exp, so
+/// the backward pass is one read of the logits and one write of their gradient (no second
+/// reduction over the vocabulary, no copies of the `[n, vocab]` logits).
 pub struct PickedLogSoftmax {
     targets: Arc<Vec<u32>>,
+    /// Per-row log-sum-exp of the last forward pass.
+    lse: Mutex<Vec<f32>>,
 }
+
+/// Rows per parallel part (each row is a whole vocabulary).
+const ROWS_PER_PART: usize = 8;
 
 fn row_lse(row: &[f32]) -> f32 {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
     max + sum.ln()
+}
+
+/// Disjoint writes into one buffer from parallel parts.
+struct SyncPtr(*mut f32);
+// SAFETY: every part writes its own rows only, and the buffer outlives `run_parts`.
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    /// Rows `r0..r0 + len / v` of the buffer.
+    ///
+    /// # Safety
+    /// No other part touches the same range while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
 }
 
 impl CustomOp1 for PickedLogSoftmax {
@@ -153,17 +175,32 @@ impl CustomOp1 for PickedLogSoftmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(storage, layout)?;
-        let (n, v) = x.dims2()?;
-        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let (n, v) = layout.shape().dims2()?;
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("picked-log-softmax: non-contiguous logits");
+        };
+        if self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= v) {
+            candle_core::bail!(
+                "picked-log-softmax: {} targets for {n} rows of {v}",
+                self.targets.len()
+            );
+        }
+        let data = &storage.as_slice::<f32>()?[a..b];
+        let mut lse = vec![0f32; n];
+        let lp = SyncPtr(lse.as_mut_ptr());
+        run_parts(n.div_ceil(ROWS_PER_PART), &|p| {
+            let rows = p * ROWS_PER_PART..((p + 1) * ROWS_PER_PART).min(n);
+            // SAFETY: part p writes rows p*8.. only.
+            let out = unsafe { lp.range(rows.start, rows.len()) };
+            for (o, i) in out.iter_mut().zip(rows) {
+                *o = row_lse(&data[i * v..(i + 1) * v]);
+            }
+        });
         let out: Vec<f32> = (0..n)
-            .into_par_iter()
-            .map(|i| {
-                let row = &data[i * v..(i + 1) * v];
-                row[self.targets[i] as usize] - row_lse(row)
-            })
+            .map(|i| data[i * v + self.targets[i] as usize] - lse[i])
             .collect();
-        cpu_storage(&Tensor::from_vec(out, n, &candle_core::Device::Cpu)?)
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
     fn bwd(
@@ -173,17 +210,30 @@ impl CustomOp1 for PickedLogSoftmax {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (n, v) = arg.dims2()?;
-        let data = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let g = grad.to_vec1::<f32>()?;
-        let mut out = vec![0f32; n * v];
-        out.par_chunks_mut(v).enumerate().for_each(|(i, o)| {
-            let row = &data[i * v..(i + 1) * v];
-            let lse = row_lse(row);
-            for (oj, &x) in o.iter_mut().zip(row) {
-                *oj = -g[i] * (x - lse).exp();
+        let arg = arg.contiguous()?;
+        let mut lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let out = with_slice(&arg, |data| {
+            if lse.len() != n {
+                lse = (0..n).map(|i| row_lse(&data[i * v..(i + 1) * v])).collect();
             }
-            o[self.targets[i] as usize] += g[i];
-        });
+            let mut out = vec![0f32; n * v];
+            let op = SyncPtr(out.as_mut_ptr());
+            run_parts(n.div_ceil(ROWS_PER_PART), &|p| {
+                let rows = p * ROWS_PER_PART..((p + 1) * ROWS_PER_PART).min(n);
+                // SAFETY: part p writes rows p*8.. only.
+                let o = unsafe { op.range(rows.start * v, rows.len() * v) };
+                for (r, i) in rows.enumerate() {
+                    let (row, orow) = (&data[i * v..(i + 1) * v], &mut o[r * v..(r + 1) * v]);
+                    let (gi, l) = (g[i], lse[i]);
+                    for (oj, &x) in orow.iter_mut().zip(row) {
+                        *oj = -gi * (x - l).exp();
+                    }
+                    orow[self.targets[i] as usize] += gi;
+                }
+            });
+            Ok(out)
+        })?;
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
     }
 }

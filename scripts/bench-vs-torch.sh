@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# realign vs PyTorch on the same shapes, one after the other, on this machine:
+#   train:   LoRA r 16 on q,k,v,o,gate,up,down, SmolLM2-135M f32, batch 8 x 128, AdamW
+#            (`realign bench train` vs transformers + peft)
+#   prefill: batch 8 x 128, logits at every position
+#            (`realign bench forward`'s prefill_tokens_per_s vs transformers)
+# Prints each pair with its ratio (realign / torch; > 1 means realign is faster). Not part of CI.
+#
+# Usage: scripts/bench-vs-torch.sh [--install] [--threads N] [--repeats N] [--model PATH]
+#                                  [--realign BIN] [--only train|forward]
+#   --install    create .cache/torch-venv and pip-install torch, transformers, peft, gguf into it
+#                (once; several GB with torch's CUDA dependencies from PyPI). Without it the
+#                venv must exist.
+#   --threads N  threads for both sides (RAYON_NUM_THREADS / torch.set_num_threads) [default 2]
+#   --repeats N  timed repetitions, best reported, after one warm-up [default 3]
+#   --model P    GGUF file or HF folder [default .cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf,
+#                fetched by scripts/setup.sh]; transformers dequantises the GGUF to f32 as realign does
+#   --realign B  the realign binary [default target/release/realign, built if missing]
+#   --only W     train or forward only
+# Measure on an idle machine: both sides are compute-bound and share the cores with anything else.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(dirname "$SCRIPT_DIR")"
+VENV="$REPO_ROOT/.cache/torch-venv"
+THREADS=2
+REPEATS=3
+MODEL="$REPO_ROOT/.cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+REALIGN="$REPO_ROOT/target/release/realign"
+INSTALL=0
+ONLY=""
+
+die() { echo "bench-vs-torch.sh: error: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --install) INSTALL=1 ;;
+        --threads) THREADS="${2:?}"; shift ;;
+        --repeats) REPEATS="${2:?}"; shift ;;
+        --model) MODEL="${2:?}"; shift ;;
+        --realign) REALIGN="${2:?}"; shift ;;
+        --only) ONLY="${2:?}"; shift ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) die "unknown argument $1 (see --help)" ;;
+    esac
+    shift
+done
+case "$ONLY" in ""|train|forward) ;; *) die "--only takes train or forward" ;; esac
+[ -e "$MODEL" ] || die "no model at $MODEL (run scripts/setup.sh, or pass --model)"
+
+if [ "$INSTALL" = 1 ] && [ ! -x "$VENV/bin/python" -o ! -e "$VENV/.installed" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet torch transformers peft gguf
+    touch "$VENV/.installed"
+fi
+[ -e "$VENV/.installed" ] || die "no PyTorch venv at $VENV: run with --install once"
+
+if [ ! -x "$REALIGN" ]; then
+    (cd "$REPO_ROOT" && cargo build --release --quiet)
+fi
+
+# value of one metric from JSON lines on stdin
+metric() { "$VENV/bin/python" -c '
+import json, sys
+want = sys.argv[1]
+for line in sys.stdin:
+    line = line.strip()
+    if line.startswith("{"):
+        f = json.loads(line)
+        if f.get("metric") == want:
+            print(f["value"]); break
+' "$1"; }
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
+
+run_pair() { # name, realign bench, realign metric, torch --only
+    local name="$1" bench="$2" m="$3" only="$4"
+    echo "== $name: torch" >&2
+    "$VENV/bin/python" "$SCRIPT_DIR/torch_reference.py" --model "$MODEL" --threads "$THREADS" \
+        --repeats "$REPEATS" --only "$only" | tee "$TMP/torch-$name.jsonl" >&2
+    echo "== $name: realign" >&2
+    local model_args=()
+    [ "$MODEL" != "$REPO_ROOT/.cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf" ] && model_args=(--model "$MODEL")
+    "$REALIGN" bench "$bench" --repeats "$REPEATS" "${model_args[@]}" | tee "$TMP/realign-$name.jsonl" >&2
+    local t r
+    t="$(metric "$m" < "$TMP/torch-$name.jsonl")"
+    r="$(metric "$m" < "$TMP/realign-$name.jsonl")"
+    printf '%-10s %-22s torch %9.1f  realign %9.1f  ratio %.2fx\n' "$name" "$m" "$t" "$r" \
+        "$(python3 -c "print($r / $t)")" >> "$TMP/table"
+}
+
+[ "$ONLY" = "" ] || [ "$ONLY" = train ] && run_pair train train train_tokens_per_s train
+[ "$ONLY" = "" ] || [ "$ONLY" = forward ] && run_pair prefill forward prefill_tokens_per_s forward
+echo "threads $THREADS, best of $REPEATS, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
+cat "$TMP/table"

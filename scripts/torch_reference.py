@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""PyTorch reference for `realign bench train|forward` (run by scripts/bench-vs-torch.sh).
+
+Same shapes as realign's bench: SmolLM2-135M in f32 (dequantised from the GGUF by transformers),
+random token ids (seed 0) in [100, vocab), batch 8 x 128.
+
+* prefill: logits at every position, `torch.inference_mode()`.
+* train: peft LoRA r 16, alpha 32, dropout 0 on q,k,v,o,gate,up,down; labels on the last 64
+  positions of each row (-100 elsewhere); one step = forward with labels (transformers' loss),
+  backward, torch.optim.AdamW (lr 1e-4).
+
+Prints one JSON line per figure, best of --repeats after one warm-up, like `realign bench`.
+"""
+import argparse
+import json
+import os
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a .gguf file or a Hugging Face model folder")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions, best reported (default 3)")
+    ap.add_argument("--only", choices=["train", "forward"], help="run one benchmark only")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    if args.model.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(args.model))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    b, s = 8, 128
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab, (b, s), generator=gen)
+
+    def best_of(f):
+        f()  # warm-up
+        best = float("inf")
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    def emit(bench, metric, value, detail):
+        print(json.dumps({"bench": bench, "metric": metric, "value": value, "unit": "tokens/s",
+                          "detail": detail + f"; torch {torch.__version__}, {args.threads} threads, best of {args.repeats}"}),
+              flush=True)
+
+    if args.only in (None, "forward"):
+        model.eval()
+
+        def prefill():
+            with torch.inference_mode():
+                model(ids).logits
+
+        emit("forward", "prefill_tokens_per_s", b * s / best_of(prefill),
+             f"transformers, batch {b} x {s}, logits at every position")
+
+    if args.only in (None, "train"):
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        peft_model = get_peft_model(model, cfg)
+        peft_model.train()
+        labels = ids.clone()
+        labels[:, : s - 64] = -100
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = peft_model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+
+        emit("train", "train_tokens_per_s", b * s / best_of(step),
+             f"transformers + peft, LoRA r 16 on q,k,v,o,gate,up,down; batch {b} x {s}; forward + backward + AdamW")
+
+
+if __name__ == "__main__":
+    main()

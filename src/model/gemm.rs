@@ -1,0 +1,337 @@
+//! `C = A B` in f32 for the training path's large products (the frozen linear layers forward
+//! and backward, the LM head), with both cores busy for the whole product.
+//!
+//! The arithmetic is the `gemm` crate's (the kernel candle's own matmul uses: packed panels,
+//! a register-blocked FMA micro-kernel, ~85 GFLOP per CPU-second on this machine's cores). What
+//! differs is the threading. candle hands each product to `gemm` with rayon parallelism: a static
+//! split of the work between rayon's threads, while candle's elementwise ops run on a second
+//! pool (its barrier pool) whose worker spins for a while after every op. On two cores the
+//! spinning worker and the two rayon threads take turns, the static split waits for the thread
+//! that lost its core, and a LoRA step keeps ~1.3 cores busy. Here the output is cut into tiles
+//! (whole column strips first, then row chunks), each tile is one single-threaded `gemm` call,
+//! and the tiles are claimed one by one from an atomic counter by the threads of candle's barrier
+//! pool, the same two threads that run the elementwise ops: no second pool, and a thread that
+//! falls behind simply takes fewer tiles.
+//!
+//! `A` and `B` are read through arbitrary strides, so `x W^T` and `g W` read `W` where it lies
+//! (no transposed or contiguous copy). The tiling depends only on the shape and the thread
+//! count, and each tile's sum order only on its shape, so a product is bit-identical from run to
+//! run at a given thread count.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 22;
+/// Narrowest column tile when splitting `n` (keeps each call's packed `B` panels useful).
+const MIN_TILE_COLS: usize = 128;
+/// Fewest rows of a row chunk when splitting `m`.
+const MIN_TILE_ROWS: usize = 64;
+/// Tiles per thread: enough to balance a thread that lost its core for a while.
+const TILES_PER_THREAD: usize = 4;
+
+/// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// Row stride.
+    pub rs: usize,
+    /// Column stride.
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `[rows, cols]` matrix.
+    pub fn row_major(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major `[rows, cols]` matrix, as a `[cols, rows]` matrix.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+
+    /// Whether every element of an `[rows, cols]` view lies inside `data`.
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// Errors of [`gemm`]: shapes that do not fit the buffers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("gemm: {0}")]
+pub struct GemmError(String);
+
+/// The output tiling of an `[m, n]` product on `threads` threads: `(n_tiles, cols per tile,
+/// m_chunks, rows per chunk)`.
+fn tiling(m: usize, n: usize, k: usize, threads: usize) -> (usize, usize, usize, usize) {
+    let want = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN && threads > 1 {
+        TILES_PER_THREAD * threads
+    } else {
+        1
+    };
+    let n_tiles = (n / MIN_TILE_COLS).clamp(1, want);
+    // column tiles in whole 16-column strips (the micro-kernel's width)
+    let cols = (n.div_ceil(n_tiles).div_ceil(16) * 16).min(n);
+    let n_tiles = n.div_ceil(cols);
+    let m_chunks = want.div_ceil(n_tiles).min(m / MIN_TILE_ROWS).max(1);
+    let rows = m.div_ceil(m_chunks);
+    (n_tiles, cols, m.div_ceil(rows), rows)
+}
+
+/// `c = a b` for `a: [m, k]`, `b: [k, n]`, `c: [m, n]` row-major (overwritten).
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+) -> Result<(), GemmError> {
+    if !a.covers(m, k) || !b.covers(k, n) || c.len() < m * n {
+        return Err(GemmError(format!(
+            "[{m}, {k}] x [{k}, {n}] does not fit buffers of {}, {} and {} elements",
+            a.data.len(),
+            b.data.len(),
+            c.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c[..m * n].iter_mut().for_each(|v| *v = 0.0);
+        return Ok(());
+    }
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    let (n_tiles, cols, m_chunks, rows) = tiling(m, n, k, threads);
+    let tasks = n_tiles * m_chunks;
+    let out = SyncPtr(c.as_mut_ptr());
+    let run = |t: usize| {
+        let (i0, j0) = ((t / n_tiles) * rows, (t % n_tiles) * cols);
+        let (mi, nj) = (rows.min(m - i0), cols.min(n - j0));
+        // SAFETY: `covers` checked every element of `a`, `b` and `c`; tasks write disjoint
+        // tiles of `c`, which outlives the pool call.
+        unsafe {
+            gemm::gemm(
+                mi,
+                nj,
+                k,
+                out.get().add(i0 * n + j0),
+                1,
+                n as isize,
+                false,
+                a.data.as_ptr().add(i0 * a.rs),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr().add(j0 * b.cs),
+                b.cs as isize,
+                b.rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    run_parts(tasks, &run);
+    Ok(())
+}
+
+/// Runs `f(0..parts)` on candle's barrier pool (the training path's one set of threads), each
+/// part claimed once from a shared counter; returns when all are done. Runs inline with one
+/// part, one thread, or when called from inside the pool.
+pub fn run_parts(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    let pool = candle_core::utils::barrier_pool();
+    if parts <= 1 || pool.n_workers() == 0 {
+        (0..parts).for_each(f);
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    pool.execute(|_| loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= parts {
+            break;
+        }
+        f(t);
+    });
+}
+
+struct SyncPtr(*mut f32);
+// SAFETY: only used for disjoint writes by the tasks of one `gemm` call.
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the field).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Brute force in f64.
+    fn reference(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| {
+                        a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64
+                    })
+                    .sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn equals_brute_force_for_every_layout_and_edge() {
+        // Odd sizes, tile edges, and two large enough to run in parallel tiles.
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (13, 33, 7),
+            (12, 32, 256),
+            (97, 65, 257),
+            (150, 600, 300),
+            (5, 1100, 40),
+            (300, 700, 600),
+        ] {
+            let av = values(m * k, 1);
+            let bv = values(k * n, 2);
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a = if ta {
+                    MatRef::transposed(&av, m)
+                } else {
+                    MatRef::row_major(&av, k)
+                };
+                let b = if tb {
+                    MatRef::transposed(&bv, k)
+                } else {
+                    MatRef::row_major(&bv, n)
+                };
+                let mut c = vec![f32::NAN; m * n];
+                gemm(m, n, k, a, b, &mut c).unwrap();
+                let want = reference(m, n, k, a, b);
+                for (x, y) in c.iter().zip(&want) {
+                    // |sum| <= k, f32 rounding over k terms
+                    assert!(
+                        (*x as f64 - y).abs() <= 1e-6 * k as f64,
+                        "{m}x{n}x{k} {x} {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hand_computed_product() {
+        // [[1, 2], [3, 4]] x [[5, 6], [7, 8]] = [[19, 22], [43, 50]]
+        let a = [1f32, 2., 3., 4.];
+        let b = [5f32, 6., 7., 8.];
+        let mut c = [0f32; 4];
+        gemm(
+            2,
+            2,
+            2,
+            MatRef::row_major(&a, 2),
+            MatRef::row_major(&b, 2),
+            &mut c,
+        )
+        .unwrap();
+        assert_eq!(c, [19., 22., 43., 50.]);
+        // the same with b read transposed: a b^T = [[17, 23], [39, 53]]
+        gemm(
+            2,
+            2,
+            2,
+            MatRef::row_major(&a, 2),
+            MatRef::transposed(&b, 2),
+            &mut c,
+        )
+        .unwrap();
+        assert_eq!(c, [17., 23., 39., 53.]);
+    }
+
+    #[test]
+    fn tiles_cover_the_output_once() {
+        // LM head forward on 2 threads: 8 column tiles of 6144, one row chunk.
+        assert_eq!(tiling(512, 49152, 576, 2), (8, 6144, 1, 512));
+        // k_proj forward (n = 192): one column tile, row chunks of 128.
+        assert_eq!(tiling(1024, 192, 576, 2), (1, 192, 8, 128));
+        // small products stay whole
+        assert_eq!(tiling(8, 8, 8, 2), (1, 8, 1, 8));
+        for (m, n, k) in [(1000, 577, 300), (64, 4000, 64), (5, 1100, 40000)] {
+            let (nt, cols, mc, rows) = tiling(m, n, k, 2);
+            assert!(nt * cols >= n && (nt - 1) * cols < n, "{m} {n}");
+            assert!(mc * rows >= m && (mc - 1) * rows < m, "{m} {n}");
+        }
+    }
+
+    #[test]
+    fn short_buffers_are_an_error() {
+        let a = [1f32; 3];
+        let mut c = [0f32; 4];
+        let r = gemm(
+            2,
+            2,
+            2,
+            MatRef::row_major(&a, 2),
+            MatRef::row_major(&a, 2),
+            &mut c,
+        );
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn repeated_runs_are_bit_identical() {
+        let (m, n, k) = (300, 700, 600);
+        let (av, bv) = (values(m * k, 3), values(k * n, 4));
+        let run = || {
+            let mut c = vec![0f32; m * n];
+            gemm(
+                m,
+                n,
+                k,
+                MatRef::row_major(&av, k),
+                MatRef::transposed(&bv, k),
+                &mut c,
+            )
+            .unwrap();
+            c
+        };
+        let first = run();
+        for _ in 0..3 {
+            assert!(run()
+                .iter()
+                .zip(&first)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+}
