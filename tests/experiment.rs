@@ -70,6 +70,21 @@ overrefusal_max_new_tokens = 4
     ExperimentConfig::from_file(&path).unwrap()
 }
 
+/// An observer that keeps the summary of every stage that ran (cached ones included).
+#[derive(Default)]
+struct Recorder {
+    ends: Vec<String>,
+}
+
+impl experiment::Observer for Recorder {
+    fn plan(&mut self, _: usize) {}
+    fn stage_start(&mut self, _: usize, _: &str, _: bool) {}
+    fn stage_progress(&mut self, _: usize, _: usize, _: &str) {}
+    fn stage_end(&mut self, name: &str, _: f64, summary: &str) {
+        self.ends.push(format!("{name}: {summary}"));
+    }
+}
+
 /// Stage folder name → modification time of its record.
 fn stage_times(out: &Path) -> BTreeMap<String, std::time::SystemTime> {
     std::fs::read_dir(out.join("stages"))
@@ -93,7 +108,23 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("exp");
     let cfg = miniature(&out, true);
-    let report = experiment::run(&cfg, &mut Silent).unwrap();
+    let mut log = Recorder::default();
+    let report = experiment::run(&cfg, &mut log).unwrap();
+
+    // Memory: every stage's log line ends with its peak resident size and the process's, and
+    // report.json carries both (read from /proc, so on Linux only).
+    if cfg!(target_os = "linux") {
+        assert_eq!(log.ends.len(), report.times.len());
+        let run_peak = report.peak_rss_mib.expect("the run's peak RSS");
+        // the tiny model and the embedded data take more than 1 MiB and far less than 24 GiB
+        assert!((1.0..24_576.0).contains(&run_peak), "{run_peak}");
+        for (line, t) in log.ends.iter().zip(&report.times) {
+            let peak = t.peak_rss_mib.expect("a stage's peak RSS");
+            assert!(peak > 0.0 && peak <= run_peak + 0.5, "{peak} vs {run_peak}");
+            let note = format!("; peak RSS {peak:.0} MiB (process ");
+            assert!(line.contains(&note) && line.ends_with(" MiB)"), "{line}");
+        }
+    }
 
     // Every planned row is in the report, with percentages over the requested counts.
     let labels: Vec<&str> = report
@@ -227,6 +258,14 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report/report.json")).unwrap())
             .unwrap();
     assert_eq!(json["evals"].as_array().unwrap().len(), report.evals.len());
+    assert_eq!(json["peak_rss_mib"].as_f64(), report.peak_rss_mib);
+    for (j, t) in json["times"].as_array().unwrap().iter().zip(&report.times) {
+        assert_eq!(j["peak_rss_mib"].as_f64(), t.peak_rss_mib);
+    }
+    assert!(
+        md.contains("## Wall time and peak memory per stage"),
+        "{md}"
+    );
     assert!(out.join("report/index.md").is_file());
 
     // A rerun finds every stage finished and touches none.
@@ -234,6 +273,11 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     assert!(!before.keys().any(|k| k.ends_with(".partial")));
     let again = experiment::run(&cfg, &mut Silent).unwrap();
     assert_eq!(stage_times(&out), before);
+    // cached stages keep the peak of the run that produced them, like their time
+    assert_eq!(
+        serde_json::to_value(&again.times).unwrap(),
+        serde_json::to_value(&report.times).unwrap()
+    );
     assert_eq!(
         serde_json::to_value(&again.evals).unwrap(),
         serde_json::to_value(&report.evals).unwrap()

@@ -166,7 +166,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
     };
-    bars.log("report written");
+    match report.peak_rss_mib {
+        Some(m) => bars.log(&format!("report written; peak RSS of this run {m:.0} MiB")),
+        None => bars.log("report written"),
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -79,6 +79,10 @@ pub struct StageRecord<T> {
     pub key: String,
     /// Wall time of the run that produced it.
     pub seconds: f64,
+    /// Peak resident memory (MiB) of the process while the run that produced it worked on it
+    /// (sampled, [`super::memory`]); absent in records of older runs and without `/proc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
     /// The stage's result.
     pub result: T,
 }
@@ -142,12 +146,20 @@ impl StageStore {
             std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
         }
         std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
+        // Each stage starts from the memory the run holds, not what earlier stages freed.
+        super::memory::release_free_memory();
+        let memory = super::memory::monitor();
+        memory.begin_stage();
         let start = std::time::Instant::now();
-        let result = f(&partial)?;
+        let result = f(&partial);
+        let peak = memory.stage_peak();
+        super::memory::release_free_memory();
+        let result = result?;
         let rec = StageRecord {
             name: name.to_string(),
             key: key.to_string(),
             seconds: start.elapsed().as_secs_f64(),
+            peak_rss_mib: peak.map(super::memory::mib),
             result,
         };
         let json = serde_json::to_string_pretty(&rec).map_err(|source| crate::Error::Json {

@@ -3,6 +3,7 @@
 //! | file | what |
 //! |---|---|
 //! | [`config`] | the experiment file and its embedded default (and `--quick`) |
+//! | [`memory`] | peak resident memory per stage and per run (log, `report.json`) |
 //! | [`cache`] | stage keys (hash of settings, upstream keys, file digests) and stage folders |
 //! | [`plan`] | the stage graph: which stages, in which order, reading what |
 //! | [`stages`] | running one stage: train, mix, amplify, identify, patch, Safe LoRA, eval, neurons |
@@ -19,6 +20,7 @@
 pub mod baselines;
 pub mod cache;
 pub mod config;
+pub mod memory;
 pub mod plan;
 pub mod rejudge;
 pub mod report;
@@ -101,6 +103,7 @@ pub fn run(cfg: &ExperimentConfig, obs: &mut dyn Observer) -> crate::Result<repo
     }
     let mut report = report::Report::build(cfg, &plan, &records);
     report.neuron_overlaps = neuron_overlaps(&runner, &plan)?;
+    report.peak_rss_mib = memory::read().map(|r| memory::mib(r.peak));
     report.write(&cfg.output.join("report"), &plan, &records)?;
     Ok(report)
 }

@@ -20,6 +20,9 @@ pub struct StageTime {
     pub stage: String,
     /// Wall seconds of the run that produced it.
     pub seconds: f64,
+    /// Peak resident memory of the process during that run of the stage, MiB (`None`: an
+    /// older record, or no `/proc`).
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// One report row: a variant and its evaluation.
@@ -109,6 +112,10 @@ pub struct Report {
     /// The judge's measured agreement with human labels (Cohen's κ per set, from
     /// [`crate::eval::judges::measured`]); empty when it was never measured.
     pub judge_agreement: Vec<crate::eval::judges::measured::MeasuredAgreement>,
+    /// Peak resident memory of this invocation of the experiment, MiB (the kernel's `VmHWM`
+    /// when the report was written: what `/usr/bin/time -v` reports; `None` without `/proc`).
+    /// Stages reused from the cache did not run in it; their own peaks are in `times`.
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// The seed of the first row (reports of older runs carry no seed list).
@@ -215,6 +222,7 @@ impl Report {
             unreadable: Vec::new(),
             judge: cfg.eval.judge.clone(),
             judge_agreement: crate::eval::judges::measured::measured(&cfg.eval.judge),
+            peak_rss_mib: None,
             eval_sets: vec![
                 cfg.eval.harmful.clone(),
                 cfg.eval.task.clone(),
@@ -225,6 +233,7 @@ impl Report {
             r.times.push(StageTime {
                 stage: stage.name.clone(),
                 seconds: rec.seconds,
+                peak_rss_mib: rec.peak_rss_mib,
             });
             match &stage.kind {
                 StageKind::Identify { .. } => {
@@ -730,14 +739,23 @@ impl Report {
         if let Some(t) = self.neurons_table() {
             let _ = write!(s, "\n## Safety neurons\n\n{t}");
         }
-        s.push_str("\n## Wall time per stage\n\n| stage | seconds |\n|---|---:|\n");
+        s.push_str(
+            "\n## Wall time and peak memory per stage\n\n| stage | seconds | peak RSS, MiB |\n|---|---:|---:|\n",
+        );
         let total: f64 = self.times.iter().map(|t| t.seconds).sum();
         for t in &self.times {
-            let _ = writeln!(s, "| {} | {:.1} |", t.stage, t.seconds);
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} | {} |",
+                t.stage,
+                t.seconds,
+                t.peak_rss_mib.map_or("–".into(), |m| format!("{m:.0}"))
+            );
         }
         let _ = writeln!(
             s,
-            "| total (this run's stages; cached stages keep their first time) | {total:.1} |"
+            "| total (this run's stages; cached stages keep their first time) | {total:.1} | {} |",
+            self.peak_rss_mib.map_or("–".into(), |m| format!("{m:.0}"))
         );
         s
     }

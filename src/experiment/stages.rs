@@ -284,7 +284,13 @@ impl Runner {
                 crate::Error::Experiment(_) => e,
                 other => stage_err(&stage.name, other),
             })?;
-        obs.stage_end(&stage.name, rec.seconds, &summary_line(&rec.result));
+        let memory = super::memory::log_note(rec.peak_rss_mib);
+        let summary = summary_line(&rec.result);
+        if memory.is_empty() {
+            obs.stage_end(&stage.name, rec.seconds, &summary);
+        } else {
+            obs.stage_end(&stage.name, rec.seconds, &format!("{summary}; {memory}"));
+        }
         Ok(rec)
     }
 
