@@ -610,10 +610,10 @@ impl Report {
                     .unwrap_or_else(|| "?".into()),
             );
         }
-        s.push_str(&format!(
+        s.push_str(
             "\n| model | HS ↓ | HS, non-degenerate ↓ | FA ↑ | perplexity (× untouched) |\n\
-             |---|---:|---:|---:|---:|\n"
-        ));
+             |---|---:|---:|---:|---:|\n",
+        );
         let ppl = |e: &Row| match e.perplexity {
             Some((p, u)) => {
                 let ratio = p / u;
