@@ -92,6 +92,7 @@ fn scrub(v: &mut serde_json::Value) {
                     || k.contains("time")
                     || k.contains("per_s")
                     || k.contains("elapsed")
+                    || k.contains("rss")
                     || k.contains("unix"))
             });
             m.values_mut().for_each(scrub);
@@ -101,7 +102,8 @@ fn scrub(v: &mut serde_json::Value) {
     }
 }
 
-/// Every comparable file of a run: relative path → content (JSON scrubbed of timings;
+/// Every comparable file of a run: relative path → content (JSON scrubbed of timings and
+/// memory peaks;
 /// Markdown, logs and plots, which print timings, left out).
 fn contents(out: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();

@@ -135,6 +135,12 @@ pub fn rejudge(
     judged.eval.judge = judge;
     let mut report = Report::build(&judged, &plan, &records);
     report.neuron_overlaps = super::neuron_overlaps(&runner, &plan)?;
+    // The peak memory belongs to the run that generated the replies, not to this rejudging:
+    // keep the previous report's figure.
+    report.peak_rss_mib = std::fs::read(cfg.output.join("report").join("report.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("peak_rss_mib")?.as_f64());
     report.write(&cfg.output.join("report"), &plan, &records)?;
     Ok(report)
 }
