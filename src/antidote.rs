@@ -38,13 +38,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::exact::{dense_update, with_dense_update};
-use crate::adapters::{Adapter, LoraModule};
+use crate::adapters::Adapter;
 use crate::data::{PromptTemplate, Row};
 use crate::model::{AdapterMode, Model};
 use crate::nlsr::identify::linalg::Mat;
 use crate::nlsr::identify::select::{top_fraction_mask, Granularity, Scope};
 use crate::nlsr::identify::{scores::wanda_scores, stats};
-use crate::nlsr::{check_module_sets, label, NlsrError};
+use crate::nlsr::{check_same_updates, NlsrError};
 use crate::safelora::scale_one_config;
 use crate::tokenizer::Tokenizer;
 use crate::Result;
@@ -174,16 +174,7 @@ pub fn antidote(
             "must be in [0, 1] (the fraction of the update pruned)",
         ));
     }
-    let (al, tl) = (
-        label(aligned, "aligned adapter"),
-        label(finetuned, "fine-tuned adapter"),
-    );
-    check_module_sets(
-        aligned.modules.keys(),
-        &al,
-        finetuned.modules.keys().map(String::as_str).collect(),
-        &tl,
-    )?;
+    let (al, tl) = check_same_updates(aligned, finetuned)?;
     let corpus = stats::encode_corpus(
         tok,
         cfg.template,
@@ -212,19 +203,7 @@ pub fn antidote(
     let mut tokens = 0;
     for (path, t) in &finetuned.modules {
         let a = &aligned.modules[path];
-        let shape = |m: &LoraModule| (crate::nlsr::dims2(&m.b)[0], crate::nlsr::dims2(&m.a)[1]);
-        let ((to, ti), (ao, ai)) = (shape(t), shape(a));
-        if (to, ti) != (ao, ai) {
-            return Err(NlsrError::Shapes {
-                module: path.clone(),
-                tensor: "ΔW [out, in]",
-                left: al.clone(),
-                left_shape: [ao, ai],
-                right: tl.clone(),
-                right_shape: [to, ti],
-            }
-            .into());
-        }
+        let (to, ti) = (crate::nlsr::dims2(&t.b)[0], crate::nlsr::dims2(&t.a)[1]);
         let mut update = Mat {
             rows: to,
             cols: ti,

@@ -128,35 +128,11 @@ pub fn stacked_combination(
     finetuned: &Adapter,
     coef: impl Fn(&str) -> (f64, f64),
 ) -> Result<Adapter> {
-    let (al, tl) = (
-        label(aligned, "aligned adapter"),
-        label(finetuned, "fine-tuned adapter"),
-    );
-    check_module_sets(
-        aligned.modules.keys(),
-        &al,
-        finetuned.modules.keys().map(String::as_str).collect(),
-        &tl,
-    )?;
+    crate::nlsr::check_same_updates(aligned, finetuned)?;
     let mut modules = BTreeMap::new();
     let mut ranks = BTreeMap::new();
     for (path, t) in &finetuned.modules {
         let a = &aligned.modules[path];
-        let [to, _] = crate::nlsr::dims2(&t.b);
-        let [_, ti] = crate::nlsr::dims2(&t.a);
-        let [ao, _] = crate::nlsr::dims2(&a.b);
-        let [_, ai] = crate::nlsr::dims2(&a.a);
-        if (to, ti) != (ao, ai) {
-            return Err(NlsrError::Shapes {
-                module: path.clone(),
-                tensor: "ΔW [out, in]",
-                left: al.clone(),
-                left_shape: [ao, ai],
-                right: tl.clone(),
-                right_shape: [to, ti],
-            }
-            .into());
-        }
         let (ct, ca) = coef(path);
         let b = Tensor::cat(&[(&t.b * (ct * t.scale))?, (&a.b * (ca * a.scale))?], 1)?;
         let a_cat = Tensor::cat(&[&t.a, &a.a], 0)?;

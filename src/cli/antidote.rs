@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use realign::adapters::Adapter;
 use realign::antidote::{antidote, AntidoteConfig, REPORT_JSON};
 use realign::model::{LoadOptions, LoadedModel};
 
@@ -71,10 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading {}", model_path.display()))?;
-    let aligned = Adapter::load(&a.aligned, &dev)
-        .with_context(|| format!("loading the aligned adapter {}", a.aligned.display()))?;
-    let finetuned = Adapter::load(&a.finetuned, &dev)
-        .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
+    let (aligned, finetuned) = super::load_adapter_pair(&a.aligned, &a.finetuned)?;
     let rows = realign::data::load_source(&a.data)
         .with_context(|| format!("loading the realignment set {}", a.data))?;
     let (out, report) = antidote(
@@ -85,12 +81,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &rows,
         &cfg,
     )?;
-    out.save(staged.path())?;
-    realign::fsutil::write_atomic(
-        &staged.path().join(REPORT_JSON),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    staged.commit()?;
+    super::save_repair(staged, &out, REPORT_JSON, &report)?;
     let pruned: usize = report.modules.iter().map(|m| m.pruned).sum();
     let entries: usize = report.modules.iter().map(|m| m.entries).sum();
     println!(

@@ -129,3 +129,34 @@ fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
         },
     }
 }
+
+/// Loads the aligned adapter `W_a` and the fine-tuned `W_t` (CPU), naming the file that fails.
+fn load_adapter_pair(
+    aligned: &std::path::Path,
+    finetuned: &std::path::Path,
+) -> anyhow::Result<(realign::adapters::Adapter, realign::adapters::Adapter)> {
+    use anyhow::Context;
+    let dev = candle_core::Device::Cpu;
+    let load = |p: &std::path::Path, what: &str| {
+        realign::adapters::Adapter::load(p, &dev)
+            .with_context(|| format!("loading the {what} adapter {}", p.display()))
+    };
+    Ok((load(aligned, "aligned")?, load(finetuned, "fine-tuned")?))
+}
+
+/// Writes a repaired adapter and its JSON report into the staged output folder and renames
+/// it into place (only when both are written).
+fn save_repair<T: serde::Serialize>(
+    staged: realign::fsutil::StagedDir,
+    adapter: &realign::adapters::Adapter,
+    report_file: &str,
+    report: &T,
+) -> anyhow::Result<()> {
+    adapter.save(staged.path())?;
+    realign::fsutil::write_atomic(
+        &staged.path().join(report_file),
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )?;
+    staged.commit()?;
+    Ok(())
+}

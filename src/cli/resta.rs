@@ -2,9 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use candle_core::Device;
-use realign::adapters::Adapter;
 use realign::resta::{resta, resta_dare, REPORT_JSON};
 
 /// Flags of `realign resta`.
@@ -38,22 +35,13 @@ pub struct Args {
 
 /// Runs `realign resta`.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
     let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
-    let aligned = Adapter::load(&a.aligned, &dev)
-        .with_context(|| format!("loading the aligned adapter {}", a.aligned.display()))?;
-    let finetuned = Adapter::load(&a.finetuned, &dev)
-        .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
+    let (aligned, finetuned) = super::load_adapter_pair(&a.aligned, &a.finetuned)?;
     let (out, report) = match a.dare_drop {
         Some(q) => resta_dare(&aligned, &finetuned, a.gamma, q, a.seed)?,
         None => resta(&aligned, &finetuned, a.gamma)?,
     };
-    out.save(staged.path())?;
-    realign::fsutil::write_atomic(
-        &staged.path().join(REPORT_JSON),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    staged.commit()?;
+    super::save_repair(staged, &out, REPORT_JSON, &report)?;
     let path = a.output.join(REPORT_JSON);
     println!(
         "W_r = W_t + {} (W_a - W_base) over {} modules, rank {}; wrote {} and {}",

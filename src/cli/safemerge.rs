@@ -3,9 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use candle_core::Device;
-use realign::adapters::Adapter;
 use realign::safemerge::{safemerge, REPORT_JSON};
 
 /// Flags of `realign safemerge`.
@@ -37,19 +34,10 @@ pub struct Args {
 
 /// Runs `realign safemerge`.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
     let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
-    let aligned = Adapter::load(&a.aligned, &dev)
-        .with_context(|| format!("loading the aligned adapter {}", a.aligned.display()))?;
-    let finetuned = Adapter::load(&a.finetuned, &dev)
-        .with_context(|| format!("loading the fine-tuned adapter {}", a.finetuned.display()))?;
+    let (aligned, finetuned) = super::load_adapter_pair(&a.aligned, &a.finetuned)?;
     let (out, report) = safemerge(&aligned, &finetuned, a.threshold, a.alpha)?;
-    out.save(staged.path())?;
-    realign::fsutil::write_atomic(
-        &staged.path().join(REPORT_JSON),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    staged.commit()?;
+    super::save_repair(staged, &out, REPORT_JSON, &report)?;
     println!(
         "merged {} of {} modules (cos < {}, alpha {}); wrote {} and {}",
         report.num_merged,

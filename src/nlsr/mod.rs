@@ -212,6 +212,43 @@ pub(crate) fn check_module_sets<'a>(
     .into())
 }
 
+/// Checks that an aligned and a fine-tuned adapter adapt the same modules with the same
+/// `[out, in]` per module (their ranks may differ), and returns their labels for messages.
+pub(crate) fn check_same_updates(
+    aligned: &Adapter,
+    finetuned: &Adapter,
+) -> crate::Result<(String, String)> {
+    let (al, tl) = (
+        label(aligned, "aligned adapter"),
+        label(finetuned, "fine-tuned adapter"),
+    );
+    check_module_sets(
+        aligned.modules.keys(),
+        &al,
+        finetuned.modules.keys().map(String::as_str).collect(),
+        &tl,
+    )?;
+    for (path, t) in &finetuned.modules {
+        let a = &aligned.modules[path];
+        let (t_shape, a_shape) = (
+            [dims2(&t.b)[0], dims2(&t.a)[1]],
+            [dims2(&a.b)[0], dims2(&a.a)[1]],
+        );
+        if t_shape != a_shape {
+            return Err(NlsrError::Shapes {
+                module: path.clone(),
+                tensor: "ΔW [out, in]",
+                left: al,
+                left_shape: a_shape,
+                right: tl,
+                right_shape: t_shape,
+            }
+            .into());
+        }
+    }
+    Ok((al, tl))
+}
+
 /// The layer index of a module path: the number after `.layers.` (else the first numeric
 /// segment), e.g. `model.layers.3.mlp.up_proj` -> 3.
 pub(crate) fn layer_of(module: &str) -> Option<usize> {
