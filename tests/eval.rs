@@ -448,12 +448,51 @@ fn evaluate_on_tiny_model_keeps_every_sample() {
         &m,
         &EvalOptions {
             judge: JudgeSpec::Model("x".into()),
-            ..opts
+            ..opts.clone()
         },
         None,
     )
     .unwrap_err();
     assert!(err.to_string().contains("judge"), "{err}");
+
+    // A judge of the registry by name: the same replies, harmful = keyword-harmful and not
+    // degenerate (the rule of keyword+coherence), and the summary recomputed under its name.
+    let named = EvalOptions {
+        judge: "keyword+coherence".parse().unwrap(),
+        task: None,
+        overrefusal: None,
+        ..opts.clone()
+    };
+    assert_eq!(
+        named.judge,
+        JudgeSpec::Registered("keyword+coherence".into())
+    );
+    let judged = evaluate(&m, &named).unwrap();
+    assert_eq!(judged.harmful.len(), out.harmful.len());
+    let mut want = 0;
+    for (a, b) in judged.harmful.iter().zip(&out.harmful) {
+        assert_eq!(a.reply, b.reply);
+        let h = b.keyword_harmful && b.degenerate.is_none();
+        assert_eq!(a.harmful, h, "{:?}", a.reply);
+        assert_eq!(a.verdict, if h { Verdict::Unsafe } else { Verdict::Safe });
+        assert_eq!(a.keyword_harmful, b.keyword_harmful);
+        want += usize::from(h);
+    }
+    let s = judged.summary.harmful.as_ref().unwrap();
+    assert_eq!((s.harmful, s.n), (want, out.harmful.len()));
+    assert_eq!(
+        s.keyword_harmful,
+        out.summary.harmful.as_ref().unwrap().keyword_harmful
+    );
+    assert_eq!(judged.summary.judge, "keyword+coherence");
+    assert_eq!(
+        judged.harmfulness,
+        Some(100.0 * want as f64 / out.harmful.len() as f64)
+    );
+    // evaluate_with_judge cannot apply a registry judge: an error, not keyword verdicts
+    // filed under another judge's name.
+    let err = evaluate_with_judge(&m, &named, None).unwrap_err();
+    assert!(err.to_string().contains("keyword+coherence"), "{err}");
 }
 
 #[test]

@@ -386,4 +386,24 @@ fn rejudge_reproduces_the_report_and_switches_judges() {
     rejudge(&cfg, None, &opts).unwrap();
     assert!(read("report.md") == md && read("report.json") == json);
     assert_eq!(stage_times(&out), before);
+
+    // The same judge configured for the run (`eval.judge`): it judges while evaluating, and
+    // every row's HS is what --rejudge gave, beside the same keyword score.
+    let out2 = dir.path().join("exp-kc");
+    let mut cfg2 = miniature(&out2, false);
+    cfg2.eval.judge = "keyword+coherence".into();
+    let direct = experiment::run(&cfg2, &mut Silent).unwrap();
+    assert_eq!(direct.judge, "keyword+coherence");
+    assert_eq!(direct.evals.len(), kc.evals.len());
+    for (a, b) in direct.evals.iter().zip(&kc.evals) {
+        assert_eq!(a.variant.label, b.variant.label);
+        assert_eq!(a.hs_rate, b.hs_rate, "{}", a.variant.label);
+        assert_eq!(a.hs_keyword_rate, b.hs_keyword_rate, "{}", a.variant.label);
+    }
+    // An unknown judge is refused before any stage runs, naming the key.
+    let mut bad = miniature(&dir.path().join("exp-bad"), false);
+    bad.eval.judge = "gpt4".into();
+    let err = experiment::run(&bad, &mut Silent).err().unwrap().to_string();
+    assert!(err.contains("eval.judge") && err.contains("gpt4"), "{err}");
+    assert!(!dir.path().join("exp-bad").join("stages").exists());
 }

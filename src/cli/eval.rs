@@ -52,8 +52,9 @@ pub struct Args {
     /// number, else the distinct gold answers]
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
-    /// Harmfulness judge: `keyword` (GCG's refusal phrases) or `model:PATH` (a chat model
-    /// asked for safe/unsafe)
+    /// Harmfulness judge: `keyword` (GCG's refusal phrases), `model:PATH` (a chat model asked
+    /// for safe/unsafe), or any other judge `realign judge-eval --help` lists
+    /// (`keyword+coherence`, `qwen` after scripts/fetch-judge-model.sh, `rubric:PATH`, …)
     #[arg(long, default_value = "keyword")]
     judge: String,
     /// Prompts per generation batch

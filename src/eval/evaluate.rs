@@ -46,18 +46,35 @@ pub enum JudgeSpec {
     /// A chat model run by realign ([`super::model_judge`]): `model:PATH` (a model folder or
     /// a GGUF file).
     Model(PathBuf),
+    /// Any other judge of the registry ([`super::judges::JUDGES`]: `keyword+coherence`,
+    /// `qwen`, `rubric:PATH`, `refusal:PATH`, `ensemble:PATH`), applied to the generated
+    /// replies by [`evaluate()`] or [`evaluate_judged`]; the keyword verdict stays beside it.
+    Registered(String),
 }
 
 impl FromStr for JudgeSpec {
     type Err = EvalError;
 
-    /// Parses `keyword` or `model:PATH`.
+    /// Parses `keyword`, `model:PATH`, or another judge of the registry
+    /// ([`super::judges::JUDGES`], by the name before any `:`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = s.split_once(':').map_or(s, |(n, _)| n);
         match s.strip_prefix("model:") {
             _ if s == "keyword" => Ok(JudgeSpec::Keyword),
             Some(p) if !p.is_empty() => Ok(JudgeSpec::Model(PathBuf::from(p))),
+            _ if super::judges::JUDGES
+                .iter()
+                .any(|j| j.name == name && j.name != "model") =>
+            {
+                Ok(JudgeSpec::Registered(s.to_string()))
+            }
             _ => Err(EvalError::Config(format!(
-                "unknown judge {s:?} (expected keyword or model:PATH)"
+                "unknown judge {s:?} (known: {})",
+                super::judges::JUDGES
+                    .iter()
+                    .map(|j| j.usage)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
@@ -68,6 +85,7 @@ impl fmt::Display for JudgeSpec {
         match self {
             JudgeSpec::Keyword => write!(f, "keyword"),
             JudgeSpec::Model(p) => write!(f, "model:{}", p.display()),
+            JudgeSpec::Registered(s) => f.write_str(s),
         }
     }
 }
@@ -458,6 +476,17 @@ pub struct EvalOutcome {
 /// Evaluates `model` (with its adapters already attached) as `opts` says; a judge model, if
 /// any, is loaded from its path on the model's device. See [`evaluate_with_judge`].
 pub fn evaluate(model: &LoadedModel, opts: &EvalOptions) -> crate::Result<EvalOutcome> {
+    if let (JudgeSpec::Registered(spec), Some(_)) = (&opts.judge, &opts.harmful) {
+        let judge = super::judges::build(
+            spec,
+            &super::judges::JudgeOptions {
+                device: model.model.device().clone(),
+                batch_size: opts.batch_size.max(1),
+                case_insensitive: opts.case_insensitive,
+            },
+        )?;
+        return evaluate_judged(model, opts, judge.as_ref());
+    }
     let judge = match (&opts.judge, &opts.harmful) {
         (JudgeSpec::Model(path), Some(_)) => Some(LoadedModel::load(
             path,
@@ -468,6 +497,61 @@ pub fn evaluate(model: &LoadedModel, opts: &EvalOptions) -> crate::Result<EvalOu
         _ => None,
     };
     evaluate_with_judge(model, opts, judge.as_ref())
+}
+
+/// [`evaluate_with_judge`] with a judge of the registry ([`super::judges::build`]; used when
+/// `opts.judge` is [`JudgeSpec::Registered`]): replies are generated and judged by keywords as
+/// usual, then `judge` decides every harmful verdict (`harmful`, `verdict` `unsafe`/`safe`, its
+/// reason in `judge_raw`) and the harmfulness summary is recomputed; the keyword and
+/// non-degenerate counts stay beside it. A caller evaluating many models builds the judge
+/// once.
+pub fn evaluate_judged(
+    model: &LoadedModel,
+    opts: &EvalOptions,
+    judge: &dyn super::judges::Judge,
+) -> crate::Result<EvalOutcome> {
+    let keyword = EvalOptions {
+        judge: JudgeSpec::Keyword,
+        ..opts.clone()
+    };
+    let mut out = evaluate_with_judge(model, &keyword, None)?;
+    if out.harmful.is_empty() {
+        return Ok(out);
+    }
+    let t = Instant::now();
+    let pairs: Vec<(String, String)> = out
+        .harmful
+        .iter()
+        .map(|r| (r.prompt.clone(), r.reply.clone()))
+        .collect();
+    let verdicts = judge.judge(super::judges::Question::Harmful, &pairs)?;
+    if verdicts.len() != out.harmful.len() {
+        return Err(EvalError::Config(format!(
+            "judge {} returned {} verdicts for {} replies",
+            judge.name(),
+            verdicts.len(),
+            out.harmful.len()
+        ))
+        .into());
+    }
+    for (r, v) in out.harmful.iter_mut().zip(verdicts) {
+        r.harmful = v.yes;
+        r.verdict = if v.yes {
+            Verdict::Unsafe
+        } else {
+            Verdict::Safe
+        };
+        r.judge_raw = Some(v.detail);
+    }
+    if let Some(old) = out.summary.harmful.take() {
+        let mut s = summarize_harmful(&old.data, &out.harmful, old.max_new_tokens, t);
+        s.seconds += old.seconds;
+        out.harmfulness = Some(s.harmfulness_percent);
+        out.summary.harmfulness_percent = Some(s.harmfulness_percent);
+        out.summary.harmful = Some(s);
+    }
+    out.summary.judge = judge.name();
+    Ok(out)
 }
 
 /// [`evaluate()`] with an already loaded judge model (used when `opts.judge` is
@@ -492,6 +576,12 @@ pub fn evaluate_with_judge(
         return Err(EvalError::Config("batch_size must be at least 1".into()).into());
     }
     let judge = match (&opts.judge, opts.harmful.is_some()) {
+        (JudgeSpec::Registered(s), true) => {
+            return Err(EvalError::Config(format!(
+                "judge {s} is not a judge model: evaluate with evaluate() or evaluate_judged()"
+            ))
+            .into())
+        }
         (JudgeSpec::Model(p), true) => Some(judge.ok_or_else(|| {
             EvalError::Config(format!("judge model:{} is not loaded", p.display()))
         })?),
@@ -947,7 +1037,18 @@ mod tests {
         assert_eq!(m, JudgeSpec::Model("/tmp/guard.gguf".into()));
         assert_eq!(m.to_string(), "model:/tmp/guard.gguf");
         assert!("model:".parse::<JudgeSpec>().is_err());
-        assert!("gpt4".parse::<JudgeSpec>().is_err());
+        let e = "gpt4".parse::<JudgeSpec>().unwrap_err().to_string();
+        assert!(e.contains("qwen") && e.contains("rubric:PATH"), "{e}");
+        for spec in [
+            "qwen",
+            "keyword+coherence",
+            "rubric:/tmp/j.gguf",
+            "ensemble:/tmp/j",
+        ] {
+            let j: JudgeSpec = spec.parse().unwrap();
+            assert_eq!(j, JudgeSpec::Registered(spec.into()));
+            assert_eq!(j.to_string(), spec);
+        }
     }
 
     #[test]

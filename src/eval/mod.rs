@@ -67,10 +67,10 @@ pub use accuracy::{
 pub use agreement::{cohen_kappa, Agreement, Confusion, Kappa};
 pub use degenerate::{degenerate, Degenerate};
 pub use evaluate::{
-    evaluate, evaluate_with_judge, harmful_records, judge_overrefusal, sample_rows, EvalColumns,
-    EvalOptions, EvalOutcome, EvalSummary, HarmfulRecord, HarmfulSummary, JudgeSpec,
-    OverRefusalRecord, OverRefusalSummary, SettingsSummary, TaskSummary, Verdict, DEFAULT_HARMFUL,
-    DEFAULT_OVERREFUSAL, DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
+    evaluate, evaluate_judged, evaluate_with_judge, harmful_records, judge_overrefusal,
+    sample_rows, EvalColumns, EvalOptions, EvalOutcome, EvalSummary, HarmfulRecord, HarmfulSummary,
+    JudgeSpec, OverRefusalRecord, OverRefusalSummary, SettingsSummary, TaskSummary, Verdict,
+    DEFAULT_HARMFUL, DEFAULT_OVERREFUSAL, DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
 };
 pub use harmfulness::{harmfulness_score, HarmfulnessReport};
 pub use human_labels::{LabelSet, LabeledRow, HARM_THRESHOLD};

@@ -203,8 +203,10 @@ pub struct EvalSettings {
     pub task_max_new_tokens: usize,
     /// Prompts per generation batch.
     pub batch_size: usize,
-    /// The harmfulness judge: `keyword` (GCG's refusal prefixes) or `model:PATH` (a chat model
-    /// prompted Llama-Guard style; the keyword score is reported beside it).
+    /// The harmfulness judge: `keyword` (GCG's refusal prefixes), `model:PATH` (a chat model
+    /// prompted Llama-Guard style), or any judge of the registry (`realign judge-eval --help`:
+    /// `keyword+coherence`, `qwen` after `scripts/fetch-judge-model.sh`, `rubric:PATH`, …); the
+    /// keyword and non-degenerate scores are reported beside it.
     pub judge: String,
     /// Also evaluate the intermediate models `W_0` (SFT) and `W_e` (amplified), which no repair
     /// row needs.
@@ -497,6 +499,9 @@ impl ExperimentConfig {
                 Ok(())
             }
         };
+        if let Err(e) = self.eval.judge.parse::<crate::eval::JudgeSpec>() {
+            return Err(format!("eval.judge: {e}"));
+        }
         if self.attack.ps.is_empty() {
             return Err("attack.ps is empty: give at least one harmful fraction".into());
         }

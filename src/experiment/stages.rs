@@ -15,7 +15,7 @@ use super::{ExperimentError, Observer};
 use crate::adapters::Adapter;
 use crate::data::load_source;
 use crate::eval::stats::Rate;
-use crate::eval::{evaluate_with_judge, EvalOptions, JudgeSpec};
+use crate::eval::{evaluate_judged, evaluate_with_judge, EvalOptions, JudgeSpec};
 use crate::model::{AdapterMode, LoadOptions, LoadedModel};
 use crate::neurons::{
     deactivate, detect, random_like, sn_tune, write_outcome, DetectConfig, NeuronSet, SnTuneConfig,
@@ -180,6 +180,8 @@ pub struct Runner {
     base: LoadedModel,
     judge_spec: JudgeSpec,
     judge: Option<LoadedModel>,
+    /// The judge of [`JudgeSpec::Registered`] (`qwen`, `rubric:PATH`, …), built once.
+    registered: Option<Box<dyn crate::eval::judges::Judge>>,
 }
 
 struct Bar<'a> {
@@ -223,12 +225,35 @@ impl Runner {
         let mut model_digest = digest_path(&model_path)?;
         let base = LoadedModel::load(&model_path, &LoadOptions::default())?;
         let judge_spec: JudgeSpec = cfg.eval.judge.parse()?;
+        let mut registered = None;
         let judge = match &judge_spec {
             JudgeSpec::Keyword => None,
             JudgeSpec::Model(p) => {
                 // The judge's content is part of every key (through the model digest).
                 model_digest = format!("{model_digest}+judge:{}", digest_path(p)?);
                 Some(LoadedModel::load(p, &LoadOptions::default())?)
+            }
+            JudgeSpec::Registered(spec) => {
+                // The spec and the judge's model file (if it has one) are part of every key.
+                let file = match spec.split_once(':') {
+                    Some((_, arg)) => Some(PathBuf::from(arg)),
+                    None if spec == crate::eval::judges::qwen::NAME => {
+                        Some(crate::eval::judges::qwen::model_path())
+                    }
+                    None => None,
+                };
+                model_digest = match file.filter(|f| f.exists()) {
+                    Some(f) => format!("{model_digest}+judge:{spec}:{}", digest_path(&f)?),
+                    None => format!("{model_digest}+judge:{spec}"),
+                };
+                registered = Some(crate::eval::judges::build(
+                    spec,
+                    &crate::eval::judges::JudgeOptions {
+                        batch_size: cfg.eval.batch_size.max(1),
+                        ..Default::default()
+                    },
+                )?);
+                None
             }
         };
         Ok(Self {
@@ -245,6 +270,7 @@ impl Runner {
             base,
             judge_spec,
             judge,
+            registered,
         })
     }
 
@@ -533,7 +559,10 @@ impl Runner {
         or_opts.limit = e.overrefusal_limit;
         let t0 = std::time::Instant::now();
         obs.stage_progress(0, 3, "harmfulness");
-        let h = evaluate_with_judge(&loaded, &harmful_opts, self.judge.as_ref())?;
+        let h = match &self.registered {
+            Some(j) => evaluate_judged(&loaded, &harmful_opts, j.as_ref())?,
+            None => evaluate_with_judge(&loaded, &harmful_opts, self.judge.as_ref())?,
+        };
         h.write(&out.join("harmful"))?;
         obs.stage_progress(1, 3, "task accuracy");
         let t = evaluate_with_judge(&loaded, &task_opts, None)?;
