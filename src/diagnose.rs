@@ -213,8 +213,8 @@ pub struct Probe {
 /// The default harmful prompts of the probe: the validation slice, so that a provider's probe
 /// never touches the held-out evaluation set.
 pub const PROBE_HARMFUL: &str = "embedded:harmful_val";
-/// The default benign prompts of the probe.
-pub const PROBE_BENIGN: &str = "embedded:overrefusal_eval";
+/// The default benign prompts of the probe: the over-refusal validation slice.
+pub const PROBE_BENIGN: &str = "embedded:overrefusal_val";
 
 /// Runs the probe (see [`Probe`]) on `model`, which already has the fine-tuned adapter
 /// applied: `n` seeded prompts of each set (`seed`), `max_new_tokens` per reply.

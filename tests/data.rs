@@ -662,7 +662,8 @@ fn embedded_sets_have_the_documented_sizes_and_are_deterministic() {
             ("benign_sentiment", 200),
             ("align_sft", 750),
             ("align_pref", 480),
-            ("overrefusal_eval", 150),
+            ("overrefusal_eval", 100),
+            ("overrefusal_val", 50),
             ("general_text", 400),
         ]
     );
@@ -782,9 +783,9 @@ fn eval_splits_never_share_a_prompt_with_training_splits() {
     };
     let train = prompts(false);
     let eval = prompts(true);
-    // harmful 200 + GSM8K 30 + sentiment 500 + over-refusal 150.
+    // harmful 200 + GSM8K 30 + sentiment 500 + over-refusal 100.
     assert!(
-        train.len() > 2500 && eval.len() == 880,
+        train.len() > 2500 && eval.len() == 830,
         "{} {}",
         train.len(),
         eval.len()
@@ -983,12 +984,16 @@ fn overrefusal_eval_is_disjoint_from_every_training_set() {
         return;
     }
     let rows = data::embedded("overrefusal_eval").unwrap();
-    assert_eq!(rows.len(), 150);
+    assert_eq!(rows.len(), 100);
     assert!(EMBEDDED_SETS
         .iter()
         .any(|s| s.name == "overrefusal_eval" && s.eval));
     let probes = prompt_set(&["overrefusal_eval"]);
-    assert_eq!(probes.len(), 150);
+    assert_eq!(probes.len(), 100);
+    // The validation slice: the other 50 probes, none of them in the evaluation set.
+    let val = prompt_set(&["overrefusal_val"]);
+    assert_eq!(val.len(), 50);
+    assert!(val.iter().all(|p| !probes.contains(p)));
     let train = prompt_set(&training_sets());
     for p in &probes {
         assert!(
@@ -996,7 +1001,7 @@ fn overrefusal_eval_is_disjoint_from_every_training_set() {
             "probe {p:?} in a training set"
         );
     }
-    assert!(rows.iter().filter(|r| !sft_response(r).is_empty()).count() > 100);
+    assert!(rows.iter().filter(|r| !sft_response(r).is_empty()).count() > 66);
 }
 
 #[test]

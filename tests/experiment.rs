@@ -403,7 +403,10 @@ fn rejudge_reproduces_the_report_and_switches_judges() {
     // An unknown judge is refused before any stage runs, naming the key.
     let mut bad = miniature(&dir.path().join("exp-bad"), false);
     bad.eval.judge = "gpt4".into();
-    let err = experiment::run(&bad, &mut Silent).err().unwrap().to_string();
+    let err = experiment::run(&bad, &mut Silent)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("eval.judge") && err.contains("gpt4"), "{err}");
     assert!(!dir.path().join("exp-bad").join("stages").exists());
 }

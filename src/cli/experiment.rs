@@ -24,8 +24,8 @@ pub struct Args {
     /// with --quick)]
     #[arg(short, long)]
     output: Option<PathBuf>,
-    /// Evaluate on the validation slices (embedded:harmful_val, embedded:task_val; no
-    /// over-refusal set) instead of the held-out sets: for choosing settings without looking
+    /// Evaluate on the validation slices (embedded:harmful_val, embedded:task_val,
+    /// embedded:overrefusal_val) instead of the held-out sets: for choosing settings without looking
     /// at the evaluation sets. Training stages are shared with the normal run
     #[arg(long)]
     validate: bool,

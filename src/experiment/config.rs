@@ -456,13 +456,15 @@ impl ExperimentConfig {
     }
 
     /// This configuration evaluated on the validation slices instead of the held-out sets:
-    /// `embedded:harmful_val` and `embedded:task_val`, no over-refusal set (it has no
-    /// validation slice). Settings are chosen on these (`realign experiment --validate`), never
-    /// on the held-out sets. Training stages are unchanged, so they are shared with the real run.
+    /// `embedded:harmful_val`, `embedded:task_val` and `embedded:overrefusal_val`. Settings are
+    /// chosen on these (`realign experiment --validate`), never on the held-out sets. Training
+    /// stages are unchanged, so they are shared with the real run.
     pub fn validation(mut self) -> Self {
         self.eval.harmful = "embedded:harmful_val".into();
         self.eval.task = "embedded:task_val".into();
-        self.eval.overrefusal = String::new();
+        if !self.eval.overrefusal.is_empty() {
+            self.eval.overrefusal = "embedded:overrefusal_val".into();
+        }
         self
     }
 
