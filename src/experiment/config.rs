@@ -297,13 +297,18 @@ impl Default for NlsrSettings {
         Self {
             // `random`: the control, masks of the same density drawn at random.
             methods: vec!["low-rank".into(), "random".into()],
-            betas: vec![0.9, 0.5],
+            // 0 (W_a itself as the reference) first, chosen on the validation slices: the
+            // amplified W_e (β 0.9) answered 51.6 % of `harmful_val` against W_a's 21.9 %
+            // (disjoint intervals, n 64), because on this data W_0 (SFT) is the safer adapter
+            // (HS 1.6, over-refusal 68 %) and DPO moves away from refusal, so extrapolating
+            // W_a - W_0 points away from safety. The paper's 0.9 and 0.5 stay as sweep rows.
+            betas: vec![0.0, 0.9, 0.5],
             without_amplification: true,
             // 0.2 (keep the top 80 % of entries) was chosen on the validation slices
             // (`--quick --validate`: HS 62.5 attacked -> 40.6 at 0.2 vs 59.4 at the paper's 0.8,
             // FA kept); the paper's 0.8 stays as a sweep point.
             sparsities: vec![0.2, 0.8],
-            layer_prunes: vec![0.5],
+            layer_prunes: vec![0.5, 0.0],
             epsilon: 0.2,
             identify_samples: 200,
             identify_data: "embedded:safety_sft".into(),
@@ -439,8 +444,9 @@ impl ExperimentConfig {
         c.attack.ps = vec![0.2];
         c.attack.train.max_length = 192;
         c.nlsr.without_amplification = false;
-        c.nlsr.betas = vec![0.9];
+        c.nlsr.betas = vec![0.0];
         c.nlsr.sparsities = vec![0.2];
+        c.nlsr.layer_prunes = vec![0.5];
         c.nlsr.identify_samples = 24;
         c.safelora.thresholds = vec![0.5];
         // the peers' rows are in the default and medium runs; the quick run keeps its time

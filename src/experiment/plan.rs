@@ -392,13 +392,17 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
         references.push((beta, r));
     }
     let main_beta = references[0];
-    if main_beta.0 != 0.0 && cfg.eval.intermediate {
+    // The amplified reference itself: the first beta > 0 (the main one or a sweep point).
+    if let (Some(&amplified), true) = (
+        references.iter().find(|(b, _)| *b != 0.0),
+        cfg.eval.intermediate,
+    ) {
         eval_variant(
             &mut plan,
             inputs,
             with_seed(
                 variant(
-                    format!("Amplified (W_e, beta={})", fmt_num(main_beta.0)),
+                    format!("Amplified (W_e, beta={})", fmt_num(amplified.0)),
                     "alignment",
                     None,
                     None,
@@ -406,7 +410,7 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
                 ),
                 main_seed,
             ),
-            vec![main_beta.1],
+            vec![amplified.1],
         )?;
     }
     // Identification: seeded only for the random control (the others are deterministic).
@@ -841,7 +845,7 @@ mod tests {
         let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names.iter().filter(|n| n.starts_with("sft")).count(), 1);
         assert!(names.contains(&"attack-p0.1") && names.contains(&"attack-p0.1-seed7"));
-        assert!(names.contains(&"identify-random-s0.2-b0.9-seed7"));
+        assert!(names.contains(&"identify-random-s0.2-b0-seed7"));
         // low-rank identification is deterministic: one stage for both seeds
         assert!(!names
             .iter()
