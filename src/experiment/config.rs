@@ -586,7 +586,7 @@ impl ExperimentConfig {
         }
         if self.neurons.enabled {
             positive("neurons.prompts", self.neurons.prompts)?;
-            positive("neurons.top_k", self.neurons.top_k)?;
+            // top_k = 0 is the per-kind rule (the default), not an empty set.
             positive("neurons.tune_epochs", self.neurons.tune_epochs)?;
             if !self.neurons.tune_lr.is_finite() || self.neurons.tune_lr <= 0.0 {
                 return Err(format!(
@@ -610,6 +610,30 @@ mod tests {
             let back: ExperimentConfig = toml::from_str(&text).unwrap();
             assert_eq!(back, cfg);
         }
+    }
+
+    #[test]
+    fn every_shipped_configuration_validates() {
+        // The full default (neurons on, top_k 0 = the per-kind rule), the quick run, the
+        // quick run with its neurons half, the validation variant and the medium file.
+        let mut neurons = ExperimentConfig::quick();
+        neurons.neurons.enabled = true;
+        let medium = ExperimentConfig::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/experiment-medium.toml"),
+        )
+        .unwrap();
+        for (name, cfg) in [
+            ("default", ExperimentConfig::default()),
+            ("quick", ExperimentConfig::quick()),
+            ("quick + neurons", neurons),
+            ("default --validate", ExperimentConfig::default().validation()),
+            ("medium", medium),
+        ] {
+            assert_eq!(cfg.validate(), Ok(()), "{name}");
+        }
+        let mut bad = ExperimentConfig::default();
+        bad.neurons.prompts = 0;
+        assert!(bad.validate().unwrap_err().contains("neurons.prompts"));
     }
 
     #[test]
