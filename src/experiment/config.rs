@@ -626,7 +626,10 @@ mod tests {
             ("default", ExperimentConfig::default()),
             ("quick", ExperimentConfig::quick()),
             ("quick + neurons", neurons),
-            ("default --validate", ExperimentConfig::default().validation()),
+            (
+                "default --validate",
+                ExperimentConfig::default().validation(),
+            ),
             ("medium", medium),
         ] {
             assert_eq!(cfg.validate(), Ok(()), "{name}");

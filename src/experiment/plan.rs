@@ -738,9 +738,11 @@ fn plan_neurons(
     )?;
 
     // Robustness (the paper's Table 4): fine-tune each model on plain task data (p = 0).
+    // Its own name: the attack's `mix-p0` (n = attack.n) is another stage when p = 0 is in
+    // `attack.ps`.
     let mix = plan.add(
         inputs,
-        "mix-p0".into(),
+        "mix-task-ft".into(),
         StageKind::Mix {
             p: 0.0,
             n: if n.finetune_rows > 0 {
@@ -830,6 +832,33 @@ mod tests {
         }
         // the built-in hash is a SHA-256
         assert_eq!(env!("REALIGN_SOURCE_HASH").len(), 64);
+    }
+
+    #[test]
+    fn the_full_default_plans_with_its_neurons_half_and_p_0() {
+        use crate::experiment::config::NeuronSettings;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, "{\"prompt\": \"p\", \"response\": \"r\"}\n").unwrap();
+        let mut cfg = config(&data);
+        let d = data.display().to_string();
+        cfg.neurons = NeuronSettings {
+            corpus: d.clone(),
+            general: d.clone(),
+            tune_data: d,
+            ..NeuronSettings::default()
+        };
+        assert!(cfg.neurons.enabled && cfg.attack.ps.contains(&0.0));
+        let inputs = Inputs::new("c".into(), "m".into(), "d".into(), 42, cfg.eval.clone());
+        let plan = build(&cfg, &inputs).unwrap();
+        let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"mix-p0") && names.contains(&"mix-task-ft"));
+        let task_ft = plan
+            .stages
+            .iter()
+            .find(|s| s.name == "mix-task-ft")
+            .unwrap();
+        assert!(matches!(task_ft.kind, StageKind::Mix { p, n: 200, .. } if p == 0.0));
     }
 
     #[test]
