@@ -193,6 +193,44 @@ pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A read-only memory map of a file: inputs read in place, a tensor at a time, so that memory
+/// holds only what is being worked on (`realign patch`, `realign extract`).
+pub(crate) struct Mapped {
+    map: memmap2::Mmap,
+}
+
+impl Mapped {
+    /// Maps `path` read-only.
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is only read; like every reader of files that others may change,
+        // we rely on nobody truncating an input while it is read.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(Mapped { map })
+    }
+
+    /// The whole file.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// Lets the kernel drop the pages of `locs` from this process (they stay in the page
+    /// cache): resident memory then holds only the tensors being worked on.
+    pub(crate) fn release(&self, locs: &[&crate::adapters::TensorLoc]) {
+        for loc in locs {
+            #[cfg(unix)]
+            // SAFETY: a read-only file mapping: dropped pages are read back from the file.
+            unsafe {
+                let _ = self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    loc.range.start,
+                    loc.range.len(),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

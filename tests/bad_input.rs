@@ -162,6 +162,8 @@ const COMMANDS: &[&str] = &[
     "data export",
     "data stats",
     "experiment",
+    "extract",
+    "merge",
 ];
 
 fn argv(cmd: &str, e: &Env, o: &Over, dir: &Path) -> (Vec<String>, Option<PathBuf>) {
@@ -393,6 +395,32 @@ fn argv(cmd: &str, e: &Env, o: &Over, dir: &Path) -> (Vec<String>, Option<PathBu
             true,
         ),
         "data export" => (v(&["data", "export", "task_val", "-o", &s(&out)]), true),
+        "extract" => (
+            v(&[
+                "extract",
+                "--base",
+                &e.model,
+                "--finetuned",
+                &model,
+                "--rank",
+                "2",
+                "-o",
+                &s(&out),
+            ]),
+            true,
+        ),
+        "merge" => (
+            v(&[
+                "merge",
+                "--model",
+                &model,
+                "--adapter",
+                &pick(&o.adapter, &e.finetuned),
+                "-o",
+                &s(&out),
+            ]),
+            true,
+        ),
         "data stats" => (v(&["data", "stats", &pick(&o.data, &e.harmful)]), false),
         "experiment" => (
             v(&["experiment", o.config.as_deref().unwrap(), "-o", &s(&out)]),
@@ -811,6 +839,8 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
         "sn-tune",
         "neurons detect",
         "neurons deactivate",
+        "extract",
+        "merge",
     ];
     for (name, make) in model_cases() {
         for cmd in model_cmds {
@@ -829,6 +859,7 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
             "resta",
             "safemerge",
             "antidote",
+            "merge",
         ] {
             push(cmd, name, &make, &mut out);
         }

@@ -12,6 +12,7 @@
 //! - [`lora_forward`], [`lora_delta`], [`merge_into`]: the adapter applied unmerged or merged.
 //! - [`exact`]: a module plus a dense update, written exactly (for repairs that are not
 //!   low-rank).
+//! - [`extract`]: a full fine-tune as a LoRA adapter (the dense update truncated by SVD).
 //! - [`keys`]: the single place where peft's tensor names map to module paths and back.
 //!
 //! ```no_run
@@ -27,6 +28,7 @@ use std::path::PathBuf;
 
 mod config;
 pub mod exact;
+pub mod extract;
 pub mod keys;
 mod lora;
 mod peft;
@@ -222,5 +224,14 @@ pub enum AdapterError {
     UnknownModule {
         /// The module path.
         module: String,
+    },
+    /// Two checkpoints that cannot be turned into an adapter ([`extract`]): different tensors
+    /// or shapes, no targeted module, a rank of 0, an SVD that did not converge.
+    #[error("{path}: {reason}")]
+    Extract {
+        /// The checkpoint (or its file) concerned.
+        path: PathBuf,
+        /// What is wrong, naming the tensor and shapes.
+        reason: String,
     },
 }

@@ -106,6 +106,17 @@ impl Adapter {
         )
     }
 
+    /// The adapter whose update is `−ΔW`: every module's scale negated, for applying in memory
+    /// (to take an update back out of a model; [`save`](Self::save) refuses it, since the
+    /// config's scale is positive).
+    pub fn negated(&self) -> Adapter {
+        let mut out = self.clone();
+        for m in out.modules.values_mut() {
+            m.scale = -m.scale;
+        }
+        out
+    }
+
     /// The adapted module paths, sorted.
     pub fn module_names(&self) -> Vec<&str> {
         self.modules.keys().map(String::as_str).collect()

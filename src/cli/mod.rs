@@ -6,10 +6,12 @@ mod data;
 mod diagnose;
 mod eval;
 mod experiment;
+mod extract;
 mod generate;
 mod identify;
 mod inspect;
 mod judge_eval;
+mod merge;
 mod neurons;
 mod nlsr;
 mod resta;
@@ -68,6 +70,11 @@ enum Command {
     /// Antidote: prune the fine-tuning update's entries with the highest Wanda score on harmful
     /// data (one shot, no training).
     Antidote(antidote::Args),
+    /// A full fine-tune as a LoRA adapter: W_t - W_base per module, truncated by SVD, with the
+    /// captured energy (then Safe LoRA, RESTA, diagnose and NLSR run on it).
+    Extract(extract::Args),
+    /// Fold adapters into a model (`--subtract` removes one) and write a Hugging Face folder.
+    Merge(merge::Args),
     /// SN-Tune / RSN-Tune: train only the neurons of a set on refusal documents; writes a
     /// Hugging Face model folder.
     SnTune(sn_tune::SnTuneArgs),
@@ -95,6 +102,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resta(a) => resta::run(a),
         Command::Safemerge(a) => safemerge::run(a),
         Command::Antidote(a) => antidote::run(a),
+        Command::Extract(a) => extract::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::SnTune(a) => sn_tune::run_sn_tune(a),
         Command::Neurons(a) => neurons::run(a),
     }

@@ -112,7 +112,7 @@ pub fn chat_replies(
 }
 
 /// A progress bar over `n` prompts on stderr, hidden when stderr is not a terminal.
-fn progress_bar(n: usize, what: &str) -> ProgressBar {
+pub(crate) fn progress_bar(n: usize, what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr());
     if let Ok(style) =
         ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})")

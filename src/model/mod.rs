@@ -19,6 +19,7 @@ pub mod generate;
 pub mod gguf;
 pub mod linear;
 pub mod llama;
+pub(crate) mod mapped;
 pub mod matmul;
 pub mod parallel;
 pub mod rope;

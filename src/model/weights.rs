@@ -34,34 +34,7 @@ impl Weights {
 
     /// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
     pub fn from_hf_dir(dir: &Path, device: &Device) -> crate::Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let shards: Vec<PathBuf> = if single.is_file() {
-            vec![single]
-        } else if index.is_file() {
-            let idx: serde_json::Value = crate::fsutil::read_json(&index)?;
-            let map = idx
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::BadWeights {
-                    path: index.clone(),
-                    reason: "no \"weight_map\" object".into(),
-                })?;
-            let mut files: Vec<PathBuf> = map
-                .values()
-                .filter_map(|v| v.as_str())
-                .map(|f| dir.join(f))
-                .collect();
-            files.sort();
-            files.dedup();
-            files
-        } else {
-            return Err(ModelError::MissingFile {
-                path: single,
-                what: "model weights (model.safetensors or model.safetensors.index.json)".into(),
-            }
-            .into());
-        };
+        let shards = shard_files(dir)?;
         let mut tensors = HashMap::new();
         let mut files = HashMap::new();
         for shard in &shards {
@@ -119,6 +92,39 @@ impl Weights {
     pub fn dtype(&self) -> DType {
         DType::F32
     }
+}
+
+/// The safetensors files of a Hugging Face folder: `model.safetensors`, or every shard named in
+/// `model.safetensors.index.json` (sorted, each once).
+pub fn shard_files(dir: &Path) -> crate::Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    if !index.is_file() {
+        return Err(ModelError::MissingFile {
+            path: single,
+            what: "model weights (model.safetensors or model.safetensors.index.json)".into(),
+        }
+        .into());
+    }
+    let idx: serde_json::Value = crate::fsutil::read_json(&index)?;
+    let map = idx
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::BadWeights {
+            path: index.clone(),
+            reason: "no \"weight_map\" object".into(),
+        })?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|v| v.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
 }
 
 /// Loads one safetensors file, converting every floating tensor to f32.

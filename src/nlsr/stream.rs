@@ -22,42 +22,8 @@ use super::{check_compatible, NlsrError};
 use crate::adapters::{
     index_modules, locate, skeleton, Adapter, LoraConfig, LoraModule, LoraPart, TensorLoc,
 };
+use crate::fsutil::Mapped;
 use crate::{Error, Result};
-
-/// A read-only memory map of a file.
-struct Mapped {
-    map: memmap2::Mmap,
-}
-
-impl Mapped {
-    fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the file is only read; like every reader of files that others may change,
-        // we rely on nobody truncating an input while `realign patch` runs.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Ok(Mapped { map })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.map
-    }
-
-    /// Lets the kernel drop the pages of `locs` from this process (they stay in the page
-    /// cache): resident memory then holds only the modules being worked on.
-    fn release(&self, locs: &[&TensorLoc]) {
-        for loc in locs {
-            #[cfg(unix)]
-            // SAFETY: a read-only file mapping: dropped pages are read back from the file.
-            unsafe {
-                let _ = self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    loc.range.start,
-                    loc.range.len(),
-                );
-            }
-        }
-    }
-}
 
 /// A mapped adapter folder: config, weights and where each module lies.
 struct MappedAdapter {
