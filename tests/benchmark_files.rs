@@ -3,10 +3,14 @@
 //! that name the columns found and the flag that picks one; through the library, through
 //! `evaluate` on the tiny fixture model, and through `realign eval`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use realign::data::{load_prompts, load_rows, load_task_items, Prompt};
+
+use common::write_parquet;
 use realign::eval::{evaluate, EvalColumns, EvalOptions};
 use realign::model::{LoadOptions, LoadedModel};
 
@@ -144,13 +148,74 @@ fn errors_list_the_columns_and_the_flag() {
     assert!(e.contains("a .txt file is one prompt per line"), "{e}");
     let e = load_task_items(&p, None, None).unwrap_err().to_string();
     assert!(e.contains("a .txt file holds prompts only"), "{e}");
-    // Parquet says how to convert.
+    // A file that is not Parquet: named, with the reader's reason.
     let p = write(d.path(), "x.parquet", "PAR1");
     let e = load_prompts(&p, None).unwrap_err().to_string();
     assert!(
-        e.contains("Parquet is not supported: convert it to JSONL or CSV"),
+        e.starts_with(&format!("{p}: not a readable Parquet file: ")),
         "{e}"
     );
+}
+
+#[test]
+fn parquet_files_are_read_with_their_columns() {
+    let d = tempfile::tempdir().unwrap();
+    // HarmBench's columns: `Behavior` is recognised without a flag, any column with one.
+    let hb = d.path().join("harmbench.parquet");
+    write_parquet(
+        &hb,
+        &[
+            ("Behavior", vec!["B0", "B1", "B2", "B3 with, a comma"]),
+            ("SemanticCategory", vec!["c0", "c1", "c2", "c3"]),
+        ],
+        None,
+    );
+    let p = hb.display().to_string();
+    assert_eq!(
+        texts(load_prompts(&p, None).unwrap()),
+        ["B0", "B1", "B2", "B3 with, a comma"]
+    );
+    assert_eq!(
+        texts(load_prompts(&p, Some("SemanticCategory")).unwrap()),
+        ["c0", "c1", "c2", "c3"]
+    );
+    let e = load_prompts(&p, Some("goal")).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("{p}: Parquet row 0: no ")) && e.contains("SemanticCategory"),
+        "{e}"
+    );
+    // A task with an integer label column (SST-2 as distributed: sentence, label).
+    let sst = d.path().join("sst2.parquet");
+    write_parquet(
+        &sst,
+        &[("sentence", vec!["Great film", "Dull", "Fine", "Awful"])],
+        Some(("label", vec![1, 0, 1, 0])),
+    );
+    let items =
+        load_task_items(&sst.display().to_string(), Some("sentence"), Some("label")).unwrap();
+    assert_eq!(
+        items,
+        [
+            ("Great film", "1"),
+            ("Dull", "0"),
+            ("Fine", "1"),
+            ("Awful", "0")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    // Training-shaped rows (prompt / completion) load as rows.
+    let rows = d.path().join("sft.parquet");
+    write_parquet(
+        &rows,
+        &[
+            ("prompt", vec!["p0", "p1"]),
+            ("completion", vec!["c0", "c1"]),
+        ],
+        None,
+    );
+    let loaded = load_rows(&rows).unwrap();
+    assert_eq!(loaded.len(), 2);
+    assert_eq!(loaded[1].prompt().plain_text(), "p1");
 }
 
 #[test]

@@ -236,6 +236,24 @@ proptest! {
         let _ = realign::data::load_rows(&p);
     }
 
+    /// Mutated Parquet files (footer, page headers, data): Ok or Err, never a panic.
+    #[test]
+    fn mutated_parquet_never_panics((e, cut) in edits(), (h, hcut) in header_edits(64)) {
+        let dir = temp();
+        let p = dir.path().join("b.parquet");
+        common::write_parquet(
+            &p,
+            &[("Behavior", vec!["one", "two", "three", "four"]), ("c", vec!["x", "y", "z", "w"])],
+            Some(("label", vec![1, 0, 1, 0])),
+        );
+        let src = std::fs::read(&p).unwrap();
+        // the footer (metadata and its length) is at the end: mutate there too
+        let n = src.len();
+        let tail: Vec<(usize, u8)> = h.iter().map(|&(at, v)| (n - 1 - at % n.min(64), v)).collect();
+        std::fs::write(&p, mutate(&mutate(&src, &e, None), &tail, cut.or(hcut))).unwrap();
+        let _ = realign::data::load_prompts(&p.display().to_string(), None);
+    }
+
     /// Chat templates assembled from Jinja fragments: rendering answers Ok or Err.
     #[test]
     fn chat_templates_never_panic(

@@ -21,6 +21,10 @@ pub enum FileFormat {
     Json,
     /// CSV with a header row (`.csv`).
     Csv,
+    /// Apache Parquet (`.parquet`, as Hugging Face datasets are distributed): each row an
+    /// object of its columns, typed as JSON (strings, numbers, booleans, lists); snappy, gzip
+    /// and lz4 compression.
+    Parquet,
     /// Plain text, one prompt per line (`.txt`): a prompt set only (see
     /// [`load_prompts`](super::load_prompts)), not training or task data.
     Text,
@@ -42,14 +46,10 @@ pub fn detect_format(path: &Path) -> crate::Result<FileFormat> {
             let text = fsutil::read_to_string(path)?;
             Ok(json_flavour(&text))
         }
-        "parquet" => Err(format_error(
-            path,
-            "Parquet is not supported: convert it to JSONL or CSV, e.g. with pandas: \
-             pd.read_parquet(f).to_json(out, orient=\"records\", lines=True)",
-        )),
+        "parquet" => Ok(FileFormat::Parquet),
         _ => Err(format_error(
             path,
-            "unknown data file extension (supported: .jsonl, .ndjson, .json, .csv, and .txt for prompts)",
+            "unknown data file extension (supported: .jsonl, .ndjson, .json, .csv, .parquet, and .txt for prompts)",
         )),
     }
 }
@@ -115,8 +115,27 @@ pub(crate) struct Records {
 /// Reads the records of a data file (see [`Records`]); a file without any is
 /// [`DataError::Empty`].
 pub(crate) fn read_records(path: &Path) -> crate::Result<Records> {
+    let (format, items) = match detect_format(path)? {
+        FileFormat::Parquet => (FileFormat::Parquet, parquet_values(path)?),
+        detected => text_values(path, detected)?,
+    };
+    if items.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        }
+        .into());
+    }
+    Ok(Records { format, items })
+}
+
+/// The records of a text file (JSON Lines, a JSON array, CSV, or `.txt` lines) and the format
+/// as read (a `.json` file is an array or JSON Lines by its first character).
+fn text_values(
+    path: &Path,
+    detected: FileFormat,
+) -> crate::Result<(FileFormat, Vec<(Location, Json)>)> {
     let text = fsutil::read_to_string(path)?;
-    let format = match detect_format(path)? {
+    let format = match detected {
         FileFormat::Json => json_flavour(&text),
         f => f,
     };
@@ -132,6 +151,7 @@ pub(crate) fn read_records(path: &Path) -> crate::Result<Records> {
         FileFormat::Jsonl => jsonl_values(path, text)?,
         FileFormat::Json => json_values(path, text)?,
         FileFormat::Csv => csv_values(path, text)?,
+        FileFormat::Parquet => parquet_values(path)?,
         FileFormat::Text => text
             .lines()
             .enumerate()
@@ -139,13 +159,7 @@ pub(crate) fn read_records(path: &Path) -> crate::Result<Records> {
             .map(|(i, l)| (Location::Line(i + 1), Json::String(l.trim_end().to_string())))
             .collect(),
     };
-    if items.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        }
-        .into());
-    }
-    Ok(Records { format, items })
+    Ok((format, items))
 }
 
 /// Whether the text is one JSON object whose first line is not a whole object (a pretty-printed
@@ -177,6 +191,25 @@ fn jsonl_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataEr
         let value: Json = serde_json::from_str(line)
             .map_err(|e| row_error(path, location, format!("invalid JSON: {e}")))?;
         values.push((location, value));
+    }
+    Ok(values)
+}
+
+/// The rows of a Parquet file as JSON objects (column name -> value), through parquet's record
+/// reader (every row group, in order).
+fn parquet_values(path: &Path) -> crate::Result<Vec<(Location, Json)>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let parse = |e: parquet::errors::ParquetError| DataError::Parse {
+        path: path.to_path_buf(),
+        message: format!("not a readable Parquet file: {e}"),
+    };
+    let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(parse)?;
+    let rows = reader.get_row_iter(None).map_err(parse)?;
+    let mut values = Vec::new();
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| row_error(path, Location::Row(i), format!("unreadable: {e}")))?;
+        values.push((Location::Row(i), row.to_json_value()));
     }
     Ok(values)
 }

@@ -17,7 +17,7 @@
 //!   but their last message give the prompt (TRL's "implicit prompt" format). In CSV, a cell of
 //!   `messages`, `prompt`, `chosen` or `rejected` holding a JSON message list is read as one.
 //!   Malformed rows are errors naming the file and the JSONL line, the JSON array index or the
-//!   line where the CSV record starts. Parquet is not read: convert it to JSONL.
+//!   line where the CSV record starts, or the Parquet row.
 //! - **Benchmark files** ([`load_prompts`], [`load_task_items`]): prompt-only rows as HarmBench,
 //!   StrongREJECT, AdvBench and XSTest distribute them (`prompt`, `goal`, `instruction`,
 //!   `question`, `Behavior`, `forbidden_prompt`, or a column named with `--prompt-column`), CSV
@@ -193,6 +193,8 @@ pub enum Location {
     Index(usize),
     /// A CSV record, by the line where it starts (1-based, the header is line 1).
     Record(usize),
+    /// A Parquet row (0-based, over all row groups).
+    Row(usize),
 }
 
 impl fmt::Display for Location {
@@ -201,6 +203,7 @@ impl fmt::Display for Location {
             Location::Line(n) => write!(f, "line {n}"),
             Location::Index(i) => write!(f, "array index {i}"),
             Location::Record(n) => write!(f, "CSV record at line {n}"),
+            Location::Row(i) => write!(f, "Parquet row {i}"),
         }
     }
 }

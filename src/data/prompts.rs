@@ -22,7 +22,8 @@
 //!
 //! Task items ([`load_task_items`]) add a gold answer: the `label` column when named
 //! (`--label-column NAME`), else the response of a training-shaped row, else the first of
-//! [`LABEL_KEYS`]. Parquet is not read (see [`detect_format`](super::detect_format)).
+//! [`LABEL_KEYS`]. Files are JSONL, JSON, CSV, Parquet or `.txt` (see
+//! [`detect_format`](super::detect_format)).
 
 use std::path::Path;
 

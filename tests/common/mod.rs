@@ -54,3 +54,57 @@ pub fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// A Parquet file as `datasets` writes one: UTF-8 string columns (and an int64 label column
+/// when `labels` is given), snappy-compressed, the rows split over two row groups.
+pub fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)], labels: Option<(&str, Vec<i64>)>) {
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let mut fields: Vec<String> = columns
+        .iter()
+        .map(|(n, _)| format!("REQUIRED BINARY {n} (UTF8);"))
+        .collect();
+    if let Some((n, _)) = &labels {
+        fields.push(format!("REQUIRED INT64 {n};"));
+    }
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type(&format!(
+            "message schema {{ {} }}",
+            fields.join(" ")
+        ))
+        .unwrap(),
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build(),
+    );
+    let mut writer =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let rows = columns[0].1.len();
+    for range in [0..rows / 2, rows / 2..rows] {
+        let mut group = writer.next_row_group().unwrap();
+        let mut i = 0;
+        while let Some(mut col) = group.next_column().unwrap() {
+            if i < columns.len() {
+                let values: Vec<ByteArray> = columns[i].1[range.clone()]
+                    .iter()
+                    .map(|v| ByteArray::from(*v))
+                    .collect();
+                col.typed::<ByteArrayType>()
+                    .write_batch(&values, None, None)
+                    .unwrap();
+            } else if let Some((_, l)) = &labels {
+                col.typed::<Int64Type>()
+                    .write_batch(&l[range.clone()], None, None)
+                    .unwrap();
+            }
+            col.close().unwrap();
+            i += 1;
+        }
+        group.close().unwrap();
+    }
+    writer.close().unwrap();
+}
