@@ -254,6 +254,43 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     assert!(md.contains("| Attacked | 0.25 | 2 |"), "{md}");
     assert!(md.contains("## Safe LoRA's threshold"), "{md}");
     assert!(md.contains("## Safety neurons"));
+    // The intake check: one `diagnose` per attacked adapter of the main seed, each the
+    // statistic `realign diagnose` computes on the same two adapters.
+    assert!(
+        md.contains("## Intake check of each fine-tune (`realign diagnose`, adapters only)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("Spearman's ρ over these 2 fine-tunes: D vs p "),
+        "{md}"
+    );
+    assert_eq!(report.diagnose.len(), 2);
+    let stage_dir = |name: &str| {
+        std::fs::read_dir(out.join("stages"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let f = p.file_name().unwrap().to_string_lossy().into_owned();
+                f.strip_prefix(&format!("{name}-"))
+                    .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
+            })
+            .unwrap()
+    };
+    let dev = candle_core::Device::Cpu;
+    let wa = realign::adapters::Adapter::load(&stage_dir("dpo"), &dev).unwrap();
+    for v in &report.diagnose {
+        let p = v["p"].as_f64().unwrap();
+        let wt =
+            realign::adapters::Adapter::load(&stage_dir(&format!("attack-p{p}")), &dev).unwrap();
+        let d = realign::diagnose::diagnose(&wa, &wt, None, None, &Default::default()).unwrap();
+        // (serde_json reads floats back to within an ulp)
+        assert!((v["drift"].as_f64().unwrap() - d.drift).abs() < 1e-12);
+        assert!(
+            md.contains(&format!("| {p} | {:.4} | {:.4} |", d.drift, d.update_drift)),
+            "{md}"
+        );
+    }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report/report.json")).unwrap())
             .unwrap();

@@ -70,6 +70,13 @@ pub enum StageKind {
         /// The method and its settings.
         method: super::baselines::Baseline,
     },
+    /// `realign diagnose` of a fine-tune against the aligned adapter (adapters only, changing
+    /// nothing): the intake statistics a provider would read before any repair. deps:
+    /// `[aligned, fine-tuned]`.
+    Diagnose {
+        /// The attack's harmful fraction (for the report's ranking by `p`).
+        p: f64,
+    },
     /// Neuron detection on the base model, or on base + the adapter of the only dep.
     Detect {
         /// Whether the first dep is an adapter merged before detection.
@@ -255,7 +262,7 @@ impl Plan {
     }
 }
 
-fn fmt_num(x: f64) -> String {
+pub(crate) fn fmt_num(x: f64) -> String {
     format!("{x}")
 }
 
@@ -478,6 +485,13 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
             if seed == main_seed {
                 attacks.push((p, att));
             }
+            plan.add_seeded(
+                inputs,
+                format!("diagnose-p{pt}{ss}"),
+                StageKind::Diagnose { p },
+                vec![dpo, att],
+                seed,
+            )?;
             eval_variant(
                 &mut plan,
                 inputs,

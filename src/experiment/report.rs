@@ -94,6 +94,9 @@ pub struct Report {
     pub sn_tune: BTreeMap<String, serde_json::Value>,
     /// Overlaps between detected neuron sets.
     pub neuron_overlaps: Vec<Overlap>,
+    /// `realign diagnose` of each attacked adapter (main seed, in plan order): p, drift,
+    /// update drift, verdict, ...
+    pub diagnose: Vec<serde_json::Value>,
     /// Wall time per stage.
     pub times: Vec<StageTime>,
     /// The attack's `p` values, main first.
@@ -215,6 +218,7 @@ impl Report {
             neurons: BTreeMap::new(),
             sn_tune: BTreeMap::new(),
             neuron_overlaps: Vec::new(),
+            diagnose: Vec::new(),
             times: Vec::new(),
             ps: cfg.attack.ps.clone(),
             seeds: super::plan::chain_seeds(cfg),
@@ -244,6 +248,9 @@ impl Report {
                 }
                 StageKind::SnTune { .. } => {
                     r.sn_tune.insert(stage.name.clone(), rec.result.clone());
+                }
+                StageKind::Diagnose { .. } if Some(&stage.seed) == r.seeds.first() => {
+                    r.diagnose.push(rec.result.clone());
                 }
                 _ => {}
             }
@@ -551,6 +558,65 @@ impl Report {
         Some(s)
     }
 
+    /// The intake check of every attacked adapter (`realign diagnose`, adapters only) beside
+    /// its measured HS, and how well the drift ranks the fine-tunes by `p` and by HS.
+    fn intake_table(&self) -> Option<String> {
+        if self.diagnose.is_empty() {
+            return None;
+        }
+        let mut rows: Vec<&serde_json::Value> = self.diagnose.iter().collect();
+        rows.sort_by(|a, b| {
+            a["p"]
+                .as_f64()
+                .unwrap_or(0.0)
+                .total_cmp(&b["p"].as_f64().unwrap_or(0.0))
+        });
+        let mut s = String::from(
+            "| p | drift D | update drift U | modules Safe LoRA would project | modules NLSR would repair | verdict | attacked HS |\n|---:|---:|---:|---:|---:|---|---|\n",
+        );
+        let (mut ps, mut ds, mut hs) = (Vec::new(), Vec::new(), Vec::new());
+        for v in rows {
+            let p = v["p"].as_f64().unwrap_or(f64::NAN);
+            let d = v["drift"].as_f64().unwrap_or(f64::NAN);
+            let seed = self.seeds.first().copied();
+            let attacked = self.evals.iter().find(|e| {
+                e.variant.group == "attack"
+                    && e.variant.p == Some(p)
+                    && Some(e.variant.seed) == seed
+            });
+            let modules = v["modules"].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "| {} | {d:.4} | {:.4} | {} / {modules} | {} / {modules} | {} | {} |",
+                super::plan::fmt_num(p),
+                v["update_drift"].as_f64().unwrap_or(f64::NAN),
+                v["safelora_project"].as_u64().unwrap_or(0),
+                v["nlsr_repair"].as_u64().unwrap_or(0),
+                v["verdict"].as_str().unwrap_or("?"),
+                attacked.map_or("–".to_string(), |e| cell(e.hs_rate, e.hs)),
+            );
+            ps.push(p);
+            ds.push(d);
+            hs.push(attacked.map_or(f64::NAN, |e| e.hs));
+        }
+        let rho = |x: &[f64], y: &[f64]| {
+            let finite = x.iter().chain(y).all(|v| v.is_finite());
+            finite
+                .then(|| crate::eval::stats::spearman(x, y))
+                .flatten()
+                .map_or("undefined".to_string(), |r| format!("{r:.2}"))
+        };
+        let _ = writeln!(
+            s,
+            "\nSpearman's ρ over these {} fine-tunes: D vs p {}; D vs attacked HS {}. D = mean over modules of 1 − S_j (Eq. 8 on whole modules, reference W_a); U = 1 − mean Safe LoRA cosine of the update W_t − W_a; verdict threshold D ≥ {} (`realign diagnose` defaults).",
+            ps.len(),
+            rho(&ds, &ps),
+            rho(&ds, &hs),
+            crate::diagnose::DEFAULT_DRIFT_THRESHOLD,
+        );
+        Some(s)
+    }
+
     fn identify_table(&self) -> Option<String> {
         if self.identify.is_empty() {
             return None;
@@ -732,6 +798,12 @@ impl Report {
             if let Some(t) = self.sweep_table(group, param) {
                 let _ = write!(s, "\n## {title}\n\n{t}");
             }
+        }
+        if let Some(t) = self.intake_table() {
+            let _ = write!(
+                s,
+                "\n## Intake check of each fine-tune (`realign diagnose`, adapters only)\n\n{t}"
+            );
         }
         if let Some(t) = self.identify_table() {
             let _ = write!(s, "\n## Identification methods\n\n{t}");

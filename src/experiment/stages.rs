@@ -460,6 +460,24 @@ impl Runner {
                     "modules": report.modules.len(), "threshold": threshold,
                     "mean_cosine": mean}))
             }
+            StageKind::Diagnose { p } => {
+                let aligned = Adapter::load(&deps[0], &dev)?;
+                let finetuned = Adapter::load(&deps[1], &dev)?;
+                let d = crate::diagnose::diagnose(
+                    &aligned,
+                    &finetuned,
+                    None,
+                    None,
+                    &crate::diagnose::DiagnoseConfig::default(),
+                )?;
+                crate::diagnose::write_diagnosis(out, &d)?;
+                Ok(
+                    serde_json::json!({"p": p, "drift": d.drift, "update_drift": d.update_drift,
+                    "mean_safelora_cosine": d.mean_safelora_cosine,
+                    "nlsr_repair": d.num_nlsr_repair, "safelora_project": d.num_safelora_project,
+                    "modules": d.num_modules, "verdict": d.verdict}),
+                )
+            }
             StageKind::Baseline { method } => {
                 let aligned = Adapter::load(&deps[0], &dev)?;
                 let finetuned = Adapter::load(&deps[1], &dev)?;
