@@ -447,3 +447,21 @@ fn rejudge_reproduces_the_report_and_switches_judges() {
     assert!(err.contains("eval.judge") && err.contains("gpt4"), "{err}");
     assert!(!dir.path().join("exp-bad").join("stages").exists());
 }
+
+/// Every experiment file shipped in `configs/` parses and validates (the ones the README's
+/// figures come from).
+#[test]
+fn every_shipped_experiment_file_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("experiment") && name.ends_with(".toml") {
+            let cfg = ExperimentConfig::from_file(&entry.path())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(cfg.validate(), Ok(()), "{name}");
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "only {n} experiment files in configs/");
+}

@@ -128,18 +128,24 @@ pub fn shard_files(dir: &Path) -> crate::Result<Vec<PathBuf>> {
 }
 
 /// Loads one safetensors file, converting every floating tensor to f32.
+///
+/// The file is memory-mapped, not read: each tensor is copied out of the map and its pages are
+/// handed back right after, so that loading holds one copy of the weights (plus the tensor
+/// being converted), not the file's bytes and the tensors both.
 pub fn load_safetensors(path: &Path, device: &Device) -> crate::Result<HashMap<String, Tensor>> {
-    let bytes = crate::fsutil::read(path)?;
+    let file = crate::fsutil::Mapped::open(path)?;
     let bad = |reason: String| ModelError::BadWeights {
         path: path.to_path_buf(),
         reason,
     };
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let st = safetensors::SafeTensors::deserialize(file.bytes())
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
+        let loc = crate::adapters::TensorLoc::of_view(&view, file.bytes());
         let t = candle_core::safetensors::Load::load(&view, device)
             .map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
+        file.release(&[&loc]);
         let t = match t.dtype() {
             DType::F32 => t,
             DType::BF16 | DType::F16 | DType::F64 => t.to_dtype(DType::F32)?,
@@ -158,12 +164,14 @@ pub fn load_safetensors(path: &Path, device: &Device) -> crate::Result<HashMap<S
 
 /// The dtype of the first floating tensor of a safetensors header (for `inspect`).
 pub fn safetensors_dtype(path: &Path) -> crate::Result<String> {
-    let bytes = crate::fsutil::read(path)?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::BadWeights {
+    // Mapped: only the header's pages are read.
+    let file = crate::fsutil::Mapped::open(path)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(file.bytes()).map_err(|e| {
+        ModelError::BadWeights {
             path: path.to_path_buf(),
             reason: format!("not a valid safetensors file: {e}"),
-        })?;
+        }
+    })?;
     Ok(meta
         .tensors()
         .values()
