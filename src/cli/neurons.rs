@@ -380,6 +380,50 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
             report.rule, report.prompts, report.tokens, report.scored_tokens, set.len()
         ),
     );
+    // The reference the issue sets: a plain forward pass (no logits) over the same prompts,
+    // rendered and tokenised exactly as detection rendered them.
+    let mut forward = 0f64;
+    for row in rows.iter().take(prompts) {
+        let sp = realign::neurons::scope::scoped_prompt(
+            &loaded.tokenizer,
+            cfg.template,
+            row.prompt(),
+            cfg.system.as_deref(),
+            cfg.tokens,
+        )?;
+        if sp.ids.is_empty() || sp.ids.len() > cfg.max_length {
+            continue;
+        }
+        let input = candle_core::Tensor::from_vec(
+            sp.ids.clone(),
+            (1, sp.ids.len()),
+            loaded.model.device(),
+        )?;
+        let t = Instant::now();
+        loaded.model.forward_with(
+            &input,
+            realign::model::ForwardArgs {
+                logits: realign::model::Logits::None,
+                ..Default::default()
+            },
+        )?;
+        forward += t.elapsed().as_secs_f64();
+    }
+    print(
+        "forward_seconds",
+        forward,
+        "s",
+        format!(
+            "plain forward passes (no logits) over the same {} prompts, one at a time",
+            report.prompts
+        ),
+    );
+    print(
+        "detect_over_forward",
+        report.seconds / forward.max(1e-9),
+        "x",
+        "detect_seconds / forward_seconds (issue 12's goal: at most 2)".into(),
+    );
     print(
         "peak_rss_bytes",
         peak_rss_bytes().map_or(f64::NAN, |b| b as f64),
