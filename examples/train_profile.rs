@@ -9,15 +9,7 @@ use realign::train::{LabelLogprobs, TrainableLora};
 fn main() -> anyhow::Result<()> {
     let m = LoadedModel::load(&realign::assets::default_model(), &LoadOptions::default())?;
     let mut model = m.model;
-    let t = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let t = realign::adapters::ALL_LINEAR_TARGETS;
     let lora = TrainableLora::init(
         &model,
         LoraConfig::new(16, 32.0, t.map(String::from).to_vec()),

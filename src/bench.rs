@@ -143,16 +143,13 @@ pub fn train(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> crat
     use crate::adapters::LoraConfig;
     use crate::train::{collect_grads, AdamW, AdamWParams, LabelLogprobs, TrainableLora};
     let mut model = model.clone();
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    let config = LoraConfig::new(16, 32.0, targets.map(String::from).to_vec());
+    let config = LoraConfig::new(
+        16,
+        32.0,
+        crate::adapters::ALL_LINEAR_TARGETS
+            .map(String::from)
+            .to_vec(),
+    );
     let lora = TrainableLora::init(&model, config, 0)?;
     lora.attach(&mut model)?;
     model.set_differentiable(true);

@@ -13,6 +13,18 @@ use serde_json::{Map, Value};
 
 use super::AdapterError;
 
+/// Every linear layer of a Llama / Mistral / Qwen2 block by peft's module name: the default
+/// `target_modules` of training, of `realign extract` and of the benches.
+pub const ALL_LINEAR_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// `target_modules` (and `exclude_modules`): a list of names or one regex.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]

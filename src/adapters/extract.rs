@@ -44,17 +44,6 @@ pub const REPORT_JSON: &str = "extract_report.json";
 /// randomized one (the exact SVD of a 4096 × 14336 update takes minutes, the sketch seconds).
 pub const AUTO_EXACT_MAX: usize = 1024;
 
-/// The module names targeted by default: every linear layer of a Llama/Mistral/Qwen2 block.
-pub const DEFAULT_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// How the truncated SVD of one module's update is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,7 +92,7 @@ impl Default for ExtractConfig {
     fn default() -> Self {
         ExtractConfig {
             rank: 16,
-            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            targets: super::ALL_LINEAR_TARGETS.map(String::from).to_vec(),
             method: SvdMethod::Auto,
             oversample: 16,
             power_iterations: 2,

@@ -33,7 +33,7 @@ pub mod keys;
 mod lora;
 mod peft;
 
-pub use config::{LayersPattern, LayersToTransform, LoraConfig, TargetModules};
+pub use config::{LayersPattern, LayersToTransform, LoraConfig, TargetModules, ALL_LINEAR_TARGETS};
 pub use keys::LoraPart;
 pub use lora::{lora_delta, lora_forward, merge_into, LoraModule};
 pub(crate) use peft::{index_modules, locate, skeleton, write_weights, TensorLoc};

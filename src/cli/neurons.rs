@@ -380,26 +380,10 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
             report.rule, report.prompts, report.tokens, report.scored_tokens, set.len()
         ),
     );
-    // The reference the issue sets: a plain forward pass (no logits) over the same prompts,
-    // rendered and tokenised exactly as detection rendered them.
-    let mut forward = 0f64;
-    for row in rows.iter().take(prompts) {
-        let sp = realign::neurons::scope::scoped_prompt(
-            &loaded.tokenizer,
-            cfg.template,
-            row.prompt(),
-            cfg.system.as_deref(),
-            cfg.tokens,
-        )?;
-        if sp.ids.is_empty() || sp.ids.len() > cfg.max_length {
-            continue;
-        }
-        let input = candle_core::Tensor::from_vec(
-            sp.ids.clone(),
-            (1, sp.ids.len()),
-            loaded.model.device(),
-        )?;
-        let t = Instant::now();
+    // A plain forward pass (no logits): the reference of detection's speed and memory.
+    let plain_forward = |ids: &[u32]| -> anyhow::Result<()> {
+        let input =
+            candle_core::Tensor::from_vec(ids.to_vec(), (1, ids.len()), loaded.model.device())?;
         loaded.model.forward_with(
             &input,
             realign::model::ForwardArgs {
@@ -407,6 +391,18 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
                 ..Default::default()
             },
         )?;
+        Ok(())
+    };
+    // The reference the issue sets: plain forward passes over the same prompts, rendered and
+    // tokenised exactly as detection rendered them.
+    let mut forward = 0f64;
+    for row in rows.iter().take(prompts) {
+        let sp = cfg.scoped_prompt(&loaded.tokenizer, row.prompt())?;
+        if sp.ids.is_empty() || sp.ids.len() > cfg.max_length {
+            continue;
+        }
+        let t = Instant::now();
+        plain_forward(&sp.ids)?;
         forward += t.elapsed().as_secs_f64();
     }
     print(
@@ -440,14 +436,7 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
         // the peak that grows with l^2 and is not the importance computation's.
         let before = current_rss_bytes().unwrap_or(0);
         let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-        let input = candle_core::Tensor::from_vec(ids.clone(), (1, len), loaded.model.device())?;
-        loaded.model.forward_with(
-            &input,
-            realign::model::ForwardArgs {
-                logits: realign::model::Logits::None,
-                ..Default::default()
-            },
-        )?;
+        plain_forward(&ids)?;
         let forward_peak = peak_rss_bytes().unwrap_or(0).saturating_sub(before);
         let before = current_rss_bytes().unwrap_or(0);
         let reset = reset && std::fs::write("/proc/self/clear_refs", "5").is_ok();

@@ -36,7 +36,7 @@ use super::ranking::{NeuronRanking, RankingAccumulator};
 use super::scope::{scoped_prompt, TokenScope};
 use super::set::layer_key;
 use super::{Axis, ModuleNeurons, NeuronError, NeuronSet};
-use crate::data::{PromptTemplate, Row};
+use crate::data::{Prompt, PromptTemplate, Row};
 use crate::model::{Model, LINEAR_MODULES};
 use crate::tokenizer::Tokenizer;
 
@@ -152,6 +152,22 @@ impl Default for DetectConfig {
 }
 
 impl DetectConfig {
+    /// `prompt` rendered and tokenised as detection scores it (this config's template, system
+    /// prompt and token scope).
+    pub fn scoped_prompt(
+        &self,
+        tok: &Tokenizer,
+        prompt: &Prompt,
+    ) -> crate::Result<super::scope::ScopedPrompt> {
+        scoped_prompt(
+            tok,
+            self.template,
+            prompt,
+            self.system.as_deref(),
+            self.tokens,
+        )
+    }
+
     /// Checks the ranges of the settings.
     pub fn validate(&self) -> Result<(), NeuronError> {
         match self.selection {
@@ -570,13 +586,7 @@ pub fn detect(
     let mut ranking = RankingAccumulator::default();
     let mut running: Option<Mask> = None;
     for (i, row) in rows.iter().enumerate() {
-        let sp = scoped_prompt(
-            tok,
-            cfg.template,
-            row.prompt(),
-            cfg.system.as_deref(),
-            cfg.tokens,
-        )?;
+        let sp = cfg.scoped_prompt(tok, row.prompt())?;
         if sp.ids.is_empty() || sp.ids.len() > cfg.max_length {
             skipped += 1;
             progress(i + 1, rows.len());

@@ -181,17 +181,9 @@ fn default_alpha() -> f64 {
     32.0
 }
 fn default_targets() -> Vec<String> {
-    [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
-    .map(String::from)
-    .to_vec()
+    crate::adapters::ALL_LINEAR_TARGETS
+        .map(String::from)
+        .to_vec()
 }
 fn default_template() -> String {
     "chat".into()
