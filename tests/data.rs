@@ -295,7 +295,7 @@ fn malformed_rows_name_the_file_and_the_line() {
     assert!(data_error(&p).contains("expected an array of row objects"));
 
     let p = write(d, "rows.parquet", "PAR1");
-    assert!(data_error(&p).contains("Parquet is not supported"));
+    assert!(data_error(&p).contains("not a readable Parquet file"));
     let p = write(d, "rows.txt", "hello");
     assert!(data_error(&p).contains("a .txt file is one prompt per line"));
     let p = write(d, "rows.xlsx", "hello");
