@@ -88,6 +88,11 @@ fn a_low_rank_full_fine_tune_is_recovered_exactly() {
         assert_eq!(report.unchanged_modules, 15);
         assert!(report.not_captured.is_empty(), "{:?}", report.not_captured);
         assert!((report.energy_captured - 1.0).abs() < 1e-9);
+        // Every changed module went through the SVD path asked for (the sketch, 3 columns, is
+        // narrower than the 64-wide modules, so randomized is not replaced by exact).
+        for row in report.modules.iter().filter(|r| r.delta_norm > 0.0) {
+            assert_eq!(row.method, method, "{}", row.module);
+        }
         for (name, m) in &adapter.modules {
             let delta = lora_delta(m).unwrap();
             match deltas.get(&format!("{name}.weight")) {

@@ -575,10 +575,10 @@ impl Report {
             "| p | drift D | update drift U | modules Safe LoRA would project | modules NLSR would repair | verdict | attacked HS |\n|---:|---:|---:|---:|---:|---|---|\n",
         );
         let (mut ps, mut ds, mut hs) = (Vec::new(), Vec::new(), Vec::new());
+        let seed = self.seeds.first().copied();
         for v in rows {
             let p = v["p"].as_f64().unwrap_or(f64::NAN);
             let d = v["drift"].as_f64().unwrap_or(f64::NAN);
-            let seed = self.seeds.first().copied();
             let attacked = self.evals.iter().find(|e| {
                 e.variant.group == "attack"
                     && e.variant.p == Some(p)
