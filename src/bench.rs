@@ -67,8 +67,9 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> crate::Result<()>) -> crate::R
     Ok(best)
 }
 
-/// Prefill (batch 8 x 128), greedy decode (batch 1, 64 tokens) and batched decode (batch 16
-/// and batch 32, 64 tokens) on random token ids (seed 0). Calls `out` for each figure as it is measured.
+/// Prefill (batch 8 x 128), greedy decode (batch 1, 64 tokens; with the model's own storage
+/// and with bf16 matrices) and batched decode (batch 16 and batch 32, 64 tokens) on random
+/// token ids (seed 0). Calls `out` for each figure as it is measured.
 pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
     let vocab = model.config().vocab_size;
     let dev = model.device();
@@ -119,6 +120,20 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
         "tokens/s",
         format!(
             "batch 1, 16-token prompt, {new} greedy tokens (prefill included), {threads} threads"
+        ),
+    ));
+
+    // The same decode with the matrices stored as bf16 (half the bytes read per token; the
+    // arithmetic is f32, see `model::storage`).
+    let narrow = model.with_storage(candle_core::DType::BF16)?;
+    let secs = best_of(repeats, || generate(&narrow, &prompt, &cfg).map(drop))?;
+    drop(narrow);
+    out(figure(
+        "decode_bf16_tokens_per_s",
+        new as f64 / secs,
+        "tokens/s",
+        format!(
+            "as decode_tokens_per_s, matrices stored as bf16 (f32 arithmetic), {threads} threads"
         ),
     ));
 

@@ -34,7 +34,12 @@ fn noise(rows: usize, cols: usize, seed: u64, scale: f32) -> Tensor {
 /// The tiny Llama fixture with `deltas` added to the named tensors, written to `dir`.
 fn fine_tune(dir: &Path, deltas: &HashMap<String, Tensor>) {
     copy_dir(&fixtures().join("tiny-llama"), dir);
-    let mut tensors = load_safetensors(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut tensors = load_safetensors(
+        &dir.join("model.safetensors"),
+        &Device::Cpu,
+        realign::model::StorageDtype::F32,
+    )
+    .unwrap();
     for (name, d) in deltas {
         let w = tensors.get_mut(name).unwrap();
         *w = (&*w + d).unwrap();
@@ -204,8 +209,12 @@ fn truncation_reports_the_energy_it_drops_and_the_tensors_it_does_not_carry() {
     // The norm is not a LoRA target: listed, with its relative change.
     assert_eq!(report.not_captured.len(), 1);
     assert_eq!(report.not_captured[0].name, "model.norm.weight");
-    let base_norm = load_safetensors(&base.join("model.safetensors"), &Device::Cpu).unwrap()
-        ["model.norm.weight"]
+    let base_norm = load_safetensors(
+        &base.join("model.safetensors"),
+        &Device::Cpu,
+        realign::model::StorageDtype::F32,
+    )
+    .unwrap()["model.norm.weight"]
         .clone();
     let rel = f64::from(
         norm.sqr()
@@ -235,7 +244,12 @@ fn mismatched_checkpoints_and_rank_0_are_refused_with_the_key() {
     let base = fixtures().join("tiny-llama");
     let other = tmp.path().join("other");
     copy_dir(&base, &other);
-    let mut t = load_safetensors(&other.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut t = load_safetensors(
+        &other.join("model.safetensors"),
+        &Device::Cpu,
+        realign::model::StorageDtype::F32,
+    )
+    .unwrap();
     t.insert(
         "model.layers.0.mlp.up_proj.weight".into(),
         noise(160, 32, 1, 0.1),
@@ -348,8 +362,18 @@ fn a_repair_made_on_the_extracted_adapter_goes_back_onto_the_full_model() {
     );
     assert!(diff < 1e-4, "logits differ by {diff}");
     // Layer 0's q_proj is the base weight again; layer 1's keeps its update.
-    let weights = load_safetensors(&merged.join("model.safetensors"), &Device::Cpu).unwrap();
-    let base_w = load_safetensors(&base.join("model.safetensors"), &Device::Cpu).unwrap();
+    let weights = load_safetensors(
+        &merged.join("model.safetensors"),
+        &Device::Cpu,
+        realign::model::StorageDtype::F32,
+    )
+    .unwrap();
+    let base_w = load_safetensors(
+        &base.join("model.safetensors"),
+        &Device::Cpu,
+        realign::model::StorageDtype::F32,
+    )
+    .unwrap();
     let key0 = "model.layers.0.self_attn.q_proj.weight";
     assert!(max_abs_diff(&weights[key0], &base_w[key0]) < 1e-6);
     let key1 = "model.layers.1.self_attn.q_proj.weight";

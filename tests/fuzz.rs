@@ -114,13 +114,23 @@ fn headers_that_claim_more_than_the_file_are_errors() {
     st.extend([0u8; 16]);
     let p = dir.path().join("huge.safetensors");
     std::fs::write(&p, &st).unwrap();
-    let err = realign::model::weights::load_safetensors(&p, &Device::Cpu).unwrap_err();
+    let err = realign::model::weights::load_safetensors(
+        &p,
+        &Device::Cpu,
+        realign::model::StorageDtype::Auto,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("huge.safetensors"), "{err}");
     // safetensors: a header length of 2^60
     let mut st = (1u64 << 60).to_le_bytes().to_vec();
     st.extend(b"{}");
     std::fs::write(&p, &st).unwrap();
-    assert!(realign::model::weights::load_safetensors(&p, &Device::Cpu).is_err());
+    assert!(realign::model::weights::load_safetensors(
+        &p,
+        &Device::Cpu,
+        realign::model::StorageDtype::Auto
+    )
+    .is_err());
     // GGUF: 10^12 tensors, a string of 10^12 bytes
     let g = dir.path().join("huge.gguf");
     let mut b = b"GGUF".to_vec();
@@ -150,7 +160,7 @@ proptest! {
         let dir = temp();
         let p = dir.path().join("model.safetensors");
         std::fs::write(&p, mutate(&src, &e, cut)).unwrap();
-        let _ = realign::model::weights::load_safetensors(&p, &Device::Cpu);
+        let _ = realign::model::weights::load_safetensors(&p, &Device::Cpu, realign::model::StorageDtype::Auto);
     }
 
     /// Mutated adapter weights (header and data): Ok or Err, never a panic.
@@ -170,7 +180,7 @@ proptest! {
         let dir = temp();
         let p = dir.path().join("r.safetensors");
         std::fs::write(&p, &bytes).unwrap();
-        prop_assert!(realign::model::weights::load_safetensors(&p, &Device::Cpu).is_err() || bytes.len() >= 8);
+        prop_assert!(realign::model::weights::load_safetensors(&p, &Device::Cpu, realign::model::StorageDtype::Auto).is_err() || bytes.len() >= 8);
     }
 
     /// Mutated GGUF headers and random bytes after the magic.

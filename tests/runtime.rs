@@ -8,7 +8,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 use realign::adapters::{lora_delta, Adapter};
-use realign::model::{AdapterMode, Capture, ForwardArgs, LoadOptions, LoadedModel};
+use realign::model::{
+    AdapterMode, Capture, ForwardArgs, GenerationConfig, LoadOptions, LoadedModel, StorageDtype,
+};
 
 use common::{fixtures, max_abs_diff};
 
@@ -71,31 +73,77 @@ fn sharded_checkpoint_equals_single_file() {
     assert_eq!(max_abs_diff(&single, &sharded), 0.0);
 }
 
+/// A bf16 or f16 checkpoint is kept bf16/f16 in memory (`--dtype auto`) and computes exactly
+/// what an f32 checkpoint of the same rounded values computes: for few rows (gemv: 1-4, the
+/// register tiles: 5-64), for a long prefill (the product on a transient f32 copy), and greedy
+/// decoding with the KV cache; `--dtype f32` widens at load with the same result.
 #[test]
-fn f16_checkpoint_computes_in_f32() {
+fn narrow_checkpoints_stay_narrow_and_compute_in_f32() {
     let src = fixtures().join("tiny-llama");
-    let dir = tempfile::tempdir().unwrap();
-    copy_side_files(&src, dir.path());
     let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    let half: HashMap<String, Tensor> = all
-        .iter()
-        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap()))
-        .collect();
-    candle_core::safetensors::save(&half, dir.path().join("model.safetensors")).unwrap();
-    // Reference: the f16-rounded weights, widened to f32 by hand.
-    let rounded: HashMap<String, Tensor> = half
-        .iter()
-        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap()))
-        .collect();
-    let ref_dir = tempfile::tempdir().unwrap();
-    copy_side_files(&src, ref_dir.path());
-    candle_core::safetensors::save(&rounded, ref_dir.path().join("model.safetensors")).unwrap();
-    let m = load(dir.path());
-    assert_eq!(m.source.dtype, "F16");
-    assert_eq!(m.model.dtype(), DType::F32);
-    let got = m.model.forward(&prompt()).unwrap();
-    let want = load(ref_dir.path()).model.forward(&prompt()).unwrap();
-    assert_eq!(max_abs_diff(&got, &want), 0.0);
+    let long = Tensor::from_vec(
+        (0..90u32)
+            .map(|i| (i * 37 + 11) % 678)
+            .collect::<Vec<u32>>(),
+        (1, 90),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (dtype, name) in [(DType::F16, "F16"), (DType::BF16, "BF16")] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_side_files(&src, dir.path());
+        let narrow: HashMap<String, Tensor> = all
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&narrow, dir.path().join("model.safetensors")).unwrap();
+        // Reference: the rounded weights, widened to f32 by hand.
+        let rounded: HashMap<String, Tensor> = narrow
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap()))
+            .collect();
+        let ref_dir = tempfile::tempdir().unwrap();
+        copy_side_files(&src, ref_dir.path());
+        candle_core::safetensors::save(&rounded, ref_dir.path().join("model.safetensors")).unwrap();
+        let m = load(dir.path());
+        assert_eq!(m.source.dtype, name);
+        assert_eq!(m.model.dtype(), dtype, "{name}: kept in its storage dtype");
+        let widened = LoadedModel::load(
+            dir.path(),
+            &LoadOptions {
+                dtype: StorageDtype::F32,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(widened.model.dtype(), DType::F32);
+        let reference = load(ref_dir.path());
+        for x in [prompt(), prompt().narrow(1, 0, 3).unwrap(), long.clone()] {
+            let want = reference.model.forward(&x).unwrap();
+            assert_eq!(
+                max_abs_diff(&m.model.forward(&x).unwrap(), &want),
+                0.0,
+                "{name}"
+            );
+            assert_eq!(
+                max_abs_diff(&widened.model.forward(&x).unwrap(), &want),
+                0.0,
+                "{name}"
+            );
+        }
+        let cfg = GenerationConfig {
+            max_new_tokens: 8,
+            sampling: realign::model::Sampling::Greedy,
+            stop_ids: Vec::new(),
+            pad_id: 5,
+        };
+        // A batch of two prompts of different lengths (left padding, two rows per product).
+        let ids: Vec<u32> = prompt().flatten_all().unwrap().to_vec1().unwrap();
+        let prompts = vec![ids.clone(), ids[..4].to_vec()];
+        let got = realign::model::generate(&m.model, &prompts, &cfg).unwrap();
+        let want = realign::model::generate(&reference.model, &prompts, &cfg).unwrap();
+        assert_eq!(got, want, "{name}: greedy tokens");
+    }
 }
 
 /// Two adapters stacked unmerged equal the base weights plus both updates, merged by hand.
@@ -181,7 +229,8 @@ fn activations_are_what_the_modules_compute() {
         .find(|x| x.name == format!("{l}.mlp.down_proj"))
         .unwrap()
         .weight
-        .clone();
+        .to_dtype(DType::F32) // tiny-qwen2 is stored (and kept) as bf16
+        .unwrap();
     let out = inter.broadcast_matmul(&w.t().unwrap()).unwrap();
     assert!(max_abs_diff(&out, &get(".mlp.down_proj:output")) < 1e-5);
     // Per-head shapes: 4 query heads, 2 KV heads, head_dim 16, 10 tokens.

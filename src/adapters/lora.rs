@@ -2,7 +2,7 @@
 //! arXiv:2106.09685, eq. 3): a frozen `W` `[out, in]` becomes `W + s · B A` with `A` `[r, in]`,
 //! `B` `[out, r]` and the scale `s = alpha / r` (`alpha / √r` with rsLoRA).
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::AdapterError;
 
@@ -86,9 +86,17 @@ pub fn lora_forward(x: &Tensor, m: &LoraModule) -> candle_core::Result<Tensor> {
 ///
 /// # Shapes
 /// - weight: `[out, in]`, A: `[r, in]`, B: `[out, r]` -> `[out, in]`.
+///
+/// A bf16/f16 weight comes back as f32 (`W` is exact in f32; rounding `W + ΔW` to the storage
+/// dtype would lose most of a small learned update), so merged and unmerged give one answer.
 pub fn merge_into(weight: &Tensor, m: &LoraModule) -> candle_core::Result<Tensor> {
-    let delta = lora_delta(m)?.to_dtype(weight.dtype())?;
-    weight.add(&delta)
+    let delta = lora_delta(m)?;
+    match weight.dtype() {
+        DType::BF16 | DType::F16 => weight
+            .to_dtype(DType::F32)?
+            .add(&delta.to_dtype(DType::F32)?),
+        d => weight.add(&delta.to_dtype(d)?),
+    }
 }
 
 #[cfg(test)]

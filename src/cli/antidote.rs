@@ -41,6 +41,10 @@ pub struct Args {
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dtype the model's matrices are kept in: auto (the checkpoint's own: bf16/f16 stay
+    /// narrow, f32 and quantised GGUF are f32), f32, bf16 or f16; products accumulate in f32
+    #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
+    dtype: realign::model::StorageDtype,
     /// Output folder: the PEFT adapter (rank r_a + min(out, in) per module: exact, as large as
     /// the dense update) and antidote_report.json, written whole
     #[arg(short, long)]
@@ -67,6 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &model_path,
         &LoadOptions {
             device: dev.clone(),
+            dtype: a.dtype,
         },
     )
     .with_context(|| format!("loading {}", model_path.display()))?;

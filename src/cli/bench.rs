@@ -20,6 +20,10 @@ pub struct Args {
     /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dtype the model's matrices are kept in: auto (the checkpoint's own: bf16/f16 stay
+    /// narrow, f32 and quantised GGUF are f32), f32, bf16 or f16; products accumulate in f32
+    #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
+    dtype: realign::model::StorageDtype,
     /// Repetitions of each measurement; the best is reported
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -44,6 +48,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &path,
         &LoadOptions {
             device: super::device(&a.device)?,
+            dtype: a.dtype,
         },
     )
     .with_context(|| format!("loading {}", path.display()))?;

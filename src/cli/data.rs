@@ -203,7 +203,7 @@ fn stats(source: &str, model: Option<&Path>, template: &str) -> anyhow::Result<(
 }
 
 /// The tokenizer of a Hugging Face folder or a GGUF file, without loading the weights.
-fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
+pub(super) fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
     if path.is_dir() {
         return Ok(Tokenizer::from_hf_dir(path)?);
     }

@@ -103,6 +103,10 @@ pub struct Args {
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dtype the model's matrices are kept in: auto (the checkpoint's own: bf16/f16 stay
+    /// narrow, f32 and quantised GGUF are f32), f32, bf16 or f16; products accumulate in f32
+    #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
+    dtype: realign::model::StorageDtype,
 }
 
 /// `none` (any case) means "skip this set".
@@ -143,7 +147,7 @@ fn columns(specs: &[String], label: Option<String>) -> anyhow::Result<EvalColumn
 pub fn run(a: Args) -> anyhow::Result<()> {
     let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let judge: JudgeSpec = a.judge.parse()?;
-    let opts = EvalOptions {
+    let mut opts = EvalOptions {
         harmful: source(&a.harmful),
         task: source(&a.task),
         overrefusal: source(&a.benign),
@@ -168,6 +172,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &path,
         &LoadOptions {
             device: super::device(&a.device)?,
+            dtype: a.dtype,
         },
     )
     .with_context(|| format!("loading model {}", path.display()))?;
@@ -181,6 +186,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         m.model.apply_adapter(&ad, mode)?;
     }
+    // A bf16/f16 model keeps its adapters unmerged (see `AdapterMode::Merged`): say what ran.
+    opts.merged = opts.merged && m.model.linears().all(|l| l.loras.is_empty());
     let out = evaluate(&m, &opts)?;
     out.write(staged.path())
         .with_context(|| format!("writing {}", a.output.display()))?;

@@ -102,6 +102,10 @@ struct RunArgs {
     /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dtype the model's matrices are kept in: auto (the checkpoint's own: bf16/f16 stay
+    /// narrow, f32 and quantised GGUF are f32), f32, bf16 or f16; products accumulate in f32
+    #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
+    dtype: realign::model::StorageDtype,
     /// Output masks file (safetensors); the report goes beside it with the extension .json
     #[arg(short, long, required = true)]
     output: Option<PathBuf>,
@@ -175,6 +179,7 @@ fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
         &model_path,
         &LoadOptions {
             device: dev.clone(),
+            dtype: a.dtype,
         },
     )
     .with_context(|| format!("loading {}", model_path.display()))?;

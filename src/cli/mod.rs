@@ -18,6 +18,7 @@ mod resta;
 mod safelora;
 mod safemerge;
 mod sn_tune;
+mod synthetic;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -81,6 +82,9 @@ enum Command {
     /// Safety neurons: `realign neurons detect` (neurons every prompt of a corpus activates),
     /// `realign neurons overlap A B`, `realign neurons deactivate` (Deact-SN vs Deact-R).
     Neurons(neurons::Args),
+    /// A random-weight checkpoint of Llama-3-8B's exact shape (bf16, sharded) and a matching
+    /// LoRA adapter, to measure memory and time at 8B scale without the real weights.
+    Synthetic(synthetic::Args),
 }
 
 /// Runs the parsed command.
@@ -106,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::SnTune(a) => sn_tune::run_sn_tune(a),
         Command::Neurons(a) => neurons::run(a),
+        Command::Synthetic(a) => synthetic::run(a),
     }
 }
 

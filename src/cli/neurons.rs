@@ -113,6 +113,10 @@ struct DetectArgs {
     /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dtype the model's matrices are kept in: auto (the checkpoint's own: bf16/f16 stay
+    /// narrow, f32 and quantised GGUF are f32), f32, bf16 or f16; products accumulate in f32
+    #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
+    dtype: realign::model::StorageDtype,
     /// Output neuron-set file (JSON); the reports and the plot go beside it as
     /// SET.report.json, SET.report.md and SET.svg
     #[arg(short, long)]
@@ -245,6 +249,7 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         &model_path,
         &LoadOptions {
             device: dev.clone(),
+            dtype: a.dtype,
         },
     )
     .with_context(|| format!("loading {}", model_path.display()))?;

@@ -90,18 +90,24 @@ pub struct DeactivateArgs {
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dtype the model's matrices are kept in: auto (the checkpoint's own: bf16/f16 stay
+    /// narrow, f32 and quantised GGUF are f32), f32, bf16 or f16; products accumulate in f32
+    #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
+    dtype: realign::model::StorageDtype,
 }
 
 fn load(
     model: Option<PathBuf>,
     adapters: &[PathBuf],
     device: &str,
+    dtype: realign::model::StorageDtype,
 ) -> anyhow::Result<(PathBuf, LoadedModel)> {
     let path = super::model_path(model)?;
     let mut loaded = LoadedModel::load(
         &path,
         &LoadOptions {
             device: super::device(device)?,
+            dtype,
         },
     )
     .with_context(|| format!("loading model {}", path.display()))?;
@@ -133,7 +139,7 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
         LoadedModel {
             model, tokenizer, ..
         },
-    ) = load(a.model, &a.adapters, &a.device)?;
+    ) = load(a.model, &a.adapters, &a.device, a.dtype)?;
     let set = NeuronSet::load(&a.set)?;
     if let Some(dir) = &a.write {
         let chosen = if a.random_like {
@@ -359,6 +365,10 @@ pub struct SnTuneArgs {
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dtype the model's matrices are kept in: auto (the checkpoint's own: bf16/f16 stay
+    /// narrow, f32 and quantised GGUF are f32), f32, bf16 or f16; products accumulate in f32
+    #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
+    dtype: realign::model::StorageDtype,
 }
 
 pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
@@ -368,7 +378,7 @@ pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
         LoadedModel {
             model, tokenizer, ..
         },
-    ) = load(a.model, &a.adapters, &a.device)?;
+    ) = load(a.model, &a.adapters, &a.device, a.dtype)?;
     let safety = NeuronSet::load(&a.set)?;
     let (set, excluded) = match &a.exclude {
         Some(p) => {

@@ -19,6 +19,10 @@ pub struct Args {
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dtype the model's matrices are kept in: auto (the checkpoint's own: bf16/f16 stay
+    /// narrow, f32 and quantised GGUF are f32), f32, bf16 or f16; products accumulate in f32
+    #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
+    dtype: realign::model::StorageDtype,
 }
 
 struct Bar(ProgressBar);
@@ -43,6 +47,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &path,
         &LoadOptions {
             device: super::device(&a.device)?,
+            dtype: a.dtype,
         },
     )
     .with_context(|| format!("loading model {}", path.display()))?;

@@ -490,9 +490,7 @@ pub fn evaluate(model: &LoadedModel, opts: &EvalOptions) -> crate::Result<EvalOu
     let judge = match (&opts.judge, &opts.harmful) {
         (JudgeSpec::Model(path), Some(_)) => Some(LoadedModel::load(
             path,
-            &LoadOptions {
-                device: model.model.device().clone(),
-            },
+            &LoadOptions::on(model.model.device().clone()),
         )?),
         _ => None,
     };

@@ -1,5 +1,5 @@
-//! GGUF checkpoints (v2/v3): configuration from metadata, every tensor dequantised to f32 and
-//! renamed to the Hugging Face layout, with llama.cpp's rotary row permutation of Q and K undone
+//! GGUF checkpoints (v2/v3): configuration from metadata, every tensor dequantised (kept f32,
+//! or stored narrower as [`StorageDtype`] says) and renamed to the Hugging Face layout, with llama.cpp's rotary row permutation of Q and K undone
 //! (Llama and Mistral; Qwen2 is stored unpermuted) so that weights, activations and PEFT adapters
 //! line up with the original model.
 
@@ -7,9 +7,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
 
 use super::config::{Architecture, Config, RopeScaling};
+use super::storage::StorageDtype;
 use super::weights::Weights;
 use super::ModelError;
 
@@ -173,6 +175,7 @@ pub fn load_weights(
     path: &Path,
     cfg: &Config,
     device: &Device,
+    dtype: StorageDtype,
 ) -> crate::Result<Weights> {
     let mut f = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
     let mut tensors = HashMap::new();
@@ -181,6 +184,12 @@ pub fn load_weights(
         let q = c
             .tensor(&mut f, name, device)
             .map_err(|e| bad(path, format!("tensor {name:?}: {e}")))?;
+        let file = match q.dtype() {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
         let mut t = q
             .dequantize(device)
             .map_err(|e| bad(path, format!("tensor {name:?}: {e}")))?;
@@ -191,6 +200,7 @@ pub fn load_weights(
                 t = unpermute_rows(&t, cfg.num_key_value_heads)?;
             }
         }
+        let t = dtype.store(t, file)?;
         crate::fsutil::check_finite(&t, path, name)?;
         tensors.insert(hf, t);
     }

@@ -293,6 +293,23 @@ impl Model {
         &self.device
     }
 
+    /// A copy with every matrix (the linear weights, the embedding, an untied LM head) stored as
+    /// `dtype`; activations stay f32 (see [`super::storage`]). A tied LM head stays tied.
+    pub fn with_storage(&self, dtype: DType) -> candle_core::Result<Self> {
+        let mut m = self.clone();
+        let tied = m.lm_head.weight.id() == m.embed_tokens.id();
+        m.embed_tokens = m.embed_tokens.to_dtype(dtype)?;
+        m.lm_head.weight = if tied {
+            m.embed_tokens.clone()
+        } else {
+            m.lm_head.weight.to_dtype(dtype)?
+        };
+        for lin in m.linears_mut() {
+            lin.weight = lin.weight.to_dtype(dtype)?;
+        }
+        Ok(m)
+    }
+
     /// Use only operations with a backward pass (for training); the default uses fused kernels.
     pub fn set_differentiable(&mut self, on: bool) {
         self.differentiable = on;
@@ -395,6 +412,18 @@ impl Model {
         if s == 0 {
             return Err(super::ModelError::Input("empty input (0 tokens)".into()).into());
         }
+        let max_id = input_ids
+            .max_all()?
+            .to_dtype(DType::U32)?
+            .to_scalar::<u32>()? as usize;
+        if max_id >= self.cfg.vocab_size {
+            return Err(super::ModelError::Input(format!(
+                "token id {max_id} is past the model's vocabulary of {} (is the tokenizer the \
+                 model's own?)",
+                self.cfg.vocab_size
+            ))
+            .into());
+        }
         let past = args.cache.as_ref().map_or(0, |c| c.seq_len());
         let positions = match (args.position_ids, args.attention_mask) {
             (Some(p), _) => p.clone(),
@@ -423,6 +452,7 @@ impl Model {
         let mut x = self
             .embed_tokens
             .embedding(&input_ids.flatten_all()?)?
+            .to_dtype(DType::F32)?
             .reshape((b, s, self.cfg.hidden_size))?;
         emit(step.hook, "model.embed_tokens", "output", &x)?;
         let mut cache = args.cache;
@@ -453,7 +483,8 @@ impl Model {
         self.cfg.num_parameters()
     }
 
-    /// The weights' dtype in memory (always f32 on CPU).
+    /// The dtype the embedding (and, stored the same way, every linear weight without a merged
+    /// adapter) is kept in; activations are always f32 (see [`super::storage`]).
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
     }

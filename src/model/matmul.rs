@@ -20,17 +20,24 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// Row counts above [`GEMV_MAX_ROWS`] and up to this use [`super::tile::few_rows`].
 pub const FEW_ROWS_MAX: usize = 64;
 
-/// `x: [n, in]`, `w: [out, in]` -> `[n, out]`.
+/// `x: [n, in]`, `w: [out, in]` -> `[n, out]`, for `w` in f32, bf16 or f16 (always computed
+/// in f32: see [`super::storage`]).
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (n, k) = x.dims2()?;
+    let narrow = matches!(w.dtype(), DType::BF16 | DType::F16);
     let fast = n <= FEW_ROWS_MAX
         && matches!(x.device(), Device::Cpu)
         && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
+        && (w.dtype() == DType::F32 || narrow)
         && w.is_contiguous()
         && !x.track_op()
         && !w.track_op();
     if !fast {
+        if narrow {
+            // Prefill, training, other devices: this module in f32 for the one product (a
+            // transient copy; the conversion is exact and costs 1/n of the product).
+            return linear(x, &w.to_dtype(DType::F32)?);
+        }
         // Training: the base weight is frozen, so only x needs a gradient.
         if x.track_op() && !w.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
             return x
@@ -46,42 +53,220 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             return x.matmul(&w.t()?);
         };
-        let ws = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + out * k];
+        let range = layout.start_offset()..layout.start_offset() + out * k;
+        let ws = match cpu {
+            candle_core::CpuStorage::F32(v) => WeightRows::F32(&v[range]),
+            candle_core::CpuStorage::BF16(v) => WeightRows::Bf16(&v[range]),
+            candle_core::CpuStorage::F16(v) => WeightRows::F16(&v[range]),
+            _ => return x.matmul(&w.t()?),
+        };
         if n <= GEMV_MAX_ROWS {
-            gemv(&xs, ws, n, k, out)
+            gemv_of(&xs, ws, n, k, out)
         } else {
             let mut y = vec![0f32; n * out];
-            super::tile::few_rows(&xs, ws, n, k, out, &mut y);
+            super::tile::few_rows_of(&xs, ws, n, k, out, &mut y);
             y
         }
     };
     Tensor::from_vec(y, (n, out), x.device())
 }
 
+/// A row-major weight matrix as the few-row kernels read it: f32 in place, or bf16/f16
+/// converted to f32 one block of rows at a time, by the thread that is about to use the block
+/// (the conversion is exact: every bf16 and f16 value is an f32).
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRows<'a> {
+    /// Read in place.
+    F32(&'a [f32]),
+    /// Converted per block (a shift of the 16 bits).
+    Bf16(&'a [half::bf16]),
+    /// Converted per block (F16C where the CPU has it).
+    F16(&'a [half::f16]),
+}
+
+impl<'a> WeightRows<'a> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(w) => w.len(),
+            Self::Bf16(w) => w.len(),
+            Self::F16(w) => w.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows `j0..j1` of the `[_, k]` matrix as f32: borrowed when stored as f32, otherwise
+    /// converted into `scratch`.
+    pub fn panel<'s>(&self, j0: usize, j1: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        let range = j0 * k..j1 * k;
+        match *self {
+            Self::F32(w) => &w[range],
+            // (every element is overwritten: no clearing, no zero fill)
+            Self::Bf16(w) => {
+                scratch.resize(range.len(), 0.0);
+                widen_bf16(&w[range.clone()], &mut scratch[..range.len()]);
+                &scratch[..range.len()]
+            }
+            Self::F16(w) => {
+                use half::slice::HalfFloatSliceExt;
+                scratch.resize(range.len(), 0.0);
+                w[range.clone()].convert_to_f32_slice(&mut scratch[..range.len()]);
+                &scratch[..range.len()]
+            }
+        }
+    }
+}
+
+/// `dst[i] = src[i]` widened to f32 (a bf16 is the high half of an f32), vectorised with
+/// AVX-512 or AVX2 when the CPU has them (a zero-extend and a shift per lane).
+fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the feature the function is compiled for.
+            return unsafe { widen_bf16_avx512(src, dst) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { widen_bf16_avx2(src, dst) };
+        }
+    }
+    widen_bf16_portable(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_bf16_avx512(src: &[half::bf16], dst: &mut [f32]) {
+    widen_bf16_portable(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2(src: &[half::bf16], dst: &mut [f32]) {
+    widen_bf16_portable(src, dst)
+}
+
+#[inline(always)]
+fn widen_bf16_portable(src: &[half::bf16], dst: &mut [f32]) {
+    for (o, v) in dst.iter_mut().zip(src) {
+        *o = f32::from_bits(u32::from(v.to_bits()) << 16);
+    }
+}
+
 /// `y[i][j] = sum_k x[i][k] * w[j][k]` for `x: [n, k]`, `w: [out, k]`, row-major; returns
 /// `[n, out]`. Blocks of output rows are spread over [`Pool::global`].
 pub fn gemv(x: &[f32], w: &[f32], n: usize, k: usize, out: usize) -> Vec<f32> {
+    gemv_of(x, WeightRows::F32(w), n, k, out)
+}
+
+/// [`gemv`] for a weight in any storage dtype (each block converted by the thread that reads
+/// it; same dot products, bit for bit, as on the f32 values).
+pub fn gemv_of(x: &[f32], w: WeightRows, n: usize, k: usize, out: usize) -> Vec<f32> {
     // Blocks of ~64 KiB of weights: small enough to balance, big enough to stream.
     let rows = (16_384 / k.max(1)).clamp(4, 4096);
     let parts = out.div_ceil(rows);
     let mut y = vec![0f32; n * out];
+    if x.len() < n * k || w.len() < out * k {
+        debug_assert!(false, "gemv: slices shorter than the shapes");
+        return y;
+    }
     let yp = SyncPtr(y.as_mut_ptr());
     Pool::global().run(parts, &|p| {
         let y = &yp;
-        for j in p * rows..((p + 1) * rows).min(out) {
-            let wr = &w[j * k..(j + 1) * k];
-            for i in 0..n {
-                // SAFETY: each (i, j) is written by exactly one part, and `y` outlives `run`.
-                unsafe { *y.0.add(i * out + j) = dot(&x[i * k..(i + 1) * k], wr) };
+        let (j0, j1) = (p * rows, ((p + 1) * rows).min(out));
+        PANEL.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            for j in j0..j1 {
+                if let WeightRows::Bf16(wb) = w {
+                    // bf16 rows are widened inside the dot, in registers.
+                    let wr = &wb[j * k..(j + 1) * k];
+                    for i in 0..n {
+                        // SAFETY: each (i, j) is written by exactly one part, and `y` outlives
+                        // `run`.
+                        unsafe { *y.0.add(i * out + j) = dot_bf16(&x[i * k..(i + 1) * k], wr) };
+                    }
+                    continue;
+                }
+                // One row at a time: an f16 row is widened into L1 right before its dots.
+                let wr = w.panel(j, j + 1, k, &mut scratch);
+                for i in 0..n {
+                    // SAFETY: as above.
+                    unsafe { *y.0.add(i * out + j) = dot(&x[i * k..(i + 1) * k], wr) };
+                }
             }
-        }
+        });
     });
     y
+}
+
+thread_local! {
+    /// One block of a bf16/f16 weight's rows converted to f32, per pool thread.
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct SyncPtr(*mut f32);
 // SAFETY: used only for disjoint writes inside `Pool::run`, which returns after all of them.
 unsafe impl Sync for SyncPtr {}
+
+/// `sum_i a[i] * b[i]` for a bf16 `b`, widened in registers (AVX-512 or AVX2+FMA when the CPU
+/// has them). Equal, bit for bit, to [`dot`] on `b` widened first: the same sixteen partial
+/// sums in the same order.
+#[inline]
+pub fn dot_bf16(a: &[f32], b: &[half::bf16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fma = std::arch::is_x86_feature_detected!("fma");
+        if fma && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot_bf16_avx512(a, b) };
+        }
+        if fma && std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { dot_bf16_avx2(a, b) };
+        }
+    }
+    dot_bf16_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn dot_bf16_avx512(a: &[f32], b: &[half::bf16]) -> f32 {
+    dot_bf16_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(a: &[f32], b: &[half::bf16]) -> f32 {
+    dot_bf16_portable(a, b)
+}
+
+/// [`dot_portable`]'s sixteen accumulators, each bf16 widened as it is read.
+#[inline(always)]
+fn dot_bf16_portable(a: &[f32], b: &[half::bf16]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..16 {
+            let w = f32::from_bits(u32::from(y[l].to_bits()) << 16);
+            acc[l] = x[l].mul_add(w, acc[l]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s = x.mul_add(f32::from_bits(u32::from(y.to_bits()) << 16), s);
+    }
+    s
+}
 
 /// Dot product, with AVX2+FMA when the CPU has it.
 #[inline]
@@ -127,6 +312,11 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
+        d.and_then(|d| d.to_scalar::<f32>()).unwrap_or(f32::NAN)
+    }
+
     #[test]
     fn gemv_matches_gemm() {
         let dev = Device::Cpu;
@@ -143,17 +333,51 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (out, k), &dev).unwrap();
             let fast = linear(&x, &w).unwrap();
             let slow = x.matmul(&w.t().unwrap()).unwrap();
-            let d = (fast - slow)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&fast, &slow);
             // sums of k products of N(0,1): error ~ sqrt(k) * eps * |terms|
             assert!(d < 1e-3, "{n}x{k}x{out}: {d}");
         }
+    }
+
+    /// bf16 and f16 weights give, bit for bit, what their values widened to f32 give, for
+    /// every path: gemv (n <= 4), the tiles (5..=64), and the product past them (n = 70).
+    #[test]
+    fn narrow_weights_equal_their_f32_values() {
+        let dev = Device::Cpu;
+        for dtype in [DType::BF16, DType::F16] {
+            for (n, k, out) in [
+                (1, 37, 29),
+                (3, 576, 70),
+                (9, 37, 29),
+                (64, 130, 50),
+                (70, 37, 9),
+            ] {
+                let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let w = Tensor::randn(0f32, 1.0, (out, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let wide = w.to_dtype(DType::F32).unwrap();
+                let got = linear(&x, &w).unwrap();
+                assert_eq!(got.dtype(), DType::F32);
+                let want = linear(&x, &wide).unwrap();
+                assert_eq!(max_abs_diff(&got, &want), 0.0, "{dtype:?} {n}x{k}x{out}");
+            }
+        }
+    }
+
+    #[test]
+    fn panels_widen_exactly() {
+        // bf16 0x3FC0 = 1.5, 0xC000 = -2; f16 0x3E00 = 1.5, 0xC000 = -2.
+        let b = [half::bf16::from_bits(0x3FC0), half::bf16::from_bits(0xC000)];
+        let h = [half::f16::from_bits(0x3E00), half::f16::from_bits(0xC000)];
+        let mut s = Vec::new();
+        assert_eq!(WeightRows::Bf16(&b).panel(0, 2, 1, &mut s), &[1.5, -2.0]);
+        assert_eq!(WeightRows::F16(&h).panel(1, 2, 1, &mut s), &[-2.0]);
+        assert_eq!(
+            WeightRows::F32(&[3.0, 4.0]).panel(0, 1, 2, &mut s),
+            &[3.0, 4.0]
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(crate) mod mapped;
 pub mod matmul;
 pub mod parallel;
 pub mod rope;
+pub mod storage;
+pub mod synthetic;
 pub mod tile;
 pub mod weights;
 
@@ -37,6 +39,7 @@ pub use config::{Architecture, Config, RopeScaling, RopeScalingKind, LINEAR_MODU
 pub use export::{export_hf, export_hf_with};
 pub use generate::{generate, GenerationConfig, Sampling};
 pub use llama::{ForwardArgs, Logits, Model};
+pub use storage::StorageDtype;
 
 use crate::adapters::{Adapter, AdapterError};
 use crate::tokenizer::Tokenizer;
@@ -111,12 +114,25 @@ pub enum ModelError {
 pub struct LoadOptions {
     /// Where the weights go.
     pub device: Device,
+    /// The dtype the matrices are kept in (default: the checkpoint's own).
+    pub dtype: StorageDtype,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             device: Device::Cpu,
+            dtype: StorageDtype::Auto,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The default storage dtype on `device`.
+    pub fn on(device: Device) -> Self {
+        Self {
+            device,
+            dtype: StorageDtype::Auto,
         }
     }
 }
@@ -156,7 +172,7 @@ impl LoadedModel {
                 .into());
             }
             let cfg = Config::from_hf_file(&cfg_path)?;
-            let weights = weights::Weights::from_hf_dir(path, dev)?;
+            let weights = weights::Weights::from_hf_dir_as(path, dev, opts.dtype)?;
             let first = if path.join("model.safetensors").is_file() {
                 path.join("model.safetensors")
             } else {
@@ -182,7 +198,7 @@ impl LoadedModel {
                 .get("blk.0.attn_q.weight")
                 .map(|t| format!("{:?}", t.ggml_dtype))
                 .unwrap_or_default();
-            let weights = gguf::load_weights(&content, path, &cfg, dev)?;
+            let weights = gguf::load_weights(&content, path, &cfg, dev, opts.dtype)?;
             let tokenizer = Tokenizer::from_gguf(path, &content)?;
             let model = Model::new(cfg, weights, dev)?;
             Ok(Self {
@@ -228,7 +244,10 @@ pub enum AdapterMode {
     /// Kept apart: `y = x W^T + s (x A^T) B^T` (needed to train or analyse the adapter).
     #[default]
     Unmerged,
-    /// Folded into the weights: `W += s B A` (faster inference).
+    /// Folded into the weights: `W += s B A` (faster inference). Only into f32 weights: a module
+    /// stored as bf16/f16 keeps the adapter unmerged (merging would round the update into the
+    /// narrow dtype or double the module's memory; unmerged is exact and costs `r (in + out)`
+    /// multiply-adds per token).
     Merged,
 }
 
@@ -253,11 +272,12 @@ impl Model {
         }
         for lin in self.linears_mut() {
             if let Some(m) = adapter.modules.get(&lin.name) {
+                let narrow = lin.weight.dtype() != candle_core::DType::F32;
                 match mode {
-                    AdapterMode::Unmerged => lin.loras.push(m.clone()),
-                    AdapterMode::Merged => {
+                    AdapterMode::Merged if !narrow => {
                         lin.weight = crate::adapters::merge_into(&lin.weight, m)?
                     }
+                    _ => lin.loras.push(m.clone()),
                 }
             }
         }

@@ -12,6 +12,7 @@
 //!
 //! The rows of `W` are split across [`Pool::global`] in blocks of whole tiles.
 
+use super::matmul::WeightRows;
 use super::parallel::Pool;
 
 /// Most input rows one packed pass covers; more rows are processed in chunks of this many.
@@ -48,6 +49,13 @@ fn isa() -> Isa {
 /// chunks of input rows, but a gemm is then faster). Writes nothing when a slice is shorter
 /// than its shape (callers pass exact slices; a debug build asserts it).
 pub fn few_rows(x: &[f32], w: &[f32], n: usize, k: usize, out: usize, y: &mut [f32]) {
+    few_rows_of(x, WeightRows::F32(w), n, k, out, y)
+}
+
+/// [`few_rows`] for a weight in any storage dtype: each pool thread converts its block of
+/// weight rows to f32 (exactly) right before the tiles read it, so a bf16 weight is read from
+/// memory at half the bytes and the arithmetic is the f32 kernel's, bit for bit.
+pub fn few_rows_of(x: &[f32], w: WeightRows, n: usize, k: usize, out: usize, y: &mut [f32]) {
     if x.len() < n * k || w.len() < out * k || y.len() < n * out || n == 0 {
         debug_assert!(n == 0, "few_rows: slices shorter than the shapes");
         return;
@@ -55,7 +63,15 @@ pub fn few_rows(x: &[f32], w: &[f32], n: usize, k: usize, out: usize, y: &mut [f
     few_rows_with(isa(), x, w, n, k, out, y);
 }
 
-fn few_rows_with(isa: Isa, x: &[f32], w: &[f32], n: usize, k: usize, out: usize, y: &mut [f32]) {
+fn few_rows_with(
+    isa: Isa,
+    x: &[f32],
+    w: WeightRows,
+    n: usize,
+    k: usize,
+    out: usize,
+    y: &mut [f32],
+) {
     let mut i0 = 0;
     while i0 < n {
         let rows = (n - i0).min(MAX_LANES);
@@ -93,7 +109,7 @@ fn shape(isa: Isa, n: usize) -> (usize, usize, usize) {
 }
 
 /// One packed pass: `n <= MAX_LANES` input rows (at most `V * NB` of them for the shape).
-fn chunk(isa: Isa, x: &[f32], w: &[f32], n: usize, k: usize, out: usize, y: &mut [f32]) {
+fn chunk(isa: Isa, x: &[f32], w: WeightRows, n: usize, k: usize, out: usize, y: &mut [f32]) {
     let (v, nb, mr) = shape(isa, n);
     let lanes = v * nb;
     if n > lanes {
@@ -133,25 +149,30 @@ fn chunk(isa: Isa, x: &[f32], w: &[f32], n: usize, k: usize, out: usize, y: &mut
             let j0 = p * block;
             let j1 = (j0 + block).min(out);
             let yp = &yp;
-            BLOCK.with(|cell| {
-                // The block's outputs as `[j - j0][lanes]` (the tiles' natural layout), then
-                // copied out row by row: storing straight into `y` would write `n` lines
-                // `out * 4` bytes apart per weight row, which all map to one L1 set when
-                // `out` is a multiple of 1024 (the LM head) and thrash it.
-                let mut buf = cell.borrow_mut();
-                buf.clear();
-                buf.resize((j1 - j0) * lanes, 0.0);
-                run_block(isa, (v, nb, mr), xt, w, k, j0, j1, &mut buf);
-                for i in 0..n {
-                    // SAFETY: part `p` writes only the columns `j0..j1` of `y` (rows `0..n`,
-                    // row stride `out`), which no other part writes; `y` outlives `run`, and
-                    // `few_rows` checked `y.len() >= n * out`.
-                    let row =
-                        unsafe { std::slice::from_raw_parts_mut(yp.0.add(i * out + j0), j1 - j0) };
-                    for (dst, src) in row.iter_mut().zip(buf.chunks_exact(lanes)) {
-                        *dst = src[i];
+            PANEL.with(|panel| {
+                let mut panel = panel.borrow_mut();
+                let wp = w.panel(j0, j1, k, &mut panel);
+                BLOCK.with(|cell| {
+                    // The block's outputs as `[j - j0][lanes]` (the tiles' natural layout), then
+                    // copied out row by row: storing straight into `y` would write `n` lines
+                    // `out * 4` bytes apart per weight row, which all map to one L1 set when
+                    // `out` is a multiple of 1024 (the LM head) and thrash it.
+                    let mut buf = cell.borrow_mut();
+                    buf.clear();
+                    buf.resize((j1 - j0) * lanes, 0.0);
+                    run_block(isa, (v, nb, mr), xt, wp, k, 0, j1 - j0, &mut buf);
+                    for i in 0..n {
+                        // SAFETY: part `p` writes only the columns `j0..j1` of `y` (rows `0..n`,
+                        // row stride `out`), which no other part writes; `y` outlives `run`, and
+                        // `few_rows` checked `y.len() >= n * out`.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(yp.0.add(i * out + j0), j1 - j0)
+                        };
+                        for (dst, src) in row.iter_mut().zip(buf.chunks_exact(lanes)) {
+                            *dst = src[i];
+                        }
                     }
-                }
+                });
             });
         });
     });
@@ -163,6 +184,8 @@ thread_local! {
     static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The outputs of one block of weight rows, per pool thread.
     static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One block of a bf16/f16 weight's rows converted to f32, per pool thread.
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Weight rows `j0..j1`: whole tiles, then single rows; row `j` goes to
@@ -382,7 +405,7 @@ mod tests {
                     let x = values(n * k, n as u64 + 7);
                     let want = naive(&x, &w, n, k, out);
                     let mut y = vec![f32::NAN; n * out];
-                    few_rows_with(isa, &x, &w, n, k, out, &mut y);
+                    few_rows_with(isa, &x, WeightRows::F32(&w), n, k, out, &mut y);
                     for (idx, (&got, &want)) in y.iter().zip(&want).enumerate() {
                         // |terms| <= 0.25, k <= 129: f32 rounding stays far below 1e-4.
                         assert!(
@@ -403,7 +426,7 @@ mod tests {
         let w = [1.0, 0.0, -1.0, 0.5, 0.5, 0.5];
         for isa in isas() {
             let mut y = [0f32; 4];
-            few_rows_with(isa, &x, &w, 2, 3, 2, &mut y);
+            few_rows_with(isa, &x, WeightRows::F32(&w), 2, 3, 2, &mut y);
             assert_eq!(y, [-2.0, 3.0, -2.0, 7.5], "{isa:?}");
         }
     }

@@ -1,11 +1,12 @@
 //! Checkpoint tensors by Hugging Face name, from single or sharded safetensors (f32/bf16/f16,
-//! converted to f32) or from a dequantised GGUF file (see [`super::gguf`]).
+//! stored as [`StorageDtype`] says) or from a dequantised GGUF file (see [`super::gguf`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::storage::StorageDtype;
 use super::ModelError;
 
 /// The tensors of a checkpoint, taken one by one while the model is built.
@@ -32,13 +33,19 @@ impl Weights {
         }
     }
 
-    /// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+    /// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`, as
+    /// f32 (for arithmetic on the weights themselves, e.g. `W_a - W_base`).
     pub fn from_hf_dir(dir: &Path, device: &Device) -> crate::Result<Self> {
+        Self::from_hf_dir_as(dir, device, StorageDtype::F32)
+    }
+
+    /// [`Weights::from_hf_dir`], with the matrices stored as `dtype` says.
+    pub fn from_hf_dir_as(dir: &Path, device: &Device, dtype: StorageDtype) -> crate::Result<Self> {
         let shards = shard_files(dir)?;
         let mut tensors = HashMap::new();
         let mut files = HashMap::new();
         for shard in &shards {
-            for (name, t) in load_safetensors(shard, device)? {
+            for (name, t) in load_safetensors(shard, device, dtype)? {
                 files.insert(name.clone(), shard.clone());
                 tensors.insert(name, t);
             }
@@ -87,11 +94,6 @@ impl Weights {
         v.sort();
         v
     }
-
-    /// The dtype most tensors had on disk is not kept; this reports the in-memory one.
-    pub fn dtype(&self) -> DType {
-        DType::F32
-    }
 }
 
 /// The safetensors files of a Hugging Face folder: `model.safetensors`, or every shard named in
@@ -127,12 +129,16 @@ pub fn shard_files(dir: &Path) -> crate::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Loads one safetensors file, converting every floating tensor to f32.
+/// Loads one safetensors file: matrices stored as `dtype` says, other tensors as f32.
 ///
 /// The file is memory-mapped, not read: each tensor is copied out of the map and its pages are
 /// handed back right after, so that loading holds one copy of the weights (plus the tensor
 /// being converted), not the file's bytes and the tensors both.
-pub fn load_safetensors(path: &Path, device: &Device) -> crate::Result<HashMap<String, Tensor>> {
+pub fn load_safetensors(
+    path: &Path,
+    device: &Device,
+    dtype: StorageDtype,
+) -> crate::Result<HashMap<String, Tensor>> {
     let file = crate::fsutil::Mapped::open(path)?;
     let bad = |reason: String| ModelError::BadWeights {
         path: path.to_path_buf(),
@@ -147,8 +153,7 @@ pub fn load_safetensors(path: &Path, device: &Device) -> crate::Result<HashMap<S
             .map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
         file.release(&[&loc]);
         let t = match t.dtype() {
-            DType::F32 => t,
-            DType::BF16 | DType::F16 | DType::F64 => t.to_dtype(DType::F32)?,
+            d @ (DType::F32 | DType::BF16 | DType::F16 | DType::F64) => dtype.store(t, Some(d))?,
             other => {
                 return Err(bad(format!(
                     "tensor {name:?} has dtype {other:?}; expected f32, bf16 or f16"

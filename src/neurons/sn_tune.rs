@@ -194,13 +194,15 @@ impl NeuronDeltas {
 
     /// Adds the deltas into `model`'s weights by index (`W[idx rows] += D` or
     /// `W[:, idx] += D`); every other entry is untouched. `model` must not have the deltas
-    /// attached.
+    /// attached. A module stored as bf16/f16 becomes f32.
     pub fn merge_into(&self, model: &mut Model) -> crate::Result<()> {
         for lin in model.linears_mut() {
             for d in self.modules.iter().filter(|d| d.module == lin.name) {
                 let delta: Vec<f32> = d.delta.as_tensor().flatten_all()?.to_vec1()?;
                 let (rows, cols) = d.delta.as_tensor().dims2()?;
-                lin.weight = map_neurons(&lin.weight, d.axis, &d.indices, |j, xs| match d.axis {
+                // f32, whatever the storage dtype: a trained delta rounded into bf16 is lost.
+                let w = lin.weight.to_dtype(candle_core::DType::F32)?;
+                lin.weight = map_neurons(&w, d.axis, &d.indices, |j, xs| match d.axis {
                     Axis::Row => {
                         for (x, dv) in xs.iter_mut().zip(&delta[j * cols..(j + 1) * cols]) {
                             *x += dv;

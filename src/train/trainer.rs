@@ -186,6 +186,7 @@ pub fn train(
         let state = crate::model::weights::load_safetensors(
             &dir.join("optimizer.safetensors"),
             model.device(),
+            crate::model::storage::StorageDtype::F32,
         )?;
         opt.load_state(&state, step);
         logs = read_log(&log_path)?

@@ -105,12 +105,7 @@ impl ModelJudge {
         if opts.batch_size == 0 {
             return Err(EvalError::Config("batch_size must be at least 1".into()).into());
         }
-        let model = LoadedModel::load(
-            path,
-            &LoadOptions {
-                device: opts.device.clone(),
-            },
-        )?;
+        let model = LoadedModel::load(path, &LoadOptions::on(opts.device.clone()))?;
         Ok(ModelJudge {
             spec: format!("{NAME}:{}", path.display()),
             model,
