@@ -164,6 +164,7 @@ const COMMANDS: &[&str] = &[
     "experiment",
     "extract",
     "merge",
+    "synthetic",
 ];
 
 fn argv(cmd: &str, e: &Env, o: &Over, dir: &Path) -> (Vec<String>, Option<PathBuf>) {
@@ -416,6 +417,20 @@ fn argv(cmd: &str, e: &Env, o: &Over, dir: &Path) -> (Vec<String>, Option<PathBu
                 &model,
                 "--adapter",
                 &pick(&o.adapter, &e.finetuned),
+                "-o",
+                &s(&out),
+            ]),
+            true,
+        ),
+        "synthetic" => (
+            v(&[
+                "synthetic",
+                "--shape",
+                "tiny",
+                "--tokenizer",
+                &model,
+                "--adapter-rank",
+                "2",
                 "-o",
                 &s(&out),
             ]),
@@ -983,6 +998,7 @@ fn cases(e: &Env) -> Vec<(Case, PathBuf)> {
         "neurons deactivate",
         "data mix",
         "data export",
+        "synthetic",
     ];
     for cmd in writers {
         let exists: Make = Box::new(|_, d| {
