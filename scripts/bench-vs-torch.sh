@@ -4,6 +4,8 @@
 #            (`realign bench train` vs transformers + peft)
 #   prefill: batch 8 x 128, logits at every position
 #            (`realign bench forward`'s prefill_tokens_per_s vs transformers)
+#   decode:  greedy generation, 64 new tokens: batch 1 in f32 and in bf16, batch 16 and 32 in f32
+#            (`realign bench forward`'s decode metrics vs transformers' generate)
 # Prints each pair with its ratio (realign / torch; > 1 means realign is faster). Not part of CI.
 #
 # Usage: scripts/bench-vs-torch.sh [--install] [--threads N] [--repeats N] [--model PATH]
@@ -75,8 +77,9 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 
-run_pair() { # name, realign bench, realign metric, torch --only
-    local name="$1" bench="$2" m="$3" only="$4"
+run_pair() { # name, realign bench, torch --only, metrics...
+    local name="$1" bench="$2" only="$3"
+    shift 3
     echo "== $name: torch" >&2
     "$VENV/bin/python" "$SCRIPT_DIR/torch_reference.py" --model "$MODEL" --threads "$THREADS" \
         --repeats "$REPEATS" --only "$only" | tee "$TMP/torch-$name.jsonl" >&2
@@ -84,14 +87,17 @@ run_pair() { # name, realign bench, realign metric, torch --only
     local model_args=()
     [ "$MODEL" != "$REPO_ROOT/.cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf" ] && model_args=(--model "$MODEL")
     "$REALIGN" bench "$bench" --repeats "$REPEATS" "${model_args[@]}" | tee "$TMP/realign-$name.jsonl" >&2
-    local t r
-    t="$(metric "$m" < "$TMP/torch-$name.jsonl")"
-    r="$(metric "$m" < "$TMP/realign-$name.jsonl")"
-    printf '%-10s %-22s torch %9.1f  realign %9.1f  ratio %.2fx\n' "$name" "$m" "$t" "$r" \
-        "$(python3 -c "print($r / $t)")" >> "$TMP/table"
+    local t r m
+    for m in "$@"; do
+        t="$(metric "$m" < "$TMP/torch-$name.jsonl")"
+        r="$(metric "$m" < "$TMP/realign-$name.jsonl")"
+        printf '%-10s %-32s torch %9.1f  realign %9.1f  ratio %.2fx\n' "$name" "$m" "$t" "$r" \
+            "$(python3 -c "print($r / $t)")" >> "$TMP/table"
+    done
 }
 
-[ "$ONLY" = "" ] || [ "$ONLY" = train ] && run_pair train train train_tokens_per_s train
-[ "$ONLY" = "" ] || [ "$ONLY" = forward ] && run_pair prefill forward prefill_tokens_per_s forward
+[ "$ONLY" = "" ] || [ "$ONLY" = train ] && run_pair train train train train_tokens_per_s
+[ "$ONLY" = "" ] || [ "$ONLY" = forward ] && run_pair forward forward forward prefill_tokens_per_s \
+    decode_tokens_per_s decode_bf16_tokens_per_s batched_decode_tokens_per_s batched32_decode_tokens_per_s
 echo "threads $THREADS, best of $REPEATS, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
 cat "$TMP/table"

@@ -5,6 +5,10 @@ Same shapes as realign's bench: SmolLM2-135M in f32 (dequantised from the GGUF b
 random token ids (seed 0) in [100, vocab), batch 8 x 128.
 
 * prefill: logits at every position, `torch.inference_mode()`.
+* decode: `generate`, greedy, exactly 64 new tokens: batch 1 after a 16-token prompt, in f32
+  and with the model cast to bf16 (`decode_bf16_tokens_per_s`); batch 16 and 32 after
+  left-padded prompts of 8.. tokens (`batched_decode_tokens_per_s`, `batched32_...`), as
+  `realign bench forward` measures them.
 * train: peft LoRA r 16, alpha 32, dropout 0 on q,k,v,o,gate,up,down; labels on the last 64
   positions of each row (-100 elsewhere); one step = forward with labels (transformers' loss),
   backward, torch.optim.AdamW (lr 1e-4).
@@ -63,6 +67,32 @@ def main():
 
         emit("forward", "prefill_tokens_per_s", b * s / best_of(prefill),
              f"transformers, batch {b} x {s}, logits at every position")
+
+        new = 64
+
+        def decode(m, prompts):
+            width = max(len(p) for p in prompts)
+            pad = 0
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            with torch.inference_mode():
+                m.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=pad)
+
+        def rand_prompt(n):
+            return torch.randint(100, vocab, (n,), generator=gen).tolist()
+
+        one = [rand_prompt(16)]
+        emit("forward", "decode_tokens_per_s", new / best_of(lambda: decode(model, one)),
+             f"transformers generate, f32, batch 1, 16-token prompt, {new} greedy tokens")
+        for batch, metric in [(16, "batched_decode_tokens_per_s"), (32, "batched32_decode_tokens_per_s")]:
+            prompts = [rand_prompt(8 + i) for i in range(batch)]
+            emit("forward", metric, batch * new / best_of(lambda: decode(model, prompts)),
+                 f"transformers generate, f32, batch {batch}, left-padded 8..{8 + batch - 1}-token prompts, {new} greedy tokens each")
+        bf16 = model.to(torch.bfloat16)
+        emit("forward", "decode_bf16_tokens_per_s", new / best_of(lambda: decode(bf16, one)),
+             f"transformers generate, model cast to bf16, batch 1, 16-token prompt, {new} greedy tokens")
+        model = bf16.to(torch.float32)  # back to f32 (in place) for the train figure
 
     if args.only in (None, "train"):
         from peft import LoraConfig, get_peft_model
