@@ -156,7 +156,7 @@ unsafe fn widen_bf16_avx2(src: &[half::bf16], dst: &mut [f32]) {
 #[inline(always)]
 fn widen_bf16_portable(src: &[half::bf16], dst: &mut [f32]) {
     for (o, v) in dst.iter_mut().zip(src) {
-        *o = f32::from_bits(u32::from(v.to_bits()) << 16);
+        *o = v.widen();
     }
 }
 
@@ -232,40 +232,19 @@ pub fn dot_bf16(a: &[f32], b: &[half::bf16]) -> f32 {
             return unsafe { dot_bf16_avx2(a, b) };
         }
     }
-    dot_bf16_portable(a, b)
+    dot_portable(a, b)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn dot_bf16_avx512(a: &[f32], b: &[half::bf16]) -> f32 {
-    dot_bf16_portable(a, b)
+    dot_portable(a, b)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_bf16_avx2(a: &[f32], b: &[half::bf16]) -> f32 {
-    dot_bf16_portable(a, b)
-}
-
-/// [`dot_portable`]'s sixteen accumulators, each bf16 widened as it is read.
-#[inline(always)]
-fn dot_bf16_portable(a: &[f32], b: &[half::bf16]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..16 {
-            let w = f32::from_bits(u32::from(y[l].to_bits()) << 16);
-            acc[l] = x[l].mul_add(w, acc[l]);
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s = x.mul_add(f32::from_bits(u32::from(y.to_bits()) << 16), s);
-    }
-    s
+    dot_portable(a, b)
 }
 
 /// Dot product, with AVX2+FMA when the CPU has it.
@@ -288,9 +267,30 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// Sixteen independent accumulators, so that the compiler vectorises without reassociating.
+/// A weight element the dot products read, widened to f32 exactly.
+trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::bf16 {
+    /// A bf16 is the high half of an f32.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+/// Sixteen independent accumulators, so that the compiler vectorises without reassociating;
+/// a bf16 `b` is widened as it is read (same sums, same order, as on `b` widened first).
 #[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+fn dot_portable<T: Widen>(a: &[f32], b: &[T]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; 16];
@@ -298,12 +298,12 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut cb = b.chunks_exact(16);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..16 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+            acc[l] = x[l].mul_add(y[l].widen(), acc[l]);
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s = x.mul_add(*y, s);
+        s = x.mul_add(y.widen(), s);
     }
     s
 }
