@@ -2,10 +2,12 @@
 //! PEFT adapters, run it (batched, cached, with activation hooks) and generate.
 //!
 //! - [`config`]: `config.json` / GGUF metadata → [`Config`]
-//! - [`weights`], [`gguf`]: checkpoint tensors by Hugging Face name
+//! - [`weights`], [`gguf`]: checkpoint tensors by Hugging Face name, kept in the dtype
+//!   [`storage`] says (bf16/f16 stay narrow; arithmetic is f32, see [`matmul`])
 //! - [`llama`]: the decoder ([`Model`]); [`rope`], [`linear`], [`cache`], [`capture`]: its parts
 //! - [`generate`](mod@generate): greedy and sampled generation
 //! - [`export`]: write a model (with its tokenizer) as a Hugging Face folder
+//! - [`synthetic`]: a random-weight checkpoint of Llama-3-8B's exact shape (`realign synthetic`)
 
 pub mod attention;
 pub mod autograd;
