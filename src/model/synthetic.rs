@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::adapters::{Adapter, LoraConfig, LoraModule};
 use crate::tokenizer::Tokenizer;
 
-/// The shapes [`write`] can produce.
+/// The shapes [`write()`] can produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SyntheticShape {
@@ -82,7 +82,7 @@ impl Default for SyntheticConfig {
     }
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SyntheticReport {
     /// The shape.
