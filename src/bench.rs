@@ -260,18 +260,11 @@ pub fn train(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> crat
 }
 
 /// Fills a vector with uniform values in `[-1, 1)` from a seeded SplitMix64 stream (fast enough
-/// for a few hundred million values, and repeatable).
+/// for a few hundred million values, and repeatable; the stream of `realign synthetic`).
 fn seeded_uniform(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed;
     (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
+        .map(|_| crate::model::synthetic::splitmix(&mut state))
         .collect()
 }
 

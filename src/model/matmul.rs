@@ -184,21 +184,21 @@ pub fn gemv_of(x: &[f32], w: WeightRows, n: usize, k: usize, out: usize) -> Vec<
         PANEL.with(|cell| {
             let mut scratch = cell.borrow_mut();
             for j in j0..j1 {
-                if let WeightRows::Bf16(wb) = w {
-                    // bf16 rows are widened inside the dot, in registers.
-                    let wr = &wb[j * k..(j + 1) * k];
-                    for i in 0..n {
-                        // SAFETY: each (i, j) is written by exactly one part, and `y` outlives
-                        // `run`.
-                        unsafe { *y.0.add(i * out + j) = dot_bf16(&x[i * k..(i + 1) * k], wr) };
-                    }
-                    continue;
-                }
-                // One row at a time: an f16 row is widened into L1 right before its dots.
-                let wr = w.panel(j, j + 1, k, &mut scratch);
+                // bf16 rows are widened inside the dot product, in registers; an f16 row is
+                // widened into L1 right before its dots; f32 rows are read in place.
+                let bf16_row = match w {
+                    WeightRows::Bf16(wb) => Some(&wb[j * k..(j + 1) * k]),
+                    _ => None,
+                };
+                let wr = match bf16_row {
+                    Some(_) => &[][..],
+                    None => w.panel(j, j + 1, k, &mut scratch),
+                };
                 for i in 0..n {
-                    // SAFETY: as above.
-                    unsafe { *y.0.add(i * out + j) = dot(&x[i * k..(i + 1) * k], wr) };
+                    let xi = &x[i * k..(i + 1) * k];
+                    let v = bf16_row.map_or_else(|| dot(xi, wr), |b| dot_bf16(xi, b));
+                    // SAFETY: each (i, j) is written by exactly one part, and `y` outlives `run`.
+                    unsafe { *y.0.add(i * out + j) = v };
                 }
             }
         });
