@@ -192,9 +192,99 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     }
 }
 
+/// Between a projection's `[b, s, h * d]` output and attention's `[b, h, s, d]` heads, in one
+/// copy: `Split` is `reshape(b, s, h, d).transpose(1, 2).contiguous()`, `Merge` its inverse
+/// (the attention output back to `[b, s, h * d]`). Backward: the other direction. One graph
+/// node instead of three, so one gradient buffer instead of three.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum HeadsOp {
+    /// `[b, s, h * d] -> [b, h, s, d]`, with the head count and width.
+    Split {
+        /// `h`
+        heads: usize,
+        /// `d`
+        head_dim: usize,
+    },
+    /// `[b, h, s, d] -> [b, s, h * d]`; the input may also be `[b, kv_heads, groups * s, d]`
+    /// (the same memory order), so it carries the head count.
+    Merge {
+        /// `h`
+        heads: usize,
+    },
+}
+
+/// Moves `d`-long rows of `x` between the `[b, s, h, d]` and `[b, h, s, d]` orders.
+fn permute_heads(
+    x: &[f32],
+    (b, s, h, d): (usize, usize, usize, usize),
+    to_heads: bool,
+) -> Vec<f32> {
+    let mut y = vec![0f32; b * s * h * d];
+    rows_in_parallel(&mut y, d, |row, out| {
+        // `row` indexes the output; find the same (bi, si, hi) in the input
+        let src = if to_heads {
+            let (bi, hi, si) = (row / (h * s), (row / s) % h, row % s);
+            ((bi * s + si) * h + hi) * d
+        } else {
+            let (bi, si, hi) = (row / (s * h), (row / h) % s, row % h);
+            ((bi * h + hi) * s + si) * d
+        };
+        out.copy_from_slice(&x[src..src + d]);
+    });
+    y
+}
+
+impl HeadsOp {
+    /// `(b, s, h, d)` of the `[b, s, h * d]` side and the `[b, h, s, d]` shape, from the input.
+    fn dims(&self, shape: &Shape) -> candle_core::Result<(usize, usize, usize, usize)> {
+        match *self {
+            HeadsOp::Split { heads, head_dim } => {
+                let (b, s, w) = shape.dims3()?;
+                if w != heads * head_dim {
+                    candle_core::bail!("heads: rows of {w} for {heads} heads of {head_dim}");
+                }
+                Ok((b, s, heads, head_dim))
+            }
+            HeadsOp::Merge { heads } => {
+                let (b, x, y, d) = shape.dims4()?;
+                if heads == 0 || (x * y) % heads != 0 {
+                    candle_core::bail!("heads: [{b}, {x}, {y}, {d}] is not {heads} heads");
+                }
+                Ok((b, x * y / heads, heads, d))
+            }
+        }
+    }
+}
+
+impl CustomOp1 for HeadsOp {
+    fn name(&self) -> &'static str {
+        "heads"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims @ (b, s, h, d) = self.dims(l.shape())?;
+        let split = matches!(self, HeadsOp::Split { .. });
+        let y = permute_heads(slice(st, l)?, dims, split);
+        let shape = if split {
+            Shape::from((b, h, s, d))
+        } else {
+            Shape::from((b, s, h * d))
+        };
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dims = self.dims(x.shape())?;
+        let split = matches!(self, HeadsOp::Split { .. });
+        let g = g.contiguous()?;
+        let dx = with_slice(&g, |gs| Ok(permute_heads(gs, dims, !split)))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
 /// Attention probabilities `softmax(x * scale + mask)` over the last dimension, in one pass
 /// per row. `mask` is an additive `[b, 1, s, t]` mask broadcast over the heads of
-/// `x: [b, h, s, t]`. Backward: `dx = scale * y (g - sum(g y))` (the mask is constant).
+/// `x: [b, h, s, t]` (or of `[b, kv_heads, groups * s, t]`, the same rows stacked per KV head). Backward: `dx = scale * y (g - sum(g y))` (the mask is constant).
 pub struct MaskedSoftmaxOp {
     /// Multiplies the scores (1 / sqrt(head_dim)).
     pub scale: f32,
@@ -214,13 +304,22 @@ impl CustomOp1 for MaskedSoftmaxOp {
             Some(m) => Some(m.flatten_all()?.to_vec1()?),
             None => None,
         };
+        // queries per head: the mask's rows (`s`), also when `x` stacks the query heads of one
+        // KV head as `[b, kv_heads, groups * s, t]` (the same memory order as `[b, h, s, t]`)
+        let s = match &self.mask {
+            Some(m) => m.dim(2)?,
+            None => q,
+        };
+        if s == 0 || q % s != 0 {
+            candle_core::bail!("masked-softmax: {q} query rows for a mask of {s}");
+        }
         let mut y = vec![0f32; x.len()];
         rows_in_parallel(&mut y, t, |row, out| {
-            let (bi, qi) = (row / (h * q), row % q);
+            let (bi, qi) = (row / (h * q), row % s);
             let xr = &x[row * t..(row + 1) * t];
             let mr = mask
                 .as_ref()
-                .map(|m| &m[(bi * q + qi) * t..(bi * q + qi + 1) * t]);
+                .map(|m| &m[(bi * s + qi) * t..(bi * s + qi + 1) * t]);
             let mut max = f32::NEG_INFINITY;
             for (j, o) in out.iter_mut().enumerate() {
                 *o = xr[j] * self.scale + mr.map_or(0.0, |m| m[j]);

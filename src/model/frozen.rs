@@ -60,17 +60,15 @@ impl CustomOp1 for FrozenLinear {
             if let Some((a, b)) = layout.contiguous_offsets() {
                 let x = &storage.as_slice::<f32>()?[a..b];
                 let y = with_slice(&self.w, |w| {
-                    let mut y = vec![0f32; rows * out];
-                    gemm::gemm(
+                    gemm::product(
                         rows,
                         out,
                         inp,
                         MatRef::row_major(x, inp),
                         MatRef::transposed(w, inp),
-                        &mut y,
+                        1.0,
                     )
-                    .map_err(candle_core::Error::wrap)?;
-                    Ok(y)
+                    .map_err(candle_core::Error::wrap)
                 })?;
                 return Ok((CpuStorage::F32(y), Shape::from((rows, out))));
             }
@@ -95,17 +93,15 @@ impl CustomOp1 for FrozenLinear {
             let g = grad.contiguous()?;
             let dx = with_slice(&g, |g| {
                 with_slice(&self.w, |w| {
-                    let mut dx = vec![0f32; rows * inp];
-                    gemm::gemm(
+                    gemm::product(
                         rows,
                         inp,
                         out,
                         MatRef::row_major(g, out),
                         MatRef::row_major(w, inp),
-                        &mut dx,
+                        1.0,
                     )
-                    .map_err(candle_core::Error::wrap)?;
-                    Ok(dx)
+                    .map_err(candle_core::Error::wrap)
                 })
             })?;
             return Ok(Some(Tensor::from_vec(dx, (rows, inp), grad.device())?));

@@ -96,6 +96,31 @@ pub fn gemm(
     b: MatRef,
     c: &mut [f32],
 ) -> Result<(), GemmError> {
+    gemm_with(m, n, k, a, b, c, Write::Overwrite)
+}
+
+/// How [`gemm_with`] writes its product `a b` into `c`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Write {
+    /// `c = a b`.
+    Overwrite,
+    /// `c = s · a b`.
+    Scaled(f32),
+    /// `c += s · a b`.
+    Accumulate(f32),
+}
+
+/// `c = a b`, `c = s a b` or `c += s a b` (see [`Write`]), shapes as in [`gemm`]. The scale is
+/// applied inside the kernel (no extra pass over `c`).
+pub fn gemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    write: Write,
+) -> Result<(), GemmError> {
     if !a.covers(m, k) || !b.covers(k, n) || c.len() < m * n {
         return Err(GemmError(format!(
             "[{m}, {k}] x [{k}, {n}] does not fit buffers of {}, {} and {} elements",
@@ -108,45 +133,137 @@ pub fn gemm(
         return Ok(());
     }
     if k == 0 {
-        c[..m * n].iter_mut().for_each(|v| *v = 0.0);
+        if !matches!(write, Write::Accumulate(_)) {
+            c[..m * n].iter_mut().for_each(|v| *v = 0.0);
+        }
         return Ok(());
     }
+    // SAFETY: `covers` checked every element of `a`, `b` and `c`.
+    unsafe { tiled(m, n, k, a, b, c.as_mut_ptr(), write) };
+    Ok(())
+}
+
+/// `s · a b` (shapes as in [`gemm`]) in a new vector, written once by the kernel: no zeroing
+/// pass over the output first.
+pub fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    scale: f32,
+) -> Result<Vec<f32>, GemmError> {
+    if !a.covers(m, k) || !b.covers(k, n) {
+        return Err(GemmError(format!(
+            "[{m}, {k}] x [{k}, {n}] does not fit buffers of {} and {} elements",
+            a.data.len(),
+            b.data.len(),
+        )));
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(vec![0f32; m * n]);
+    }
+    let mut c = uninit(m * n);
+    // SAFETY: `covers` checked `a` and `b`; `c` holds `m n` elements, and the tiles, which
+    // cover it, overwrite every one of them (k > 0) before it is read.
+    unsafe {
+        tiled(m, n, k, a, b, c.as_mut_ptr().cast(), Write::Scaled(scale));
+        Ok(assume_init(c))
+    }
+}
+
+/// A vector of `len` uninitialised elements, for outputs that a kernel overwrites.
+pub(crate) fn uninit(len: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The vector, once every element has been written.
+///
+/// # Safety
+/// Every element of `v` is initialised.
+pub(crate) unsafe fn assume_init(v: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same layout, length and capacity; the caller vouches for the elements.
+    Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity())
+}
+
+/// The output tiles of one product, run on the barrier pool.
+///
+/// # Safety
+/// `a` and `b` cover `[m, k]` and `[k, n]`; `c` points to `m n` writable elements that nothing
+/// else touches during the call.
+unsafe fn tiled(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: *mut f32, write: Write) {
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
     let (n_tiles, cols, m_chunks, rows) = tiling(m, n, k, threads);
     let tasks = n_tiles * m_chunks;
-    let out = SyncPtr(c.as_mut_ptr());
+    let out = SyncPtr(c);
     let run = |t: usize| {
         let (i0, j0) = ((t / n_tiles) * rows, (t % n_tiles) * cols);
         let (mi, nj) = (rows.min(m - i0), cols.min(n - j0));
-        // SAFETY: `covers` checked every element of `a`, `b` and `c`; tasks write disjoint
-        // tiles of `c`, which outlives the pool call.
+        // SAFETY: see the function's contract; tasks write disjoint tiles of `c`.
         unsafe {
-            gemm::gemm(
-                mi,
-                nj,
-                k,
-                out.get().add(i0 * n + j0),
-                1,
-                n as isize,
-                false,
+            kernel(
+                (mi, nj, k),
                 a.data.as_ptr().add(i0 * a.rs),
-                a.cs as isize,
-                a.rs as isize,
+                (a.rs, a.cs),
                 b.data.as_ptr().add(j0 * b.cs),
-                b.cs as isize,
-                b.rs as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                (b.rs, b.cs),
+                out.get().add(i0 * n + j0),
+                n,
+                write,
             )
         }
     };
     run_parts(tasks, &run);
-    Ok(())
+}
+
+/// One single-threaded call of the `gemm` crate: `c (+)= s · a b` for `(m, n, k)`, with `a`, `b`
+/// read through `(row, column)` strides and `c` row-major with row stride `ldc`.
+///
+/// # Safety
+/// Every element the strides reach for `(m, n, k)` lies inside its buffer, and no other thread
+/// touches the written part of `c` during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel(
+    (m, n, k): (usize, usize, usize),
+    a: *const f32,
+    (a_rs, a_cs): (usize, usize),
+    b: *const f32,
+    (b_rs, b_cs): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    write: Write,
+) {
+    let (read_dst, scale) = match write {
+        Write::Overwrite => (false, 1.0),
+        Write::Scaled(s) => (false, s),
+        Write::Accumulate(s) => (true, s),
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        read_dst,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// Runs `f(0..parts)` on candle's barrier pool (the training path's one set of threads), each
@@ -168,13 +285,14 @@ pub fn run_parts(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     });
 }
 
-struct SyncPtr(*mut f32);
-// SAFETY: only used for disjoint writes by the tasks of one `gemm` call.
+/// An output pointer shared by the parts of one parallel product.
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: only used for disjoint writes by the tasks of one product.
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
     /// The pointer (a method, so that closures capture the `Sync` wrapper, not the field).
-    fn get(&self) -> *mut f32 {
+    pub(crate) fn get(&self) -> *mut f32 {
         self.0
     }
 }

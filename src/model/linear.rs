@@ -1,9 +1,10 @@
 //! A linear layer `y = x W^T + b` with LoRA adapters applied unmerged on top:
 //! `y += s * (x A^T) B^T` for each adapter, in the order they were added.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::capture::{emit, Hook};
+use super::fused_lora::fused_lora;
 use crate::adapters::{lora_forward, LoraModule};
 
 /// One linear module of the model, named by its checkpoint path.
@@ -45,6 +46,30 @@ impl Linear {
     }
 
     fn forward_plain(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut loras = self.loras.iter().peekable();
+        // Training an adapter: the base product and the first adapter as one op, on `x` as it
+        // is (its leading dims kept, no reshape nodes in the graph).
+        let fused = match loras.peek() {
+            Some(m) if x.track_op() || m.a.track_op() || m.b.track_op() => {
+                let w = match self.weight.dtype() {
+                    DType::BF16 | DType::F16 => self.weight.to_dtype(DType::F32)?,
+                    _ => self.weight.clone(),
+                };
+                fused_lora(x, &w, &m.a, &m.b, m.scale)?
+            }
+            _ => None,
+        };
+        if let Some(y) = fused {
+            loras.next();
+            let mut y = match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            for m in loras {
+                y = (y + lora_forward(x, m)?)?;
+            }
+            return Ok(y);
+        }
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
@@ -53,7 +78,7 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        for m in &self.loras {
+        for m in loras {
             y = (y + lora_forward(&x2, m)?)?;
         }
         let mut out = dims;

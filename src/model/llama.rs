@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::bmm::batched_matmul;
 use super::cache::KvCache;
 use super::capture::{emit, Hook};
 use super::config::Config;
@@ -132,6 +133,14 @@ impl Attention {
         step: &Step,
         cache: Option<(&mut KvCache, usize)>,
     ) -> candle_core::Result<Tensor> {
+        if step.differentiable
+            && step.hook.is_none()
+            && cache.is_none()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+        {
+            return self.forward_training(x, step);
+        }
         let (b, s, _) = x.dims3()?;
         let hook = step.hook;
         let heads = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2);
@@ -159,7 +168,7 @@ impl Attention {
         let groups = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, groups * s, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let raw = q.matmul(&k.t()?)?.reshape((b, self.num_heads, s, t))?;
+        let raw = batched_matmul(&q, &k.t()?)?.reshape((b, self.num_heads, s, t))?;
         let probs = if step.differentiable && raw.device().is_cpu() && raw.dtype() == DType::F32 {
             // Scale, mask and softmax in one pass, with its backward written out.
             let mask = step.mask.as_ref().map(|m| m.contiguous()).transpose()?;
@@ -182,13 +191,43 @@ impl Attention {
         };
         emit(hook, &self.name, "attn_weights", &probs)?;
         let probs = probs.reshape((b, self.num_kv_heads, groups * s, t))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, self.num_heads, s, self.head_dim))?;
+        let out = batched_matmul(&probs, &v)?.reshape((b, self.num_heads, s, self.head_dim))?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out, hook)
+    }
+
+    /// The same attention for training on the CPU, with the fewest graph nodes (each node costs
+    /// a gradient buffer and an accumulation in the backward pass): heads split and merged in
+    /// one copy each, the softmax applied to the scores as `Q Kᵀ` leaves them (query heads
+    /// stacked per KV head), no hooks, no cache.
+    fn forward_training(&self, x: &Tensor, step: &Step) -> candle_core::Result<Tensor> {
+        use super::autograd::{HeadsOp, MaskedSoftmaxOp};
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor, heads: usize| {
+            t.apply_op1(HeadsOp::Split {
+                heads,
+                head_dim: self.head_dim,
+            })
+        };
+        let q = split(self.q_proj.forward(x, None)?, self.num_heads)?;
+        let k = split(self.k_proj.forward(x, None)?, self.num_kv_heads)?;
+        let v = split(self.v_proj.forward(x, None)?, self.num_kv_heads)?;
+        let q = Rope::apply(&q, &step.cos, &step.sin, true)?;
+        let k = Rope::apply(&k, &step.cos, &step.sin, true)?;
+        let groups = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, groups * s, self.head_dim))?;
+        let raw = batched_matmul(&q, &k.t()?)?;
+        let mask = step.mask.as_ref().map(|m| m.contiguous()).transpose()?;
+        let probs = raw.apply_op1(MaskedSoftmaxOp {
+            scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
+            mask,
+        })?;
+        let out = batched_matmul(&probs, &v)?.apply_op1(HeadsOp::Merge {
+            heads: self.num_heads,
+        })?;
+        self.o_proj.forward(&out, None)
     }
 }
 

@@ -38,8 +38,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
             // transient copy; the conversion is exact and costs 1/n of the product).
             return linear(x, &w.to_dtype(DType::F32)?);
         }
-        // Training: the base weight is frozen, so only x needs a gradient.
-        if x.track_op() && !w.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
+        // Prefill on the CPU, and training (the base weight is frozen, so only x needs a
+        // gradient): both cores on one pool, W read in place.
+        if !w.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
             return x
                 .contiguous()?
                 .apply_op1(super::frozen::FrozenLinear { w: w.clone() });

@@ -11,11 +11,13 @@
 
 pub mod attention;
 pub mod autograd;
+pub mod bmm;
 pub mod cache;
 pub mod capture;
 pub mod config;
 pub mod export;
 pub mod frozen;
+pub mod fused_lora;
 pub mod gemm;
 pub mod generate;
 pub mod gguf;
