@@ -298,63 +298,77 @@ impl CustomOp1 for MaskedSoftmaxOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let (b, h, q, t) = l.shape().dims4()?;
-        let mask: Option<Vec<f32>> = match &self.mask {
-            Some(m) => Some(m.flatten_all()?.to_vec1()?),
-            None => None,
-        };
-        // queries per head: the mask's rows (`s`), also when `x` stacks the query heads of one
-        // KV head as `[b, kv_heads, groups * s, t]` (the same memory order as `[b, h, s, t]`)
-        let s = match &self.mask {
-            Some(m) => m.dim(2)?,
-            None => q,
-        };
-        if s == 0 || q % s != 0 {
-            candle_core::bail!("masked-softmax: {q} query rows for a mask of {s}");
-        }
-        let mut y = vec![0f32; x.len()];
-        rows_in_parallel(&mut y, t, |row, out| {
-            let (bi, qi) = (row / (h * q), row % s);
-            let xr = &x[row * t..(row + 1) * t];
-            let mr = mask
-                .as_ref()
-                .map(|m| &m[(bi * s + qi) * t..(bi * s + qi + 1) * t]);
-            let mut max = f32::NEG_INFINITY;
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = xr[j] * self.scale + mr.map_or(0.0, |m| m[j]);
-                max = max.max(*o);
-            }
-            let mut z = 0.0;
-            for o in out.iter_mut() {
-                *o = (*o - max).exp();
-                z += *o;
-            }
-            out.iter_mut().for_each(|o| *o /= z);
-        });
-        let _ = b;
+        let y = masked_softmax(
+            slice(s, l)?.to_vec(),
+            l.shape().dims4()?,
+            self.scale,
+            self.mask.as_ref(),
+        )?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let t = y.dim(D::Minus1)?;
         let (y, g) = (y.contiguous()?, g.contiguous()?);
-        let scale = self.scale;
         let dx = with_slice(&y, |ys| {
-            with_slice(&g, |gs| {
-                let mut dx = vec![0f32; ys.len()];
-                rows_in_parallel(&mut dx, t, |row, out| {
-                    let (yr, gr) = (&ys[row * t..(row + 1) * t], &gs[row * t..(row + 1) * t]);
-                    let dot: f32 = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
-                    for ((o, &yv), &gv) in out.iter_mut().zip(yr).zip(gr) {
-                        *o = yv * (gv - dot) * scale;
-                    }
-                });
-                Ok(dx)
-            })
+            with_slice(&g, |gs| Ok(softmax_backward(ys, gs, t, self.scale)))
         })?;
         Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
     }
+}
+
+/// `softmax(x * scale + mask)` over each `t`-long row of `x: [b, h, q, t]`, in place (the rows
+/// of `x` become the probabilities). `mask`: additive, `[b, 1, s, t]`, with `q` a multiple of
+/// `s` (query heads stacked per KV head); the mask row of a query is its row index mod `s`.
+pub(crate) fn masked_softmax(
+    mut x: Vec<f32>,
+    (_b, h, q, t): (usize, usize, usize, usize),
+    scale: f32,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Vec<f32>> {
+    let s = match mask {
+        Some(m) => m.dim(2)?,
+        None => q,
+    };
+    if s == 0 || q % s != 0 || x.len() % (h * q * t).max(1) != 0 {
+        candle_core::bail!("masked-softmax: {q} query rows of {t} for a mask of {s} rows");
+    }
+    let mask: Option<Vec<f32>> = match mask {
+        Some(m) => Some(m.flatten_all()?.to_vec1()?),
+        None => None,
+    };
+    rows_in_parallel(&mut x, t, |row, out| {
+        let (bi, qi) = (row / (h * q), row % s);
+        let mr = mask
+            .as_ref()
+            .map(|m| &m[(bi * s + qi) * t..(bi * s + qi + 1) * t]);
+        let mut max = f32::NEG_INFINITY;
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = *o * scale + mr.map_or(0.0, |m| m[j]);
+            max = max.max(*o);
+        }
+        let mut z = 0.0;
+        for o in out.iter_mut() {
+            *o = (*o - max).exp();
+            z += *o;
+        }
+        out.iter_mut().for_each(|o| *o /= z);
+    });
+    Ok(x)
+}
+
+/// The softmax's backward for probabilities `y` and their gradient `g` (rows of `t`):
+/// `dx = scale * y (g - sum(g y))`.
+pub(crate) fn softmax_backward(y: &[f32], g: &[f32], t: usize, scale: f32) -> Vec<f32> {
+    let mut dx = vec![0f32; y.len()];
+    rows_in_parallel(&mut dx, t, |row, out| {
+        let (yr, gr) = (&y[row * t..(row + 1) * t], &g[row * t..(row + 1) * t]);
+        let dot: f32 = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
+        for ((o, &yv), &gv) in out.iter_mut().zip(yr).zip(gr) {
+            *o = yv * (gv - dot) * scale;
+        }
+    });
+    dx
 }
 
 /// SwiGLU's gate: `silu(gate) * up`, one pass forward and one backward:
@@ -543,6 +557,83 @@ mod tests {
             },
             |x| candle_nn::ops::softmax(x, D::Minus1).unwrap(),
         );
+    }
+
+    /// The softmax on query heads stacked per KV head (`[b, kv, groups * s, t]`) equals the
+    /// softmax on `[b, h, s, t]`: same rows, same mask row per query.
+    #[test]
+    fn masked_softmax_on_stacked_query_heads() {
+        let dev = Device::Cpu;
+        let mask = Tensor::randn(0f32, 1.0, (2, 1, 4, 7), &dev).unwrap();
+        // b 2, h 6 = kv 2 x groups 3, s 4, t 7
+        check(
+            &[2, 6, 4, 7],
+            |x| {
+                x.reshape((2, 2, 12, 7))
+                    .unwrap()
+                    .apply_op1(MaskedSoftmaxOp {
+                        scale: 0.5,
+                        mask: Some(mask.clone()),
+                    })
+                    .unwrap()
+                    .reshape((2, 6, 4, 7))
+                    .unwrap()
+            },
+            |x| {
+                candle_nn::ops::softmax(
+                    &(x * 0.5).unwrap().broadcast_add(&mask).unwrap(),
+                    D::Minus1,
+                )
+                .unwrap()
+            },
+        );
+    }
+
+    /// Split equals `reshape + transpose`, merge is its inverse (also from the stacked
+    /// `[b, kv, groups * s, d]` shape), and both pass gradients back in the input's order.
+    #[test]
+    fn heads_split_and_merge_match_reshape_and_transpose() {
+        let split = HeadsOp::Split {
+            heads: 6,
+            head_dim: 4,
+        };
+        // [b 2, s 5, h 6 * d 4] -> [2, 6, 5, 4] and back
+        check(
+            &[2, 5, 24],
+            |x| {
+                x.apply_op1(split)
+                    .unwrap()
+                    .apply_op1(HeadsOp::Merge { heads: 6 })
+                    .unwrap()
+            },
+            |x| x.clone(),
+        );
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 24), &dev).unwrap()).unwrap();
+        let fast = x.as_tensor().apply_op1(split).unwrap();
+        let plain = x
+            .as_tensor()
+            .reshape((2, 5, 6, 4))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        assert_eq!(max_diff(&fast, &plain), 0.0);
+        let probe = Tensor::randn(0f32, 1.0, (2, 6, 5, 4), &dev).unwrap();
+        let g = (fast * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want = probe.transpose(1, 2).unwrap().reshape((2, 5, 24)).unwrap();
+        assert_eq!(max_diff(g.get(x.as_tensor()).unwrap(), &want), 0.0);
+        // merge from the stacked shape: [2, kv 2, 3 * 5, 4] is [2, 6, 5, 4] in memory
+        let stacked = plain.reshape((2, 2, 15, 4)).unwrap();
+        let merged = stacked.apply_op1(HeadsOp::Merge { heads: 6 }).unwrap();
+        assert_eq!(max_diff(&merged, x.as_tensor()), 0.0);
+        assert!(stacked.apply_op1(HeadsOp::Merge { heads: 7 }).is_err());
     }
 
     #[test]

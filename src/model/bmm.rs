@@ -16,7 +16,7 @@ use super::gemm::{assume_init, kernel, run_parts, uninit, SyncPtr, Write};
 pub struct BatchedMatmul;
 
 /// One operand: its elements, the offset of each batch item and the strides of its matrices.
-struct Operand<'a> {
+pub(crate) struct Operand<'a> {
     data: &'a [f32],
     items: Vec<usize>,
     rs: usize,
@@ -25,7 +25,11 @@ struct Operand<'a> {
 
 impl<'a> Operand<'a> {
     /// Batch items of `[.., rows, cols]`, with rows and columns swapped when `transposed`.
-    fn new(s: &'a CpuStorage, l: &Layout, transposed: bool) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        s: &'a CpuStorage,
+        l: &Layout,
+        transposed: bool,
+    ) -> candle_core::Result<Self> {
         let data = s.as_slice::<f32>()?;
         let (dims, stride) = (l.dims(), l.stride());
         let rank = dims.len();
@@ -49,6 +53,23 @@ impl<'a> Operand<'a> {
         })
     }
 
+    /// `items` packed row-major `[rows, cols]` matrices in `data`, read as `[cols, rows]` when
+    /// `transposed`.
+    pub(crate) fn packed(
+        data: &'a [f32],
+        items: usize,
+        (rows, cols): (usize, usize),
+        transposed: bool,
+    ) -> Self {
+        let (rs, cs) = if transposed { (1, cols) } else { (cols, 1) };
+        Self {
+            data,
+            items: (0..items).map(|i| i * rows * cols).collect(),
+            rs,
+            cs,
+        }
+    }
+
     /// Whether `[rows, cols]` from every item stays inside the buffer.
     fn covers(&self, rows: usize, cols: usize) -> bool {
         let last = self.items.iter().max().copied().unwrap_or(0);
@@ -60,7 +81,7 @@ impl<'a> Operand<'a> {
 
 /// `c[i] = a[i] b[i]` for every batch item, `c` contiguous `[items, m, n]`. Parts are row
 /// chunks of items, claimed from a shared counter.
-fn product(
+pub(crate) fn product(
     (m, n, k): (usize, usize, usize),
     a: &Operand,
     b: &Operand,

@@ -200,10 +200,11 @@ impl Attention {
 
     /// The same attention for training on the CPU, with the fewest graph nodes (each node costs
     /// a gradient buffer and an accumulation in the backward pass): heads split and merged in
-    /// one copy each, the softmax applied to the scores as `Q Kᵀ` leaves them (query heads
-    /// stacked per KV head), no hooks, no cache.
+    /// one copy each, `softmax(scale · Q Kᵀ + mask)` as one op on the query heads stacked per
+    /// KV head ([`super::scores`]), no hooks, no cache.
     fn forward_training(&self, x: &Tensor, step: &Step) -> candle_core::Result<Tensor> {
-        use super::autograd::{HeadsOp, MaskedSoftmaxOp};
+        use super::autograd::HeadsOp;
+        use super::scores::AttentionScores;
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| {
             t.apply_op1(HeadsOp::Split {
@@ -218,12 +219,14 @@ impl Attention {
         let k = Rope::apply(&k, &step.cos, &step.sin, true)?;
         let groups = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, groups * s, self.head_dim))?;
-        let raw = batched_matmul(&q, &k.t()?)?;
         let mask = step.mask.as_ref().map(|m| m.contiguous()).transpose()?;
-        let probs = raw.apply_op1(MaskedSoftmaxOp {
-            scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
-            mask,
-        })?;
+        let probs = q.apply_op2(
+            &k,
+            AttentionScores {
+                scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
+                mask,
+            },
+        )?;
         let out = batched_matmul(&probs, &v)?.apply_op1(HeadsOp::Merge {
             heads: self.num_heads,
         })?;

@@ -27,6 +27,7 @@ pub(crate) mod mapped;
 pub mod matmul;
 pub mod parallel;
 pub mod rope;
+pub mod scores;
 pub mod storage;
 pub mod synthetic;
 pub mod tile;
