@@ -458,18 +458,8 @@ impl CustomOp2 for SwiGluOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Forward values and input gradients of `fused` and `composed` agree on random data.
     fn check(
@@ -481,10 +471,14 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
         let (a, b) = (fused(x.as_tensor()), composed(x.as_tensor()));
-        assert!(max_diff(&a, &b) < 1e-5, "forward {}", max_diff(&a, &b));
+        assert!(
+            max_abs_diff(&a, &b) < 1e-5,
+            "forward {}",
+            max_abs_diff(&a, &b)
+        );
         let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let d = max_diff(
+        let d = max_abs_diff(
             ga.get(x.as_tensor()).unwrap(),
             gb.get(x.as_tensor()).unwrap(),
         );
@@ -619,7 +613,7 @@ mod tests {
             .unwrap()
             .contiguous()
             .unwrap();
-        assert_eq!(max_diff(&fast, &plain), 0.0);
+        assert_eq!(max_abs_diff(&fast, &plain), 0.0);
         let probe = Tensor::randn(0f32, 1.0, (2, 6, 5, 4), &dev).unwrap();
         let g = (fast * &probe)
             .unwrap()
@@ -628,11 +622,11 @@ mod tests {
             .backward()
             .unwrap();
         let want = probe.transpose(1, 2).unwrap().reshape((2, 5, 24)).unwrap();
-        assert_eq!(max_diff(g.get(x.as_tensor()).unwrap(), &want), 0.0);
+        assert_eq!(max_abs_diff(g.get(x.as_tensor()).unwrap(), &want), 0.0);
         // merge from the stacked shape: [2, kv 2, 3 * 5, 4] is [2, 6, 5, 4] in memory
         let stacked = plain.reshape((2, 2, 15, 4)).unwrap();
         let merged = stacked.apply_op1(HeadsOp::Merge { heads: 6 }).unwrap();
-        assert_eq!(max_diff(&merged, x.as_tensor()), 0.0);
+        assert_eq!(max_abs_diff(&merged, x.as_tensor()), 0.0);
         assert!(stacked.apply_op1(HeadsOp::Merge { heads: 7 }).is_err());
     }
 

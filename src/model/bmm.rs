@@ -137,14 +137,14 @@ fn dims(a: &Shape, b: &Shape) -> candle_core::Result<(usize, usize, usize)> {
 }
 
 /// Calls `f` with the CPU storage and layout of `t`.
-fn with_cpu<R>(
+pub(crate) fn with_cpu<R>(
     t: &Tensor,
     f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cpu(c) => f(c, l),
-        _ => candle_core::bail!("batched-matmul: expected a CPU tensor"),
+        _ => candle_core::bail!("expected a CPU tensor"),
     }
 }
 
@@ -221,18 +221,8 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Forward and both gradients equal candle's matmul, for a 4-D batch with `b` a transposed
     /// view (attention's `Q Kᵀ`) and with `b` contiguous (`P V`), on enough rows to split items.
@@ -253,7 +243,7 @@ mod tests {
             let plain = a.as_tensor().matmul(&b).unwrap();
             let fast = batched_matmul(a.as_tensor(), &b).unwrap();
             assert_eq!(fast.dims(), &[2, 3, 70, 40]);
-            assert!(max_diff(&plain, &fast) < 1e-4);
+            assert!(max_abs_diff(&plain, &fast) < 1e-4);
             let g1 = (plain * &probe)
                 .unwrap()
                 .sum_all()
@@ -271,7 +261,7 @@ mod tests {
                     g1.get(v.as_tensor()).unwrap(),
                     g2.get(v.as_tensor()).unwrap(),
                 );
-                assert!(max_diff(p, q) < 1e-3, "{transposed} {:?}", p.dims());
+                assert!(max_abs_diff(p, q) < 1e-3, "{transposed} {:?}", p.dims());
             }
         }
     }

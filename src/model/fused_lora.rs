@@ -242,18 +242,8 @@ pub fn fused_lora(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Forward and all three gradients equal candle's composed `x Wᵀ + s (x Aᵀ) Bᵀ`, on a shape
     /// large enough to run the products in parallel tiles.
@@ -278,7 +268,7 @@ mod tests {
         let fused = fused_lora(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s)
             .unwrap()
             .unwrap();
-        assert!(max_diff(&composed, &fused) < 1e-4);
+        assert!(max_abs_diff(&composed, &fused) < 1e-4);
         let g1 = (composed * &probe)
             .unwrap()
             .sum_all()
@@ -304,7 +294,11 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(max_diff(p, q) <= 1e-5 * scale.max(1.0), "{:?}", p.dims());
+            assert!(
+                max_abs_diff(p, q) <= 1e-5 * scale.max(1.0),
+                "{:?}",
+                p.dims()
+            );
         }
     }
 
@@ -324,6 +318,6 @@ mod tests {
         // d(sum y)/dB = s · 1ᵀ (x Aᵀ): row o of dB is s · colsum(x Aᵀ)
         let h = x.matmul(&a.as_tensor().t().unwrap()).unwrap();
         let want = (h.sum_keepdim(0).unwrap().broadcast_as((6, 2)).unwrap() * 0.5).unwrap();
-        assert!(max_diff(grads.get(b.as_tensor()).unwrap(), &want) < 1e-5);
+        assert!(max_abs_diff(grads.get(b.as_tensor()).unwrap(), &want) < 1e-5);
     }
 }

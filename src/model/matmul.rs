@@ -312,11 +312,7 @@ fn dot_portable<T: Widen>(a: &[f32], b: &[T]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
-        d.and_then(|d| d.to_scalar::<f32>()).unwrap_or(f32::NAN)
-    }
+    use crate::model::test_util::max_abs_diff;
 
     #[test]
     fn gemv_matches_gemm() {

@@ -33,6 +33,18 @@ pub mod synthetic;
 pub mod tile;
 pub mod weights;
 
+/// Helpers shared by the model's unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// `max |a - b|` over all elements (NaN when the shapes differ).
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
+        d.and_then(|d| d.to_scalar::<f32>()).unwrap_or(f32::NAN)
+    }
+}
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;

@@ -8,10 +8,10 @@
 //! buffer per layer instead of two, and the backward reads `P`, `Q` and `K` directly:
 //! `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))`, `dQ = dS K`, `dK = dSᵀ Q`.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::autograd::{masked_softmax, softmax_backward};
-use super::bmm::{product, Operand};
+use super::bmm::{product, with_cpu, Operand};
 
 /// The op: arguments `q: [b, kv, m, d]` and `k: [b, kv, t, d]`, result `[b, kv, m, t]`.
 pub struct AttentionScores {
@@ -29,18 +29,6 @@ fn dims(q: &Shape, k: &Shape) -> candle_core::Result<(usize, usize, usize, usize
         candle_core::bail!("attention-scores: q {:?} with k {:?}", q.dims(), k.dims());
     }
     Ok((b, kv, m, t, d))
-}
-
-/// Calls `f` with the CPU storage and layout of `t`.
-fn with_cpu<R>(
-    t: &Tensor,
-    f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(c) => f(c, l),
-        _ => candle_core::bail!("attention-scores: expected a CPU tensor"),
-    }
 }
 
 impl CustomOp2 for AttentionScores {
@@ -122,18 +110,8 @@ impl CustomOp2 for AttentionScores {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff;
     use candle_core::{Device, Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Probabilities and both gradients equal the composition `softmax(scale q kᵀ + mask)`
     /// with candle's ops, for stacked query heads (kv 2, groups 3) and a padding-style mask.
@@ -187,7 +165,7 @@ mod tests {
         .unwrap()
         .reshape((b, kv, groups * s, s))
         .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-6);
+        assert!(max_abs_diff(&fused, &composed) < 1e-6);
         let probe = Tensor::randn(0f32, 1.0, (b, kv, groups * s, s), &dev).unwrap();
         let g1 = (fused * &probe)
             .unwrap()
@@ -206,7 +184,7 @@ mod tests {
                 g1.get(v.as_tensor()).unwrap(),
                 g2.get(v.as_tensor()).unwrap(),
             );
-            assert!(max_diff(a, c) < 1e-5, "{:?}", a.dims());
+            assert!(max_abs_diff(a, c) < 1e-5, "{:?}", a.dims());
         }
     }
 }
