@@ -276,3 +276,31 @@ fn activations_are_what_the_modules_compute() {
     // Sites nobody asked for are not kept.
     assert!(cap.get("model.layers.0.mlp.down_proj:input").is_none());
 }
+
+/// Prompts that share a long prefix (a chat template's system turn): the prefix is computed once
+/// and its keys/values repeated for every row, the rows padded between the prefix and their own
+/// tokens. Every prompt still gets the greedy tokens it gets alone.
+#[test]
+fn shared_prefix_batch_equals_each_prompt_alone() {
+    let m = load(&fixtures().join("tiny-llama"));
+    let prefix: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 500).collect();
+    let prompts: Vec<Vec<u32>> = [vec![7u32], vec![300, 12, 99], vec![5, 6, 7, 8, 9, 10]]
+        .into_iter()
+        .map(|own| prefix.iter().copied().chain(own).collect())
+        .collect();
+    assert_eq!(realign::model::shared_prefix(&prompts), 20);
+    let cfg = GenerationConfig {
+        max_new_tokens: 8,
+        sampling: realign::model::Sampling::Greedy,
+        stop_ids: Vec::new(),
+        pad_id: 5,
+    };
+    let batched = realign::model::generate(&m.model, &prompts, &cfg).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = realign::model::generate(&m.model, std::slice::from_ref(p), &cfg)
+            .unwrap()
+            .remove(0);
+        assert_eq!(batched[i], alone, "prompt {i}");
+        assert_eq!(alone.len(), 8);
+    }
+}

@@ -86,6 +86,11 @@ pub struct StageTrain {
     /// Use only the first N rows (0: all).
     #[serde(default)]
     pub max_rows: usize,
+    /// Batch rows of similar length together (transformers' `group_by_length`; see
+    /// [`crate::train::trainer::epoch_batches`]): the attack's mix holds short task rows and
+    /// long harmful replies, and random batches of them are mostly padding.
+    #[serde(default = "yes")]
+    pub group_by_length: bool,
 }
 
 /// Alignment stages.
@@ -234,6 +239,9 @@ fn one() -> usize {
 fn default_batch() -> usize {
     8
 }
+fn yes() -> bool {
+    true
+}
 fn default_max_length() -> usize {
     192
 }
@@ -253,6 +261,7 @@ impl StageTrain {
             warmup_ratio: 0.05,
             max_length: default_max_length(),
             max_rows: 0,
+            group_by_length: true,
         }
     }
 }

@@ -826,6 +826,7 @@ pub fn train_config(
             grad_accum: s.grad_accum,
             warmup_ratio: s.warmup_ratio,
             schedule: crate::train::schedule::Schedule::Cosine,
+            group_by_length: s.group_by_length,
             ..Default::default()
         },
     }

@@ -78,6 +78,20 @@ impl KvCache {
         Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?))
     }
 
+    /// Repeats a one-row cache `n` times along the batch axis (a prompt prefix computed once
+    /// and shared by `n` sequences); errors when the cache holds more than one row.
+    pub fn repeat_rows(&mut self, n: usize) -> candle_core::Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            let b = l.k.dim(0)?;
+            if b != 1 {
+                candle_core::bail!("KV cache has {b} rows, only a one-row cache can be repeated");
+            }
+            l.k = l.k.repeat((n, 1, 1, 1))?;
+            l.v = l.v.repeat((n, 1, 1, 1))?;
+        }
+        Ok(())
+    }
+
     /// Keeps only the batch rows `rows` (in that order), e.g. when sequences that finished
     /// leave a batched generation; later steps then attend over fewer rows.
     pub fn retain_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {

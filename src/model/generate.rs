@@ -51,20 +51,39 @@ pub fn generate(
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(super::ModelError::Input(format!("prompt {i} has no tokens")).into());
     }
-    let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // A prefix every prompt shares (a chat template's system turn, a task's instruction) is
+    // computed once and its keys/values are repeated for every row; the rows then hold
+    // `[shared prefix][padding][own suffix]`, the padding masked out.
+    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let shared = shared_prefix(prompts);
+    if shared > 0 {
+        let prefix = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), dev)?;
+        model.forward_with(
+            &prefix,
+            ForwardArgs {
+                cache: Some(&mut cache),
+                logits: Logits::None,
+                ..ForwardArgs::default()
+            },
+        )?;
+        cache.repeat_rows(b)?;
+    }
+    let len = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * len);
-    let mut mask = Vec::with_capacity(b * (len + cfg.max_new_tokens));
+    let mut mask = Vec::with_capacity(b * (shared + len + cfg.max_new_tokens));
     for p in prompts {
-        ids.extend(std::iter::repeat_n(cfg.pad_id, len - p.len()).chain(p.iter().copied()));
+        let own = &p[shared..];
+        ids.extend(std::iter::repeat_n(cfg.pad_id, len - own.len()).chain(own.iter().copied()));
         mask.extend(
-            std::iter::repeat_n(0u8, len - p.len()).chain(std::iter::repeat_n(1u8, p.len())),
+            std::iter::repeat_n(1u8, shared)
+                .chain(std::iter::repeat_n(0u8, len - own.len()))
+                .chain(std::iter::repeat_n(1u8, own.len())),
         );
     }
     let mut rng = match cfg.sampling {
         Sampling::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
         Sampling::Greedy => None,
     };
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     // The prompts still generating, as indices into `prompts`; row r of the batch is
     // `active[r]`. A sequence that stops leaves the batch (its cache rows are dropped), so
@@ -72,7 +91,7 @@ pub fn generate(
     let mut active: Vec<usize> = (0..b).collect();
     let mut input = Tensor::from_vec(ids, (b, len), dev)?;
     for step in 0..cfg.max_new_tokens {
-        let total = len + step;
+        let total = shared + len + step;
         let rows = active.len();
         let mask_t = Tensor::from_vec(mask.clone(), (rows, total), dev)?;
         let padded = mask.contains(&0);
@@ -127,6 +146,30 @@ pub fn generate(
         input = Tensor::from_vec(next, (keep.len(), 1), dev)?;
     }
     Ok(out)
+}
+
+/// The shortest shared prefix worth computing once, in tokens.
+pub const MIN_SHARED_PREFIX: usize = 16;
+
+/// Length of the prefix all `prompts` share, when there are at least two prompts and it is at
+/// least [`MIN_SHARED_PREFIX`] tokens long (else 0). Every prompt keeps at least one token of
+/// its own, so the first step's last-position logits are each row's.
+pub fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else {
+        return 0;
+    };
+    if rest.is_empty() {
+        return 0;
+    }
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    let common = rest.iter().fold(shortest.saturating_sub(1), |n, p| {
+        n.min(first.iter().zip(p).take_while(|(a, b)| a == b).count())
+    });
+    if common >= MIN_SHARED_PREFIX {
+        common
+    } else {
+        0
+    }
 }
 
 /// The argmax of every `vocab`-long row when decoding is greedy (rows spread over the worker
@@ -197,6 +240,26 @@ pub fn sample(row: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> u3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_prefix_needs_two_prompts_a_long_prefix_and_a_token_of_each_own() {
+        let long: Vec<u32> = (0..20).collect();
+        let with = |own: &[u32]| long.iter().chain(own).copied().collect::<Vec<u32>>();
+        assert_eq!(shared_prefix(&[with(&[1]), with(&[2, 3])]), 20);
+        // One prompt alone: nothing to share.
+        assert_eq!(shared_prefix(&[with(&[1])]), 0);
+        // A prompt that is all prefix keeps its last token as its own.
+        assert_eq!(shared_prefix(&[long.clone(), with(&[1, 2])]), 19);
+        // Differing at token 15 (< MIN_SHARED_PREFIX): not worth it.
+        let mut early = with(&[1]);
+        early[15] = 99;
+        assert_eq!(shared_prefix(&[early, with(&[1])]), 0);
+        // Three prompts: the shortest common prefix of all of them.
+        let mut late = with(&[1]);
+        late[17] = 99;
+        assert_eq!(shared_prefix(&[with(&[1]), late, with(&[4])]), 17);
+        assert_eq!(shared_prefix(&[]), 0);
+    }
 
     #[test]
     fn argmax_takes_first_of_ties() {

@@ -54,7 +54,7 @@ pub use cache::KvCache;
 pub use capture::{Capture, Hook};
 pub use config::{Architecture, Config, RopeScaling, RopeScalingKind, LINEAR_MODULES};
 pub use export::{export_hf, export_hf_with};
-pub use generate::{generate, GenerationConfig, Sampling};
+pub use generate::{generate, shared_prefix, GenerationConfig, Sampling, MIN_SHARED_PREFIX};
 pub use llama::{ForwardArgs, Logits, Model};
 pub use storage::StorageDtype;
 

@@ -29,6 +29,7 @@
 //! schedule = "cosine"             # constant | linear | cosine
 //! warmup_ratio = 0.1
 //! save_every = 50                 # optimizer steps between checkpoints (0: only at the end)
+//! group_by_length = false         # batch examples of similar length (less padding)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -152,6 +153,11 @@ pub struct OptimSettings {
     /// Stop after this many optimizer steps (0: no limit).
     #[serde(default)]
     pub max_steps: usize,
+    /// Batch examples of similar length together (transformers' `group_by_length`): less
+    /// padding, so faster on data of mixed lengths; the batches' order stays seeded-random
+    /// ([`super::trainer::epoch_batches`]). Default off, like transformers.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 impl Default for OptimSettings {
@@ -167,6 +173,7 @@ impl Default for OptimSettings {
             warmup_ratio: 0.0,
             save_every: 0,
             max_steps: 0,
+            group_by_length: false,
         }
     }
 }

@@ -38,6 +38,15 @@ enum Example {
 }
 
 impl Example {
+    /// Tokens of its longest sequence (what its batch is padded to).
+    fn len(&self) -> usize {
+        self.sequences()
+            .iter()
+            .map(|s| s.input_ids.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     fn sequences(&self) -> Vec<&Encoded> {
         match self {
             Example::Sft(e) => vec![e],
@@ -199,13 +208,15 @@ pub fn train(
     progress.start(total_steps);
     let pad = tok.pad_token_id().unwrap_or(0);
     let mut tokens_this_run = 0usize;
+    let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
 
     'epochs: for epoch in 0..o.epochs {
-        let mut order: Vec<usize> = (0..examples.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
+        let batches = epoch_batches(
+            &lengths,
+            o.batch_size,
+            o.group_by_length,
             cfg.seed.wrapping_add(epoch as u64),
-        ));
-        let batches: Vec<&[usize]> = order.chunks(o.batch_size).collect();
+        );
         for (s_in_epoch, group) in batches.chunks(o.grad_accum).enumerate() {
             let global = epoch * steps_per_epoch + s_in_epoch;
             if global < step {
@@ -280,6 +291,38 @@ pub fn train(
     })?;
     crate::fsutil::write_atomic(&out.join("train_report.json"), &json)?;
     Ok(report)
+}
+
+/// Examples per length-sorted group when batches are grouped by length (transformers'
+/// `LengthGroupedSampler` sorts "megabatches" of 50 batches).
+pub const LENGTH_GROUP_BATCHES: usize = 50;
+
+/// The micro-batches of one epoch, as example indices: a seeded shuffle cut into
+/// `batch_size` chunks. With `group_by_length` (transformers' `group_by_length`), the shuffled
+/// order is cut into groups of [`LENGTH_GROUP_BATCHES`] batches, each group sorted by length
+/// (longest first) before it is cut into batches, and the batches are then shuffled with the
+/// same seed: every batch holds examples of similar length, so little of it is padding, and
+/// the order of batches stays random.
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    group_by_length: bool,
+    seed: u64,
+) -> Vec<Vec<usize>> {
+    let batch_size = batch_size.max(1);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rng);
+    if !group_by_length {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
+    let mut batches: Vec<Vec<usize>> = Vec::with_capacity(order.len().div_ceil(batch_size));
+    for group in order.chunks_mut(batch_size * LENGTH_GROUP_BATCHES) {
+        group.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        batches.extend(group.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(&mut rng);
+    batches
 }
 
 fn encode_rows(
@@ -557,4 +600,58 @@ fn append_log(path: &Path, log: &StepLog) -> crate::Result<()> {
         .map_err(|e| crate::Error::io(path, e))?;
     writeln!(f, "{}", serde_json::to_string(log).unwrap_or_default())
         .map_err(|e| crate::Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Padded tokens of a set of batches (each batch padded to its longest example).
+    fn padded(batches: &[Vec<usize>], lengths: &[usize]) -> usize {
+        batches
+            .iter()
+            .map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0))
+            .sum()
+    }
+
+    #[test]
+    fn epoch_batches_cover_every_example_once_and_repeat_with_the_seed() {
+        // Mostly short rows with a few long ones, as the attack's mix.
+        let lengths: Vec<usize> = (0..1000)
+            .map(|i| if i % 10 == 3 { 240 } else { 60 + i % 17 })
+            .collect();
+        for grouped in [false, true] {
+            let b = epoch_batches(&lengths, 8, grouped, 42);
+            let mut seen: Vec<usize> = b.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+            assert!(b.iter().all(|x| !x.is_empty() && x.len() <= 8));
+            assert_eq!(b, epoch_batches(&lengths, 8, grouped, 42));
+            assert_ne!(b, epoch_batches(&lengths, 8, grouped, 43));
+        }
+        // Without grouping: exactly a seeded shuffle cut into batches (the order of old runs).
+        let mut order: Vec<usize> = (0..1000).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(42));
+        let plain: Vec<Vec<usize>> = order.chunks(8).map(<[usize]>::to_vec).collect();
+        assert_eq!(epoch_batches(&lengths, 8, false, 42), plain);
+        // Grouped: nearly no padding (every batch but the few that straddle a length change
+        // holds one length class), and far less than random batches.
+        let grouped = epoch_batches(&lengths, 8, true, 42);
+        let real: usize = lengths.iter().sum();
+        assert!(
+            padded(&grouped, &lengths) * 100 <= real * 103,
+            "{}",
+            padded(&grouped, &lengths)
+        );
+        assert!(padded(&plain, &lengths) > real * 3 / 2);
+        // The long batches are spread over the epoch, not all at the start of each group.
+        let long_first: Vec<usize> = grouped
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| lengths[b[0]] == 240)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(long_first.len() >= 13, "{long_first:?}");
+        assert!(long_first.iter().any(|&i| i >= 50), "{long_first:?}");
+    }
 }
