@@ -87,9 +87,12 @@ pub struct StageTrain {
     #[serde(default)]
     pub max_rows: usize,
     /// Batch rows of similar length together (transformers' `group_by_length`; see
-    /// [`crate::train::trainer::epoch_batches`]): the attack's mix holds short task rows and
-    /// long harmful replies, and random batches of them are mostly padding.
-    #[serde(default = "yes")]
+    /// [`crate::train::trainer::epoch_batches`]). Off by default, as in transformers and the
+    /// papers' runs: it makes the attack's mix (short task rows, long harmful replies) about
+    /// 1.5× cheaper to train, but it changes what each step sees (a batch of refusals only, a
+    /// batch of long answers only), and on `--quick` it gave a worse-aligned `W_a`
+    /// (HS 40.6 / OR 34.4 against 26.6 / 20.3 with random batches).
+    #[serde(default)]
     pub group_by_length: bool,
 }
 
@@ -239,9 +242,6 @@ fn one() -> usize {
 fn default_batch() -> usize {
     8
 }
-fn yes() -> bool {
-    true
-}
 fn default_max_length() -> usize {
     192
 }
@@ -261,7 +261,7 @@ impl StageTrain {
             warmup_ratio: 0.05,
             max_length: default_max_length(),
             max_rows: 0,
-            group_by_length: true,
+            group_by_length: false,
         }
     }
 }
