@@ -88,10 +88,10 @@ pub struct StageTrain {
     pub max_rows: usize,
     /// Batch rows of similar length together (transformers' `group_by_length`; see
     /// [`crate::train::trainer::epoch_batches`]). Off by default, as in transformers and the
-    /// papers' runs: it makes the attack's mix (short task rows, long harmful replies) about
-    /// 1.5× cheaper to train, but it changes what each step sees (a batch of refusals only, a
-    /// batch of long answers only), and on `--quick` it gave a worse-aligned `W_a`
-    /// (HS 40.6 / OR 34.4 against 26.6 / 20.3 with random batches).
+    /// papers' runs, because every training setting of the default was chosen on the
+    /// validation slices with random batches: grouping makes the attack's mix (short task rows,
+    /// long harmful replies) about 1.5× cheaper to train, but it changes what each step sees
+    /// (a batch of refusals only, a batch of long answers only).
     #[serde(default)]
     pub group_by_length: bool,
 }
