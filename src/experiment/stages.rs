@@ -827,6 +827,7 @@ pub fn train_config(
             warmup_ratio: s.warmup_ratio,
             schedule: crate::train::schedule::Schedule::Cosine,
             group_by_length: s.group_by_length,
+            max_tokens_per_pass: s.max_tokens_per_pass,
             ..Default::default()
         },
     }

@@ -30,6 +30,7 @@
 //! warmup_ratio = 0.1
 //! save_every = 50                 # optimizer steps between checkpoints (0: only at the end)
 //! group_by_length = false         # batch examples of similar length (less padding)
+//! max_tokens_per_pass = 0         # bound a pass's padded tokens (memory); 0: whole micro-batch
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -158,6 +159,12 @@ pub struct OptimSettings {
     /// ([`super::trainer::epoch_batches`]). Default off, like transformers.
     #[serde(default)]
     pub group_by_length: bool,
+    /// Most padded tokens one forward/backward pass holds (0: the whole micro-batch at once).
+    /// A longer micro-batch is run as several passes whose gradients add up to the same
+    /// update (SFT, DPO, SimPO; ORPO and KTO always take the micro-batch whole), which bounds
+    /// the memory kept for backward by this budget instead of by batch × length.
+    #[serde(default)]
+    pub max_tokens_per_pass: usize,
 }
 
 impl Default for OptimSettings {
@@ -174,6 +181,7 @@ impl Default for OptimSettings {
             save_every: 0,
             max_steps: 0,
             group_by_length: false,
+            max_tokens_per_pass: 0,
         }
     }
 }

@@ -230,18 +230,22 @@ pub fn train(
             let mut loss_sum = 0.0;
             let mut tokens = 0;
             for batch in group {
-                let (loss, n_tok) = batch_loss(
-                    &model,
-                    &examples,
-                    batch,
-                    &cfg.objective,
-                    reference.as_deref(),
-                    pad,
-                )?;
-                let loss = (loss / group.len() as f64)?;
-                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                tokens += n_tok;
-                accumulate(&mut grads, collect_grads(&loss.backward()?, &vars))?;
+                for (pass, weight) in
+                    passes(&examples, batch, &cfg.objective, o.max_tokens_per_pass)
+                {
+                    let (loss, n_tok) = batch_loss(
+                        &model,
+                        &examples,
+                        pass,
+                        &cfg.objective,
+                        reference.as_deref(),
+                        pad,
+                    )?;
+                    let loss = (loss * (weight / group.len() as f64))?;
+                    loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    tokens += n_tok;
+                    accumulate(&mut grads, collect_grads(&loss.backward()?, &vars))?;
+                }
             }
             let grad_norm = if o.max_grad_norm > 0.0 {
                 clip_grad_norm(&mut grads, o.max_grad_norm)?
@@ -453,6 +457,78 @@ fn reference_logprobs(
     Ok(out)
 }
 
+/// The forward/backward passes of one micro-batch, each with the weight that makes the sum
+/// of the passes' weighted losses the micro-batch's loss: with `max_tokens` > 0, consecutive
+/// examples are cut into passes of at most `max_tokens` padded tokens (at least one example
+/// each), so that the activations kept for backward are bounded by the budget rather than by
+/// the batch. Exact (up to float summation order) because every objective split here is a sum
+/// of per-example terms over a batch-level count: SFT's mean over label tokens (weight = the
+/// pass's label tokens / the batch's) and the pairwise means of DPO and SimPO (weight = the
+/// pass's pairs / the batch's). ORPO (a chosen-token mean plus a pair mean) and KTO (a
+/// batch-level KL estimate) always take the micro-batch in one pass.
+fn passes<'b>(
+    examples: &[Example],
+    batch: &'b [usize],
+    objective: &Objective,
+    max_tokens: usize,
+) -> Vec<(&'b [usize], f64)> {
+    let splittable = matches!(
+        objective,
+        Objective::Sft | Objective::Dpo { .. } | Objective::Simpo { .. }
+    );
+    if max_tokens == 0 || !splittable || batch.len() < 2 {
+        return vec![(batch, 1.0)];
+    }
+    let padded = |part: &[usize]| {
+        let longest = part.iter().map(|&i| examples[i].len()).max().unwrap_or(0);
+        part.len() * longest * examples[part[0]].sequences().len()
+    };
+    let mut cuts: Vec<&[usize]> = Vec::new();
+    let mut start = 0;
+    for end in 1..=batch.len() {
+        if end - start > 1 && padded(&batch[start..end]) > max_tokens {
+            cuts.push(&batch[start..end - 1]);
+            start = end - 1;
+        }
+    }
+    cuts.push(&batch[start..]);
+    if cuts.len() == 1 {
+        return vec![(batch, 1.0)];
+    }
+    let label_tokens = |part: &[usize]| -> usize {
+        part.iter()
+            .map(|&i| {
+                examples[i].sequences()[0]
+                    .labels
+                    .iter()
+                    .skip(1)
+                    .filter(|&&l| l >= 0)
+                    .count()
+            })
+            .sum()
+    };
+    let total = match objective {
+        Objective::Sft => label_tokens(batch),
+        _ => batch.len(),
+    };
+    cuts.into_iter()
+        .map(|part| {
+            let share = match objective {
+                Objective::Sft => label_tokens(part),
+                _ => part.len(),
+            };
+            (
+                part,
+                if total == 0 {
+                    0.0
+                } else {
+                    share as f64 / total as f64
+                },
+            )
+        })
+        .collect()
+}
+
 fn batch_loss(
     model: &Model,
     examples: &[Example],
@@ -612,6 +688,39 @@ mod tests {
             .iter()
             .map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0))
             .sum()
+    }
+
+    #[test]
+    fn passes_cut_by_padded_tokens_with_weights_that_sum_to_one() {
+        // Lengths 4, 6, 10, 3 with 1, 2, 5, 1 label tokens after the first position.
+        let sft = |len: usize, labelled: usize| {
+            Example::Sft(Encoded {
+                input_ids: vec![1; len],
+                labels: (0..len)
+                    .map(|i| if i + labelled >= len { 7 } else { -100 })
+                    .collect(),
+            })
+        };
+        let ex = [sft(4, 1), sft(6, 2), sft(10, 5), sft(3, 1)];
+        let batch = [0usize, 1, 2, 3];
+        // Whole micro-batch when there is no budget, or for objectives that are not split.
+        assert_eq!(
+            passes(&ex, &batch, &Objective::Sft, 0),
+            vec![(&batch[..], 1.0)]
+        );
+        let orpo = Objective::Orpo { lambda: 0.1 };
+        assert_eq!(passes(&ex, &batch, &orpo, 1), vec![(&batch[..], 1.0)]);
+        // Budget 12: [0, 1] pads to 2 x 6 = 12; adding 2 would pad to 30; [2] alone is 10;
+        // [2, 3] pads to 20, so 3 goes alone.
+        let p = passes(&ex, &batch, &Objective::Sft, 12);
+        let parts: Vec<&[usize]> = p.iter().map(|x| x.0).collect();
+        assert_eq!(parts, vec![&batch[0..2], &batch[2..3], &batch[3..4]]);
+        let w: Vec<f64> = p.iter().map(|x| x.1).collect();
+        assert_eq!(w, vec![3.0 / 9.0, 5.0 / 9.0, 1.0 / 9.0]);
+        // Pairwise objectives weigh passes by their examples.
+        let dpo = passes(&ex, &batch, &Objective::Dpo { beta: 0.1 }, 12);
+        let w: Vec<f64> = dpo.iter().map(|x| x.1).collect();
+        assert_eq!(w, vec![0.5, 0.25, 0.25]);
     }
 
     #[test]
