@@ -218,6 +218,37 @@ fn parquet_files_are_read_with_their_columns() {
     assert_eq!(loaded[1].prompt().plain_text(), "p1");
 }
 
+/// Every codec pyarrow and `datasets` write Parquet with (zstd is pyarrow's choice for many
+/// published sets, snappy its default).
+#[test]
+fn parquet_files_in_every_common_compression_are_read() {
+    use parquet::basic::{Compression, GzipLevel, ZstdLevel};
+    let d = tempfile::tempdir().unwrap();
+    for (name, codec) in [
+        ("uncompressed", Compression::UNCOMPRESSED),
+        ("snappy", Compression::SNAPPY),
+        ("gzip", Compression::GZIP(GzipLevel::default())),
+        ("lz4", Compression::LZ4_RAW),
+        ("zstd", Compression::ZSTD(ZstdLevel::default())),
+    ] {
+        let f = d.path().join(format!("{name}.parquet"));
+        common::write_parquet_with(
+            &f,
+            &[(
+                "prompt",
+                vec!["first prompt", "second prompt", "third", "fourth"],
+            )],
+            None,
+            codec,
+        );
+        assert_eq!(
+            texts(load_prompts(&f.display().to_string(), None).unwrap()),
+            ["first prompt", "second prompt", "third", "fourth"],
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn task_items_with_label_columns() {
     let d = tempfile::tempdir().unwrap();

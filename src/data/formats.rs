@@ -22,8 +22,8 @@ pub enum FileFormat {
     /// CSV with a header row (`.csv`).
     Csv,
     /// Apache Parquet (`.parquet`, as Hugging Face datasets are distributed): each row an
-    /// object of its columns, typed as JSON (strings, numbers, booleans, lists); snappy, gzip
-    /// and lz4 compression.
+    /// object of its columns, typed as JSON (strings, numbers, booleans, lists); snappy, gzip,
+    /// lz4 and zstd compression.
     Parquet,
     /// Plain text, one prompt per line (`.txt`): a prompt set only (see
     /// [`load_prompts`](super::load_prompts)), not training or task data.

@@ -58,6 +58,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// A Parquet file as `datasets` writes one: UTF-8 string columns (and an int64 label column
 /// when `labels` is given), snappy-compressed, the rows split over two row groups.
 pub fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)], labels: Option<(&str, Vec<i64>)>) {
+    write_parquet_with(path, columns, labels, parquet::basic::Compression::SNAPPY);
+}
+
+/// [`write_parquet`] with another compression codec.
+pub fn write_parquet_with(
+    path: &Path,
+    columns: &[(&str, Vec<&str>)],
+    labels: Option<(&str, Vec<i64>)>,
+    compression: parquet::basic::Compression,
+) {
     use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
@@ -78,7 +88,7 @@ pub fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)], labels: Option<
     );
     let props = Arc::new(
         WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::SNAPPY)
+            .set_compression(compression)
             .build(),
     );
     let mut writer =
