@@ -40,6 +40,15 @@ fn config(out: &Path, extra: &str) -> TrainConfig {
     TrainConfig::from_toml(&text).unwrap()
 }
 
+/// The objective `method` names, with its default settings.
+fn objective(method: &str) -> realign::train::Objective {
+    TrainConfig::from_toml(&format!(
+        "method = \"{method}\"\noutput = \"x\"\n[data]\ntrain = \"x\"\n"
+    ))
+    .unwrap()
+    .objective
+}
+
 fn logs(out: &Path) -> Vec<StepLog> {
     std::fs::read_to_string(out.join("train_log.jsonl"))
         .unwrap()
@@ -190,11 +199,7 @@ fn reference_objectives_start_at_their_closed_form() {
     ] {
         let out = dir.path().join(method);
         let mut cfg = config(&out, "epochs = 1\n");
-        cfg.objective = TrainConfig::from_toml(&format!(
-            "method = \"{method}\"\noutput = \"x\"\n[data]\ntrain = \"x\"\n"
-        ))
-        .unwrap()
-        .objective;
+        cfg.objective = objective(method);
         let m = model();
         train(m.model, &m.tokenizer, &rows, &cfg, false, &mut Quiet).unwrap();
         let first = logs(&out)[0].loss;
@@ -207,11 +212,7 @@ fn reference_objectives_start_at_their_closed_form() {
     for method in ["simpo", "orpo"] {
         let out = dir.path().join(method);
         let mut cfg = config(&out, "epochs = 2\n");
-        cfg.objective = TrainConfig::from_toml(&format!(
-            "method = \"{method}\"\noutput = \"x\"\n[data]\ntrain = \"x\"\n"
-        ))
-        .unwrap()
-        .objective;
+        cfg.objective = objective(method);
         let m = model();
         let r = train(m.model, &m.tokenizer, &pref_rows(), &cfg, false, &mut Quiet).unwrap();
         assert!(
@@ -250,11 +251,7 @@ fn passes_under_a_token_budget_give_the_whole_batch_update() {
                 &format!("epochs = 2\nmax_tokens_per_pass = {budget}\n"),
             );
             cfg.optim.batch_size = 3;
-            cfg.objective = TrainConfig::from_toml(&format!(
-                "method = \"{method}\"\noutput = \"x\"\n[data]\ntrain = \"x\"\n"
-            ))
-            .unwrap()
-            .objective;
+            cfg.objective = objective(method);
             let m = model();
             train(m.model, &m.tokenizer, &rows, &cfg, false, &mut Quiet).unwrap();
             let ad = realign::adapters::Adapter::load(&out, &candle_core::Device::Cpu).unwrap();
