@@ -101,8 +101,10 @@ impl TrainableLora {
             .modules
             .iter()
             .map(|(n, m)| {
-                let a = m.a.as_tensor().copy()?;
-                let b = m.b.as_tensor().copy()?;
+                // Detached first: a snapshot outside any graph (a forward pass through it
+                // records nothing and keeps no activations alive).
+                let a = m.a.as_tensor().detach().copy()?;
+                let b = m.b.as_tensor().detach().copy()?;
                 Ok((
                     n.clone(),
                     LoraModule {

@@ -158,8 +158,11 @@ pub fn train(
             None if checkpoint.is_none() => lora.clone(),
             None => TrainableLora::init(&model, lora.config.clone(), cfg.seed)?,
         };
+        // The starting adapter as plain tensors, not the trainable variables: a forward pass
+        // through variables records a graph and keeps every activation of the batch alive
+        // (1.7 GB for 8 x 160 tokens on SmolLM2) although nothing is differentiated here.
         let mut m = model.clone();
-        start.attach(&mut m)?;
+        m.apply_adapter(&start.to_adapter()?, crate::model::AdapterMode::Unmerged)?;
         Some(reference_logprobs(
             &m,
             &examples,
