@@ -300,7 +300,7 @@ pub fn train(
     Ok(report)
 }
 
-/// Examples per length-sorted group when batches are grouped by length (transformers'
+/// Batches per length-sorted group when batches are grouped by length (transformers'
 /// `LengthGroupedSampler` sorts "megabatches" of 50 batches).
 pub const LENGTH_GROUP_BATCHES: usize = 50;
 
