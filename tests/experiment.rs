@@ -349,7 +349,7 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
 #[test]
 fn rejudge_reproduces_the_report_and_switches_judges() {
     use realign::eval::judges::JudgeOptions;
-    use realign::experiment::rejudge::rejudge;
+    use realign::experiment::rejudge::{rejudge, rejudge_with};
     if !common::assets_present(&[&realign::assets::data("adv_bench.prompt")]) {
         return;
     }
@@ -423,6 +423,43 @@ fn rejudge_reproduces_the_report_and_switches_judges() {
     rejudge(&cfg, None, &opts).unwrap();
     assert!(read("report.md") == md && read("report.json") == json);
     assert_eq!(stage_times(&out), before);
+
+    // A run in progress (here: the last evaluation's folder moved away): --rejudge names the
+    // stage; --partial reports every other row unchanged, in report-partial/, and leaves the
+    // finished run's report alone.
+    let last = original.evals.last().unwrap().stage.clone();
+    let moved = std::fs::read_dir(out.join("stages"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with(&format!("{last}-")) && !name.ends_with(".partial")
+        })
+        .unwrap();
+    std::fs::rename(&moved, dir.path().join("moved-stage")).unwrap();
+    let err = rejudge(&cfg, None, &opts).err().unwrap().to_string();
+    assert!(err.contains(&last) && err.contains("--partial"), "{err}");
+    let part = rejudge_with(&cfg, None, &opts, true).unwrap();
+    let gone = original.evals.iter().filter(|e| e.stage == last).count();
+    assert!(gone >= 1);
+    assert_eq!(part.evals.len(), original.evals.len() - gone);
+    for a in &part.evals {
+        assert_ne!(a.stage, last);
+        let b = original
+            .evals
+            .iter()
+            .find(|b| b.variant.label == a.variant.label && b.variant.seed == a.variant.seed)
+            .unwrap();
+        assert_eq!(
+            (a.hs_rate, a.fa_rate, a.or_rate),
+            (b.hs_rate, b.fa_rate, b.or_rate)
+        );
+    }
+    assert_eq!(part.times.len(), original.times.len() - 1);
+    let partial_md = std::fs::read_to_string(out.join("report-partial/report.md")).unwrap();
+    assert!(!partial_md.contains(&last), "{partial_md}");
+    assert!(read("report.md") == md && read("report.json") == json);
 
     // The same judge configured for the run (`eval.judge`): it judges while evaluating, and
     // every row's HS is what --rejudge gave, beside the same keyword score.

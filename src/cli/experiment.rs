@@ -44,6 +44,11 @@ pub struct Args {
     /// --help`) [default: the run's `eval.judge`]
     #[arg(long, requires = "rejudge")]
     judge: Option<String>,
+    /// With --rejudge: the report of the stages finished so far, for a run in progress or
+    /// stopped (rows whose evaluation has not finished are left out), written to
+    /// OUTPUT/report-partial/ instead of OUTPUT/report/
+    #[arg(long, requires = "rejudge")]
+    partial: bool,
 }
 
 struct Bars {
@@ -119,17 +124,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if a.rejudge {
-        let report = experiment::rejudge::rejudge(
+        let report = experiment::rejudge::rejudge_with(
             &cfg,
             a.judge.as_deref(),
             &realign::eval::judges::JudgeOptions::default(),
+            a.partial,
         )
         .with_context(|| format!("rejudging the run in {}", cfg.output.display()))?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
             println!("{}", report.markdown());
-            eprintln!("report: {}", cfg.output.join("report/index.md").display());
+            let folder = if a.partial {
+                "report-partial"
+            } else {
+                "report"
+            };
+            eprintln!(
+                "report: {}",
+                cfg.output.join(folder).join("index.md").display()
+            );
         }
         return Ok(());
     }

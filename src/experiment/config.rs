@@ -83,7 +83,7 @@ pub struct StageTrain {
     /// Tokens per sequence.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
-    /// Use only the first N rows (0: all).
+    /// Use N rows drawn by a seeded shuffle of the set (0: all of it, in order).
     #[serde(default)]
     pub max_rows: usize,
     /// Batch rows of similar length together (transformers' `group_by_length`; see
@@ -276,12 +276,19 @@ impl Default for AlignSettings {
     /// Alignment data mixes harmful prompts (refusals) with benign ones (helpful answers), so
     /// that `W_a` refuses harm and still answers benign requests: `align_sft` (400 harmful + 150
     /// benign questions + 200 Amazon-review sentiment rows) and `align_pref` (130 + 150 + 200
-    /// pairs; a benign pair prefers the helpful answer to a refusal).
+    /// pairs; a benign pair prefers the helpful answer to a refusal). DPO takes a seeded sample
+    /// of 160 of the 480 pairs (the comment in the body says why).
     fn default() -> Self {
         let mut dpo = StageTrain::new("dpo", "embedded:align_pref", 1e-4);
         dpo.batch_size = 4;
         dpo.grad_accum = 2;
         dpo.warmup_ratio = 0.1;
+        // chosen on the validation slices (`--validate`, never the evaluation sets): all 480
+        // pairs (60 steps) over-optimise W_a into short deflections ("Report suspicious
+        // behavior") that comply with nothing yet contain no refusal phrase (keyword HS 100.0,
+        // the Qwen judge 15.6 on 64 validation prompts); 160 pairs (20 steps) from the same
+        // W_0 give Qwen-judge HS 0.0 with FA 56.2 and over-refusal 8.0
+        dpo.max_rows = 160;
         Self {
             sft: StageTrain::new("sft", "embedded:align_sft", 2e-4),
             dpo,

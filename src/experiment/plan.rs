@@ -260,6 +260,33 @@ impl Plan {
     pub fn find(&self, name: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.name == name)
     }
+
+    /// The plan restricted to the stages with `keep[i]` (a run in progress: its finished
+    /// stages), in the same order, with dependency indices and report rows renumbered. A
+    /// stage whose dependency is not kept is dropped too (it cannot have finished without it),
+    /// and so is a report row whose evaluation stage is dropped. Also returns, per kept stage,
+    /// its index in `self`.
+    pub fn restricted(&self, keep: &[bool]) -> (Plan, Vec<usize>) {
+        let mut index = vec![None; self.stages.len()];
+        let mut out = Plan::default();
+        let mut kept = Vec::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            if !keep.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let deps: Option<Vec<usize>> = s.deps.iter().map(|&d| index[d]).collect();
+            let Some(deps) = deps else { continue };
+            index[i] = Some(out.stages.len());
+            kept.push(i);
+            out.stages.push(Stage { deps, ..s.clone() });
+        }
+        out.variants = self
+            .variants
+            .iter()
+            .filter_map(|(v, i)| Some((v.clone(), index[*i]?)))
+            .collect();
+        (out, kept)
+    }
 }
 
 pub(crate) fn fmt_num(x: f64) -> String {

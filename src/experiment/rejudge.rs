@@ -88,6 +88,18 @@ pub fn rejudge(
     judge: Option<&str>,
     opts: &JudgeOptions,
 ) -> crate::Result<Report> {
+    rejudge_with(cfg, judge, opts, false)
+}
+
+/// [`rejudge`], or with `partial` the report of the stages finished so far (a run in progress
+/// or stopped: its rows, times and findings for those stages only), written to
+/// `OUTPUT/report-partial/` so that it is never taken for the finished run's report.
+pub fn rejudge_with(
+    cfg: &ExperimentConfig,
+    judge: Option<&str>,
+    opts: &JudgeOptions,
+    partial: bool,
+) -> crate::Result<Report> {
     cfg.validate().map_err(|what| ExperimentError::Config {
         path: cfg.output.join("experiment.toml"),
         what,
@@ -95,21 +107,26 @@ pub fn rejudge(
     let configured = cfg.eval.judge.clone();
     let judge = judge.unwrap_or(&configured).to_string();
     let runner = stages::Runner::new(cfg)?;
-    let plan: Plan = plan::build(cfg, &runner.inputs)?;
+    let full: Plan = plan::build(cfg, &runner.inputs)?;
     let store = StageStore::new(cfg.output.join("stages"));
-    let mut records: Vec<StageRecord<serde_json::Value>> = Vec::with_capacity(plan.stages.len());
-    for s in &plan.stages {
-        match store.finished::<serde_json::Value>(&s.name, &s.key)? {
-            Some(r) => records.push(r),
-            None => {
-                return Err(ExperimentError::Stage {
-                    stage: s.name.clone(),
-                    what: "not finished: run `realign experiment` with the same settings first, then --rejudge".into(),
-                }
-                .into())
+    let mut found = Vec::with_capacity(full.stages.len());
+    for s in &full.stages {
+        let rec = store.finished::<serde_json::Value>(&s.name, &s.key)?;
+        if rec.is_none() && !partial {
+            return Err(ExperimentError::Stage {
+                stage: s.name.clone(),
+                what: "not finished: run `realign experiment` with the same settings first, then --rejudge (or --rejudge --partial for the stages finished so far)".into(),
             }
+            .into());
         }
+        found.push(rec);
     }
+    let keep: Vec<bool> = found.iter().map(Option::is_some).collect();
+    let (plan, kept) = full.restricted(&keep);
+    let mut records: Vec<StageRecord<serde_json::Value>> = kept
+        .iter()
+        .filter_map(|&i| found.get_mut(i).and_then(Option::take))
+        .collect();
     let mut model = None;
     let mut done = std::collections::BTreeSet::new();
     for &(_, i) in &plan.variants {
@@ -141,6 +158,7 @@ pub fn rejudge(
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("peak_rss_mib")?.as_f64());
-    report.write(&cfg.output.join("report"), &plan, &records)?;
+    let folder = if partial { "report-partial" } else { "report" };
+    report.write(&cfg.output.join(folder), &plan, &records)?;
     Ok(report)
 }
