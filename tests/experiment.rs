@@ -457,6 +457,7 @@ fn rejudge_reproduces_the_report_and_switches_judges() {
         );
     }
     assert_eq!(part.times.len(), original.times.len() - 1);
+    assert_eq!(part.peak_rss_mib, None);
     let partial_md = std::fs::read_to_string(out.join("report-partial/report.md")).unwrap();
     assert!(!partial_md.contains(&last), "{partial_md}");
     assert!(read("report.md") == md && read("report.json") == json);

@@ -153,9 +153,11 @@ pub fn rejudge_with(
     let mut report = Report::build(&judged, &plan, &records);
     report.neuron_overlaps = super::neuron_overlaps(&runner, &plan)?;
     // The peak memory belongs to the run that generated the replies, not to this rejudging:
-    // keep the previous report's figure.
-    report.peak_rss_mib = std::fs::read(cfg.output.join("report").join("report.json"))
-        .ok()
+    // keep the finished run's figure (a run in progress has none yet; an older report in
+    // report/ may be another run's, so --partial does not borrow it).
+    report.peak_rss_mib = (!partial)
+        .then(|| std::fs::read(cfg.output.join("report").join("report.json")).ok())
+        .flatten()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("peak_rss_mib")?.as_f64());
     let folder = if partial { "report-partial" } else { "report" };
