@@ -135,14 +135,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
             println!("{}", report.markdown());
-            let folder = if a.partial {
-                "report-partial"
-            } else {
-                "report"
-            };
             eprintln!(
                 "report: {}",
-                cfg.output.join(folder).join("index.md").display()
+                cfg.output
+                    .join(experiment::rejudge::report_folder(a.partial))
+                    .join("index.md")
+                    .display()
             );
         }
         return Ok(());

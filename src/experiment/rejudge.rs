@@ -91,6 +91,16 @@ pub fn rejudge(
     rejudge_with(cfg, judge, opts, false)
 }
 
+/// The folder under the run's output that [`rejudge_with`] writes: `report-partial` for a
+/// partial report, else `report`.
+pub fn report_folder(partial: bool) -> &'static str {
+    if partial {
+        "report-partial"
+    } else {
+        "report"
+    }
+}
+
 /// [`rejudge`], or with `partial` the report of the stages finished so far (a run in progress
 /// or stopped: its rows, times and findings for those stages only), written to
 /// `OUTPUT/report-partial/` so that it is never taken for the finished run's report.
@@ -160,7 +170,6 @@ pub fn rejudge_with(
         .flatten()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("peak_rss_mib")?.as_f64());
-    let folder = if partial { "report-partial" } else { "report" };
-    report.write(&cfg.output.join(folder), &plan, &records)?;
+    report.write(&cfg.output.join(report_folder(partial)), &plan, &records)?;
     Ok(report)
 }
