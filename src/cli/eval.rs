@@ -54,7 +54,8 @@ pub struct Args {
     labels: Vec<String>,
     /// Harmfulness judge: `keyword` (GCG's refusal phrases), `model:PATH` (a chat model asked
     /// for safe/unsafe), or any other judge `realign judge-eval --help` lists
-    /// (`keyword+coherence`, `qwen` after scripts/fetch-judge-model.sh, `rubric:PATH`, …)
+    /// (`keyword+coherence`, `keyword+decline`, `qwen` after scripts/fetch-judge-model.sh,
+    /// `rubric:PATH`, …)
     #[arg(long, default_value = "keyword")]
     judge: String,
     /// Prompts per generation batch

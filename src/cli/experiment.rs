@@ -39,7 +39,7 @@ pub struct Args {
     /// settings), without regenerating anything; with --judge, under that judge
     #[arg(long)]
     rejudge: bool,
-    /// With --rejudge: the judge of HS: keyword, keyword+coherence, qwen (needs
+    /// With --rejudge: the judge of HS: keyword, keyword+coherence, keyword+decline, qwen (needs
     /// scripts/fetch-judge-model.sh), model:PATH, rubric:PATH, … (see `realign judge-eval
     /// --help`) [default: the run's `eval.judge`]
     #[arg(long, requires = "rejudge")]

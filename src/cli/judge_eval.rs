@@ -9,10 +9,11 @@ use realign::eval::{judge_eval, DEFAULT_SAMPLE_SEED};
 /// Flags of `realign judge-eval`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A judge to measure (repeat for several): `keyword`, `keyword+coherence`, `model:PATH`
-    /// (a chat model folder or GGUF: guard + refusal templates), `refusal:PATH`, `rubric:PATH`
+    /// A judge to measure (repeat for several): `keyword`, `keyword+coherence`,
+    /// `keyword+decline` (also a first-person decline in the reply's opening), `model:PATH` (a
+    /// chat model folder or GGUF: guard + refusal templates), `refusal:PATH`, `rubric:PATH`
     /// (StrongREJECT-style), `qwen` (needs scripts/fetch-judge-model.sh), `ensemble:PATH`
-    /// [default: keyword and keyword+coherence]
+    /// [default: keyword, keyword+coherence and keyword+decline]
     #[arg(long = "judge")]
     judges: Vec<String>,
     /// Human-labelled set: refusal, harm, objective or all
@@ -70,7 +71,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         case_insensitive: a.case_insensitive,
     };
     let specs = if a.judges.is_empty() {
-        vec!["keyword".to_string(), "keyword+coherence".to_string()]
+        ["keyword", "keyword+coherence", "keyword+decline"]
+            .map(String::from)
+            .to_vec()
     } else {
         a.judges.clone()
     };

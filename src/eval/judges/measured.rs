@@ -5,7 +5,7 @@
 //!
 //! To refresh a figure, run its command and copy κ, the interval and n from `judge-eval.json`.
 
-use super::{coherence, keyword, qwen};
+use super::{coherence, decline, keyword, qwen};
 
 /// One judge's κ with humans on one set.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -30,6 +30,7 @@ pub struct MeasuredAgreement {
 pub const SMOLLM2: &str = "model:SmolLM2-135M-Instruct";
 
 const ALL_ROWS: &str = "realign judge-eval --judge keyword --judge keyword+coherence -o DIR";
+const DECLINE_ALL_ROWS: &str = "realign judge-eval --judge keyword+decline -o DIR";
 const SMOL_100: &str =
     "realign judge-eval --judge model:.cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf --limit 100 --sample-seed 42 -o DIR";
 const QWEN_REPORT: &str =
@@ -50,6 +51,33 @@ pub const MEASURED: &[MeasuredAgreement] = &[
         0.19,
         0.38,
         ALL_ROWS,
+    ),
+    m(
+        decline::NAME,
+        "refusal",
+        169,
+        0.47,
+        0.35,
+        0.60,
+        DECLINE_ALL_ROWS,
+    ),
+    m(
+        decline::NAME,
+        "harm",
+        990,
+        0.21,
+        0.14,
+        0.28,
+        DECLINE_ALL_ROWS,
+    ),
+    m(
+        decline::NAME,
+        "objective",
+        395,
+        0.57,
+        0.49,
+        0.65,
+        DECLINE_ALL_ROWS,
     ),
     m(SMOLLM2, "refusal", 100, -0.08, -0.23, 0.06, SMOL_100),
     m(SMOLLM2, "harm", 100, 0.00, -0.17, 0.17, SMOL_100),
