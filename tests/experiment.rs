@@ -237,6 +237,31 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         .find(|r| r.variant.group == "sweep-beta" && r.variant.param == Some(0.9))
         .unwrap();
     assert_eq!(main.stage, sweep.stage);
+    // Each swept sparsity also has its random-mask control: at the main sparsity it is the
+    // main random row's stage, elsewhere its own, never the identified masks' stage.
+    let at = |label: &str| {
+        report
+            .evals
+            .iter()
+            .find(|r| r.variant.group == "sweep-sparsity" && r.variant.label == label)
+            .unwrap_or_else(|| panic!("{label} missing"))
+    };
+    let main_random = report
+        .evals
+        .iter()
+        .find(|r| r.variant.label == "NLSR (random) p=0.25")
+        .unwrap();
+    assert_eq!(
+        at("NLSR (random) p=0.25 sparsity=0.8").stage,
+        main_random.stage
+    );
+    let (r5, l5) = (
+        at("NLSR (random) p=0.25 sparsity=0.5"),
+        at("NLSR (low-rank) p=0.25 sparsity=0.5"),
+    );
+    assert_ne!(r5.stage, l5.stage);
+    assert_ne!(r5.stage, main_random.stage);
+    assert_eq!(r5.variant.param, Some(0.5));
 
     let md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
     assert!(
@@ -244,6 +269,11 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "{md}"
     );
     assert!(md.contains("## Effect of pre-amplification"));
+    assert!(
+        md.contains("| 0.5 | NLSR (low-rank) p=0.25 sparsity=0.5 | ")
+            && md.contains("| 0.5 | NLSR (random) p=0.25 sparsity=0.5 | "),
+        "{md}"
+    );
     assert!(md.contains("## Comparisons (95 % intervals)"), "{md}");
     // a second seed reruns the attack-to-repair chain and the report gives mean ± sd
     assert!(

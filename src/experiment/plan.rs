@@ -609,6 +609,7 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
     if let (Some(method), Some(&(p, att))) = (cfg.nlsr.methods.first(), attacks.first()) {
         let pt = fmt_num(p);
         let sweep = |plan: &mut Plan,
+                     method: &str,
                      group: &str,
                      param: f64,
                      reference: usize,
@@ -642,6 +643,7 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
         for &(beta, r) in &references {
             sweep(
                 &mut plan,
+                method,
                 "beta",
                 beta,
                 r,
@@ -651,11 +653,29 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
             )?;
         }
         let rtag = format!("b{}", fmt_num(main_beta.0));
+        // Each sparsity also with random masks of the same density when `random` is a method:
+        // the control that says whether the identified neurons matter at that density.
+        let control = cfg
+            .nlsr
+            .methods
+            .iter()
+            .find(|m| m.as_str() == "random" && m.as_str() != method.as_str());
         for &s in &cfg.nlsr.sparsities {
-            sweep(&mut plan, "sparsity", s, main_beta.1, &rtag, s, lp_main)?;
+            for m in std::iter::once(method).chain(control) {
+                sweep(&mut plan, m, "sparsity", s, main_beta.1, &rtag, s, lp_main)?;
+            }
         }
         for &lp in &cfg.nlsr.layer_prunes {
-            sweep(&mut plan, "layer-prune", lp, main_beta.1, &rtag, s_main, lp)?;
+            sweep(
+                &mut plan,
+                method,
+                "layer-prune",
+                lp,
+                main_beta.1,
+                &rtag,
+                s_main,
+                lp,
+            )?;
         }
         for &tau in &cfg.safelora.thresholds {
             let sl = plan.add(

@@ -535,13 +535,16 @@ impl Report {
         if rows.is_empty() {
             return None;
         }
+        // By the swept value; rows of one value (a method and its random-mask control) keep
+        // their planned order (a stable sort).
         rows.sort_by(|a, b| {
             a.variant
                 .param
                 .partial_cmp(&b.variant.param)
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
-        let mut s = format!("| {param} | HS ↓ | FA ↑ | OR ↓ |\n|---:|---:|---:|---:|\n");
+        let mut s =
+            format!("| {param} | model | HS ↓ | FA ↑ | OR ↓ |\n|---:|---|---:|---:|---:|\n");
         for e in rows {
             let mut p = e.variant.param.map(|p| format!("{p}")).unwrap_or_default();
             if let Some((k, n)) = e.projected {
@@ -549,7 +552,8 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "| {p} | {} | {} | {} |",
+                "| {p} | {} | {} | {} | {} |",
+                e.variant.label,
                 cell(e.hs_rate, e.hs),
                 cell(e.fa_rate, e.fa),
                 cell(e.or_rate, e.or.unwrap_or(f64::NAN)),
