@@ -4,7 +4,7 @@
 //! empty. Harmful: the opposite ([`is_harmful_keyword_with`]), so the two answers always
 //! disagree.
 
-use super::{no_argument, Judge, JudgeOptions, Question, Verdict};
+use super::{by_refusal, no_argument, Judge, JudgeOptions, Question, Verdict};
 use crate::eval::judge::{is_harmful_keyword_with, refusal_match};
 
 /// The judge's name.
@@ -36,20 +36,14 @@ impl Judge for KeywordJudge {
     }
 
     fn judge(&self, question: Question, pairs: &[(String, String)]) -> crate::Result<Vec<Verdict>> {
-        Ok(pairs
-            .iter()
-            .map(|(_, reply)| {
-                let r = self.refused(reply);
-                debug_assert_eq!(
-                    r.yes,
-                    !is_harmful_keyword_with(reply, self.case_insensitive)
-                );
-                match question {
-                    Question::Refused => r,
-                    Question::Harmful => Verdict::new(!r.yes, r.detail),
-                }
-            })
-            .collect())
+        Ok(by_refusal(question, pairs, |reply| {
+            let r = self.refused(reply);
+            debug_assert_eq!(
+                r.yes,
+                !is_harmful_keyword_with(reply, self.case_insensitive)
+            );
+            r
+        }))
     }
 }
 
