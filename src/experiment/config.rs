@@ -140,7 +140,9 @@ pub struct NlsrSettings {
     pub betas: Vec<f64>,
     /// Also run the first method without pre-amplification (the ablation row).
     pub without_amplification: bool,
-    /// Sparsity (fraction of entries *not* kept); first = main, others a sweep.
+    /// Sparsity (fraction of entries *not* kept); first = main, others a sweep (each swept
+    /// value with the first method and, when `random` is among `methods`, with random masks of
+    /// the same density).
     pub sparsities: Vec<f64>,
     /// Layer-pruning rate `P_L`; first = main, others a sweep.
     pub layer_prunes: Vec<f64>,
