@@ -1,17 +1,24 @@
-//! Where a decode step's time goes (development aid): all matrix-vector products alone vs a
-//! whole cached forward step.
+//! Where a decode step's time goes (development aid): all linear products alone, the LM head
+//! alone, and a whole cached forward step, for `BATCH` sequences (default 1; the evaluation
+//! decodes 16 at a time).
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use realign::model::{ForwardArgs, KvCache, LoadOptions, LoadedModel, Logits};
 
 fn main() -> anyhow::Result<()> {
+    let batch: usize = std::env::var("BATCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let m = LoadedModel::load(&realign::assets::default_model(), &LoadOptions::default())?;
     let model = &m.model;
     let dev = model.device().clone();
     let ws: Vec<Tensor> = model.linears().map(|l| l.weight.clone()).collect();
-    let x576 = Tensor::ones((1, 576), candle_core::DType::F32, &dev)?;
-    let x1536 = Tensor::ones((1, 1536), candle_core::DType::F32, &dev)?;
+    let x576 = Tensor::ones((batch, 576), DType::F32, &dev)?;
+    let x1536 = Tensor::ones((batch, 1536), DType::F32, &dev)?;
+    let head = model.lm_head_weight().clone();
+    let step = ForwardArgs::default;
     for _ in 0..3 {
         let t = Instant::now();
         for w in &ws {
@@ -20,42 +27,35 @@ fn main() -> anyhow::Result<()> {
         }
         let lin = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let _ = realign::model::matmul::linear(&x576, &model_lm_head(model))?;
-        let head = t.elapsed().as_secs_f64();
-        let mut cache = KvCache::new(30);
-        let ids = Tensor::new(&[[1u32; 16]], &dev)?;
-        model.forward_with(
-            &ids,
-            ForwardArgs {
-                cache: Some(&mut cache),
-                logits: Logits::Last,
-                ..Default::default()
-            },
-        )?;
-        let one = Tensor::new(&[[5u32]], &dev)?;
-        let t = Instant::now();
-        let n = 20;
-        for _ in 0..n {
-            model.forward_with(
-                &one,
-                ForwardArgs {
-                    cache: Some(&mut cache),
-                    logits: Logits::Last,
-                    ..Default::default()
-                },
-            )?;
+        realign::model::matmul::linear(&x576, &head)?;
+        let hd = t.elapsed().as_secs_f64();
+        let mut cache = KvCache::new(model.config().num_hidden_layers);
+        let prompt = Tensor::from_vec(vec![1u32; batch * 16], (batch, 16), &dev)?;
+        let one = Tensor::from_vec(vec![5u32; batch], (batch, 1), &dev)?;
+        for (ids, n) in [(&prompt, 1), (&one, 20)] {
+            let t = Instant::now();
+            for _ in 0..n {
+                model.forward_with(
+                    ids,
+                    ForwardArgs {
+                        cache: Some(&mut cache),
+                        logits: Logits::Last,
+                        ..step()
+                    },
+                )?;
+            }
+            if n > 1 {
+                let s = t.elapsed().as_secs_f64() / n as f64;
+                println!(
+                    "batch {batch}: linears {:.2} ms, lm_head {:.2} ms, full step {:.2} ms \
+                     ({:.0} tokens/s)",
+                    lin * 1e3,
+                    hd * 1e3,
+                    s * 1e3,
+                    batch as f64 / s
+                );
+            }
         }
-        let step = t.elapsed().as_secs_f64() / n as f64;
-        println!(
-            "linears {:.2} ms, lm_head {:.2} ms, full step {:.2} ms",
-            lin * 1e3,
-            head * 1e3,
-            step * 1e3
-        );
     }
     Ok(())
-}
-
-fn model_lm_head(m: &realign::model::Model) -> Tensor {
-    m.lm_head_weight().clone()
 }

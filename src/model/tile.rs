@@ -1,14 +1,16 @@
 //! The register-blocked product `x W^T` for few input rows (batched decoding: 5-64 rows).
 //!
 //! The input rows become vector lanes: `x: [n, k]` is packed once as `xt: [k, L]` (`L` = `n`
-//! rounded up to whole vectors, zero-padded). A tile of `MR` weight rows then runs one k-loop
-//! in which every weight element is broadcast once and multiplied into `L / V` lane vectors
+//! rounded up to whole vectors, zero-padded; on AVX2 in lane groups of 16 rows, each packed
+//! this way). A tile of `MR` weight rows then runs one k-loop in which every weight element is
+//! broadcast once and multiplied into `L / V` lane vectors
 //! (`V` = 16 for AVX-512, 8 for AVX2), accumulating `MR x L / V` vector registers:
 //! `acc[r][lanes] += w[j + r][kk] * xt[kk][lanes]`. Each FMA needs one broadcast load (folded
 //! into the FMA as a memory operand), there is no horizontal sum, and each weight row is read
-//! from memory once per call. On this class of core (Zen 4) one tile reaches the FMA
-//! throughput: ~100 GFLOP/s per core at n = 16, against ~35 GFLOP/s for one dot product per
-//! (row, weight row) — measured by hand in a scratch benchmark, not a test.
+//! from memory once per call. On Zen 4 one tile reaches the FMA throughput: ~100 GFLOP/s per
+//! core at n = 16, against ~35 GFLOP/s for one dot product per (row, weight row); on an
+//! AVX2-only Zen 1 core (peak ~37 GFLOP/s) ~35 at n = 16 — measured by hand with
+//! `examples/kernel_rates.rs`, not a test.
 //!
 //! The rows of `W` are split across [`Pool::global`] in blocks of whole tiles.
 
@@ -99,49 +101,70 @@ fn shape(isa: Isa, n: usize) -> (usize, usize, usize) {
         (Isa::Avx512, 33..=48) => (16, 3, 8),
         (Isa::Avx512, _) => (16, 4, 6),
         (Isa::Avx2, 0..=8) => (8, 1, 12),
-        (Isa::Avx2, 9..=16) => (8, 2, 6),
-        (Isa::Avx2, 17..=24) => (8, 3, 4),
-        (Isa::Avx2, 25..=32) => (8, 4, 3),
-        // More rows on AVX2: several passes of 32 (see `chunk`).
-        (Isa::Avx2, _) => (8, 4, 3),
+        // More than 16 rows on AVX2: lane groups of 16 (see `group_lanes`).
+        (Isa::Avx2, _) => (8, 2, 6),
         (Isa::Scalar, _) => (8, 1, 4),
     }
 }
 
-/// One packed pass: `n <= MAX_LANES` input rows (at most `V * NB` of them for the shape).
-fn chunk(isa: Isa, x: &[f32], w: WeightRows, n: usize, k: usize, out: usize, y: &mut [f32]) {
-    let (v, nb, mr) = shape(isa, n);
-    let lanes = v * nb;
-    if n > lanes {
-        // AVX2 and scalar take at most `lanes` rows per pass.
-        let mut i0 = 0;
-        while i0 < n {
-            let rows = (n - i0).min(lanes);
-            chunk(
-                isa,
-                &x[i0 * k..(i0 + rows) * k],
-                w,
-                rows,
-                k,
-                out,
-                &mut y[i0 * out..],
-            );
-            i0 += rows;
-        }
-        return;
+/// Most input rows one lane group holds: the widest tile whose accumulators, input vectors and
+/// broadcast fit the register file. AVX-512's 32 registers take all [`MAX_LANES`] rows in one
+/// group; AVX2's 16 take 16 rows (12 accumulators, 2 inputs, 1 broadcast: 24 or 32 rows would
+/// spill, measured ~29 against ~35 GFLOP/s per core on Zen 1).
+fn group_lanes(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => MAX_LANES,
+        Isa::Avx2 => 16,
+        Isa::Scalar => 8,
     }
+}
+
+/// One group of input rows: the first row, the row count, its tile shape and where its packed
+/// inputs start.
+#[derive(Clone, Copy)]
+struct Group {
+    row0: usize,
+    rows: usize,
+    shape: (usize, usize, usize),
+    at: usize,
+}
+
+/// One packed pass over `W`: `n <= MAX_LANES` input rows in lane groups (see [`group_lanes`]).
+/// Each pool part takes a block of weight rows and runs every group over it, so the block is
+/// read from memory once and reused from cache by the later groups.
+fn chunk(isa: Isa, x: &[f32], w: WeightRows, n: usize, k: usize, out: usize, y: &mut [f32]) {
+    let width = group_lanes(isa);
+    let mut groups = Vec::with_capacity(n.div_ceil(width));
+    let (mut row0, mut at) = (0, 0);
+    while row0 < n {
+        let rows = (n - row0).min(width);
+        let shape = shape(isa, rows);
+        groups.push(Group {
+            row0,
+            rows,
+            shape,
+            at,
+        });
+        at += k * shape.0 * shape.1;
+        row0 += rows;
+    }
+    // Blocks of ~128 KiB of weights, in whole tiles of every group: enough parts to balance two
+    // to a few threads, few enough that handing them out costs nothing.
+    let tile_rows = groups.iter().fold(1, |l, g| lcm(l, g.shape.2));
+    let block = ((32_768 / k.max(1)) / tile_rows).max(1) * tile_rows;
     PACKED.with(|cell| {
         let mut xt = cell.borrow_mut();
         xt.clear();
-        xt.resize(k * lanes, 0.0);
-        for (i, row) in x.chunks_exact(k).take(n).enumerate() {
-            for (kk, &v) in row.iter().enumerate() {
-                xt[kk * lanes + i] = v;
+        xt.resize(at, 0.0);
+        for g in &groups {
+            let lanes = g.shape.0 * g.shape.1;
+            let rows = x[g.row0 * k..].chunks_exact(k).take(g.rows);
+            for (i, row) in rows.enumerate() {
+                for (kk, &v) in row.iter().enumerate() {
+                    xt[g.at + kk * lanes + i] = v;
+                }
             }
         }
-        // Blocks of ~128 KiB of weights, in whole tiles: enough parts to balance two to a few
-        // threads, few enough that handing them out costs nothing.
-        let block = ((32_768 / k.max(1)) / mr).max(1) * mr;
         let parts = out.div_ceil(block);
         let yp = SyncPtr(y.as_mut_ptr());
         let xt = &xt[..];
@@ -153,29 +176,48 @@ fn chunk(isa: Isa, x: &[f32], w: WeightRows, n: usize, k: usize, out: usize, y: 
                 let mut panel = panel.borrow_mut();
                 let wp = w.panel(j0, j1, k, &mut panel);
                 BLOCK.with(|cell| {
-                    // The block's outputs as `[j - j0][lanes]` (the tiles' natural layout), then
-                    // copied out row by row: storing straight into `y` would write `n` lines
-                    // `out * 4` bytes apart per weight row, which all map to one L1 set when
-                    // `out` is a multiple of 1024 (the LM head) and thrash it.
                     let mut buf = cell.borrow_mut();
-                    buf.clear();
-                    buf.resize((j1 - j0) * lanes, 0.0);
-                    run_block(isa, (v, nb, mr), xt, wp, k, 0, j1 - j0, &mut buf);
-                    for i in 0..n {
-                        // SAFETY: part `p` writes only the columns `j0..j1` of `y` (rows `0..n`,
-                        // row stride `out`), which no other part writes; `y` outlives `run`, and
-                        // `few_rows` checked `y.len() >= n * out`.
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(yp.0.add(i * out + j0), j1 - j0)
-                        };
-                        for (dst, src) in row.iter_mut().zip(buf.chunks_exact(lanes)) {
-                            *dst = src[i];
+                    for g in &groups {
+                        let lanes = g.shape.0 * g.shape.1;
+                        // The block's outputs as `[j - j0][lanes]` (the tiles' natural layout),
+                        // then copied out row by row: storing straight into `y` would write
+                        // `n` lines `out * 4` bytes apart per weight row, which all map to one
+                        // L1 set when `out` is a multiple of 1024 (the LM head) and thrash it.
+                        buf.clear();
+                        buf.resize((j1 - j0) * lanes, 0.0);
+                        let xg = &xt[g.at..g.at + k * lanes];
+                        run_block(isa, g.shape, xg, wp, k, 0, j1 - j0, &mut buf);
+                        for i in 0..g.rows {
+                            // SAFETY: part `p` writes only the columns `j0..j1` of `y` (rows
+                            // `0..n`, row stride `out`), which no other part writes; `y`
+                            // outlives `run`, and `few_rows` checked `y.len() >= n * out`.
+                            let row = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    yp.0.add((g.row0 + i) * out + j0),
+                                    j1 - j0,
+                                )
+                            };
+                            for (dst, src) in row.iter_mut().zip(buf.chunks_exact(lanes)) {
+                                *dst = src[i];
+                            }
                         }
                     }
                 });
             });
         });
     });
+}
+
+/// Least common multiple (of tile heights: small positive numbers).
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
 }
 
 thread_local! {
@@ -244,10 +286,6 @@ fn tile(
             (Isa::Avx512 | Isa::Avx2, 8, 1, 1) => return go!(avx2, 1, 1),
             (Isa::Avx2, 8, 2, 6) => return go!(avx2, 6, 2),
             (Isa::Avx2, 8, 2, 1) => return go!(avx2, 1, 2),
-            (Isa::Avx2, 8, 3, 4) => return go!(avx2, 4, 3),
-            (Isa::Avx2, 8, 3, 1) => return go!(avx2, 1, 3),
-            (Isa::Avx2, 8, 4, 3) => return go!(avx2, 3, 4),
-            (Isa::Avx2, 8, 4, 1) => return go!(avx2, 1, 4),
             (Isa::Avx512, 16, 1, 8) => return go!(avx512, 8, 1),
             (Isa::Avx512, 16, 1, 1) => return go!(avx512, 1, 1),
             (Isa::Avx512, 16, 2, 12) => return go!(avx512, 12, 2),
@@ -416,6 +454,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A row's outputs do not depend on the rows beside it: the lane groups and tile shapes
+    /// chosen for a batch give, bit for bit, what the row gives alone (what lets batched
+    /// generation equal one-by-one generation).
+    #[test]
+    fn each_row_is_bit_identical_to_the_row_alone() {
+        let (k, out) = (131, 77);
+        let w = values(out * k, 3);
+        for isa in isas() {
+            for n in [9, 16, 17, 24, 33, 48, 64] {
+                let x = values(n * k, n as u64);
+                let mut y = vec![f32::NAN; n * out];
+                few_rows_with(isa, &x, WeightRows::F32(&w), n, k, out, &mut y);
+                for i in 0..n {
+                    let mut alone = vec![f32::NAN; out];
+                    let row = &x[i * k..(i + 1) * k];
+                    few_rows_with(isa, row, WeightRows::F32(&w), 1, k, out, &mut alone);
+                    assert_eq!(
+                        &y[i * out..(i + 1) * out],
+                        &alone[..],
+                        "{isa:?} n {n} row {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx2_lane_groups_and_tile_heights() {
+        // AVX2 takes at most 16 rows per group; the groups of 40 rows are 16 + 16 + 8.
+        assert_eq!(group_lanes(Isa::Avx2), 16);
+        assert_eq!(shape(Isa::Avx2, 16), (8, 2, 6));
+        assert_eq!(shape(Isa::Avx2, 8), (8, 1, 12));
+        assert_eq!(lcm(6, 12), 12);
+        assert_eq!(lcm(4, 6), 12);
     }
 
     #[test]
