@@ -133,21 +133,7 @@ struct Group {
 /// Each pool part takes a block of weight rows and runs every group over it, so the block is
 /// read from memory once and reused from cache by the later groups.
 fn chunk(isa: Isa, x: &[f32], w: WeightRows, n: usize, k: usize, out: usize, y: &mut [f32]) {
-    let width = group_lanes(isa);
-    let mut groups = Vec::with_capacity(n.div_ceil(width));
-    let (mut row0, mut at) = (0, 0);
-    while row0 < n {
-        let rows = (n - row0).min(width);
-        let shape = shape(isa, rows);
-        groups.push(Group {
-            row0,
-            rows,
-            shape,
-            at,
-        });
-        at += k * shape.0 * shape.1;
-        row0 += rows;
-    }
+    let (groups, at) = groups(isa, n, k);
     // Blocks of ~128 KiB of weights, in whole tiles of every group: enough parts to balance two
     // to a few threads, few enough that handing them out costs nothing.
     let tile_rows = groups.iter().fold(1, |l, g| lcm(l, g.shape.2));
@@ -206,6 +192,28 @@ fn chunk(isa: Isa, x: &[f32], w: WeightRows, n: usize, k: usize, out: usize, y: 
             });
         });
     });
+}
+
+/// The lane groups of `n` input rows of length `k`, and the packed length they take: groups of
+/// [`group_lanes`] rows in order, the last one shorter, each packed as `[k, lanes]` after the
+/// previous one.
+fn groups(isa: Isa, n: usize, k: usize) -> (Vec<Group>, usize) {
+    let width = group_lanes(isa);
+    let mut groups = Vec::with_capacity(n.div_ceil(width));
+    let (mut row0, mut at) = (0, 0);
+    while row0 < n {
+        let rows = (n - row0).min(width);
+        let shape = shape(isa, rows);
+        groups.push(Group {
+            row0,
+            rows,
+            shape,
+            at,
+        });
+        at += k * shape.0 * shape.1;
+        row0 += rows;
+    }
+    (groups, at)
 }
 
 /// Least common multiple (of tile heights: small positive numbers).
@@ -483,11 +491,28 @@ mod tests {
     }
 
     #[test]
-    fn avx2_lane_groups_and_tile_heights() {
-        // AVX2 takes at most 16 rows per group; the groups of 40 rows are 16 + 16 + 8.
-        assert_eq!(group_lanes(Isa::Avx2), 16);
-        assert_eq!(shape(Isa::Avx2, 16), (8, 2, 6));
-        assert_eq!(shape(Isa::Avx2, 8), (8, 1, 12));
+    fn lane_groups_cover_every_row_once_and_pack_back_to_back() {
+        let rows = |isa, n| {
+            let (g, at) = groups(isa, n, 10);
+            let sizes: Vec<(usize, usize, usize)> =
+                g.iter().map(|g| (g.row0, g.rows, g.at)).collect();
+            (sizes, at, g.iter().map(|g| g.shape).collect::<Vec<_>>())
+        };
+        // AVX2, 40 rows: 16 + 16 + 8, packed [10, 16], [10, 16], [10, 8] one after the other.
+        let (sizes, at, shapes) = rows(Isa::Avx2, 40);
+        assert_eq!(sizes, [(0, 16, 0), (16, 16, 160), (32, 8, 320)]);
+        assert_eq!(at, 400);
+        assert_eq!(shapes, [(8, 2, 6), (8, 2, 6), (8, 1, 12)]);
+        // 16 rows or fewer: one group, as before the groups.
+        assert_eq!(rows(Isa::Avx2, 16).0, [(0, 16, 0)]);
+        assert_eq!(rows(Isa::Avx2, 5).1, 80);
+        // AVX-512 takes all 64 rows in one group (32 registers); the scalar tiles 8 at a time.
+        assert_eq!(rows(Isa::Avx512, 64).0, [(0, 64, 0)]);
+        assert_eq!(
+            rows(Isa::Scalar, 20).0,
+            [(0, 8, 0), (8, 8, 80), (16, 4, 160)]
+        );
+        // Blocks are whole tiles of every group: lcm of the tile heights.
         assert_eq!(lcm(6, 12), 12);
         assert_eq!(lcm(4, 6), 12);
     }
