@@ -28,18 +28,12 @@ fn main() -> anyhow::Result<()> {
         let (m, out, k) = (1024, *out, *k);
         let (a, w) = (vec![0.5f32; m * k], vec![0.25f32; out * k]);
         let mut c = vec![0f32; m * out];
-        let mut r = Ok(());
+        let mut result = Ok(());
         let secs = best(6, || {
-            r = r.clone().and(gemm(
-                m,
-                out,
-                k,
-                MatRef::row_major(&a, k),
-                MatRef::transposed(&w, k),
-                &mut c,
-            ));
+            let (a, b) = (MatRef::row_major(&a, k), MatRef::transposed(&w, k));
+            result = gemm(m, out, k, a, b, &mut c);
         });
-        r?;
+        result?;
         let rate = 2.0 * (m * out * k) as f64 / secs / 1e9;
         println!("gemm {m} x {k} . ({out} x {k})^T: {rate:.1} GFLOP/s");
     }
