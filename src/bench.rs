@@ -68,8 +68,9 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> crate::Result<()>) -> crate::R
 }
 
 /// Prefill (batch 8 x 128), greedy decode (batch 1, 64 tokens; with the model's own storage
-/// and with bf16 matrices) and batched decode (batch 16 and batch 32, 64 tokens) on random
-/// token ids (seed 0). Calls `out` for each figure as it is measured.
+/// and with bf16 matrices) and batched decode (batch 16 and batch 32, 64 tokens; each also as
+/// its prefill alone and the rate of the one-token steps after it) on random token ids
+/// (seed 0). Calls `out` for each figure as it is measured.
 pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
     let vocab = model.config().vocab_size;
     let dev = model.device();
@@ -148,6 +149,29 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
         let last = 8 + batch - 1;
         out(figure(metric, (batch * new) as f64 / secs, "tokens/s",
             format!("batch {batch}, left-padded 8..{last}-token prompts, {new} greedy tokens each, {threads} threads")));
+        // The same batch's prefill alone (one new token: the prompts' forward pass and the
+        // first token from its logits), and so the rate of the remaining one-token steps: the
+        // figure above counts both, and the prefill's share grows with the batch's prompts.
+        let first = GenerationConfig {
+            max_new_tokens: 1,
+            ..cfg.clone()
+        };
+        let prefill = best_of(repeats, || generate(model, &prompts, &first).map(drop))?;
+        out(figure(
+            &format!(
+                "{}_prefill_s",
+                metric.trim_end_matches("_decode_tokens_per_s")
+            ),
+            prefill,
+            "s",
+            format!("the prefill of {metric} alone (its {batch} prompts and first token)"),
+        ));
+        out(figure(
+            &format!("{}_steps_tokens_per_s", metric.trim_end_matches("_decode_tokens_per_s")),
+            (batch * (new - 1)) as f64 / (secs - prefill).max(f64::MIN_POSITIVE),
+            "tokens/s",
+            format!("{metric} without its prefill: the {} one-token steps after the first token, batch {batch}", new - 1),
+        ));
     }
     Ok(())
 }

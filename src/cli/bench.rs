@@ -7,7 +7,8 @@ use realign::model::{LoadOptions, LoadedModel};
 /// Flags of `realign bench`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Which benchmark: forward (prefill, decode, batched decode at batch 16 and 32), train
+    /// Which benchmark: forward (prefill, decode, batched decode at batch 16 and 32 with and
+    /// without its prefill), train
     /// (LoRA r 16 on all 7 modules, batch 8 x 128), identify (low-rank safety neurons: seconds
     /// and peak memory) or patch (NLSR's patch stage on a synthetic Llama-3-8B-shaped adapter, r 128; no model)
     /// or neurons (safety-neuron detection: seconds, peak memory, memory per prompt length)
