@@ -141,8 +141,8 @@ fn chunk(isa: Isa, x: &[f32], w: WeightRows, n: usize, k: usize, out: usize, y: 
     PACKED.with(|cell| {
         let mut xt = cell.borrow_mut();
         // Every element is written below (the inputs, then zeros in the padding lanes), so
-        // the buffer is only grown, never cleared: a zero fill of the whole buffer on every
-        // product showed as ~1.5 % of a batch-16 decode step.
+        // the buffer is only grown, never cleared (a zero fill of it on every product wrote
+        // ~9.6 MB per batch-16 decode step of SmolLM2 for nothing).
         if xt.len() < at {
             xt.resize(at, 0.0);
         }
