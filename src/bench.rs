@@ -138,16 +138,14 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
         ),
     ));
 
-    for (batch, metric) in [
-        (16, "batched_decode_tokens_per_s"),
-        (32, "batched32_decode_tokens_per_s"),
-    ] {
+    for (batch, name) in [(16, "batched"), (32, "batched32")] {
+        let metric = format!("{name}_decode_tokens_per_s");
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|i| random_ids(&mut rng, 8 + i, vocab))
             .collect();
         let secs = best_of(repeats, || generate(model, &prompts, &cfg).map(drop))?;
         let last = 8 + batch - 1;
-        out(figure(metric, (batch * new) as f64 / secs, "tokens/s",
+        out(figure(&metric, (batch * new) as f64 / secs, "tokens/s",
             format!("batch {batch}, left-padded 8..{last}-token prompts, {new} greedy tokens each, {threads} threads")));
         // The same batch's prefill alone (one new token: the prompts' forward pass and the
         // first token from its logits), and so the rate of the remaining one-token steps: the
@@ -158,16 +156,13 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
         };
         let prefill = best_of(repeats, || generate(model, &prompts, &first).map(drop))?;
         out(figure(
-            &format!(
-                "{}_prefill_s",
-                metric.trim_end_matches("_decode_tokens_per_s")
-            ),
+            &format!("{name}_prefill_s"),
             prefill,
             "s",
             format!("the prefill of {metric} alone (its {batch} prompts and first token)"),
         ));
         out(figure(
-            &format!("{}_steps_tokens_per_s", metric.trim_end_matches("_decode_tokens_per_s")),
+            &format!("{name}_steps_tokens_per_s"),
             (batch * (new - 1)) as f64 / (secs - prefill).max(f64::MIN_POSITIVE),
             "tokens/s",
             format!("{metric} without its prefill: the {} one-token steps after the first token, batch {batch}", new - 1),
