@@ -515,6 +515,17 @@ impl Model {
         self.lm_head.forward(hidden, None)
     }
 
+    /// The LM head's weight when the head is a plain frozen f32 product on the CPU (no adapter,
+    /// no bias, contiguous, not trained): what the fused loss
+    /// [`crate::train::loss::head_log_softmax`] multiplies by.
+    pub fn frozen_lm_head(&self) -> Option<&Tensor> {
+        let w = &self.lm_head.weight;
+        let plain = self.lm_head.loras.is_empty() && self.lm_head.bias.is_none();
+        (plain && w.dtype() == DType::F32 && w.is_contiguous() && w.device().is_cpu())
+            .then_some(w)
+            .filter(|w| !w.track_op())
+    }
+
     /// The LM head's weight `[vocab, hidden]` (the embedding when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
         &self.lm_head.weight

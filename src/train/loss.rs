@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::model::frozen::with_slice;
-use crate::model::gemm::run_parts;
+use crate::model::gemm::{self, run_parts, MatRef};
 use crate::model::Model;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
@@ -73,6 +73,13 @@ impl LabelLogprobs {
         let (rows, targets, onehot, lengths) = label_positions(labels)?;
         let idx = Tensor::new(rows.as_slice(), hidden.device())?;
         let picked = hidden.reshape((b * s, h))?.index_select(&idx, 0)?;
+        if let Some(w) = model.frozen_lm_head().filter(|_| picked.track_op()) {
+            if !targets.is_empty() && picked.device().is_cpu() && picked.dtype() == DType::F32 {
+                let logp = head_log_softmax(&picked, w, targets)?;
+                let sums = onehot.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?;
+                return Ok(Self { sums, lengths });
+            }
+        }
         let logits = model.lm_head_forward(&picked)?;
         Self::from_selected(&logits, targets, &onehot, lengths)
     }
@@ -132,6 +139,132 @@ pub fn picked_log_softmax(logits: &Tensor, targets: Vec<u32>) -> candle_core::Re
     })
 }
 
+/// `log_softmax(x W^T)[i, targets[i]]` for hidden rows `x: [n, h]` and a frozen LM head
+/// `w: [vocab, h]` (f32, contiguous, CPU) -> `[n]`: the LM head and [`picked_log_softmax`] as
+/// one autograd op, whose backward returns `x`'s gradient `G W` with
+/// `G_i = g_i (onehot(t_i) - softmax(x_i W^T))` (issue 17's fused loss).
+///
+/// The value and the gradient are bit-for-bit those of the two ops in sequence (the same
+/// products on [`crate::model::gemm`], the same per-row sums). What it saves: as two ops, the
+/// `[n, vocab]` logits were a graph node, so candle's backward kept them, wrote their gradient
+/// into a new `[n, vocab]` buffer, and added it to a zero-filled one of the same size (its
+/// gradient store accumulates every node's gradient so) — three vocabulary-wide buffers besides
+/// the logits, each ~200 MB at 8 × 128 tokens and a 49k vocabulary. Here the logits stay inside
+/// the op and their gradient is written over them.
+pub fn head_log_softmax(x: &Tensor, w: &Tensor, targets: Vec<u32>) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(HeadLogSoftmax {
+        w: w.clone(),
+        targets: Arc::new(targets),
+        saved: Mutex::new(None),
+    })
+}
+
+/// The fused op of [`head_log_softmax`].
+pub struct HeadLogSoftmax {
+    /// `[vocab, h]`, f32, contiguous, not trained.
+    w: Tensor,
+    targets: Arc<Vec<u32>>,
+    /// The logits `[n, vocab]` and per-row log-sum-exp of the last forward pass, taken (and
+    /// overwritten by their gradient) by the backward pass.
+    saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl HeadLogSoftmax {
+    /// The logits `x W^T` of `n` rows and their per-row log-sum-exp.
+    fn logits(&self, x: &[f32], n: usize) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let (v, h) = self.w.dims2()?;
+        let logits = with_slice(&self.w, |w| {
+            gemm::product(
+                n,
+                v,
+                h,
+                MatRef::row_major(x, h),
+                MatRef::transposed(w, h),
+                1.0,
+            )
+            .map_err(candle_core::Error::wrap)
+        })?;
+        let lse = row_lses(&logits, n, v);
+        Ok((logits, lse))
+    }
+}
+
+impl CustomOp1 for HeadLogSoftmax {
+    fn name(&self) -> &'static str {
+        "head-log-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, h) = layout.shape().dims2()?;
+        let (v, wh) = self.w.dims2()?;
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("head-log-softmax: non-contiguous hidden states");
+        };
+        if wh != h || self.w.dtype() != DType::F32 || !self.w.is_contiguous() {
+            candle_core::bail!(
+                "head-log-softmax: hidden states [{n}, {h}] for a head [{v}, {wh}] of {:?} \
+                 (needs a contiguous f32 head of the same width)",
+                self.w.dtype()
+            );
+        }
+        if self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= v) {
+            candle_core::bail!(
+                "head-log-softmax: {} targets for {n} rows of {v}",
+                self.targets.len()
+            );
+        }
+        let (logits, lse) = self.logits(&storage.as_slice::<f32>()?[a..b], n)?;
+        let out = picked(&logits, v, &lse, &self.targets);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((logits, lse));
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, h) = arg.dims2()?;
+        let v = self.w.dim(0)?;
+        let g = grad.to_vec1::<f32>()?;
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (mut logits, lse) = match saved {
+            Some(s) => s,
+            // a second backward pass through the same graph: compute them again
+            None => with_slice(&arg.contiguous()?, |x| self.logits(x, n))?,
+        };
+        logit_grads_in_place(&mut logits, v, &g, &lse, &self.targets);
+        let dx = with_slice(&self.w, |w| {
+            gemm::product(
+                n,
+                h,
+                v,
+                MatRef::row_major(&logits, v),
+                MatRef::row_major(w, h),
+                1.0,
+            )
+            .map_err(candle_core::Error::wrap)
+        })?;
+        drop(logits);
+        Ok(Some(Tensor::from_vec(dx, (n, h), arg.device())?))
+    }
+}
+
+/// `logits[i, targets[i]] - lse[i]` for each row.
+fn picked(logits: &[f32], v: usize, lse: &[f32], targets: &[u32]) -> Vec<f32> {
+    targets
+        .iter()
+        .zip(lse)
+        .enumerate()
+        .map(|(i, (&t, &l))| logits[i * v + t as usize] - l)
+        .collect()
+}
+
 /// The fused op of [`picked_log_softmax`]. The forward pass keeps each row's log-sum-exp, so
 /// the backward pass is one read of the logits and one write of their gradient (no second
 /// reduction over the vocabulary, no copies of the `[n, vocab]` logits).
@@ -148,6 +281,49 @@ fn row_lse(row: &[f32]) -> f32 {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
     max + sum.ln()
+}
+
+/// The log-sum-exp of each of the `n` rows of `[n, v]` logits, rows in parallel.
+fn row_lses(data: &[f32], n: usize, v: usize) -> Vec<f32> {
+    let mut lse = vec![0f32; n];
+    let lp = SyncPtr(lse.as_mut_ptr());
+    run_parts(n.div_ceil(ROWS_PER_PART), &|p| {
+        let rows = p * ROWS_PER_PART..((p + 1) * ROWS_PER_PART).min(n);
+        // SAFETY: part p writes rows p*8.. only.
+        let out = unsafe { lp.range(rows.start, rows.len()) };
+        for (o, i) in out.iter_mut().zip(rows) {
+            *o = row_lse(&data[i * v..(i + 1) * v]);
+        }
+    });
+    lse
+}
+
+/// The gradient of `g · log_softmax(row)[t]` with respect to the row's logits, written over
+/// the logits: `g (onehot(t) - exp(x - lse))`.
+fn row_grad_in_place(row: &mut [f32], g: f32, lse: f32, t: usize) {
+    for x in row.iter_mut() {
+        *x = -g * (*x - lse).exp();
+    }
+    row[t] += g;
+}
+
+/// [`row_grad_in_place`] over every row of `[n, v]` logits, rows in parallel.
+fn logit_grads_in_place(logits: &mut [f32], v: usize, g: &[f32], lse: &[f32], targets: &[u32]) {
+    let n = g.len();
+    let op = SyncPtr(logits.as_mut_ptr());
+    run_parts(n.div_ceil(ROWS_PER_PART), &|p| {
+        let rows = p * ROWS_PER_PART..((p + 1) * ROWS_PER_PART).min(n);
+        // SAFETY: part p writes rows p*8.. only.
+        let o = unsafe { op.range(rows.start * v, rows.len() * v) };
+        for (r, i) in rows.enumerate() {
+            row_grad_in_place(
+                &mut o[r * v..(r + 1) * v],
+                g[i],
+                lse[i],
+                targets[i] as usize,
+            );
+        }
+    });
 }
 
 /// Disjoint writes into one buffer from parallel parts.
@@ -186,19 +362,8 @@ impl CustomOp1 for PickedLogSoftmax {
             );
         }
         let data = &storage.as_slice::<f32>()?[a..b];
-        let mut lse = vec![0f32; n];
-        let lp = SyncPtr(lse.as_mut_ptr());
-        run_parts(n.div_ceil(ROWS_PER_PART), &|p| {
-            let rows = p * ROWS_PER_PART..((p + 1) * ROWS_PER_PART).min(n);
-            // SAFETY: part p writes rows p*8.. only.
-            let out = unsafe { lp.range(rows.start, rows.len()) };
-            for (o, i) in out.iter_mut().zip(rows) {
-                *o = row_lse(&data[i * v..(i + 1) * v]);
-            }
-        });
-        let out: Vec<f32> = (0..n)
-            .map(|i| data[i * v + self.targets[i] as usize] - lse[i])
-            .collect();
+        let lse = row_lses(data, n, v);
+        let out = picked(data, v, &lse, &self.targets);
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -215,23 +380,10 @@ impl CustomOp1 for PickedLogSoftmax {
         let mut lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let out = with_slice(&arg, |data| {
             if lse.len() != n {
-                lse = (0..n).map(|i| row_lse(&data[i * v..(i + 1) * v])).collect();
+                lse = row_lses(data, n, v);
             }
-            let mut out = vec![0f32; n * v];
-            let op = SyncPtr(out.as_mut_ptr());
-            run_parts(n.div_ceil(ROWS_PER_PART), &|p| {
-                let rows = p * ROWS_PER_PART..((p + 1) * ROWS_PER_PART).min(n);
-                // SAFETY: part p writes rows p*8.. only.
-                let o = unsafe { op.range(rows.start * v, rows.len() * v) };
-                for (r, i) in rows.enumerate() {
-                    let (row, orow) = (&data[i * v..(i + 1) * v], &mut o[r * v..(r + 1) * v]);
-                    let (gi, l) = (g[i], lse[i]);
-                    for (oj, &x) in orow.iter_mut().zip(row) {
-                        *oj = -gi * (x - l).exp();
-                    }
-                    orow[self.targets[i] as usize] += gi;
-                }
-            });
+            let mut out = data.to_vec();
+            logit_grads_in_place(&mut out, v, &g, &lse, &self.targets);
             Ok(out)
         })?;
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
@@ -304,5 +456,50 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-5, "{d}");
+    }
+
+    /// The fused head + loss equals the frozen LM head followed by [`picked_log_softmax`]
+    /// bit for bit, in value and in the input's gradient, also on a second backward pass
+    /// (which computes the logits again).
+    #[test]
+    fn fused_head_equals_head_then_picked_log_softmax_bit_for_bit() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (37, 6), &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (9, 6), &dev).unwrap()).unwrap();
+        let targets = vec![0u32, 36, 5, 5, 17, 2, 30, 1, 0];
+        let probe = Tensor::new(&[1f32, -2., 0.5, 3., 1., -1., 0.25, 2., -0.5], &dev).unwrap();
+        let logits = x
+            .as_tensor()
+            .apply_op1(crate::model::frozen::FrozenLinear { w: w.clone() })
+            .unwrap();
+        let two_ops = picked_log_softmax(&logits, targets.clone()).unwrap();
+        let fused = head_log_softmax(x.as_tensor(), &w, targets).unwrap();
+        let (a, b) = (
+            two_ops.to_vec1::<f32>().unwrap(),
+            fused.to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a, b);
+        // against a plain f64 log-softmax of x W^T
+        let (xs, ws) = (
+            x.as_tensor().to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap(),
+        );
+        for (i, row) in xs.iter().enumerate() {
+            let z: Vec<f64> = ws
+                .iter()
+                .map(|wr| wr.iter().zip(row).map(|(p, q)| (p * q) as f64).sum())
+                .collect();
+            let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+            let t = [0usize, 36, 5, 5, 17, 2, 30, 1, 0][i];
+            assert!((z[t] - lse - b[i] as f64).abs() < 1e-4, "row {i}");
+        }
+        let grad_of = |y: &Tensor| {
+            let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap()
+        };
+        let g_two = grad_of(&two_ops);
+        let g_fused = grad_of(&fused);
+        assert_eq!(g_two, g_fused);
+        assert_eq!(grad_of(&fused), g_fused, "second backward pass");
     }
 }
