@@ -3,7 +3,9 @@
 //!
 //! Only label positions go through the LM head and the vocabulary-wide log-softmax, and the
 //! log-softmax with the pick of the label is one fused op ([`PickedLogSoftmax`]): with a 49k
-//! vocabulary these dominate a step otherwise.
+//! vocabulary these dominate a step otherwise. When the LM head is a frozen f32 product (LoRA
+//! training), the head itself joins that op ([`head_log_softmax`]), so the `[n, vocab]` logits
+//! never become a graph node and their gradient is written over them.
 
 use std::sync::{Arc, Mutex};
 
