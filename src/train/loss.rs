@@ -213,12 +213,7 @@ impl CustomOp1 for HeadLogSoftmax {
                 self.w.dtype()
             );
         }
-        if self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= v) {
-            candle_core::bail!(
-                "head-log-softmax: {} targets for {n} rows of {v}",
-                self.targets.len()
-            );
-        }
+        check_targets("head-log-softmax", &self.targets, n, v)?;
         let (logits, lse) = self.logits(&storage.as_slice::<f32>()?[a..b], n)?;
         let out = picked(&logits, v, &lse, &self.targets);
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((logits, lse));
@@ -255,6 +250,14 @@ impl CustomOp1 for HeadLogSoftmax {
         drop(logits);
         Ok(Some(Tensor::from_vec(dx, (n, h), arg.device())?))
     }
+}
+
+/// One target per row, each below the vocabulary size `v`.
+fn check_targets(op: &str, targets: &[u32], n: usize, v: usize) -> candle_core::Result<()> {
+    if targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
+        candle_core::bail!("{op}: {} targets for {n} rows of {v}", targets.len());
+    }
+    Ok(())
 }
 
 /// `logits[i, targets[i]] - lse[i]` for each row.
@@ -357,12 +360,7 @@ impl CustomOp1 for PickedLogSoftmax {
         let Some((a, b)) = layout.contiguous_offsets() else {
             candle_core::bail!("picked-log-softmax: non-contiguous logits");
         };
-        if self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= v) {
-            candle_core::bail!(
-                "picked-log-softmax: {} targets for {n} rows of {v}",
-                self.targets.len()
-            );
-        }
+        check_targets("picked-log-softmax", &self.targets, n, v)?;
         let data = &storage.as_slice::<f32>()?[a..b];
         let lse = row_lses(data, n, v);
         let out = picked(data, v, &lse, &self.targets);
