@@ -162,7 +162,8 @@ pub struct OptimSettings {
     /// Most padded tokens one forward/backward pass holds (0: the whole micro-batch at once).
     /// A longer micro-batch is run as several passes whose gradients add up to the same
     /// update (SFT, DPO, SimPO; ORPO and KTO always take the micro-batch whole), which bounds
-    /// the memory kept for backward by this budget instead of by batch × length.
+    /// the memory kept for backward by this budget instead of by batch × length. The passes
+    /// take the micro-batch's examples shortest first, so each pads to rows of like length.
     #[serde(default)]
     pub max_tokens_per_pass: usize,
 }

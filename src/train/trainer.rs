@@ -239,7 +239,7 @@ pub fn train(
                     let (loss, n_tok) = batch_loss(
                         &model,
                         &examples,
-                        pass,
+                        &pass,
                         &cfg.objective,
                         reference.as_deref(),
                         pad,
@@ -461,43 +461,43 @@ fn reference_logprobs(
 }
 
 /// The forward/backward passes of one micro-batch, each with the weight that makes the sum
-/// of the passes' weighted losses the micro-batch's loss: with `max_tokens` > 0, consecutive
-/// examples are cut into passes of at most `max_tokens` padded tokens (at least one example
-/// each), so that the activations kept for backward are bounded by the budget rather than by
-/// the batch. Exact (up to float summation order) because every objective split here is a sum
+/// of the passes' weighted losses the micro-batch's loss: with `max_tokens` > 0, a micro-batch
+/// whose padded tokens exceed it is cut into passes of at most `max_tokens` padded tokens (at
+/// least one example each), so that the activations kept for backward are bounded by the
+/// budget rather than by the batch. The examples are taken shortest first, so that each pass
+/// pads to rows of like length (a micro-batch that fits in one pass keeps its order). Exact (up to float summation order) because every objective split here is a sum
 /// of per-example terms over a batch-level count: SFT's mean over label tokens (weight = the
 /// pass's label tokens / the batch's) and the pairwise means of DPO and SimPO (weight = the
 /// pass's pairs / the batch's). ORPO (a chosen-token mean plus a pair mean) and KTO (a
 /// batch-level KL estimate) always take the micro-batch in one pass.
-fn passes<'b>(
+fn passes(
     examples: &[Example],
-    batch: &'b [usize],
+    batch: &[usize],
     objective: &Objective,
     max_tokens: usize,
-) -> Vec<(&'b [usize], f64)> {
+) -> Vec<(Vec<usize>, f64)> {
     let splittable = matches!(
         objective,
         Objective::Sft | Objective::Dpo { .. } | Objective::Simpo { .. }
     );
-    if max_tokens == 0 || !splittable || batch.len() < 2 {
-        return vec![(batch, 1.0)];
-    }
     let padded = |part: &[usize]| {
         let longest = part.iter().map(|&i| examples[i].len()).max().unwrap_or(0);
         part.len() * longest * examples[part[0]].sequences().len()
     };
+    if max_tokens == 0 || !splittable || batch.len() < 2 || padded(batch) <= max_tokens {
+        return vec![(batch.to_vec(), 1.0)];
+    }
+    let mut sorted = batch.to_vec();
+    sorted.sort_by_key(|&i| examples[i].len());
     let mut cuts: Vec<&[usize]> = Vec::new();
     let mut start = 0;
-    for end in 1..=batch.len() {
-        if end - start > 1 && padded(&batch[start..end]) > max_tokens {
-            cuts.push(&batch[start..end - 1]);
+    for end in 1..=sorted.len() {
+        if end - start > 1 && padded(&sorted[start..end]) > max_tokens {
+            cuts.push(&sorted[start..end - 1]);
             start = end - 1;
         }
     }
-    cuts.push(&batch[start..]);
-    if cuts.len() == 1 {
-        return vec![(batch, 1.0)];
-    }
+    cuts.push(&sorted[start..]);
     let label_tokens = |part: &[usize]| -> usize {
         part.iter()
             .map(|&i| {
@@ -521,7 +521,7 @@ fn passes<'b>(
                 _ => part.len(),
             };
             (
-                part,
+                part.to_vec(),
                 if total == 0 {
                     0.0
                 } else {
@@ -706,20 +706,27 @@ mod tests {
         };
         let ex = [sft(4, 1), sft(6, 2), sft(10, 5), sft(3, 1)];
         let batch = [0usize, 1, 2, 3];
-        // Whole micro-batch when there is no budget, or for objectives that are not split.
-        assert_eq!(
-            passes(&ex, &batch, &Objective::Sft, 0),
-            vec![(&batch[..], 1.0)]
-        );
+        // Whole micro-batch, in its order, when there is no budget, for objectives that are
+        // not split, and when it fits the budget (4 x 10 = 40 padded tokens).
+        let whole = vec![(batch.to_vec(), 1.0)];
+        assert_eq!(passes(&ex, &batch, &Objective::Sft, 0), whole);
         let orpo = Objective::Orpo { lambda: 0.1 };
-        assert_eq!(passes(&ex, &batch, &orpo, 1), vec![(&batch[..], 1.0)]);
-        // Budget 12: [0, 1] pads to 2 x 6 = 12; adding 2 would pad to 30; [2] alone is 10;
-        // [2, 3] pads to 20, so 3 goes alone.
+        assert_eq!(passes(&ex, &batch, &orpo, 1), whole);
+        assert_eq!(passes(&ex, &batch, &Objective::Sft, 40), whole);
+        // Budget 12, shortest first (3, 4, 6, 10): [3, 0] pads to 2 x 4 = 8; adding 1 would
+        // pad to 18; [1] alone is 6; [1, 2] pads to 20, so 2 goes alone. 24 padded tokens,
+        // where cutting in batch order ([0, 1], [2], [3]) pads to 25.
         let p = passes(&ex, &batch, &Objective::Sft, 12);
-        let parts: Vec<&[usize]> = p.iter().map(|x| x.0).collect();
-        assert_eq!(parts, vec![&batch[0..2], &batch[2..3], &batch[3..4]]);
+        let parts: Vec<Vec<usize>> = p.iter().map(|x| x.0.clone()).collect();
+        assert_eq!(parts, vec![vec![3, 0], vec![1], vec![2]]);
+        let pad: usize = parts
+            .iter()
+            .map(|q| q.len() * q.iter().map(|&i| ex[i].len()).max().unwrap_or(0))
+            .sum();
+        assert_eq!(pad, 24);
+        // SFT weighs a pass by its label tokens: 1 + 1, 2 and 5 of 9.
         let w: Vec<f64> = p.iter().map(|x| x.1).collect();
-        assert_eq!(w, vec![3.0 / 9.0, 5.0 / 9.0, 1.0 / 9.0]);
+        assert_eq!(w, vec![2.0 / 9.0, 2.0 / 9.0, 5.0 / 9.0]);
         // Pairwise objectives weigh passes by their examples.
         let dpo = passes(&ex, &batch, &Objective::Dpo { beta: 0.1 }, 12);
         let w: Vec<f64> = dpo.iter().map(|x| x.1).collect();
