@@ -465,10 +465,11 @@ fn reference_logprobs(
 /// whose padded tokens exceed it is cut into passes of at most `max_tokens` padded tokens (at
 /// least one example each), so that the activations kept for backward are bounded by the
 /// budget rather than by the batch. The examples are taken shortest first, so that each pass
-/// pads to rows of like length (a micro-batch that fits in one pass keeps its order). Exact (up to float summation order) because every objective split here is a sum
-/// of per-example terms over a batch-level count: SFT's mean over label tokens (weight = the
-/// pass's label tokens / the batch's) and the pairwise means of DPO and SimPO (weight = the
-/// pass's pairs / the batch's). ORPO (a chosen-token mean plus a pair mean) and KTO (a
+/// pads to rows of like length (a micro-batch that fits in one pass keeps its order). Exact
+/// (up to float summation order) because every objective split here is a sum of per-example
+/// terms over a batch-level count: SFT's mean over label tokens (weight = the pass's label
+/// tokens / the batch's) and the pairwise means of DPO and SimPO (weight = the pass's pairs /
+/// the batch's). ORPO (a chosen-token mean plus a pair mean) and KTO (a
 /// batch-level KL estimate) always take the micro-batch in one pass.
 fn passes(
     examples: &[Example],
