@@ -449,8 +449,8 @@ impl ExperimentConfig {
     /// The reduced run of `realign experiment --quick`: alignment on 320 SFT rows and 32 DPO
     /// pairs, one attack (n = 100, p = 0.2), Safe LoRA and NLSR (low-rank and random masks),
     /// no sweeps and no safety-neuron half; every variant on 64 harmful prompts, 64 task items
-    /// and 64 over-refusal prompts (seeded samples). About 10 minutes on 2 CPU cores. Its
-    /// output folder is `runs/experiment-quick`.
+    /// and 64 over-refusal prompts (seeded samples). About 6 minutes on 2 Zen 4 cores, 10-13 on
+    /// 2 cores of an AVX2-only server. Its output folder is `runs/experiment-quick`.
     pub fn quick() -> Self {
         let mut c = Self {
             output: PathBuf::from("runs/experiment-quick"),
