@@ -50,9 +50,9 @@ pub const PROMPT_KEYS: &[&str] = &[
 pub const LABEL_KEYS: &[&str] = &["answer", "label", "gold", "target_label"];
 
 /// The prompts of a data source: `embedded:NAME` (the set's prompts; `column` is not used) or
-/// a file (JSONL, JSON, CSV, `.txt`) read as the [module documentation](self) says.
+/// a file (JSONL, JSON, CSV, `.txt`) read as this module's documentation says.
 ///
-/// Errors: those of [`read_records`] (unreadable file, bad JSON or CSV, no rows), and
+/// Errors: those of `read_records` (unreadable file, bad JSON or CSV, no rows), and
 /// [`DataError::Row`] for a record without a prompt (naming the keys or columns found and
 /// `--prompt-column`) or whose prompt is not a non-empty string.
 pub fn load_prompts(spec: &str, column: Option<&str>) -> crate::Result<Vec<Prompt>> {

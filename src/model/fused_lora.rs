@@ -1,5 +1,5 @@
 //! A frozen linear layer and one LoRA adapter as a single autograd op (training on the CPU):
-//! `y = x Wᵀ + s · (x Aᵀ) Bᵀ` (Hu et al. 2021, eq. 3; [`crate::adapters::lora`]).
+//! `y = x Wᵀ + s · (x Aᵀ) Bᵀ` (Hu et al. 2021, eq. 3; [`crate::adapters::lora_forward`]).
 //!
 //! Composed from candle ops, a LoRA module is six nodes in the graph (two matmuls, a scale, an
 //! add, two transposes), each with its own output buffer, gradient buffer and accumulation, and

@@ -68,7 +68,7 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// Errors of [`gemm`]: shapes that do not fit the buffers.
+/// Errors of [`gemm()`]: shapes that do not fit the buffers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("gemm: {0}")]
 pub struct GemmError(String);
@@ -113,7 +113,7 @@ pub enum Write {
     Accumulate(f32),
 }
 
-/// `c = a b`, `c = s a b` or `c += s a b` (see [`Write`]), shapes as in [`gemm`]. The scale is
+/// `c = a b`, `c = s a b` or `c += s a b` (see [`Write`]), shapes as in [`gemm()`]. The scale is
 /// applied inside the kernel (no extra pass over `c`).
 pub fn gemm_with(
     m: usize,
@@ -146,7 +146,7 @@ pub fn gemm_with(
     Ok(())
 }
 
-/// `s · a b` (shapes as in [`gemm`]) in a new vector, written once by the kernel: no zeroing
+/// `s · a b` (shapes as in [`gemm()`]) in a new vector, written once by the kernel: no zeroing
 /// pass over the output first.
 pub fn product(
     m: usize,

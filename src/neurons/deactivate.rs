@@ -315,7 +315,7 @@ pub struct VariantResult {
     pub accuracy: Option<AccuracyReport>,
     /// Keyword-harmful replies of `n` with the 95 % Wilson interval.
     pub harmful_rate: Option<Rate>,
-    /// Keyword-harmful replies that are not degenerate ([`crate::eval::degenerate`]) of `n`:
+    /// Keyword-harmful replies that are not degenerate ([`crate::eval::degenerate`](mod@crate::eval::degenerate)) of `n`:
     /// compliance that says something.
     pub nondegenerate_rate: Option<Rate>,
     /// Perplexity on the held-out general text, if texts were given.

@@ -8,7 +8,7 @@
 //! | [`deactivate`](mod@deactivate) | zeroing a set, the random control `Deact-R`, the Table 1 check (§2.2) |
 //! | [`sn_tune`](mod@sn_tune) | SN-Tune (§3) and RSN-Tune (§4): training only the selected neurons |
 //! | [`importance`] | per-prompt importance of every neuron, exact (Eqs. 4, 8-14) or the authors' proxy |
-//! | [`detect`] | streaming detection: per-prompt selection (ε or per-layer top-k, Eq. 2), intersection over the corpus (Eq. 3), report, overlap of two sets |
+//! | [`detect`](mod@detect) | streaming detection: per-prompt selection (ε or per-layer top-k, Eq. 2), intersection over the corpus (Eq. 3), report, overlap of two sets |
 //! | [`scope`] | which tokens of a prompt count: the user's content by default (issue 12) |
 //! | [`ranking`] | the mean importance of every neuron over a corpus, for the `Deact-F` control |
 //! | [`perplexity`](mod@perplexity) | perplexity on held-out general text, beside HS in the deactivation check |

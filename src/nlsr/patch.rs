@@ -98,7 +98,7 @@ pub struct PatchOutcome {
 }
 
 /// NLSR's repair (Eqs. 8-11): for every module, `S_j` of the masked regions of `reference` and
-/// `finetuned` ([`region_similarity`]), the decision ([`layer_pruning`]), and for repaired
+/// `finetuned` ([`region_similarity`](super::similarity::region_similarity)), the decision ([`layer_pruning`]), and for repaired
 /// modules the transplant ([`transplant`] or [`transplant_exact`]); other modules stay
 /// `finetuned`'s, bit for bit.
 ///
