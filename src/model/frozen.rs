@@ -58,18 +58,7 @@ impl CustomOp1 for FrozenLinear {
         }
         if self.w.dtype() == DType::F32 && self.w.is_contiguous() {
             if let Some((a, b)) = layout.contiguous_offsets() {
-                let x = &storage.as_slice::<f32>()?[a..b];
-                let y = with_slice(&self.w, |w| {
-                    gemm::product(
-                        rows,
-                        out,
-                        inp,
-                        MatRef::row_major(x, inp),
-                        MatRef::transposed(w, inp),
-                        1.0,
-                    )
-                    .map_err(candle_core::Error::wrap)
-                })?;
+                let y = times_wt(&storage.as_slice::<f32>()?[a..b], rows, &self.w)?;
                 return Ok((CpuStorage::F32(y), Shape::from((rows, out))));
             }
         }
@@ -88,22 +77,9 @@ impl CustomOp1 for FrozenLinear {
             && self.w.dtype() == DType::F32
             && self.w.is_contiguous()
         {
-            let (rows, out) = grad.dims2()?;
+            let rows = grad.dim(0)?;
             let inp = self.w.dim(1)?;
-            let g = grad.contiguous()?;
-            let dx = with_slice(&g, |g| {
-                with_slice(&self.w, |w| {
-                    gemm::product(
-                        rows,
-                        inp,
-                        out,
-                        MatRef::row_major(g, out),
-                        MatRef::row_major(w, inp),
-                        1.0,
-                    )
-                    .map_err(candle_core::Error::wrap)
-                })
-            })?;
+            let dx = with_slice(&grad.contiguous()?, |g| times_w(g, rows, &self.w))?;
             return Ok(Some(Tensor::from_vec(dx, (rows, inp), grad.device())?));
         }
         Ok(Some(grad.matmul(&self.w)?))
@@ -111,6 +87,40 @@ impl CustomOp1 for FrozenLinear {
 }
 
 /// Calls `f` with the f32 elements of a contiguous CPU tensor, in place.
+/// `x W^T` for `rows` rows `x: [rows, in]` (row-major) and `w: [out, in]` (f32, contiguous,
+/// CPU), on [`super::gemm`], reading `W` in place: the forward product of [`FrozenLinear`].
+pub(crate) fn times_wt(x: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (out, inp) = w.dims2()?;
+    with_slice(w, |w| {
+        gemm::product(
+            rows,
+            out,
+            inp,
+            MatRef::row_major(x, inp),
+            MatRef::transposed(w, inp),
+            1.0,
+        )
+        .map_err(candle_core::Error::wrap)
+    })
+}
+
+/// `g W` for `rows` rows `g: [rows, out]` (row-major) and `w: [out, in]` (f32, contiguous,
+/// CPU): the input's gradient of [`times_wt`].
+pub(crate) fn times_w(g: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (out, inp) = w.dims2()?;
+    with_slice(w, |w| {
+        gemm::product(
+            rows,
+            inp,
+            out,
+            MatRef::row_major(g, out),
+            MatRef::row_major(w, inp),
+            1.0,
+        )
+        .map_err(candle_core::Error::wrap)
+    })
+}
+
 pub(crate) fn with_slice<R>(
     t: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,

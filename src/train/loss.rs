@@ -9,8 +9,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::model::frozen::with_slice;
-use crate::model::gemm::{self, run_parts, MatRef};
+use crate::model::frozen::{times_w, times_wt, with_slice};
+use crate::model::gemm::run_parts;
 use crate::model::Model;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
@@ -75,12 +75,14 @@ impl LabelLogprobs {
         let (rows, targets, onehot, lengths) = label_positions(labels)?;
         let idx = Tensor::new(rows.as_slice(), hidden.device())?;
         let picked = hidden.reshape((b * s, h))?.index_select(&idx, 0)?;
-        if let Some(w) = model.frozen_lm_head().filter(|_| picked.track_op()) {
-            if !targets.is_empty() && picked.device().is_cpu() && picked.dtype() == DType::F32 {
-                let logp = head_log_softmax(&picked, w, targets)?;
-                let sums = onehot.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?;
-                return Ok(Self { sums, lengths });
-            }
+        let fused = picked.track_op() && !targets.is_empty() && picked.dtype() == DType::F32;
+        if let Some(w) = model
+            .frozen_lm_head()
+            .filter(|_| fused && picked.device().is_cpu())
+        {
+            let logp = head_log_softmax(&picked, w, targets)?;
+            let sums = onehot.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?;
+            return Ok(Self { sums, lengths });
         }
         let logits = model.lm_head_forward(&picked)?;
         Self::from_selected(&logits, targets, &onehot, lengths)
@@ -174,18 +176,8 @@ pub struct HeadLogSoftmax {
 impl HeadLogSoftmax {
     /// The logits `x W^T` of `n` rows and their per-row log-sum-exp.
     fn logits(&self, x: &[f32], n: usize) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-        let (v, h) = self.w.dims2()?;
-        let logits = with_slice(&self.w, |w| {
-            gemm::product(
-                n,
-                v,
-                h,
-                MatRef::row_major(x, h),
-                MatRef::transposed(w, h),
-                1.0,
-            )
-            .map_err(candle_core::Error::wrap)
-        })?;
+        let v = self.w.dim(0)?;
+        let logits = times_wt(x, n, &self.w)?;
         let lse = row_lses(&logits, n, v);
         Ok((logits, lse))
     }
@@ -236,17 +228,7 @@ impl CustomOp1 for HeadLogSoftmax {
             None => with_slice(&arg.contiguous()?, |x| self.logits(x, n))?,
         };
         logit_grads_in_place(&mut logits, v, &g, &lse, &self.targets);
-        let dx = with_slice(&self.w, |w| {
-            gemm::product(
-                n,
-                h,
-                v,
-                MatRef::row_major(&logits, v),
-                MatRef::row_major(w, h),
-                1.0,
-            )
-            .map_err(candle_core::Error::wrap)
-        })?;
+        let dx = times_w(&logits, n, &self.w)?;
         drop(logits);
         Ok(Some(Tensor::from_vec(dx, (n, h), arg.device())?))
     }
