@@ -1,6 +1,6 @@
 //! Where a decode step's time goes (development aid): all linear products alone, the LM head
 //! alone, and a whole cached forward step, for `BATCH` sequences (default 1; the evaluation
-//! decodes 16 at a time).
+//! decodes 16 at a time); `DTYPE=bf16` keeps the matrices as bf16.
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -11,7 +11,16 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let m = LoadedModel::load(&realign::assets::default_model(), &LoadOptions::default())?;
+    // DTYPE=bf16 keeps the matrices as bf16 (as `realign bench forward`'s bf16 figure).
+    let dtype = match std::env::var("DTYPE").as_deref() {
+        Ok("bf16") => realign::model::StorageDtype::Bf16,
+        _ => realign::model::StorageDtype::Auto,
+    };
+    let opts = LoadOptions {
+        dtype,
+        ..LoadOptions::default()
+    };
+    let m = LoadedModel::load(&realign::assets::default_model(), &opts)?;
     let model = &m.model;
     let dev = model.device().clone();
     let ws: Vec<Tensor> = model.linears().map(|l| l.weight.clone()).collect();

@@ -3,8 +3,9 @@
 //! Large products go to candle's gemm. Products with few rows (decoding: one token per
 //! sequence per step) cost more in gemm's packing and threading than in arithmetic (candle:
 //! ~16 GFLOP/s for 1x576x1536, see CANDLE-NOTES.md):
-//! - up to [`GEMV_MAX_ROWS`] rows, [`gemv`]: each weight row is read once, contiguously, and
-//!   dotted with every input row (memory-bound at these row counts anyway);
+//! - up to [`GEMV_MAX_ROWS`] rows, [`gemv`] ([`super::gemv`]): each weight row is read once,
+//!   contiguously, with a prefetch running ahead, and dotted with every input row (memory-bound
+//!   at these row counts: the speed is the bandwidth it reaches);
 //! - up to [`FEW_ROWS_MAX`] rows, the register-blocked tiles of [`super::tile`] (input rows as
 //!   vector lanes, no horizontal sums), ~3x the FMA rate of one dot per output.
 //!
@@ -12,7 +13,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::parallel::Pool;
+use super::gemv::Widen;
+pub use super::gemv::{dot, dot_bf16, gemv, gemv_of};
 
 /// Row counts up to this use [`gemv`] (one dot per output).
 pub const GEMV_MAX_ROWS: usize = 4;
@@ -161,154 +163,6 @@ fn widen_bf16_portable(src: &[half::bf16], dst: &mut [f32]) {
     }
 }
 
-/// `y[i][j] = sum_k x[i][k] * w[j][k]` for `x: [n, k]`, `w: [out, k]`, row-major; returns
-/// `[n, out]`. Blocks of output rows are spread over [`Pool::global`].
-pub fn gemv(x: &[f32], w: &[f32], n: usize, k: usize, out: usize) -> Vec<f32> {
-    gemv_of(x, WeightRows::F32(w), n, k, out)
-}
-
-/// [`gemv`] for a weight in any storage dtype (each block converted by the thread that reads
-/// it; same dot products, bit for bit, as on the f32 values).
-pub fn gemv_of(x: &[f32], w: WeightRows, n: usize, k: usize, out: usize) -> Vec<f32> {
-    // Blocks of ~64 KiB of weights: small enough to balance, big enough to stream.
-    let rows = (16_384 / k.max(1)).clamp(4, 4096);
-    let parts = out.div_ceil(rows);
-    let mut y = vec![0f32; n * out];
-    if x.len() < n * k || w.len() < out * k {
-        debug_assert!(false, "gemv: slices shorter than the shapes");
-        return y;
-    }
-    let yp = SyncPtr(y.as_mut_ptr());
-    Pool::global().run(parts, &|p| {
-        let y = &yp;
-        let (j0, j1) = (p * rows, ((p + 1) * rows).min(out));
-        PANEL.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            for j in j0..j1 {
-                // bf16 rows are widened inside the dot product, in registers; an f16 row is
-                // widened into L1 right before its dots; f32 rows are read in place.
-                let bf16_row = match w {
-                    WeightRows::Bf16(wb) => Some(&wb[j * k..(j + 1) * k]),
-                    _ => None,
-                };
-                let wr = match bf16_row {
-                    Some(_) => &[][..],
-                    None => w.panel(j, j + 1, k, &mut scratch),
-                };
-                for i in 0..n {
-                    let xi = &x[i * k..(i + 1) * k];
-                    let v = bf16_row.map_or_else(|| dot(xi, wr), |b| dot_bf16(xi, b));
-                    // SAFETY: each (i, j) is written by exactly one part, and `y` outlives `run`.
-                    unsafe { *y.0.add(i * out + j) = v };
-                }
-            }
-        });
-    });
-    y
-}
-
-thread_local! {
-    /// One block of a bf16/f16 weight's rows converted to f32, per pool thread.
-    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-struct SyncPtr(*mut f32);
-// SAFETY: used only for disjoint writes inside `Pool::run`, which returns after all of them.
-unsafe impl Sync for SyncPtr {}
-
-/// `sum_i a[i] * b[i]` for a bf16 `b`, widened in registers (AVX-512 or AVX2+FMA when the CPU
-/// has them). Equal, bit for bit, to [`dot`] on `b` widened first: the same sixteen partial
-/// sums in the same order.
-#[inline]
-pub fn dot_bf16(a: &[f32], b: &[half::bf16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let fma = std::arch::is_x86_feature_detected!("fma");
-        if fma && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_bf16_avx512(a, b) };
-        }
-        if fma && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { dot_bf16_avx2(a, b) };
-        }
-    }
-    dot_portable(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn dot_bf16_avx512(a: &[f32], b: &[half::bf16]) -> f32 {
-    dot_portable(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(a: &[f32], b: &[half::bf16]) -> f32 {
-    dot_portable(a, b)
-}
-
-/// Dot product, with AVX2+FMA when the CPU has it.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_portable(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
-}
-
-/// A weight element the dot products read, widened to f32 exactly.
-trait Widen: Copy {
-    fn widen(self) -> f32;
-}
-
-impl Widen for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
-impl Widen for half::bf16 {
-    /// A bf16 is the high half of an f32.
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
-    }
-}
-
-/// Sixteen independent accumulators, so that the compiler vectorises without reassociating;
-/// a bf16 `b` is widened as it is read (same sums, same order, as on `b` widened first).
-#[inline(always)]
-fn dot_portable<T: Widen>(a: &[f32], b: &[T]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..16 {
-            acc[l] = x[l].mul_add(y[l].widen(), acc[l]);
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s = x.mul_add(y.widen(), s);
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,18 +229,5 @@ mod tests {
             WeightRows::F32(&[3.0, 4.0]).panel(0, 1, 2, &mut s),
             &[3.0, 4.0]
         );
-    }
-
-    #[test]
-    fn dot_by_hand() {
-        // 1*4 + 2*5 + 3*6 = 32, with a tail past the 16-wide body.
-        let a: Vec<f32> = (0..19)
-            .map(|i| if i < 3 { (i + 1) as f32 } else { 0.0 })
-            .collect();
-        let b: Vec<f32> = (0..19)
-            .map(|i| if i < 3 { (i + 4) as f32 } else { 1.0 })
-            .collect();
-        assert_eq!(dot(&a, &b), 32.0);
-        assert_eq!(dot(&[2.0; 17], &[0.5; 17]), 17.0);
     }
 }

@@ -19,6 +19,7 @@ pub mod export;
 pub mod frozen;
 pub mod fused_lora;
 pub mod gemm;
+pub mod gemv;
 pub mod generate;
 pub mod gguf;
 pub mod linear;
