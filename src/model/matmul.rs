@@ -4,8 +4,9 @@
 //! sequence per step) cost more in gemm's packing and threading than in arithmetic (candle:
 //! ~16 GFLOP/s for 1x576x1536, see CANDLE-NOTES.md):
 //! - up to [`GEMV_MAX_ROWS`] rows, [`gemv`] ([`super::gemv`]): each weight row is read once,
-//!   contiguously, with a prefetch running ahead, and dotted with every input row (memory-bound
-//!   at these row counts: the speed is the bandwidth it reaches);
+//!   contiguously, with a prefetch running ahead, and dotted with every input row in one pass
+//!   (memory-bound at one row: the speed is the bandwidth it reaches; at 2-6 rows it beats the
+//!   tiles, whose cost per step hardly depends on the row count below eight);
 //! - up to [`FEW_ROWS_MAX`] rows, the register-blocked tiles of [`super::tile`] (input rows as
 //!   vector lanes, no horizontal sums), ~3x the FMA rate of one dot per output.
 //!
@@ -16,8 +17,11 @@ use candle_core::{DType, Device, Tensor};
 use super::gemv::Widen;
 pub use super::gemv::{dot, dot_bf16, gemv, gemv_of};
 
-/// Row counts up to this use [`gemv`] (one dot per output).
-pub const GEMV_MAX_ROWS: usize = 4;
+/// Row counts up to this use [`gemv`] (one dot per output, up to six input rows per pass over a
+/// weight row). Measured per decode step of SmolLM2-135M (f32, Zen 1, `examples/decode_profile.rs`):
+/// 5 rows 35 ms and 6 rows 41 ms this way against 50 and 51 ms in the tiles; at 7 rows both
+/// take 51 ms, at 8 the tiles win (52 against 55).
+pub const GEMV_MAX_ROWS: usize = 6;
 
 /// Row counts above [`GEMV_MAX_ROWS`] and up to this use [`super::tile::few_rows`].
 pub const FEW_ROWS_MAX: usize = 64;
@@ -191,7 +195,7 @@ mod tests {
     }
 
     /// bf16 and f16 weights give, bit for bit, what their values widened to f32 give, for
-    /// every path: gemv (n <= 4), the tiles (5..=64), and the product past them (n = 70).
+    /// every path: gemv (n <= 6), the tiles (7..=64), and the product past them (n = 70).
     #[test]
     fn narrow_weights_equal_their_f32_values() {
         let dev = Device::Cpu;

@@ -1,4 +1,4 @@
-//! The register-blocked product `x W^T` for few input rows (batched decoding: 5-64 rows).
+//! The register-blocked product `x W^T` for few input rows (batched decoding: 7-64 rows).
 //!
 //! The input rows become vector lanes: `x: [n, k]` is packed once as `xt: [k, L]` (`L` = `n`
 //! rounded up to whole vectors, zero-padded; on AVX2 in lane groups of 16 rows, each packed
