@@ -397,18 +397,7 @@ fn dot_portable<T: Widen>(a: &[f32], b: &[T]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::model::test_util::values;
 
     /// Each (input row, weight row) of `gemv_of`, computed alone by the reference [`dot`].
     fn by_dot(x: &[f32], w: &[f32], n: usize, k: usize, out: usize) -> Vec<f32> {

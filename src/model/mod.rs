@@ -44,6 +44,20 @@ pub(crate) mod test_util {
         let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
         d.and_then(|d| d.to_scalar::<f32>()).unwrap_or(f32::NAN)
     }
+
+    /// `n` seeded values in [-1, 1) from a xorshift generator (the same for every seed on
+    /// every machine).
+    pub fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
 }
 
 use std::path::{Path, PathBuf};
