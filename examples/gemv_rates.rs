@@ -1,7 +1,8 @@
 //! Batch-1 decode's matrix-vector products against the machine's memory bandwidth
 //! (development aid, not a test): how many GB/s two threads stream from memory, and how many GB/s
 //! of weights `matmul::gemv_of` reads, f32 and bf16, over one decode step's products of
-//! SmolLM2-135M (30 layers of q, k, v, o, gate, up, down, then the LM head).
+//! SmolLM2-135M (30 layers of q, k, v, o, gate, up, down, then the LM head); then one
+//! 576 x 1536 matrix again and again (in cache) and the LM head alone.
 use std::time::Instant;
 
 use realign::model::matmul::{gemv_of, WeightRows};

@@ -19,8 +19,8 @@
 //!
 //! With several input rows (a batch of sequences that has shrunk as its replies ended), one
 //! pass over a weight row serves up to six of them, each with its own two accumulators, so a
-//! row is loaded once for all of them: a decode step of 4 rows 42 → 30 ms, of 2 rows 24 ms
-//! (one row: 24 ms).
+//! row is loaded once for all of them: an f32 decode step of 4 rows 42 → 30 ms (before → after
+//! this pass), of 2 rows 24 ms (one row: 24 ms).
 //!
 //! The sums are those of [`dot`] on each (input row, weight row), bit for bit, in every path
 //! (the tests compare them with `assert_eq`): a stored bf16 or f16 weight gives exactly what its
@@ -34,7 +34,9 @@ use super::parallel::Pool;
 const BLOCK: usize = 131_072;
 
 /// Most input rows one pass over a weight row takes: two accumulators each, so six rows hold
-/// 12 of AVX2's 16 vector registers, with the weight vectors and one input vector beside them.
+/// 12 of AVX2's 16 vector registers, with the two weight vectors and one input vector beside
+/// them (f32; a bf16 pass also holds the mask and the word it widens, so may spill one).
+/// Chosen on f32 decode steps (see [`super::matmul::GEMV_MAX_ROWS`]).
 const MAX_PASS: usize = 6;
 
 /// `y[i][j] = sum_k x[i][k] * w[j][k]` for `x: [n, k]`, `w: [out, k]`, row-major; returns
