@@ -86,7 +86,6 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// Calls `f` with the f32 elements of a contiguous CPU tensor, in place.
 /// `x W^T` for `rows` rows `x: [rows, in]` (row-major) and `w: [out, in]` (f32, contiguous,
 /// CPU), on [`super::gemm`], reading `W` in place: the forward product of [`FrozenLinear`].
 pub(crate) fn times_wt(x: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -121,6 +120,7 @@ pub(crate) fn times_w(g: &[f32], rows: usize, w: &Tensor) -> candle_core::Result
     })
 }
 
+/// Calls `f` with the f32 elements of a contiguous CPU tensor, in place.
 pub(crate) fn with_slice<R>(
     t: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
