@@ -321,6 +321,55 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
             "{md}"
         );
     }
+    // The shrink control repairs the modules the low-rank patch repairs, each factor moved
+    // toward the reference by its mask density; every other module is W_t's unchanged.
+    assert!(labels.contains(&"NLSR (shrink) p=0.25"), "{labels:?}");
+    assert!(md.contains(" NLSR (shrink) (HS "), "{md}");
+    let (e, t) = (
+        realign::adapters::Adapter::load(&stage_dir("amplify-b0.9"), &dev).unwrap(),
+        realign::adapters::Adapter::load(&stage_dir("attack-p0.25"), &dev).unwrap(),
+    );
+    let masks = realign::nlsr::masks::load(
+        &stage_dir("identify-low-rank-s0.8-b0.9").join("masks.safetensors"),
+        &dev,
+    )
+    .unwrap();
+    let shrunk_dir = stage_dir("patch-low-rank-s0.8-b0.9-lp0.5-p0.25-shrink");
+    let shrunk = realign::adapters::Adapter::load(&shrunk_dir, &dev).unwrap();
+    let shrunk_report = read(shrunk_dir.join("patch_report.json"));
+    let replaced_report =
+        read(stage_dir("patch-low-rank-s0.8-b0.9-lp0.5-p0.25").join("patch_report.json"));
+    let flags = |r: &serde_json::Value| -> Vec<bool> {
+        r["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["patched"].as_bool().unwrap())
+            .collect()
+    };
+    assert_eq!(flags(&shrunk_report), flags(&replaced_report));
+    assert!(flags(&shrunk_report).contains(&true));
+    for m in shrunk_report["modules"].as_array().unwrap() {
+        let path = m["module"].as_str().unwrap();
+        let got = &shrunk.modules[path];
+        let want = if m["patched"].as_bool().unwrap() {
+            realign::nlsr::transplant::shrink(
+                &e.modules[path],
+                &t.modules[path],
+                &masks.modules[path],
+            )
+            .unwrap()
+        } else {
+            t.modules[path].clone()
+        };
+        for (g, w) in [(&got.a, &want.a), (&got.b, &want.b)] {
+            assert_eq!(
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{path}"
+            );
+        }
+    }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report/report.json")).unwrap())
             .unwrap();

@@ -119,6 +119,10 @@ enum TransplantKind {
     Replace,
     /// Eq. 11 exactly: a rank-2r LoRA for repaired modules (rank_pattern / alpha_pattern)
     Exact,
+    /// A control, not the paper's repair: each factor of a repaired module moves toward the
+    /// reference by its mask's density (replace's average over random masks of that density);
+    /// if the masks repair no better than this, which neurons they pick does not matter
+    Shrink,
 }
 
 /// Flags of `realign patch`.
@@ -189,6 +193,7 @@ pub fn patch_cmd(a: PatchArgs) -> anyhow::Result<()> {
         transplant: match a.transplant {
             TransplantKind::Replace => TransplantMode::Replace,
             TransplantKind::Exact => TransplantMode::Exact,
+            TransplantKind::Shrink => TransplantMode::Shrink,
         },
     };
     // streams: inputs memory-mapped and the output written module by module

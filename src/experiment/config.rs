@@ -152,6 +152,12 @@ pub struct NlsrSettings {
     pub identify_samples: usize,
     /// The safety corpus for identification.
     pub identify_data: String,
+    /// Also evaluate the `shrink` control per `p` (`realign patch --transplant shrink`): the
+    /// first method's repaired modules, each LoRA factor moved toward the reference by its mask
+    /// density instead of taking the masked entries. When NLSR repairs no better than this,
+    /// its identified neurons carry no information beyond how much of the reference is put
+    /// back.
+    pub shrink_control: bool,
 }
 
 /// Safe LoRA, applied to the fine-tuning update `W_t − W_a` (Hsu et al. 2024).
@@ -336,6 +342,7 @@ impl Default for NlsrSettings {
             epsilon: 0.2,
             identify_samples: 200,
             identify_data: "embedded:safety_sft".into(),
+            shrink_control: true,
         }
     }
 }
@@ -478,6 +485,9 @@ impl ExperimentConfig {
         c.nlsr.layer_prunes = vec![0.5];
         c.nlsr.identify_samples = 24;
         c.safelora.thresholds = vec![0.5];
+        // the shrink control's row is in the default and medium runs (it would add one
+        // evaluation, ~36 s on an AVX2-only 2-core server, to a run at its 10-minute budget)
+        c.nlsr.shrink_control = false;
         // the peers' rows are in the default and medium runs; the quick run keeps its time
         c.baselines.methods.clear();
         c.neurons.enabled = false;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::cache::key_of;
 use super::config::{ExperimentConfig, StageTrain};
 use super::stages::Inputs;
+use crate::nlsr::transplant::TransplantMode;
 
 /// What a stage does. Stage inputs are the plan's `deps`, in the order documented per kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +56,10 @@ pub enum StageKind {
         layer_prune: f64,
         /// `ε`.
         epsilon: f64,
+        /// How repaired modules are rebuilt: the paper's entry replacement, or the `shrink`
+        /// control (`nlsr.shrink_control`).
+        #[serde(default)]
+        transplant: TransplantMode,
     },
     /// Safe LoRA on the fine-tuning update `W_t − W_a` (the rank-2r adapter
     /// `[B_t | −B_a]`, `[A_t; A_a]`); the output is the projected update, evaluated on top of
@@ -475,6 +480,7 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
     let patch_kind = |lp: f64| StageKind::Patch {
         layer_prune: lp,
         epsilon: cfg.nlsr.epsilon,
+        transplant: TransplantMode::Replace,
     };
     let suffix = |seed: u64| {
         if seed == main_seed {
@@ -601,6 +607,41 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
                         vec![patched],
                     )?;
                 }
+            }
+            // The shrink control: the first method's modules and mask densities, each factor
+            // moved toward the reference by its density instead of taking the masked entries.
+            if let Some(method) = cfg
+                .nlsr
+                .methods
+                .first()
+                .filter(|m| cfg.nlsr.shrink_control && m.as_str() != "random")
+            {
+                let tag = format!("b{}", fmt_num(main_beta.0));
+                let masks = identify(&mut plan, method, s_main, main_beta.1, &tag, seed)?;
+                let shrunk = plan.add_seeded(
+                    inputs,
+                    format!(
+                        "patch-{method}-s{}-{tag}-lp{}-p{pt}{ss}-shrink",
+                        fmt_num(s_main),
+                        fmt_num(lp_main)
+                    ),
+                    StageKind::Patch {
+                        layer_prune: lp_main,
+                        epsilon: cfg.nlsr.epsilon,
+                        transplant: TransplantMode::Shrink,
+                    },
+                    vec![main_beta.1, att, masks],
+                    seed,
+                )?;
+                eval_variant(
+                    &mut plan,
+                    inputs,
+                    with_seed(
+                        variant(format!("NLSR (shrink) p={pt}"), "nlsr", Some(p), None, 1),
+                        seed,
+                    ),
+                    vec![shrunk],
+                )?;
             }
         }
     }

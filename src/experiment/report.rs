@@ -378,9 +378,11 @@ impl Report {
             if let Some(sl) = at("Safe LoRA") {
                 out.push(compare_rows(&nl, n, "Safe LoRA", sl, "HS", hs, true));
             }
-            if let Some(r) = at("NLSR (random)") {
-                if r.variant.label != n.variant.label {
-                    out.push(compare_rows(&nl, n, "NLSR (random)", r, "HS", hs, true));
+            for control in ["NLSR (random)", "NLSR (shrink)"] {
+                if let Some(r) = at(control) {
+                    if r.variant.label != n.variant.label {
+                        out.push(compare_rows(&nl, n, control, r, "HS", hs, true));
+                    }
                 }
             }
         }

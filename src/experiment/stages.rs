@@ -23,7 +23,6 @@ use crate::neurons::{
 use crate::nlsr::identify::{identify, IdentifyConfig, Method};
 use crate::nlsr::patch::{patch, write_patch, PatchConfig};
 use crate::nlsr::prune::{ProbabilityMapping, PruneConfig, Selection};
-use crate::nlsr::transplant::TransplantMode;
 use crate::train::config::{DataSettings, LoraSettings, OptimSettings};
 use crate::train::{train, trainer::Progress, StepLog, TrainConfig};
 
@@ -417,6 +416,7 @@ impl Runner {
             StageKind::Patch {
                 layer_prune,
                 epsilon,
+                transplant,
             } => {
                 let reference = Adapter::load(&deps[0], &dev)?;
                 let finetuned = Adapter::load(&deps[1], &dev)?;
@@ -429,7 +429,7 @@ impl Runner {
                         epsilon: *epsilon,
                         seed: stage.seed,
                     },
-                    transplant: TransplantMode::Replace,
+                    transplant: *transplant,
                 };
                 let outcome = patch(&reference, &finetuned, &masks, &config)?;
                 write_patch(out, &outcome)?;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::masks::Masks;
 use super::prune::{layer_pruning, LayerDecision, PruneConfig, Selection};
 use super::similarity::region_similarity_and_mask_sums;
-use super::transplant::{transplant, transplant_exact, TransplantMode};
+use super::transplant::{shrink, transplant, transplant_exact, TransplantMode};
 use super::{check_compatible, kind_of, label, layer_of, NlsrError};
 use crate::adapters::Adapter;
 use crate::fsutil::write_atomic;
@@ -160,6 +160,7 @@ pub fn patch(
                 (false, _) => t.clone(),
                 (true, TransplantMode::Replace) => transplant(e, t, mask)?,
                 (true, TransplantMode::Exact) => transplant_exact(e, t, mask)?,
+                (true, TransplantMode::Shrink) => shrink(e, t, mask)?,
             };
             Ok(m)
         })

@@ -17,7 +17,7 @@ use super::patch::{
 };
 use super::prune::layer_pruning;
 use super::similarity::{factor_similarity_and_mask_sums, Factors};
-use super::transplant::{mix_into, TransplantMode};
+use super::transplant::{mix_into, shrink_into, TransplantMode};
 use super::{check_compatible, NlsrError};
 use crate::adapters::{
     index_modules, locate, skeleton, Adapter, LoraConfig, LoraModule, LoraPart, TensorLoc,
@@ -201,6 +201,11 @@ pub fn patch_files(
                     out
                 }
                 TransplantMode::Exact => exact_factor(part, &tl.shape, &ev, &tv, &mv),
+                TransplantMode::Shrink => {
+                    let mut out = vec![0f32; tv.len()];
+                    shrink_into(&mut out, &tv, &ev, &mv).map_err(std::io::Error::other)?;
+                    out
+                }
             }
         };
         e.file.release(&[el]);
@@ -266,7 +271,11 @@ mod tests {
         let mpath = tmp.path().join("masks.safetensors");
         masks::save(&masks, &mpath).unwrap();
         let masks = masks::load(&mpath, &Device::Cpu).unwrap();
-        for transplant in [TransplantMode::Replace, TransplantMode::Exact] {
+        for transplant in [
+            TransplantMode::Replace,
+            TransplantMode::Exact,
+            TransplantMode::Shrink,
+        ] {
             let cfg = PatchConfig {
                 transplant,
                 ..Default::default()

@@ -19,6 +19,11 @@ pub enum TransplantMode {
     Replace,
     /// The paper's Eq. 11 literally: [`transplant_exact`], rank 2r.
     Exact,
+    /// A control, not the paper's repair: [`shrink`] moves each factor of a repaired module the
+    /// fraction ρ of the way to the reference, ρ = that factor's mask density — what
+    /// [`Replace`](Self::Replace) does on average when which entries it takes carries no
+    /// information. Rank r.
+    Shrink,
 }
 
 /// The authors' form of Eq. 11: entry replacement in both factors,
@@ -69,6 +74,49 @@ pub fn mix_into(out: &mut [f32], t: &[f32], e: &[f32], m: &[f32]) -> Result<(), 
         *o = t * (1.0 - m) + e * m;
     }
     Ok(())
+}
+
+/// The uniform control of [`transplant`] (not in the paper): `A = A_t ⊙ (1 - ρ_A) + A_e ⊙ ρ_A`,
+/// `B = B_t ⊙ (1 - ρ_B) + B_e ⊙ ρ_B`, where `ρ` is the density of the factor's mask (the
+/// fraction of its entries [`transplant`] would take from the reference). This is the
+/// expectation of the entry replacement over masks drawn uniformly at that density; when the
+/// identified masks repair no better than this, the repair comes from how much of the
+/// reference is put back, not from which neurons. Bit for bit [`transplant`] with every mask
+/// entry set to `ρ` (the same expression). The scale is `W_t`'s.
+///
+/// # Shapes
+/// - A: `[r, in]`, B: `[out, r]` for both modules and the masks -> the same shapes.
+pub fn shrink(
+    reference: &LoraModule,
+    finetuned: &LoraModule,
+    mask: &ModuleMask,
+) -> Result<LoraModule> {
+    let mix = |t: &Tensor, e: &Tensor, m: &Tensor| -> Result<Tensor> {
+        let (tv, ev, mv) = (F32Data::of(t)?, F32Data::of(e)?, F32Data::of(m)?);
+        let mut out = vec![0f32; tv.slice().len()];
+        shrink_into(&mut out, tv.slice(), ev.slice(), mv.slice())?;
+        Ok(Tensor::from_vec(out, t.dims(), t.device())?)
+    };
+    Ok(LoraModule {
+        a: mix(&finetuned.a, &reference.a, &mask.a)?,
+        b: mix(&finetuned.b, &reference.b, &mask.b)?,
+        scale: finetuned.scale,
+    })
+}
+
+/// [`shrink`] on raw values: [`mix_into`] with every entry of the mask replaced by the mask's
+/// density `ρ = sum(m) / len(m)` (summed in f64, then rounded to f32; 0 for an empty mask).
+///
+/// # Errors
+/// As [`mix_into`].
+pub fn shrink_into(out: &mut [f32], t: &[f32], e: &[f32], m: &[f32]) -> Result<(), NlsrError> {
+    let sum: f64 = m.iter().map(|&v| f64::from(v)).sum();
+    let rho = if m.is_empty() {
+        0.0
+    } else {
+        (sum / m.len() as f64) as f32
+    };
+    mix_into(out, t, e, &vec![rho; m.len()])
 }
 
 /// Paper Eq. 11 (section "Neuron-Level Correction"), for a repaired module (`γ_j = 0`):
@@ -131,5 +179,29 @@ mod tests {
             x.b.matmul(&x.a).unwrap().to_vec2::<f32>().unwrap(),
             vec![vec![0.0, 42.0], vec![4.0, 0.0]]
         );
+        // shrink: both masks have density 1/2, so every factor is the midpoint:
+        // A = [3, 4], B = [5; 6]
+        let s = shrink(&e, &t, &mask).unwrap();
+        assert_eq!(s.a.to_vec2::<f32>().unwrap(), vec![vec![3.0, 4.0]]);
+        assert_eq!(s.b.to_vec2::<f32>().unwrap(), vec![vec![5.0], vec![6.0]]);
+    }
+
+    #[test]
+    fn shrink_is_replacement_with_the_density_in_every_entry() {
+        // a mask of density 3/8 on seeded values: equal, bit for bit, to `mix_into` with a
+        // mask of 0.375 everywhere; all-zero and all-one masks give W_t and W_e exactly
+        let t: Vec<f32> = (0..8).map(|i| (i as f32 * 0.37).sin()).collect();
+        let e: Vec<f32> = (0..8).map(|i| (i as f32 * 1.91).cos()).collect();
+        let m = [1f32, 0., 0., 1., 0., 0., 1., 0.];
+        let (mut got, mut want) = (vec![0f32; 8], vec![0f32; 8]);
+        shrink_into(&mut got, &t, &e, &m).unwrap();
+        mix_into(&mut want, &t, &e, &[0.375; 8]).unwrap();
+        assert_eq!(got, want);
+        assert!(got.iter().zip(&t).all(|(g, t)| g != t));
+        shrink_into(&mut got, &t, &e, &[0.; 8]).unwrap();
+        assert_eq!(got, t);
+        shrink_into(&mut got, &t, &e, &[1.; 8]).unwrap();
+        assert_eq!(got, e);
+        assert!(shrink_into(&mut got, &t, &e, &m[..7]).is_err());
     }
 }
