@@ -152,11 +152,11 @@ pub struct NlsrSettings {
     pub identify_samples: usize,
     /// The safety corpus for identification.
     pub identify_data: String,
-    /// Also evaluate the `shrink` control per `p` (`realign patch --transplant shrink`): the
-    /// first method's repaired modules, each LoRA factor moved toward the reference by its mask
-    /// density instead of taking the masked entries. When NLSR repairs no better than this,
-    /// its identified neurons carry no information beyond how much of the reference is put
-    /// back.
+    /// Also evaluate the `shrink` control at the main `p` and seed (`realign patch --transplant
+    /// shrink`): the first method's repaired modules, each LoRA factor moved toward the
+    /// reference by its mask density instead of taking the masked entries. When NLSR repairs
+    /// no better than this, its identified neurons carry no information beyond how much of the
+    /// reference is put back.
     pub shrink_control: bool,
 }
 

@@ -608,13 +608,15 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
                     )?;
                 }
             }
-            // The shrink control: the first method's modules and mask densities, each factor
-            // moved toward the reference by its density instead of taking the masked entries.
+            // The shrink control, at the main p and seed (one evaluation): the first method's
+            // modules and mask densities, each factor moved toward the reference by its density
+            // instead of taking the masked entries.
+            let main_p = cfg.attack.ps.first() == Some(&p) && seed == main_seed;
             if let Some(method) = cfg
                 .nlsr
                 .methods
                 .first()
-                .filter(|m| cfg.nlsr.shrink_control && m.as_str() != "random")
+                .filter(|m| cfg.nlsr.shrink_control && main_p && m.as_str() != "random")
             {
                 let tag = format!("b{}", fmt_num(main_beta.0));
                 let masks = identify(&mut plan, method, s_main, main_beta.1, &tag, seed)?;
