@@ -794,6 +794,48 @@ fn cli_deactivate_reports_every_control_with_perplexity() {
     assert_eq!(rows[0]["perplexity_ratio"], 1.0);
     assert_eq!(rows[0]["harmful_rate"]["n"], 3);
     assert_eq!(r["summary"]["ppl_rows"], "1..3");
+
+    // A classification task (the default `embedded:task_eval` is one) is judged as
+    // classification, its labels read from every gold answer (it was judged as GSM8K and
+    // failed on the first label that holds no number); --limit 2 keeps two items.
+    let task = dir.path().join("task.jsonl");
+    let items = [
+        ("Great film. positive or negative?", "positive"),
+        ("Dull plot. positive or negative?", "negative"),
+        ("Loved it. positive or negative?", "positive"),
+    ];
+    let lines: Vec<String> = items
+        .iter()
+        .map(|(p, g)| serde_json::json!({"prompt": p, "completion": g}).to_string())
+        .collect();
+    std::fs::write(&task, lines.join("\n")).unwrap();
+    let report = dir.path().join("deact-task.json");
+    cli(&[
+        "neurons",
+        "deactivate",
+        "--model",
+        m,
+        "--set",
+        set.to_str().unwrap(),
+        "--variants",
+        "none",
+        "--harmful",
+        "",
+        "--task",
+        task.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--ppl-text",
+        "",
+        "--max-new-tokens",
+        "3",
+        "-o",
+        report.to_str().unwrap(),
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let fa = r["summary"]["rows"][0]["task_accuracy"].as_f64().unwrap();
+    assert!([0.0, 50.0, 100.0].contains(&fa), "{fa}: two items");
 }
 
 #[test]

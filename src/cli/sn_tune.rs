@@ -64,13 +64,15 @@ pub struct DeactivateArgs {
     /// Tokens per perplexity text (longer ones are truncated)
     #[arg(long, default_value_t = 256)]
     ppl_max_tokens: usize,
-    /// Task items (prompt + gold answer) for the accuracy ("none" or "" to skip)
+    /// Task items (prompt + gold answer) for the accuracy ("none" or "" to skip); GSM8K or
+    /// classification, read from the gold answers as `realign eval` reads them
     #[arg(long, default_value = "embedded:task_eval")]
     task: String,
     /// Use only the first N rows of each source (0: all)
     #[arg(long, default_value_t = 0)]
     limit: usize,
-    /// New tokens per reply [default: 64 for harmfulness, 256 for GSM8K]
+    /// New tokens per reply [default: 64 for harmfulness and a classification task, 256 for
+    /// GSM8K]
     #[arg(long)]
     max_new_tokens: Option<usize>,
     /// Prompts per generation batch
@@ -219,7 +221,9 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
             a.ppl_offset
         );
     }
-    let task: Vec<(String, String)> = rows(&a.task, a.limit)?
+    // Every row of the task set, so that its kind (GSM8K or classification, and the labels)
+    // is read from all its gold answers, as `realign eval` reads it; then the first --limit.
+    let all_task: Vec<(String, String)> = rows(&a.task, 0)?
         .into_iter()
         .map(|r| match r {
             Row::Sft { prompt, response } => Ok((prompt.plain_text(), response)),
@@ -230,10 +234,18 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
             ),
         })
         .collect::<anyhow::Result<_>>()?;
+    let task_kind = if all_task.is_empty() {
+        TaskKind::Gsm8k
+    } else {
+        let golds: Vec<&str> = all_task.iter().map(|(_, g)| g.as_str()).collect();
+        TaskKind::detect(&golds).with_context(|| format!("--task {}", a.task))?
+    };
+    let keep = if a.limit > 0 { a.limit } else { usize::MAX };
+    let task: Vec<(String, String)> = all_task.into_iter().take(keep).collect();
     let check = DeactivationCheck {
         harmful,
         task,
-        task_kind: TaskKind::Gsm8k,
+        task_kind,
         variants,
         seed: a.seed,
         eval: EvalConfig {
