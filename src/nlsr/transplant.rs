@@ -1,5 +1,6 @@
 //! Neuron-level correction (paper Eq. 11; `docs/METHODS.md`, NLSR item 5): the safety-critical
-//! entries of a repaired module come from the reference `W_e`, the others stay `W_t`'s.
+//! entries of a repaired module come from the reference `W_e`, the others stay `W_t`'s; and
+//! the `shrink` control, which moves every entry by the mask's density instead.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -39,10 +40,21 @@ pub fn transplant(
     finetuned: &LoraModule,
     mask: &ModuleMask,
 ) -> Result<LoraModule> {
+    per_factor(reference, finetuned, mask, mix_into)
+}
+
+/// Both factors of `finetuned` rebuilt by `rule(out, t, e, m)` on their raw values, with the
+/// reference's factor and the mask's; the scale is `W_t`'s.
+fn per_factor(
+    reference: &LoraModule,
+    finetuned: &LoraModule,
+    mask: &ModuleMask,
+    rule: fn(&mut [f32], &[f32], &[f32], &[f32]) -> Result<(), NlsrError>,
+) -> Result<LoraModule> {
     let mix = |t: &Tensor, e: &Tensor, m: &Tensor| -> Result<Tensor> {
         let (tv, ev, mv) = (F32Data::of(t)?, F32Data::of(e)?, F32Data::of(m)?);
         let mut out = vec![0f32; tv.slice().len()];
-        mix_into(&mut out, tv.slice(), ev.slice(), mv.slice())?;
+        rule(&mut out, tv.slice(), ev.slice(), mv.slice())?;
         Ok(Tensor::from_vec(out, t.dims(), t.device())?)
     };
     Ok(LoraModule {
@@ -91,17 +103,7 @@ pub fn shrink(
     finetuned: &LoraModule,
     mask: &ModuleMask,
 ) -> Result<LoraModule> {
-    let mix = |t: &Tensor, e: &Tensor, m: &Tensor| -> Result<Tensor> {
-        let (tv, ev, mv) = (F32Data::of(t)?, F32Data::of(e)?, F32Data::of(m)?);
-        let mut out = vec![0f32; tv.slice().len()];
-        shrink_into(&mut out, tv.slice(), ev.slice(), mv.slice())?;
-        Ok(Tensor::from_vec(out, t.dims(), t.device())?)
-    };
-    Ok(LoraModule {
-        a: mix(&finetuned.a, &reference.a, &mask.a)?,
-        b: mix(&finetuned.b, &reference.b, &mask.b)?,
-        scale: finetuned.scale,
-    })
+    per_factor(reference, finetuned, mask, shrink_into)
 }
 
 /// [`shrink`] on raw values: [`mix_into`] with every entry of the mask replaced by the mask's
