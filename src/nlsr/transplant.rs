@@ -43,13 +43,17 @@ pub fn transplant(
     per_factor(reference, finetuned, mask, mix_into)
 }
 
+/// How one factor is rebuilt from raw values: `rule(out, t, e, m)` ([`mix_into`],
+/// [`shrink_into`]).
+type FactorRule = fn(&mut [f32], &[f32], &[f32], &[f32]) -> Result<(), NlsrError>;
+
 /// Both factors of `finetuned` rebuilt by `rule(out, t, e, m)` on their raw values, with the
 /// reference's factor and the mask's; the scale is `W_t`'s.
 fn per_factor(
     reference: &LoraModule,
     finetuned: &LoraModule,
     mask: &ModuleMask,
-    rule: fn(&mut [f32], &[f32], &[f32], &[f32]) -> Result<(), NlsrError>,
+    rule: FactorRule,
 ) -> Result<LoraModule> {
     let mix = |t: &Tensor, e: &Tensor, m: &Tensor| -> Result<Tensor> {
         let (tv, ev, mv) = (F32Data::of(t)?, F32Data::of(e)?, F32Data::of(m)?);
