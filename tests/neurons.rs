@@ -774,6 +774,10 @@ fn cli_deactivate_reports_every_control_with_perplexity() {
         "2",
         "--max-new-tokens",
         "3",
+        "--random-draws",
+        "2",
+        "--seed",
+        "7",
         "-o",
         report.to_str().unwrap(),
     ]);
@@ -784,7 +788,22 @@ fn cli_deactivate_reports_every_control_with_perplexity() {
         .iter()
         .map(|x| x["variant"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["none", "deact_sn", "deact_r", "deact_f"]);
+    assert_eq!(names, ["none", "deact_sn", "deact_r", "deact_r", "deact_f"]);
+    let seeds: Vec<Option<u64>> = rows.iter().map(|x| x["seed"].as_u64()).collect();
+    assert_eq!(seeds, [None, None, Some(7), Some(8), None]);
+    // Deact-SN placed among the two draws: the p-value from the rows' own counts.
+    let k = |row: &serde_json::Value, key: &str| row[key]["k"].as_u64().unwrap();
+    let against = r["summary"]["against_random"].as_array().unwrap();
+    assert_eq!(against.len(), 2, "keyword and non-degenerate HS");
+    for (c, key) in against.iter().zip(["harmful_rate", "nondegenerate_rate"]) {
+        let high = rows[2..4]
+            .iter()
+            .filter(|x| k(x, key) >= k(&rows[1], key))
+            .count();
+        assert_eq!(c["at_least_as_high"], high, "{c}");
+        assert_eq!(c["p_value"].as_f64().unwrap(), (1 + high) as f64 / 3.0);
+        assert_eq!(c["seeds"], serde_json::json!([7, 8]));
+    }
     let n = NeuronSet::load(&set).unwrap().len();
     assert!(n > 0);
     for row in &rows[1..] {

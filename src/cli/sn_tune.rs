@@ -8,8 +8,8 @@ use realign::data::{load_source, Row};
 use realign::eval::{EvalConfig, TaskKind};
 use realign::model::{AdapterMode, LoadOptions, LoadedModel};
 use realign::neurons::{
-    deactivate, deactivation_check, random_like, rsn_tune_set, sn_tune, write_outcome,
-    DeactivationCheck, NeuronRanking, NeuronSet, SnTuneConfig, Variant,
+    compare_with_random, deactivate, deactivation_check, random_like, rsn_tune_set, sn_tune,
+    write_outcome, DeactivationCheck, NeuronRanking, NeuronSet, SnTuneConfig, Variant,
 };
 
 /// Flags of `realign neurons deactivate`.
@@ -27,9 +27,14 @@ pub struct DeactivateArgs {
     /// Only the random control (Deact-R: as many random neurons per module as the set has)
     #[arg(long)]
     random_like: bool,
-    /// Seed of the random control
+    /// Seed of the random control (draw i of --random-draws uses SEED + i)
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Random sets Deact-R draws, one row each; with more than one, Deact-SN's HS is placed
+    /// among them (mean, range, one-sided Monte Carlo p-value (1 + #draws at least as high) /
+    /// (K + 1); a claim at 5 % needs 19 draws)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    random_draws: u64,
     /// Columns of Table 1 to measure [default: none,deact_sn,deact_r, and deact_f when
     /// --foundation-importance is given; with --random-like: deact_r]
     #[arg(long, value_delimiter = ',', value_parser = ["none", "deact_sn", "deact_r", "deact_f"])]
@@ -248,6 +253,7 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
         task_kind,
         variants,
         seed: a.seed,
+        random_draws: a.random_draws as usize,
         eval: EvalConfig {
             max_new_tokens: a.max_new_tokens,
             batch_size: a.batch_size,
@@ -258,11 +264,13 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
         perplexity_max_tokens: a.ppl_max_tokens,
     };
     let results = deactivation_check(&model, &tokenizer, &set, &check)?;
+    let comparisons = compare_with_random(&results);
     let summary: Vec<serde_json::Value> = results
         .iter()
         .map(|r| {
             serde_json::json!({
                 "variant": r.variant.name(),
+                "seed": r.seed,
                 "neurons": r.neurons,
                 "harmfulness_score": r.harmfulness.as_ref().map(|h| h.score_percent),
                 "harmful_rate": r.harmful_rate,
@@ -281,6 +289,7 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
         "sample_seed": a.sample_seed, "foundation_importance": a.foundation_importance,
         "ppl_text": a.ppl_text, "ppl_rows": format!("{}..{}", a.ppl_offset, a.ppl_offset + a.ppl_rows),
         "broken_rule": "perplexity > 2x the untouched model's", "rows": summary,
+        "random_draws": a.random_draws, "against_random": comparisons,
     });
     if let Some(out) = &a.output {
         let full = serde_json::json!({"summary": summary, "variants": results});
@@ -288,6 +297,9 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
     }
     println!("{summary}");
     eprintln!("{}", deactivation_table(&results));
+    for c in &comparisons {
+        eprintln!("{}", c.sentence());
+    }
     Ok(())
 }
 
@@ -305,7 +317,10 @@ fn deactivation_table(results: &[realign::neurons::VariantResult]) -> String {
     for r in results {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r.variant.name(),
+            match r.seed {
+                Some(seed) => format!("{} (seed {seed})", r.variant.name()),
+                None => r.variant.name().to_string(),
+            },
             r.neurons,
             rate(&r.harmful_rate),
             rate(&r.nondegenerate_rate),

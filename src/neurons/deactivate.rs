@@ -288,8 +288,11 @@ pub struct DeactivationCheck {
     pub task_kind: TaskKind,
     /// The columns to compute, in order.
     pub variants: Vec<Variant>,
-    /// Seed of [`random_like`].
+    /// Seed of [`random_like`]; draw `i` of the random control uses `seed + i`.
     pub seed: u64,
+    /// How many random sets `Deact-R` draws (0 counts as 1): one row each, so that Deact-SN
+    /// can be placed within the control's spread ([`compare_with_random`](super::compare_with_random)).
+    pub random_draws: usize,
     /// Generation settings of both evaluations.
     pub eval: EvalConfig,
     /// The foundation ranking `Deact-F` draws from (required for [`Variant::DeactF`]).
@@ -305,6 +308,8 @@ pub struct DeactivationCheck {
 pub struct VariantResult {
     /// Which column.
     pub variant: Variant,
+    /// The seed of the random set (`Deact-R` rows only).
+    pub seed: Option<u64>,
     /// Neurons zeroed (0 for [`Variant::None`]).
     pub neurons: usize,
     /// What [`deactivate`] did (absent for [`Variant::None`]).
@@ -329,8 +334,9 @@ pub struct VariantResult {
 
 /// The paper's Table 1 row for one model: harmfulness score (keyword and non-degenerate),
 /// task accuracy and perplexity of `model` as given, with `set` deactivated (`Deact-SN`), with
-/// a random set of the same structure (`Deact-R`) and with as many important foundation
-/// neurons outside the set (`Deact-F`), whichever of these `check.variants` asks for. The
+/// a random set of the same structure (`Deact-R`, one row per draw of `check.random_draws`)
+/// and with as many important foundation neurons outside the set (`Deact-F`), whichever of
+/// these `check.variants` asks for. The
 /// untouched model's perplexity is measured too when perplexity texts are given (to flag
 /// broken variants), even if [`Variant::None`] is not asked for. `model` is not changed: each
 /// variant edits a copy.
@@ -350,13 +356,27 @@ pub fn deactivation_check(
     } else {
         ppl(model)?
     };
-    let mut out: Vec<VariantResult> = Vec::with_capacity(check.variants.len());
-    for &variant in &check.variants {
+    // Each column once, and the random control once per draw (seeds seed, seed + 1, …).
+    let rows: Vec<(Variant, Option<u64>)> = check
+        .variants
+        .iter()
+        .flat_map(|&v| match v {
+            Variant::DeactR => (0..check.random_draws.max(1) as u64)
+                .map(|i| (v, Some(check.seed.wrapping_add(i))))
+                .collect(),
+            _ => vec![(v, None)],
+        })
+        .collect();
+    let mut out: Vec<VariantResult> = Vec::with_capacity(rows.len());
+    for (variant, seed) in rows {
         let mut m = model.clone();
         let deactivation = match variant {
             Variant::None => None,
             Variant::DeactSn => Some(deactivate(&mut m, set)?),
-            Variant::DeactR => Some(deactivate(&mut m, &random_like(set, check.seed))?),
+            Variant::DeactR => Some(deactivate(
+                &mut m,
+                &random_like(set, seed.unwrap_or(check.seed)),
+            )?),
             Variant::DeactF => {
                 let ranking = check.foundation.as_ref().ok_or_else(|| {
                     NeuronError::Invalid(
@@ -403,6 +423,7 @@ pub fn deactivation_check(
         };
         out.push(VariantResult {
             variant,
+            seed,
             neurons: deactivation.as_ref().map_or(0, |d| d.neurons),
             deactivation,
             harmfulness,

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | [`set`] | the set of neurons (rows/columns of full-model weights), overlap ratio (§2.3) |
 //! | [`deactivate`](mod@deactivate) | zeroing a set, the random control `Deact-R`, the Table 1 check (§2.2) |
+//! | [`random_draws`] | Deact-SN placed among several `Deact-R` draws: mean, range, Monte Carlo p-value |
 //! | [`sn_tune`](mod@sn_tune) | SN-Tune (§3) and RSN-Tune (§4): training only the selected neurons |
 //! | [`importance`] | per-prompt importance of every neuron, exact (Eqs. 4, 8-14) or the authors' proxy |
 //! | [`detect`](mod@detect) | streaming detection: per-prompt selection (ε or per-layer top-k, Eq. 2), intersection over the corpus (Eq. 3), report, overlap of two sets |
@@ -21,6 +22,7 @@ pub mod detect;
 pub mod importance;
 pub mod perplexity;
 pub mod plot;
+pub mod random_draws;
 pub mod ranking;
 pub mod scope;
 pub mod set;
@@ -33,6 +35,7 @@ pub use deactivate::{
 pub use detect::{detect, overlap, DetectConfig, DetectReport, OverlapReport, Selection};
 pub use importance::{ImportanceKind, LayerImportance, NeuronImportance};
 pub use perplexity::{perplexity, PerplexityReport};
+pub use random_draws::{compare_with_random, HsMetric, RandomComparison};
 pub use ranking::NeuronRanking;
 pub use scope::TokenScope;
 pub use set::{Axis, ModuleNeurons, NeuronSet};
