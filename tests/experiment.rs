@@ -50,6 +50,7 @@ prompts = 3
 top_k = 8
 tune_docs = 4
 tune_lr = 1e-3
+random_draws = 3
 [safelora]
 thresholds = [0.5, 0.2]
 [baselines]
@@ -148,6 +149,8 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "NLSR (low-rank, no pre-amplification) p=0.5",
         "Aligned, Deact-SN",
         "Aligned, Deact-R",
+        "Aligned, Deact-R (draw 2)",
+        "Aligned, Deact-R (draw 3)",
         "Aligned, Deact-F",
         "SN-Tune",
         "RSN-Tune + task fine-tuning",
@@ -169,6 +172,37 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         let nd = r.hs_nondegenerate_rate.expect("non-degenerate HS");
         assert!(nd.k <= r.hs_keyword_rate.unwrap().k);
     }
+    // Deact-SN placed among the three Deact-R draws (seeds 42, 43, 44), by the rows' counts.
+    assert_eq!(
+        report.against_random.len(),
+        2,
+        "keyword and non-degenerate HS"
+    );
+    let row = |label: &str| {
+        report
+            .evals
+            .iter()
+            .find(|r| r.variant.label == label)
+            .unwrap()
+    };
+    let sn_k = row("Aligned, Deact-SN").hs_keyword_rate.unwrap().k;
+    let draws = [
+        "Aligned, Deact-R",
+        "Aligned, Deact-R (draw 2)",
+        "Aligned, Deact-R (draw 3)",
+    ];
+    let high = draws
+        .iter()
+        .filter(|l| row(l).hs_keyword_rate.unwrap().k >= sn_k)
+        .count();
+    let kw = &report.against_random[0];
+    assert_eq!(kw.seeds, vec![42, 43, 44]);
+    assert_eq!(kw.at_least_as_high, high);
+    assert_eq!(kw.p_value, (1 + high) as f64 / 4.0);
+    // three draws are three different random sets: three evaluation stages
+    let stages: std::collections::BTreeSet<&str> =
+        draws.iter().map(|l| row(l).stage.as_str()).collect();
+    assert_eq!(stages.len(), 3, "{stages:?}");
     // Safe LoRA rows say how many modules were projected
     let sl = report
         .evals

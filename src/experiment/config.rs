@@ -204,6 +204,10 @@ pub struct NeuronSettings {
     /// Rows of plain task data for the robustness check (base, SN-Tune and RSN-Tune models
     /// fine-tuned on it); 0: `attack.n`.
     pub finetune_rows: usize,
+    /// Draws of the Deact-R control (seeds `seed`, `seed + 1`, …; 0 counts as 1), an
+    /// evaluation each; with more than one the report places Deact-SN among them (mean,
+    /// range, Monte Carlo p-value, [`crate::neurons::random_draws`]).
+    pub random_draws: usize,
 }
 
 /// Evaluation of every variant.
@@ -374,6 +378,7 @@ impl Default for NeuronSettings {
             tune_lr: 1e-4,
             tune_epochs: 2,
             finetune_rows: 200,
+            random_draws: 1,
         }
     }
 }

@@ -135,6 +135,13 @@ pub struct EvalModel {
     /// (Deact-F): the dep after the set is a foundation detection (its importance ranking).
     #[serde(default)]
     pub deactivate_foundation: bool,
+    /// Which draw of the random set (Deact-R): its seed is the run's seed plus this.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub random_draw: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 /// A row of the report: a label and group for one evaluated model.
@@ -310,6 +317,11 @@ fn eval_variant(
     Ok(i)
 }
 
+/// The label of the deactivation row (the aligned model with its safety set zeroed).
+pub const DEACT_SN: &str = "Aligned, Deact-SN";
+/// The label of the random control's first draw; later draws add " (draw N)".
+pub const DEACT_R: &str = "Aligned, Deact-R";
+
 /// A file-name-safe form of a label.
 pub fn slug(label: &str) -> String {
     let mut s: String = label
@@ -346,6 +358,7 @@ fn variant(
             adapters,
             deactivate: None,
             deactivate_foundation: false,
+            random_draw: 0,
         },
     }
 }
@@ -790,11 +803,21 @@ fn plan_neurons(
             adapters: 0,
             deactivate,
             deactivate_foundation: false,
+            random_draw: 0,
         },
     };
-    for (label, random) in [("Aligned, Deact-SN", false), ("Aligned, Deact-R", true)] {
+    for (label, random) in [(DEACT_SN, false), (DEACT_R, true)] {
         let mut v = neuron_variant(label, false, Some(random));
         v.model.adapters = 1;
+        eval_variant(plan, inputs, v, vec![aligned, aligned_safety])?;
+    }
+    // More draws of the random control: one draw is one sample of what zeroing any such set
+    // does, and on a lightly aligned model that spread is wide.
+    for draw in 1..n.random_draws.max(1) as u64 {
+        let label = format!("{DEACT_R} (draw {})", draw + 1);
+        let mut v = neuron_variant(&label, false, Some(true));
+        v.model.adapters = 1;
+        v.model.random_draw = draw;
         eval_variant(plan, inputs, v, vec![aligned, aligned_safety])?;
     }
     // Deact-F: as many of the aligned model's most important general-text neurons outside the

@@ -94,6 +94,9 @@ pub struct Report {
     pub sn_tune: BTreeMap<String, serde_json::Value>,
     /// Overlaps between detected neuron sets.
     pub neuron_overlaps: Vec<Overlap>,
+    /// Deact-SN placed among the Deact-R draws (keyword and non-degenerate HS), when
+    /// `neurons.random_draws` is above 1.
+    pub against_random: Vec<crate::neurons::RandomComparison>,
     /// `realign diagnose` of each attacked adapter (main seed, in plan order): p, drift,
     /// update drift, verdict, ...
     pub diagnose: Vec<serde_json::Value>,
@@ -218,6 +221,7 @@ impl Report {
             neurons: BTreeMap::new(),
             sn_tune: BTreeMap::new(),
             neuron_overlaps: Vec::new(),
+            against_random: Vec::new(),
             diagnose: Vec::new(),
             times: Vec::new(),
             ps: cfg.attack.ps.clone(),
@@ -298,8 +302,51 @@ impl Report {
                 });
             }
         }
+        r.against_random = r.deact_against_random();
         r.findings = r.compare();
         r
+    }
+
+    /// Deact-SN against every draw of Deact-R (main seed), when there are two draws or more.
+    fn deact_against_random(&self) -> Vec<crate::neurons::RandomComparison> {
+        use crate::neurons::{compare_rates, Draw, HsMetric};
+        let Some(sn) = self.main_row(super::plan::DEACT_SN) else {
+            return Vec::new();
+        };
+        let draws: Vec<&Row> = self
+            .evals
+            .iter()
+            .filter(|e| {
+                e.variant.label.starts_with(super::plan::DEACT_R) && e.variant.group == "neurons"
+            })
+            .collect();
+        if draws.len() < 2 {
+            return Vec::new();
+        }
+        let untouched = self.main_row("Aligned (W_a, DPO)");
+        let pick = |m: HsMetric, e: &Row| match m {
+            HsMetric::Keyword => e.hs_keyword_rate,
+            HsMetric::NonDegenerate => e.hs_nondegenerate_rate,
+        };
+        [HsMetric::Keyword, HsMetric::NonDegenerate]
+            .into_iter()
+            .filter_map(|m| {
+                let d: Vec<Draw> = draws
+                    .iter()
+                    .map(|e| {
+                        Some(Draw {
+                            seed: e.variant.seed.wrapping_add(e.variant.model.random_draw),
+                            rate: pick(m, e)?,
+                            broken: e.perplexity.is_some_and(|(p, u)| {
+                                p / u > crate::neurons::perplexity::BROKEN_FACTOR
+                            }),
+                        })
+                    })
+                    .collect::<Option<_>>()?;
+                let u = untouched.and_then(|e| pick(m, e));
+                compare_rates(m, &pick(m, sn)?, u.as_ref(), &d)
+            })
+            .collect()
     }
 
     /// The main seed's row called `label`.
@@ -681,6 +728,9 @@ impl Report {
                     .map(|x| x.to_string())
                     .unwrap_or_else(|| "?".into()),
             );
+        }
+        for c in &self.against_random {
+            let _ = writeln!(s, "- {}", c.sentence());
         }
         s.push_str(
             "\n| model | HS ↓ | HS, non-degenerate ↓ | FA ↑ | perplexity (× untouched) |\n\

@@ -535,7 +535,7 @@ impl Runner {
                 let ranking = crate::neurons::NeuronRanking::load(&paths[4])?;
                 crate::neurons::deactivate::foundation_like(&set, &ranking)?
             } else if random {
-                random_like(&set, self.cfg.seed)
+                random_like(&set, self.cfg.seed.wrapping_add(v.random_draw))
             } else {
                 set
             };

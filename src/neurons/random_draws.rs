@@ -68,49 +68,73 @@ pub struct RandomComparison {
     pub p_value: f64,
 }
 
+/// One draw of the random control: its seed, its rate and whether its model was broken.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    /// The seed of the random set.
+    pub seed: u64,
+    /// The rate measured with it zeroed.
+    pub rate: Rate,
+    /// Perplexity over the limit: the HS reads gibberish.
+    pub broken: bool,
+}
+
+/// Places Deact-SN's `sn` rate among the `draws` (ties count as "at least as high"; rates of
+/// the same `n` are compared by their counts). `None` without draws.
+pub fn compare_rates(
+    metric: HsMetric,
+    sn: &Rate,
+    untouched: Option<&Rate>,
+    draws: &[Draw],
+) -> Option<RandomComparison> {
+    if draws.is_empty() {
+        return None;
+    }
+    let values: Vec<f64> = draws.iter().map(|d| d.rate.percent).collect();
+    let at_least_as_high = draws.iter().filter(|d| d.rate.k >= sn.k).count();
+    let k = values.len();
+    Some(RandomComparison {
+        metric,
+        deact_sn: sn.percent,
+        untouched: untouched.map(|u| u.percent),
+        seeds: draws.iter().map(|d| d.seed).collect(),
+        broken_draws: draws.iter().filter(|d| d.broken).count(),
+        mean: values.iter().sum::<f64>() / k as f64,
+        min: values.iter().copied().fold(f64::INFINITY, f64::min),
+        max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        at_least_as_high,
+        p_value: (1 + at_least_as_high) as f64 / (k + 1) as f64,
+        draws: values,
+    })
+}
+
 /// Compares Deact-SN with every `Deact-R` draw of `results`, for the keyword and the
 /// non-degenerate HS; empty when either is missing or HS was not measured.
 pub fn compare_with_random(results: &[VariantResult]) -> Vec<RandomComparison> {
     let Some(sn) = results.iter().find(|r| r.variant == Variant::DeactSn) else {
         return Vec::new();
     };
-    let draws: Vec<&VariantResult> = results
-        .iter()
-        .filter(|r| r.variant == Variant::DeactR)
-        .collect();
-    if draws.is_empty() {
-        return Vec::new();
-    }
     let untouched = results.iter().find(|r| r.variant == Variant::None);
     [HsMetric::Keyword, HsMetric::NonDegenerate]
         .into_iter()
         .filter_map(|metric| {
-            let sn_rate = metric.rate(sn)?.percent;
-            let values: Vec<f64> = draws
+            let draws: Vec<Draw> = results
                 .iter()
-                .map(|r| metric.rate(r).map(|x| x.percent))
+                .filter(|r| r.variant == Variant::DeactR)
+                .map(|r| {
+                    metric.rate(r).map(|&rate| Draw {
+                        seed: r.seed.unwrap_or(0),
+                        rate,
+                        broken: r.broken,
+                    })
+                })
                 .collect::<Option<_>>()?;
-            // Rates of the same n are k/n: compare the counts, not rounded floats.
-            let sn_k = metric.rate(sn)?.k;
-            let at_least_as_high = draws
-                .iter()
-                .filter_map(|r| metric.rate(r))
-                .filter(|x| x.k >= sn_k)
-                .count();
-            let k = values.len();
-            Some(RandomComparison {
+            compare_rates(
                 metric,
-                deact_sn: sn_rate,
-                untouched: untouched.and_then(|u| metric.rate(u)).map(|x| x.percent),
-                seeds: draws.iter().map(|r| r.seed.unwrap_or(0)).collect(),
-                broken_draws: draws.iter().filter(|r| r.broken).count(),
-                mean: values.iter().sum::<f64>() / k as f64,
-                min: values.iter().copied().fold(f64::INFINITY, f64::min),
-                max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                at_least_as_high,
-                p_value: (1 + at_least_as_high) as f64 / (k + 1) as f64,
-                draws: values,
-            })
+                metric.rate(sn)?,
+                untouched.and_then(|u| metric.rate(u)),
+                &draws,
+            )
         })
         .collect()
 }
