@@ -336,10 +336,9 @@ pub struct VariantResult {
 /// task accuracy and perplexity of `model` as given, with `set` deactivated (`Deact-SN`), with
 /// a random set of the same structure (`Deact-R`, one row per draw of `check.random_draws`)
 /// and with as many important foundation neurons outside the set (`Deact-F`), whichever of
-/// these `check.variants` asks for. The
-/// untouched model's perplexity is measured too when perplexity texts are given (to flag
-/// broken variants), even if [`Variant::None`] is not asked for. `model` is not changed: each
-/// variant edits a copy.
+/// these `check.variants` asks for. The untouched model's perplexity is measured too when
+/// perplexity texts are given (to flag broken variants), even if [`Variant::None`] is not
+/// asked for. `model` is not changed: each variant edits a copy.
 pub fn deactivation_check(
     model: &Model,
     tok: &Tokenizer,
