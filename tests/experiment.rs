@@ -318,6 +318,11 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     assert!(md.contains("| Attacked | 0.25 | 2 |"), "{md}");
     assert!(md.contains("## Safe LoRA's threshold"), "{md}");
     assert!(md.contains("## Safety neurons"));
+    assert!(
+        md.contains(&format!("- {}", report.against_random[0].sentence()))
+            && md.contains("against 3 random draws of the same structure"),
+        "{md}"
+    );
     // The intake check: one `diagnose` per attacked adapter of the main seed, each the
     // statistic `realign diagnose` computes on the same two adapters.
     assert!(
