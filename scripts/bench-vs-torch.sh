@@ -124,4 +124,6 @@ PY
 [ "$ONLY" = "" ] || [ "$ONLY" = forward ] && run_pair forward forward forward prefill_tokens_per_s \
     decode_tokens_per_s decode_bf16_tokens_per_s batched_decode_tokens_per_s batched32_decode_tokens_per_s
 echo "threads $THREADS, best of $REPEATS, $ROUNDS round(s), $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
+# The machine, as realign's figures name it (CPU model, logical CPUs, kernels, threads).
+grep -h -o '"host":"[^"]*"' "$TMP"/realign-*.jsonl | head -n 1 | sed 's/^"host":"/host: /; s/"$//'
 cat "$TMP/table"

@@ -21,16 +21,29 @@ pub struct Figure {
     pub unit: String,
     /// How it was measured.
     pub detail: String,
+    /// The machine ([`crate::host::Host`] in words): CPU, logical CPUs, kernels, threads.
+    pub host: String,
+}
+
+impl Figure {
+    /// A figure of benchmark `bench`, measured on this machine.
+    pub fn new(bench: &str, metric: &str, value: f64, unit: &str, detail: String) -> Self {
+        static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        Self {
+            bench: bench.into(),
+            metric: metric.into(),
+            value,
+            unit: unit.into(),
+            detail,
+            host: HOST
+                .get_or_init(|| crate::host::Host::detect().to_string())
+                .clone(),
+        }
+    }
 }
 
 fn figure(metric: &str, value: f64, unit: &str, detail: String) -> Figure {
-    Figure {
-        bench: "forward".into(),
-        metric: metric.into(),
-        value,
-        unit: unit.into(),
-        detail,
-    }
+    Figure::new("forward", metric, value, unit, detail)
 }
 
 /// CPU time of the process so far (user, system), in seconds, and its peak resident memory in

@@ -48,6 +48,7 @@ pub mod error;
 pub mod eval;
 pub mod experiment;
 pub mod fsutil;
+pub mod host;
 pub mod model;
 pub mod neurons;
 pub mod nlsr;

@@ -30,7 +30,10 @@ fn forward_reports_every_figure_with_the_batched_prefill_split_out() {
             ("batched32_steps_tokens_per_s", "tokens/s"),
         ]
     );
+    // every figure names the machine it was measured on
+    let host = realign::host::Host::detect().to_string();
     for f in &figures {
         assert!(f.bench == "forward" && f.value > 0.0, "{f:?}");
+        assert_eq!(f.host, host);
     }
 }

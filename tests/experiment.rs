@@ -414,6 +414,21 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
             .unwrap();
     assert_eq!(json["evals"].as_array().unwrap().len(), report.evals.len());
     assert_eq!(json["peak_rss_mib"].as_f64(), report.peak_rss_mib);
+    // The machine is recorded beside the times: report.json's `host` reads back as this
+    // process's, and report.md names it above the table of times.
+    let host = realign::host::Host::detect();
+    assert!(host.threads >= 1 && ["avx512f", "avx2+fma", "portable"].contains(&&*host.kernels));
+    assert_eq!(report.host.as_ref(), Some(&host));
+    assert_eq!(
+        serde_json::from_value::<realign::host::Host>(json["host"].clone()).unwrap(),
+        host
+    );
+    assert!(
+        md.contains(&format!(
+            "## Wall time and peak memory per stage\n\nMeasured on {host}.\n\n| stage |"
+        )),
+        "{md}"
+    );
     for (j, t) in json["times"].as_array().unwrap().iter().zip(&report.times) {
         assert_eq!(j["peak_rss_mib"].as_f64(), t.peak_rss_mib);
     }
@@ -506,6 +521,9 @@ fn rejudge_reproduces_the_report_and_switches_judges() {
     // keyword+coherence: HS becomes the non-degenerate count of every row.
     let kc = rejudge(&cfg, Some("keyword+coherence"), &opts).unwrap();
     assert_eq!(kc.judge, "keyword+coherence");
+    // rejudging keeps the machine that generated the replies
+    assert_eq!(kc.host, original.host);
+    assert!(kc.host.is_some());
     assert_eq!(kc.evals.len(), original.evals.len());
     for (a, b) in kc.evals.iter().zip(&original.evals) {
         let nd = b.hs_nondegenerate_rate.unwrap();
@@ -576,6 +594,7 @@ fn rejudge_reproduces_the_report_and_switches_judges() {
     }
     assert_eq!(part.times.len(), original.times.len() - 1);
     assert_eq!(part.peak_rss_mib, None);
+    assert_eq!(part.host, None);
     let partial_md = std::fs::read_to_string(out.join("report-partial/report.md")).unwrap();
     assert!(!partial_md.contains(&last), "{partial_md}");
     assert!(read("report.md") == md && read("report.json") == json);

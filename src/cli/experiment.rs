@@ -72,6 +72,7 @@ impl Bars {
 impl Observer for Bars {
     fn plan(&mut self, total: usize) {
         self.overall.set_length(total as u64);
+        self.log(&format!("host: {}", realign::host::Host::detect()));
         self.log(&format!("plan: {total} stages"));
     }
     fn stage_start(&mut self, index: usize, name: &str, cached: bool) {

@@ -261,13 +261,7 @@ pub fn bench(loaded: &LoadedModel, max_samples: usize) -> anyhow::Result<()> {
         report.samples, report.tokens, cfg.batch_size
     );
     let print = |metric: &str, value: f64, unit: &str, detail: String| {
-        let f = Figure {
-            bench: "identify".into(),
-            metric: metric.into(),
-            value,
-            unit: unit.into(),
-            detail,
-        };
+        let f = Figure::new("identify", metric, value, unit, detail);
         println!("{}", serde_json::to_string(&f).unwrap_or_default());
     };
     print("identify_seconds", report.seconds, "s", detail);

@@ -351,13 +351,7 @@ fn overlap_cmd(a: OverlapArgs) -> anyhow::Result<()> {
 /// memory stays bounded as prompts grow. Prints JSON lines.
 pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
     let print = |metric: &str, value: f64, unit: &str, detail: String| {
-        let f = Figure {
-            bench: "neurons".into(),
-            metric: metric.into(),
-            value,
-            unit: unit.into(),
-            detail,
-        };
+        let f = Figure::new("neurons", metric, value, unit, detail);
         println!("{}", serde_json::to_string(&f).unwrap_or_default());
     };
     let threads = rayon::current_num_threads();

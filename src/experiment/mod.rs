@@ -104,6 +104,7 @@ pub fn run(cfg: &ExperimentConfig, obs: &mut dyn Observer) -> crate::Result<repo
     let mut report = report::Report::build(cfg, &plan, &records);
     report.neuron_overlaps = neuron_overlaps(&runner, &plan)?;
     report.peak_rss_mib = memory::read().map(|r| memory::mib(r.peak));
+    report.host = Some(crate::host::Host::detect());
     report.write(&cfg.output.join("report"), &plan, &records)?;
     Ok(report)
 }

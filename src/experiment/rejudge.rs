@@ -165,11 +165,15 @@ pub fn rejudge_with(
     // The peak memory belongs to the run that generated the replies, not to this rejudging:
     // keep the finished run's figure (a run in progress has none yet; an older report in
     // report/ may be another run's, so --partial does not borrow it).
-    report.peak_rss_mib = (!partial)
+    let finished = (!partial)
         .then(|| std::fs::read(cfg.output.join("report").join("report.json")).ok())
         .flatten()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    report.peak_rss_mib = finished
+        .as_ref()
         .and_then(|v| v.get("peak_rss_mib")?.as_f64());
+    // Likewise the machine: the one that ran the stages (older reports have none).
+    report.host = finished.and_then(|mut v| serde_json::from_value(v.get_mut("host")?.take()).ok());
     report.write(&cfg.output.join(report_folder(partial)), &plan, &records)?;
     Ok(report)
 }

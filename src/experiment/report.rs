@@ -122,6 +122,9 @@ pub struct Report {
     /// when the report was written: what `/usr/bin/time -v` reports; `None` without `/proc`).
     /// Stages reused from the cache did not run in it; their own peaks are in `times`.
     pub peak_rss_mib: Option<f64>,
+    /// The machine this invocation ran on ([`crate::host::Host`]: CPU, kernels, threads), the
+    /// context of `times` and `peak_rss_mib`. Stages reused from the cache may have run elsewhere.
+    pub host: Option<crate::host::Host>,
 }
 
 /// The seed of the first row (reports of older runs carry no seed list).
@@ -231,6 +234,7 @@ impl Report {
             judge: cfg.eval.judge.clone(),
             judge_agreement: crate::eval::judges::measured::measured(&cfg.eval.judge),
             peak_rss_mib: None,
+            host: None,
             eval_sets: vec![
                 cfg.eval.harmful.clone(),
                 cfg.eval.task.clone(),
@@ -867,9 +871,11 @@ impl Report {
         if let Some(t) = self.neurons_table() {
             let _ = write!(s, "\n## Safety neurons\n\n{t}");
         }
-        s.push_str(
-            "\n## Wall time and peak memory per stage\n\n| stage | seconds | peak RSS, MiB |\n|---|---:|---:|\n",
-        );
+        s.push_str("\n## Wall time and peak memory per stage\n\n");
+        if let Some(host) = &self.host {
+            let _ = writeln!(s, "Measured on {host}.\n");
+        }
+        s.push_str("| stage | seconds | peak RSS, MiB |\n|---|---:|---:|\n");
         let total: f64 = self.times.iter().map(|t| t.seconds).sum();
         for t in &self.times {
             let _ = writeln!(

@@ -31,6 +31,17 @@ enum Isa {
     Scalar,
 }
 
+/// The instruction set the few-row tiles (and, with the same test, the other hand-written
+/// kernels and the `gemm` crate's dispatch) use on this CPU: `"avx512f"`, `"avx2+fma"` or
+/// `"portable"`.
+pub fn kernel_set() -> &'static str {
+    match isa() {
+        Isa::Avx512 => "avx512f",
+        Isa::Avx2 => "avx2+fma",
+        Isa::Scalar => "portable",
+    }
+}
+
 fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {

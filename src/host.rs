@@ -1,0 +1,88 @@
+//! The machine a figure was measured on: CPU model, logical CPUs, the threads realign used and
+//! the kernels its CPU chose. Speed figures mean little without it (the same build runs ~3×
+//! slower on an AVX2-only core than on an AVX-512 one), so `realign bench` prints it with every
+//! figure and `realign experiment` records it in its log and `report.json`.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a run happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    /// The CPU's model name (`/proc/cpuinfo`'s `model name`; `unknown` where it is not there).
+    pub cpu: String,
+    /// Logical CPUs the process may use.
+    pub logical_cpus: usize,
+    /// Threads of realign's compute pools (`RAYON_NUM_THREADS`, else the logical CPUs).
+    pub threads: usize,
+    /// The instruction set of the hand-written kernels and the `gemm` crate's dispatch:
+    /// `avx512f`, `avx2+fma` or `portable`.
+    pub kernels: String,
+}
+
+impl Host {
+    /// This machine, now.
+    pub fn detect() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| cpu_model(&text))
+            .unwrap_or_else(|| "unknown".into());
+        Self {
+            cpu,
+            logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: rayon::current_num_threads(),
+            kernels: crate::model::tile::kernel_set().into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} logical CPUs), {} kernels, {} threads",
+            self.cpu, self.logical_cpus, self.kernels, self.threads
+        )
+    }
+}
+
+/// The first `model name` of a `/proc/cpuinfo` text, whitespace collapsed.
+fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "model name")
+            .then(|| value.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|v| !v.is_empty())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_model_takes_the_first_model_name() {
+        let text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 1\n\
+                    model name\t: AMD EPYC  7551 32-Core Processor\nflags\t\t: fpu\n\n\
+                    processor\t: 1\nmodel name\t: Other\n";
+        assert_eq!(
+            cpu_model(text).as_deref(),
+            Some("AMD EPYC 7551 32-Core Processor")
+        );
+        assert_eq!(cpu_model("processor\t: 0\nmodel\t\t: 1\n"), None);
+        assert_eq!(cpu_model("model name\t:   \n"), None);
+    }
+
+    #[test]
+    fn display_names_every_part() {
+        let host = Host {
+            cpu: "Intel(R) Xeon(R) Processor".into(),
+            logical_cpus: 2,
+            threads: 2,
+            kernels: "avx512f".into(),
+        };
+        assert_eq!(
+            host.to_string(),
+            "Intel(R) Xeon(R) Processor (2 logical CPUs), avx512f kernels, 2 threads"
+        );
+    }
+}
