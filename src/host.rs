@@ -1,7 +1,8 @@
 //! The machine a figure was measured on: CPU model, logical CPUs, the threads realign used and
-//! the kernels its CPU chose. Speed figures mean little without it (the same build runs ~3×
-//! slower on an AVX2-only core than on an AVX-512 one), so `realign bench` prints it with every
-//! figure and `realign experiment` records it in its log and `report.json`.
+//! the kernels its CPU chose. Speed figures mean little without it (`experiment --quick` took
+//! 6 minutes on two Zen 4 cores and 10-19 on two AVX2-only Zen 1 cores, with the same results),
+//! so `realign bench` prints it with every figure and `realign experiment` records it in its
+//! log, `report.json` and `report.md`.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,8 +15,8 @@ pub struct Host {
     pub logical_cpus: usize,
     /// Threads of realign's compute pools (`RAYON_NUM_THREADS`, else the logical CPUs).
     pub threads: usize,
-    /// The instruction set of the hand-written kernels and the `gemm` crate's dispatch:
-    /// `avx512f`, `avx2+fma` or `portable`.
+    /// The instruction set of realign's own kernels on this CPU ([`crate::model::tile`]'s
+    /// choice): `avx512f`, `avx2+fma` or `portable`.
     pub kernels: String,
 }
 

@@ -31,9 +31,8 @@ enum Isa {
     Scalar,
 }
 
-/// The instruction set the few-row tiles (and, with the same test, the other hand-written
-/// kernels and the `gemm` crate's dispatch) use on this CPU: `"avx512f"`, `"avx2+fma"` or
-/// `"portable"`.
+/// The instruction set the few-row tiles use on this CPU (the other hand-written kernels test
+/// for the same features): `"avx512f"`, `"avx2+fma"` or `"portable"`.
 pub fn kernel_set() -> &'static str {
     match isa() {
         Isa::Avx512 => "avx512f",
