@@ -1,6 +1,6 @@
-//! GFLOP/s of the matrix kernels on this machine (development aid): one core's FMA peak, the
-//! few-row tiles (`model::tile`, batched decoding) at 8-256 input rows, and the large-product
-//! path (`model::gemm`, prefill and training), on SmolLM2's shapes. Threads follow
+//! GFLOP/s of the matrix kernels on this machine (development aid): one core's FMA peak (AVX2,
+//! and AVX-512 where the CPU has it), the few-row tiles (`model::tile`, batched decoding) at
+//! 8-256 input rows, and the large-product path (`model::gemm`, prefill and training), on SmolLM2's shapes. Threads follow
 //! `RAYON_NUM_THREADS`; run with `RAYON_NUM_THREADS=1` for per-core rates, which are steadier on
 //! a shared machine.
 use std::time::Instant;
@@ -9,6 +9,10 @@ use realign::model::gemm::{gemm, MatRef};
 
 fn main() -> anyhow::Result<()> {
     println!("one core's FMA peak: {:.1} GFLOP/s", fma_peak());
+    println!(
+        "one core's AVX-512 FMA peak: {:.1} GFLOP/s",
+        fma_peak_avx512()
+    );
     // (output features, input features) of the gate/up, down, q/o and LM-head products.
     let shapes = [(1536usize, 576usize), (576, 1536), (576, 576), (49152, 576)];
     for (out, k) in shapes {
@@ -63,6 +67,36 @@ fn fma_peak() -> f64 {
         return (iters * 12 * 16) as f64 / secs / 1e9;
     }
     f64::NAN
+}
+
+/// [`fma_peak`] with 512-bit registers (NaN without AVX-512F): whether the CPU has two 512-bit
+/// FMA units or one (or splits each into two 256-bit halves).
+fn fma_peak_avx512() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        let iters = 50_000_000;
+        let t = Instant::now();
+        // SAFETY: the CPU has AVX-512F (checked above).
+        let s = unsafe { chains512(iters) };
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        return (iters * 12 * 32) as f64 / secs / 1e9;
+    }
+    f64::NAN
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn chains512(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_set1_ps(0.0); 12];
+    let (x, y) = (_mm512_set1_ps(1.0e-7), _mm512_set1_ps(0.999));
+    for _ in 0..iters {
+        for r in a.iter_mut() {
+            *r = _mm512_fmadd_ps(*r, y, x);
+        }
+    }
+    a.iter().map(|&r| _mm512_reduce_add_ps(r)).sum()
 }
 
 #[cfg(target_arch = "x86_64")]

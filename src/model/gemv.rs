@@ -3,7 +3,8 @@
 //!
 //! Decoding one token reads every weight once, so these products run at the memory bandwidth
 //! they reach, not at the FMA rate. On AVX2 + FMA the rows are read by the `stream` kernels:
-//! a non-temporal prefetch 4 KiB ahead of the read, on top of the hardware prefetchers, and a
+//! a software prefetch 4 KiB ahead of the read, on top of the hardware prefetchers (its hint,
+//! non-temporal on AMD and T0 on Intel, is [`super::prefetch`]'s measured choice), and a
 //! bf16 row widened two elements per 32-bit word (a shift for the even element, a mask for the
 //! odd one: no zero-extension of each element) against the input row stored de-interleaved
 //! to match (`deinterleave`). Each pool part takes a block of ~128 K weights, and the
@@ -28,6 +29,7 @@
 
 use super::matmul::WeightRows;
 use super::parallel::Pool;
+use super::prefetch::{gemv_hint, Hint};
 
 /// Weights per pool part: 512 KiB of f32 (256 KiB of bf16), long enough for the prefetchers to
 /// run ahead, short enough that the parts balance.
@@ -56,6 +58,7 @@ pub fn gemv_of(x: &[f32], w: WeightRows, n: usize, k: usize, out: usize) -> Vec<
     let pool = Pool::global();
     let (rows, parts) = split(out, k, pool.threads());
     let fast = stream::available();
+    let hint = gemv_hint();
     // The bf16 kernel reads the input rows de-interleaved, once per call.
     let xd = match w {
         WeightRows::Bf16(_) if fast => deinterleave(&x[..n * k], k),
@@ -80,12 +83,22 @@ pub fn gemv_of(x: &[f32], w: WeightRows, n: usize, k: usize, out: usize) -> Vec<
                     let c = (n - i).min(MAX_PASS);
                     let mut v = [0f32; MAX_PASS];
                     match c {
-                        6 => v = dots::<6>(w, x, &xd, k, j, i, fast, wide),
-                        5 => v[..5].copy_from_slice(&dots::<5>(w, x, &xd, k, j, i, fast, wide)),
-                        4 => v[..4].copy_from_slice(&dots::<4>(w, x, &xd, k, j, i, fast, wide)),
-                        3 => v[..3].copy_from_slice(&dots::<3>(w, x, &xd, k, j, i, fast, wide)),
-                        2 => v[..2].copy_from_slice(&dots::<2>(w, x, &xd, k, j, i, fast, wide)),
-                        _ => v[..1].copy_from_slice(&dots::<1>(w, x, &xd, k, j, i, fast, wide)),
+                        6 => v = dots::<6>(w, x, &xd, k, j, i, fast, wide, hint),
+                        5 => {
+                            v[..5].copy_from_slice(&dots::<5>(w, x, &xd, k, j, i, fast, wide, hint))
+                        }
+                        4 => {
+                            v[..4].copy_from_slice(&dots::<4>(w, x, &xd, k, j, i, fast, wide, hint))
+                        }
+                        3 => {
+                            v[..3].copy_from_slice(&dots::<3>(w, x, &xd, k, j, i, fast, wide, hint))
+                        }
+                        2 => {
+                            v[..2].copy_from_slice(&dots::<2>(w, x, &xd, k, j, i, fast, wide, hint))
+                        }
+                        _ => {
+                            v[..1].copy_from_slice(&dots::<1>(w, x, &xd, k, j, i, fast, wide, hint))
+                        }
                     }
                     for (r, &v) in v[..c].iter().enumerate() {
                         // SAFETY: each (i, j) is written by exactly one part, and `y` outlives
@@ -101,7 +114,8 @@ pub fn gemv_of(x: &[f32], w: WeightRows, n: usize, k: usize, out: usize) -> Vec<
 }
 
 /// The dot products of weight row `j` with input rows `i0..i0 + N` (`xd`: the input rows
-/// de-interleaved when `w` is bf16 and `fast`; `wide`: row `j` of an f16 weight as f32).
+/// de-interleaved when `w` is bf16 and `fast`; `wide`: row `j` of an f16 weight as f32;
+/// `hint`: how the streamed row is prefetched).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn dots<const N: usize>(
@@ -113,16 +127,30 @@ fn dots<const N: usize>(
     i0: usize,
     fast: bool,
     wide: &[f32],
+    hint: Hint,
 ) -> [f32; N] {
     let row = j * k..(j + 1) * k;
     let xs: [&[f32]; N] = std::array::from_fn(|r| &x[(i0 + r) * k..(i0 + r + 1) * k]);
     match w {
         // SAFETY: `fast` says the CPU has AVX2 and FMA.
-        WeightRows::F32(w) if fast => unsafe { stream::dots_f32(xs, &w[row]) },
+        WeightRows::F32(w) if fast => unsafe {
+            match hint {
+                Hint::T0 => stream::dots_f32::<N, { Hint::T0.code() }>(xs, &w[row]),
+                Hint::Nta => stream::dots_f32::<N, { Hint::Nta.code() }>(xs, &w[row]),
+                Hint::Off => stream::dots_f32::<N, { Hint::Off.code() }>(xs, &w[row]),
+            }
+        },
         WeightRows::Bf16(w) if fast => {
             let xds: [&[f32]; N] = std::array::from_fn(|r| &xd[(i0 + r) * k..(i0 + r + 1) * k]);
+            let w = &w[row];
             // SAFETY: as above.
-            unsafe { stream::dots_bf16(xs, xds, &w[row]) }
+            unsafe {
+                match hint {
+                    Hint::T0 => stream::dots_bf16::<N, { Hint::T0.code() }>(xs, xds, w),
+                    Hint::Nta => stream::dots_bf16::<N, { Hint::Nta.code() }>(xs, xds, w),
+                    Hint::Off => stream::dots_bf16::<N, { Hint::Off.code() }>(xs, xds, w),
+                }
+            }
         }
         WeightRows::F32(w) => xs.map(|xi| dot(xi, &w[row.clone()])),
         WeightRows::Bf16(w) => xs.map(|xi| dot_bf16(xi, &w[row.clone()])),
@@ -170,6 +198,8 @@ unsafe impl Sync for SyncPtr {}
 /// added up in [`dot`]'s order, then [`dot`]'s tail: equal to it bit for bit.
 mod stream {
     #[cfg(target_arch = "x86_64")]
+    use crate::model::prefetch::line;
+    #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
     /// Whether the kernels run on this CPU.
@@ -187,7 +217,8 @@ mod stream {
 
     /// How far ahead of the read the prefetch runs, in bytes. On Zen 1 (LM head, bf16) 4 KiB
     /// beat 8 and 16 KiB, and the non-temporal hint beat `_MM_HINT_T0` by ~20 % (29.4 against
-    /// 24.5 GB/s in a prototype; no prefetch: 20.9).
+    /// 24.5 GB/s in a prototype; no prefetch: 20.9). On the Intel Xeon, with `_MM_HINT_T0`
+    /// (see [`crate::model::prefetch`]), 2-8 KiB were level within the noise, 16 KiB lost a third.
     #[cfg(target_arch = "x86_64")]
     const AHEAD: usize = 4096;
 
@@ -198,7 +229,7 @@ mod stream {
     /// The CPU must have AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dots_f32<const N: usize>(x: [&[f32]; N], w: &[f32]) -> [f32; N] {
+    pub unsafe fn dots_f32<const N: usize, const H: i32>(x: [&[f32]; N], w: &[f32]) -> [f32; N] {
         let k = x.iter().fold(w.len(), |k, xi| k.min(xi.len()));
         let body = k / 16 * 16;
         let wp = w.as_ptr();
@@ -207,7 +238,7 @@ mod stream {
         while m < body {
             // One 64-byte line of weights per step; the address may lie past the slice (a
             // prefetch never faults).
-            _mm_prefetch::<_MM_HINT_NTA>(wp.wrapping_add(m + AHEAD / 4) as *const i8);
+            line::<H>(wp.wrapping_add(m + AHEAD / 4));
             let (w0, w1) = (_mm256_loadu_ps(wp.add(m)), _mm256_loadu_ps(wp.add(m + 8)));
             for r in 0..N {
                 let xp = x[r].as_ptr();
@@ -236,7 +267,7 @@ mod stream {
     /// The CPU must have AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dots_bf16<const N: usize>(
+    pub unsafe fn dots_bf16<const N: usize, const H: i32>(
         x: [&[f32]; N],
         xd: [&[f32]; N],
         w: &[half::bf16],
@@ -263,7 +294,7 @@ mod stream {
         let mut m = 0;
         // Two blocks (one 64-byte line of weights) per prefetch.
         while m + 32 <= body {
-            _mm_prefetch::<_MM_HINT_NTA>(wp.wrapping_add(m + AHEAD / 2) as *const i8);
+            line::<H>(wp.wrapping_add(m + AHEAD / 2).cast());
             block!(m);
             block!(m + 16);
             m += 32;
@@ -287,13 +318,13 @@ mod stream {
 
     /// Never called where [`available`] is false.
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn dots_f32<const N: usize>(x: [&[f32]; N], w: &[f32]) -> [f32; N] {
+    pub unsafe fn dots_f32<const N: usize, const H: i32>(x: [&[f32]; N], w: &[f32]) -> [f32; N] {
         x.map(|xi| super::dot(xi, w))
     }
 
     /// Never called where [`available`] is false.
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn dots_bf16<const N: usize>(
+    pub unsafe fn dots_bf16<const N: usize, const H: i32>(
         x: [&[f32]; N],
         _xd: [&[f32]; N],
         w: &[half::bf16],

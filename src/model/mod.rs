@@ -27,6 +27,7 @@ pub mod llama;
 pub(crate) mod mapped;
 pub mod matmul;
 pub mod parallel;
+pub mod prefetch;
 pub mod rope;
 pub mod scores;
 pub mod storage;

@@ -12,10 +12,14 @@
 //! AVX2-only Zen 1 core (peak ~37 GFLOP/s) ~35 at n = 16 — measured by hand with
 //! `examples/kernel_rates.rs`, not a test.
 //!
-//! The rows of `W` are split across [`Pool::global`] in blocks of whole tiles.
+//! The rows of `W` are split across [`Pool::global`] in blocks of whole tiles. Where
+//! [`super::prefetch`] says so (Intel), each tile prefetches the next tile's weight rows as it
+//! runs, a cache line of each per sixteen `kk`: the weights stream from memory (a decode step
+//! reads all of them once), and the hardware prefetchers alone left the tiles waiting on it.
 
 use super::matmul::WeightRows;
 use super::parallel::Pool;
+use super::prefetch::{tile_hint, Hint};
 
 /// Most input rows one packed pass covers; more rows are processed in chunks of this many.
 pub const MAX_LANES: usize = 64;
@@ -314,7 +318,14 @@ fn tile(
         // and `rows * lanes` outputs, which is what the kernels read and write.
         macro_rules! go {
             ($f:ident, $mr:literal, $nb:literal) => {
-                unsafe { x86::$f::<$mr, $nb>(xt.as_ptr(), w.as_ptr(), k, acc.as_mut_ptr()) }
+                unsafe {
+                    let (xt, w, acc) = (xt.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
+                    match tile_hint() {
+                        Hint::T0 => x86::$f::<$mr, $nb, { Hint::T0.code() }>(xt, w, k, acc),
+                        Hint::Nta => x86::$f::<$mr, $nb, { Hint::Nta.code() }>(xt, w, k, acc),
+                        Hint::Off => x86::$f::<$mr, $nb, { Hint::Off.code() }>(xt, w, k, acc),
+                    }
+                }
             };
         }
         match (isa, v, nb, rows) {
@@ -354,15 +365,33 @@ fn tile_scalar(xt: &[f32], w: &[f32], k: usize, lanes: usize, rows: usize, acc: 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::model::prefetch::line;
     use std::arch::x86_64::*;
 
-    /// `MR` weight rows x `NB` AVX2 vectors of 8 lanes.
+    /// At every sixteenth `kk` (one cache line of each weight row), prefetches the same line of
+    /// the `MR` rows that follow this tile's, which the next tile reads: as a tile runs, the
+    /// next one's weights come in behind it. The address may lie past the weights (a prefetch
+    /// never faults). `H` is [`line`]'s hint; with no hint this is nothing.
+    ///
+    /// # Safety
+    /// The CPU has SSE (every x86-64 CPU).
+    #[inline(always)]
+    unsafe fn prefetch_next<const MR: usize, const H: i32>(w: *const f32, k: usize, kk: usize) {
+        if H >= 0 && kk % 16 == 0 {
+            for r in 0..MR {
+                line::<H>(w.wrapping_add((MR + r) * k + kk));
+            }
+        }
+    }
+
+    /// `MR` weight rows x `NB` AVX2 vectors of 8 lanes, prefetching the next tile's weight
+    /// rows with hint `H` (see [`prefetch_next`]).
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; `xt` holds `k * 8 * NB` floats, `w` holds `MR * k`, `acc` has
     /// room for `MR * 8 * NB`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn avx2<const MR: usize, const NB: usize>(
+    pub unsafe fn avx2<const MR: usize, const NB: usize, const H: i32>(
         xt: *const f32,
         w: *const f32,
         k: usize,
@@ -371,6 +400,7 @@ mod x86 {
         let l = NB * 8;
         let mut a = [[_mm256_setzero_ps(); NB]; MR];
         for kk in 0..k {
+            prefetch_next::<MR, H>(w, k, kk);
             let mut xv = [_mm256_setzero_ps(); NB];
             for (b, x) in xv.iter_mut().enumerate() {
                 *x = _mm256_loadu_ps(xt.add(kk * l + b * 8));
@@ -389,13 +419,14 @@ mod x86 {
         }
     }
 
-    /// `MR` weight rows x `NB` AVX-512 vectors of 16 lanes.
+    /// `MR` weight rows x `NB` AVX-512 vectors of 16 lanes, prefetching the next tile's
+    /// weight rows with hint `H` (see [`prefetch_next`]).
     ///
     /// # Safety
     /// The CPU has AVX-512F; `xt` holds `k * 16 * NB` floats, `w` holds `MR * k`, `acc` has
     /// room for `MR * 16 * NB`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn avx512<const MR: usize, const NB: usize>(
+    pub unsafe fn avx512<const MR: usize, const NB: usize, const H: i32>(
         xt: *const f32,
         w: *const f32,
         k: usize,
@@ -404,6 +435,7 @@ mod x86 {
         let l = NB * 16;
         let mut a = [[_mm512_setzero_ps(); NB]; MR];
         for kk in 0..k {
+            prefetch_next::<MR, H>(w, k, kk);
             let mut xv = [_mm512_setzero_ps(); NB];
             for (b, x) in xv.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(xt.add(kk * l + b * 16));

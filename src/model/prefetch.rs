@@ -1,0 +1,152 @@
+//! Software prefetch of the weights that decoding streams (each weight read once per token),
+//! chosen per CPU vendor from measurements, because the same hint helps on one and hurts on the
+//! other:
+//!
+//! - [`super::gemv`] (one to six input rows): on the AVX2-only Zen 1 machine the non-temporal
+//!   hint 4 KiB ahead beat `_MM_HINT_T0` by ~20 % (29.4 against 24.5 GB/s, LM head, bf16). On
+//!   the Intel Xeon (family 6, model 207, AVX-512) the same non-temporal prefetch held one
+//!   decode step's products of SmolLM2-135M to 12-14 GB/s of weights, a matrix in cache
+//!   included, and `_MM_HINT_T0` at the same distance raised them to 19-21 GB/s in f32 and
+//!   16-18 in bf16 (`examples/gemv_rates.rs`, several runs each; a plain two-thread read
+//!   reaches 17.5 GB/s there). Intel's non-temporal prefetch fills only L1 (and one way of the
+//!   last level), so a line fetched 4 KiB ahead is often gone before it is read.
+//! - [`super::tile`] (7-64 rows, batched decoding): each tile prefetches the rows of the next
+//!   tile into L1 as it runs (`_MM_HINT_T0`); on the Intel Xeon a batch-16 decode step's linear
+//!   products went from 40-46 to 32-37 ms (`examples/decode_profile.rs`, `BATCH=16`). Not
+//!   measured on AMD, where the tiles keep their previous behaviour (the hardware prefetchers
+//!   alone).
+//!
+//! `REALIGN_PREFETCH=t0|nta|off` overrides both choices, to measure another CPU.
+
+/// A prefetch hint for a kernel's weight stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hint {
+    /// Into every cache level (`_MM_HINT_T0`).
+    T0,
+    /// Non-temporal (`_MM_HINT_NTA`): into L1, bypassing what it can of the rest.
+    Nta,
+    /// No software prefetch: the hardware prefetchers alone.
+    Off,
+}
+
+/// The hint [`super::gemv`]'s streamed dot products use on this CPU.
+pub fn gemv_hint() -> Hint {
+    choice().0
+}
+
+/// The hint [`super::tile`]'s few-row tiles use on this CPU.
+pub fn tile_hint() -> Hint {
+    choice().1
+}
+
+/// (gemv, tiles), decided once per process.
+fn choice() -> (Hint, Hint) {
+    static CHOICE: std::sync::OnceLock<(Hint, Hint)> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let forced = std::env::var("REALIGN_PREFETCH")
+            .ok()
+            .and_then(|v| parse(&v));
+        match forced {
+            Some(h) => (h, h),
+            None if intel() => (Hint::T0, Hint::T0),
+            None => (Hint::Nta, Hint::Off),
+        }
+    })
+}
+
+/// `t0`, `nta` or `off` (any case).
+fn parse(value: &str) -> Option<Hint> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "t0" => Some(Hint::T0),
+        "nta" => Some(Hint::Nta),
+        "off" => Some(Hint::Off),
+        _ => None,
+    }
+}
+
+/// Whether the CPU's vendor string (CPUID leaf 0) is `GenuineIntel`.
+fn intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // `__cpuid` is safe on newer toolchains and `unsafe` on older ones; leaf 0 exists on
+        // every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        let mut vendor = [0u8; 12];
+        for (dst, word) in vendor.chunks_exact_mut(4).zip([r.ebx, r.edx, r.ecx]) {
+            dst.copy_from_slice(&word.to_le_bytes());
+        }
+        &vendor == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Prefetches the cache line at `p` with hint `H` (`0` non-temporal, `3` T0, anything else
+/// nothing): a const parameter, so the kernels' inner loops carry no branch.
+///
+/// # Safety
+/// The CPU has SSE (every x86-64 CPU). `p` may point anywhere: a prefetch never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn line<const H: i32>(p: *const f32) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA, _MM_HINT_T0};
+    match H {
+        0 => _mm_prefetch::<_MM_HINT_NTA>(p.cast()),
+        3 => _mm_prefetch::<_MM_HINT_T0>(p.cast()),
+        _ => {}
+    }
+}
+
+impl Hint {
+    /// The const parameter of [`line`] for this hint.
+    pub(crate) const fn code(self) -> i32 {
+        match self {
+            Hint::T0 => 3,
+            Hint::Nta => 0,
+            Hint::Off => -1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_override() {
+        assert_eq!(parse("T0"), Some(Hint::T0));
+        assert_eq!(parse(" nta\n"), Some(Hint::Nta));
+        assert_eq!(parse("off"), Some(Hint::Off));
+        assert_eq!(parse("t1"), None);
+        assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn codes_are_the_intrinsics_hints() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_MM_HINT_NTA, _MM_HINT_T0};
+            assert_eq!(Hint::T0.code(), _MM_HINT_T0);
+            assert_eq!(Hint::Nta.code(), _MM_HINT_NTA);
+        }
+        assert!(Hint::Off.code() < 0);
+    }
+
+    #[test]
+    fn vendor_agrees_with_cpuinfo() {
+        // On Linux, /proc/cpuinfo names the vendor too: both readings must agree.
+        let Ok(text) = std::fs::read_to_string("/proc/cpuinfo") else {
+            return;
+        };
+        let Some(vendor) = text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "vendor_id").then(|| v.trim().to_string())
+        }) else {
+            return;
+        };
+        assert_eq!(intel(), vendor == "GenuineIntel", "vendor_id {vendor}");
+    }
+}
