@@ -1,8 +1,8 @@
 //! GFLOP/s of the matrix kernels on this machine (development aid): one core's FMA peak (AVX2,
 //! and AVX-512 where the CPU has it), the few-row tiles (`model::tile`, batched decoding) at
-//! 8-256 input rows, and the large-product path (`model::gemm`, prefill and training), on SmolLM2's shapes. Threads follow
-//! `RAYON_NUM_THREADS`; run with `RAYON_NUM_THREADS=1` for per-core rates, which are steadier on
-//! a shared machine.
+//! 8-256 input rows, and the large-product path (`model::gemm`, prefill and training), on
+//! SmolLM2's shapes. Threads follow `RAYON_NUM_THREADS`; run with `RAYON_NUM_THREADS=1` for
+//! per-core rates, which are steadier on a shared machine.
 use std::time::Instant;
 
 use realign::model::gemm::{gemm, MatRef};
@@ -58,13 +58,8 @@ fn best(repeats: usize, mut f: impl FnMut()) -> f64 {
 fn fma_peak() -> f64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        let iters = 50_000_000;
-        let t = Instant::now();
         // SAFETY: the CPU has AVX2 and FMA (checked above).
-        let s = unsafe { chains(iters) };
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(s);
-        return (iters * 12 * 16) as f64 / secs / 1e9;
+        return chain_rate(8, |iters| unsafe { chains(iters) });
     }
     f64::NAN
 }
@@ -74,15 +69,21 @@ fn fma_peak() -> f64 {
 fn fma_peak_avx512() -> f64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        let iters = 50_000_000;
-        let t = Instant::now();
         // SAFETY: the CPU has AVX-512F (checked above).
-        let s = unsafe { chains512(iters) };
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(s);
-        return (iters * 12 * 32) as f64 / secs / 1e9;
+        return chain_rate(16, |iters| unsafe { chains512(iters) });
     }
     f64::NAN
+}
+
+/// GFLOP/s of `run(iters)`, twelve chains of `lanes`-wide FMAs per iteration.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn chain_rate(lanes: usize, run: impl FnOnce(usize) -> f32) -> f64 {
+    let iters = 50_000_000;
+    let t = Instant::now();
+    let s = run(iters);
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box(s);
+    (iters * 12 * lanes * 2) as f64 / secs / 1e9
 }
 
 #[cfg(target_arch = "x86_64")]

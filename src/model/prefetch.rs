@@ -5,16 +5,17 @@
 //! - [`super::gemv`] (one to six input rows): on the AVX2-only Zen 1 machine the non-temporal
 //!   hint 4 KiB ahead beat `_MM_HINT_T0` by ~20 % (29.4 against 24.5 GB/s, LM head, bf16). On
 //!   the Intel Xeon (family 6, model 207, AVX-512) the same non-temporal prefetch held one
-//!   decode step's products of SmolLM2-135M to 12-14 GB/s of weights, a matrix in cache
-//!   included, and `_MM_HINT_T0` at the same distance raised them to 19-21 GB/s in f32 and
-//!   16-18 in bf16 (`examples/gemv_rates.rs`, several runs each; a plain two-thread read
-//!   reaches 17.5 GB/s there). Intel's non-temporal prefetch fills only L1 (and one way of the
-//!   last level), so a line fetched 4 KiB ahead is often gone before it is read.
+//!   decode step's products of SmolLM2-135M to 12-16 GB/s of weights (a matrix in cache too),
+//!   no software prefetch reached 15-18 (f32) / 11-14 (bf16), and `_MM_HINT_T0` at the same
+//!   distance 22-23 / 17-20 (`examples/gemv_rates.rs`, three runs alternating the hints; a plain
+//!   two-thread read reaches 17.5 GB/s there). A likely reason: on Intel a non-temporal
+//!   prefetch does not fill L2, so a line fetched 4 KiB ahead can be evicted from L1 before
+//!   its read.
 //! - [`super::tile`] (7-64 rows, batched decoding): each tile prefetches the rows of the next
 //!   tile into L1 as it runs (`_MM_HINT_T0`); on the Intel Xeon a batch-16 decode step's linear
-//!   products went from 40-46 to 32-37 ms (`examples/decode_profile.rs`, `BATCH=16`). Not
-//!   measured on AMD, where the tiles keep their previous behaviour (the hardware prefetchers
-//!   alone).
+//!   products took 34-46 ms against 40-56 without (`examples/decode_profile.rs`, `BATCH=16`,
+//!   three runs alternating). Not measured on AMD, where the tiles keep their previous
+//!   behaviour (the hardware prefetchers alone).
 //!
 //! `REALIGN_PREFETCH=t0|nta|off` overrides both choices, to measure another CPU.
 
