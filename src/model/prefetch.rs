@@ -5,9 +5,9 @@
 //! - [`super::gemv`] (one to six input rows): on the AVX2-only Zen 1 machine the non-temporal
 //!   hint 4 KiB ahead beat `_MM_HINT_T0` by ~20 % (29.4 against 24.5 GB/s, LM head, bf16). On
 //!   the Intel Xeon (family 6, model 207, AVX-512) the same non-temporal prefetch held one
-//!   decode step's products of SmolLM2-135M to 12-16 GB/s of weights (a matrix in cache too),
+//!   decode step's products of SmolLM2-135M to 13-16 GB/s of weights (a matrix in cache too),
 //!   no software prefetch reached 15-18 (f32) / 11-14 (bf16), and `_MM_HINT_T0` at the same
-//!   distance 22-23 / 17-20 (`examples/gemv_rates.rs`, three runs alternating the hints; a plain
+//!   distance 22-23 / 15-20 (`examples/gemv_rates.rs`, three runs alternating the hints; a plain
 //!   two-thread read reaches 17.5 GB/s there). A likely reason: on Intel a non-temporal
 //!   prefetch does not fill L2, so a line fetched 4 KiB ahead can be evicted from L1 before
 //!   its read.
