@@ -18,6 +18,11 @@ pub struct Host {
     /// The instruction set of realign's own kernels on this CPU ([`crate::model::tile`]'s
     /// choice): `avx512f`, `avx2+fma` or `portable`.
     pub kernels: String,
+    /// The software-prefetch hints of decoding's weight streams and why
+    /// ([`crate::model::prefetch::Choice`]): `gemv t0, tiles t0 (vendor default)`, or the
+    /// `REALIGN_PREFETCH` override. Empty in reports written before it was recorded.
+    #[serde(default)]
+    pub prefetch: String,
 }
 
 impl Host {
@@ -32,6 +37,7 @@ impl Host {
             logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: rayon::current_num_threads(),
             kernels: crate::model::tile::kernel_set().into(),
+            prefetch: crate::model::prefetch::choice().to_string(),
         }
     }
 }
@@ -42,7 +48,11 @@ impl std::fmt::Display for Host {
             f,
             "{} ({} logical CPUs), {} kernels, {} threads",
             self.cpu, self.logical_cpus, self.kernels, self.threads
-        )
+        )?;
+        if !self.prefetch.is_empty() {
+            write!(f, ", prefetch {}", self.prefetch)?;
+        }
+        Ok(())
     }
 }
 
@@ -80,10 +90,26 @@ mod tests {
             logical_cpus: 2,
             threads: 2,
             kernels: "avx512f".into(),
+            prefetch: String::new(),
         };
         assert_eq!(
             host.to_string(),
             "Intel(R) Xeon(R) Processor (2 logical CPUs), avx512f kernels, 2 threads"
         );
+        let host = Host {
+            prefetch: "gemv t0, tiles t0 (vendor default)".into(),
+            ..host
+        };
+        assert_eq!(
+            host.to_string(),
+            "Intel(R) Xeon(R) Processor (2 logical CPUs), avx512f kernels, 2 threads, \
+             prefetch gemv t0, tiles t0 (vendor default)"
+        );
+        // a report written before the field existed still reads
+        let old: Host = serde_json::from_str(
+            r#"{"cpu":"x","logical_cpus":2,"threads":2,"kernels":"avx2+fma"}"#,
+        )
+        .expect("a host record without prefetch");
+        assert_eq!(old.prefetch, "");
     }
 }

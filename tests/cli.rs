@@ -355,3 +355,25 @@ fn eval_rejects_an_unknown_judge() {
     let err = fails(&["eval", "--judge", "gpt4", "-o", "/tmp/never"]);
     assert!(err.contains("gpt4"), "{err}");
 }
+
+/// An unknown `REALIGN_PREFETCH` is named on stderr (the vendor's default applies); a known one
+/// is not warned about.
+#[test]
+fn unknown_prefetch_override_is_reported() {
+    let run = |value: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_realign"))
+            .args(["experiment", "--print-config"])
+            .env("REALIGN_PREFETCH", value)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{value}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run("t1");
+    assert!(
+        err.contains("warning: prefetch gemv ")
+            && err.contains("(REALIGN_PREFETCH='t1' not understood, give t0, nta or off"),
+        "{err}"
+    );
+    assert!(!run("off").contains("warning"));
+}

@@ -89,6 +89,10 @@ enum Command {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let prefetch = realign::model::prefetch::choice();
+    if prefetch.forced.is_some() && !prefetch.understood {
+        eprintln!("warning: prefetch {prefetch}");
+    }
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),

@@ -17,7 +17,9 @@
 //!   three runs alternating). Not measured on AMD, where the tiles keep their previous
 //!   behaviour (the hardware prefetchers alone).
 //!
-//! `REALIGN_PREFETCH=t0|nta|off` overrides both choices, to measure another CPU.
+//! `REALIGN_PREFETCH=t0|nta|off` overrides both choices, to measure another CPU; [`choice`]
+//! says which applies and why (an unknown value is named there and otherwise ignored), and
+//! [`crate::host::Host`] records it beside every figure.
 
 /// A prefetch hint for a kernel's weight stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,27 +34,79 @@ pub enum Hint {
 
 /// The hint [`super::gemv`]'s streamed dot products use on this CPU.
 pub fn gemv_hint() -> Hint {
-    choice().0
+    choice().gemv
 }
 
 /// The hint [`super::tile`]'s few-row tiles use on this CPU.
 pub fn tile_hint() -> Hint {
-    choice().1
+    choice().tile
 }
 
-/// (gemv, tiles), decided once per process.
-fn choice() -> (Hint, Hint) {
-    static CHOICE: std::sync::OnceLock<(Hint, Hint)> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(|| {
-        let forced = std::env::var("REALIGN_PREFETCH")
-            .ok()
-            .and_then(|v| parse(&v));
-        match forced {
+/// What [`gemv_hint`] and [`tile_hint`] return on this CPU, and why: for the record of a
+/// measurement ([`crate::host::Host`]), since a figure taken under `REALIGN_PREFETCH` is not the
+/// default's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// The batch-1 products' hint.
+    pub gemv: Hint,
+    /// The few-row tiles' hint.
+    pub tile: Hint,
+    /// `REALIGN_PREFETCH` as set (`None`: not set).
+    pub forced: Option<String>,
+    /// Whether `forced` named a hint (`t0`, `nta` or `off`); an unknown value is ignored and
+    /// the vendor's default applies.
+    pub understood: bool,
+}
+
+impl Choice {
+    /// The choice for `REALIGN_PREFETCH = forced` on a CPU that is (or is not) Intel.
+    fn new(forced: Option<String>, intel: bool) -> Self {
+        let parsed = forced.as_deref().and_then(parse);
+        let (gemv, tile) = match parsed {
             Some(h) => (h, h),
-            None if intel() => (Hint::T0, Hint::T0),
+            None if intel => (Hint::T0, Hint::T0),
             None => (Hint::Nta, Hint::Off),
+        };
+        Self {
+            gemv,
+            tile,
+            understood: parsed.is_some(),
+            forced,
         }
-    })
+    }
+}
+
+impl std::fmt::Display for Choice {
+    /// `gemv t0, tiles t0`, then where it came from: `(vendor default)`,
+    /// `(REALIGN_PREFETCH=off)` or `(REALIGN_PREFETCH='t1' not understood, …: vendor default)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "gemv {}, tiles {} ", self.gemv, self.tile)?;
+        match (&self.forced, self.understood) {
+            (None, _) => write!(f, "(vendor default)"),
+            (Some(v), true) => write!(f, "(REALIGN_PREFETCH={})", v.trim()),
+            (Some(v), false) => write!(
+                f,
+                "(REALIGN_PREFETCH='{v}' not understood, give t0, nta or off: vendor default)"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Hint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Hint::T0 => "t0",
+            Hint::Nta => "nta",
+            Hint::Off => "off",
+        })
+    }
+}
+
+/// The hints of this process, decided once (the first product reads `REALIGN_PREFETCH` and the
+/// CPU's vendor).
+pub fn choice() -> &'static Choice {
+    static CHOICE: std::sync::OnceLock<Choice> = std::sync::OnceLock::new();
+    CHOICE.get_or_init(|| Choice::new(std::env::var("REALIGN_PREFETCH").ok(), intel()))
 }
 
 /// `t0`, `nta` or `off` (any case).
@@ -123,6 +177,30 @@ mod tests {
         assert_eq!(parse("off"), Some(Hint::Off));
         assert_eq!(parse("t1"), None);
         assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn choice_follows_the_override_then_the_vendor() {
+        let intel = Choice::new(None, true);
+        assert_eq!((intel.gemv, intel.tile), (Hint::T0, Hint::T0));
+        assert_eq!(intel.to_string(), "gemv t0, tiles t0 (vendor default)");
+        let other = Choice::new(None, false);
+        assert_eq!((other.gemv, other.tile), (Hint::Nta, Hint::Off));
+        let forced = Choice::new(Some("OFF".into()), true);
+        assert_eq!((forced.gemv, forced.tile), (Hint::Off, Hint::Off));
+        assert_eq!(
+            forced.to_string(),
+            "gemv off, tiles off (REALIGN_PREFETCH=OFF)"
+        );
+        // an unknown value is named, and the vendor's default applies
+        let unknown = Choice::new(Some("t1".into()), false);
+        assert_eq!((unknown.gemv, unknown.tile), (Hint::Nta, Hint::Off));
+        assert!(!unknown.understood);
+        assert_eq!(
+            unknown.to_string(),
+            "gemv nta, tiles off (REALIGN_PREFETCH='t1' not understood, give t0, nta or off: \
+             vendor default)"
+        );
     }
 
     #[test]
