@@ -100,7 +100,7 @@ pub struct StageTrain {
     /// by this budget and each pass padded only to rows of like length. Default 512: the
     /// attack's mix pads a batch of eight short task rows to its one long harmful reply, so
     /// whole batches of the default's p = 0.1 mix hold 1.63× the real tokens, passes of 512
-    /// 1.10× (and the peak memory of the default falls from 4.1 GB to that of `--quick`).
+    /// 1.10× (measured: that attack 611 → 412 s, its peak 4.1 → 1.6 GB).
     #[serde(default = "default_max_tokens_per_pass")]
     pub max_tokens_per_pass: usize,
 }
