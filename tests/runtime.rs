@@ -277,6 +277,58 @@ fn activations_are_what_the_modules_compute() {
     assert!(cap.get("model.layers.0.mlp.down_proj:input").is_none());
 }
 
+/// Continuous batching through two slots: a 60-token prompt that stops after two tokens leaves
+/// its batch-mate with a long padded history (trimmed), short prompts then join one by one with
+/// histories of other lengths, and one pair shares a 20-token prefix. Every prompt gets the
+/// greedy tokens it gets alone, and each is reported finished once.
+#[test]
+fn continuous_batching_equals_each_prompt_alone() {
+    let m = load(&fixtures().join("tiny-llama"));
+    let ids = |n: usize, seed: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i * 37 + seed * 101 + 11) % 500)
+            .collect()
+    };
+    let prefix = ids(20, 9);
+    let prompts: Vec<Vec<u32>> = vec![
+        ids(60, 1),
+        ids(3, 2),
+        ids(8, 3),
+        prefix.iter().copied().chain([7u32]).collect(),
+        prefix.iter().copied().chain([300u32, 12, 99]).collect(),
+        ids(1, 4),
+        ids(5, 5),
+    ];
+    let free = GenerationConfig {
+        max_new_tokens: 9,
+        sampling: realign::model::Sampling::Greedy,
+        stop_ids: Vec::new(),
+        pad_id: 5,
+    };
+    let alone = |p: &Vec<u32>, cfg: &GenerationConfig| {
+        realign::model::generate(&m.model, std::slice::from_ref(p), cfg)
+            .unwrap()
+            .remove(0)
+    };
+    // Prompt 0 stops on its second token.
+    let cfg = GenerationConfig {
+        stop_ids: vec![alone(&prompts[0], &free)[1]],
+        ..free
+    };
+    let singles: Vec<Vec<u32>> = prompts.iter().map(|p| alone(p, &cfg)).collect();
+    assert!(singles[0].len() <= 2, "{:?}", singles[0]);
+    assert!(singles.iter().any(|o| o.len() == 9), "{singles:?}");
+    let mut finished = Vec::new();
+    let queued =
+        realign::model::generate_continuous(&m.model, &prompts, &cfg, 2, &mut |i| finished.push(i))
+            .unwrap();
+    assert_eq!(queued, singles);
+    finished.sort_unstable();
+    assert_eq!(finished, (0..prompts.len()).collect::<Vec<_>>());
+    // No slots is an error, not a hang.
+    assert!(realign::model::generate_continuous(&m.model, &prompts, &cfg, 0, &mut |_| ()).is_err());
+}
+
 /// Prompts that share a long prefix (a chat template's system turn): the prefix is computed once
 /// and its keys/values repeated for every row, the rows padded between the prefix and their own
 /// tokens. Every prompt still gets the greedy tokens it gets alone.

@@ -105,7 +105,7 @@ fn batched_greedy_equals_single() {
 /// Ten prompts (the register-blocked few-row products: 9-16 rows use 16-lane tiles, 5-8 rows
 /// 8-lane tiles, fewer the dot products), with stop tokens picked so that some sequences stop
 /// early and leave the batch while the others run on: every prompt still gets the tokens it
-/// gets alone.
+/// gets alone, in one batch and through continuous batching.
 #[test]
 fn batched_greedy_with_early_stops_equals_single() {
     let Some(p) = model_path() else { return };
@@ -150,9 +150,20 @@ fn batched_greedy_with_early_stops_equals_single() {
         ..free
     };
     let batched = generate(&m.model, &prompts, &cfg).unwrap();
-    for (i, p) in prompts.iter().enumerate() {
-        assert_eq!(batched[i], alone(p, &cfg), "prompt {i}");
+    let singles: Vec<Vec<u32>> = prompts.iter().map(|p| alone(p, &cfg)).collect();
+    for (i, single) in singles.iter().enumerate() {
+        assert_eq!(&batched[i], single, "prompt {i}");
     }
+    // Continuous batching through 4 slots: prompts join one at a time as others stop (the
+    // shared system turn computed per group, histories of different lengths aligned on the
+    // right), and still every prompt gets its tokens alone.
+    let mut finished = Vec::new();
+    let queued =
+        realign::model::generate_continuous(&m.model, &prompts, &cfg, 4, &mut |i| finished.push(i))
+            .unwrap();
+    assert_eq!(queued, singles);
+    finished.sort_unstable();
+    assert_eq!(finished, (0..prompts.len()).collect::<Vec<_>>());
     // Sequences left the batch early and others ran to the end.
     assert!(batched[0].len() <= 3, "{:?}", batched[0]);
     assert!(batched[1].len() <= 6, "{:?}", batched[1]);

@@ -58,8 +58,9 @@ pub struct Args {
     /// `rubric:PATH`, …)
     #[arg(long, default_value = "keyword")]
     judge: String,
-    /// Prompts per generation batch
-    #[arg(long, default_value_t = 16)]
+    /// Prompts generated together: the slots of continuous batching (a prompt takes the place of
+    /// one that finished)
+    #[arg(long, default_value_t = realign::eval::DEFAULT_BATCH_SIZE)]
     batch: usize,
     /// New tokens per reply, every set [default: 64 harmful and over-refusal; 256 GSM8K, 64
     /// classification]

@@ -83,7 +83,7 @@ pub use judges::{Judge, JudgeOptions, Question, JUDGES};
 pub use model_judge::{
     judge_message, judge_prompt, judge_with_model, parse_verdict, ModelVerdict, JUDGE_TEMPLATE,
 };
-pub use replies::{chat_replies, render_prompt, EvalConfig};
+pub use replies::{chat_replies, render_prompt, EvalConfig, DEFAULT_BATCH_SIZE};
 pub use stats::{wilson, Rate};
 
 /// Errors of the evaluation settings and data.

@@ -4,11 +4,11 @@
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::EvalError;
-use crate::model::{generate, GenerationConfig, Model, Sampling};
+use crate::model::{generate_continuous, GenerationConfig, Model, Sampling};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
-/// Default number of prompts generated together.
-pub const DEFAULT_BATCH_SIZE: usize = 16;
+/// Default number of prompts generated together (the slots of continuous batching).
+pub const DEFAULT_BATCH_SIZE: usize = 32;
 
 /// How replies are generated for an evaluation.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -17,8 +17,10 @@ pub struct EvalConfig {
     /// ([`super::harmfulness::DEFAULT_MAX_NEW_TOKENS`] for harmfulness and classification,
     /// [`super::accuracy::GSM8K_MAX_NEW_TOKENS`] for GSM8K).
     pub max_new_tokens: Option<usize>,
-    /// Prompts per generation batch (at least 1). Larger batches are faster; a prompt's greedy
-    /// reply can differ in the last bits with its batch-mates (padding changes the arithmetic).
+    /// Prompts generated together (at least 1): the slots of continuous batching, where a
+    /// prompt takes the place of one that finished. Larger batches are faster; a prompt's
+    /// greedy reply can differ in the last bits with its batch-mates (padding changes the
+    /// arithmetic).
     pub batch_size: usize,
     /// A system message put before each prompt; `None` leaves the template's default (SmolLM2's
     /// template, for one, then writes its own system prompt).
@@ -69,10 +71,10 @@ pub fn greedy_config(tok: &Tokenizer, max_new_tokens: usize) -> GenerationConfig
 }
 
 /// Greedy replies to `prompts`, in order: each prompt is rendered with [`render_prompt`] and
-/// encoded without added special tokens (the template writes them), prompts of similar length
-/// are batched together (`cfg.batch_size` at a time, left-padded, via
-/// [`generate`](fn@generate)) and the new tokens are decoded with special tokens skipped (so the
-/// stop token is dropped). The text is not trimmed.
+/// encoded without added special tokens (the template writes them), the prompts are generated
+/// shortest first, `cfg.batch_size` at a time with continuous batching (a prompt joins as
+/// another finishes, left-padded: [`generate_continuous`]) and the new tokens are decoded with
+/// special tokens skipped (so the stop token is dropped). The text is not trimmed.
 ///
 /// A progress bar labelled `what` is drawn on stderr when it is a terminal.
 pub fn chat_replies(
@@ -93,19 +95,16 @@ pub fn chat_replies(
             tok.encode(&text, false)
         })
         .collect::<crate::Result<Vec<_>>>()?;
-    // Batching prompts of similar length wastes less compute on padding.
+    // Prompts of similar length join together (shortest first): less compute on padding.
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&i| ids[i].len());
+    let queue: Vec<Vec<u32>> = order.iter().map(|&i| ids[i].clone()).collect();
     let gen = greedy_config(tok, max_new_tokens);
     let bar = progress_bar(prompts.len(), what);
+    let outs = generate_continuous(model, &queue, &gen, cfg.batch_size, &mut |_| bar.inc(1))?;
     let mut replies = vec![String::new(); prompts.len()];
-    for chunk in order.chunks(cfg.batch_size) {
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-        let outs = generate(model, &batch, &gen)?;
-        for (&i, out) in chunk.iter().zip(&outs) {
-            replies[i] = tok.decode(out, true)?;
-        }
-        bar.inc(chunk.len() as u64);
+    for (&i, out) in order.iter().zip(&outs) {
+        replies[i] = tok.decode(out, true)?;
     }
     bar.finish_and_clear();
     Ok(replies)
@@ -130,7 +129,7 @@ mod tests {
     #[test]
     fn defaults() {
         let c = EvalConfig::default();
-        assert_eq!(c.batch_size, 16);
+        assert_eq!(c.batch_size, 32);
         assert_eq!(c.max_new_tokens, None);
         assert_eq!(c.max_new_tokens_or(64), 64);
         let c = EvalConfig {

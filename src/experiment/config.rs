@@ -230,7 +230,10 @@ pub struct EvalSettings {
     pub harmful_max_new_tokens: usize,
     /// New tokens per task reply.
     pub task_max_new_tokens: usize,
-    /// Prompts per generation batch.
+    /// Prompts generated together: the slots of continuous batching (a prompt joins as another
+    /// finishes). Default 32: on 2 cores, ~18 % less evaluation time than 16, with the same
+    /// replies on the embedded default's sets (measured on the base model's 300 harmful and
+    /// over-refusal replies).
     pub batch_size: usize,
     /// The harmfulness judge: `keyword` (GCG's refusal prefixes), `model:PATH` (a chat model
     /// prompted Llama-Guard style), or any judge of the registry (`realign judge-eval --help`:
@@ -400,7 +403,7 @@ impl Default for EvalSettings {
             harmful_max_new_tokens: 48,
             // a label word and a little more: the substring rule reads the whole reply
             task_max_new_tokens: 8,
-            batch_size: 16,
+            batch_size: 32,
             judge: "keyword".into(),
             intermediate: true,
             overrefusal: "embedded:overrefusal_eval".into(),

@@ -43,88 +43,30 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> crate::Result<Vec<Vec<u32>>> {
-    let dev = model.device();
     let b = prompts.len();
     if b == 0 || cfg.max_new_tokens == 0 {
         return Ok(vec![Vec::new(); b]);
     }
-    if let Some(i) = prompts.iter().position(Vec::is_empty) {
-        return Err(super::ModelError::Input(format!("prompt {i} has no tokens")).into());
-    }
-    // A prefix every prompt shares (a chat template's system turn, a task's instruction) is
-    // computed once and its keys/values are repeated for every row; the rows then hold
-    // `[shared prefix][padding][own suffix]`, the padding masked out.
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
-    let shared = shared_prefix(prompts);
-    if shared > 0 {
-        let prefix = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), dev)?;
-        model.forward_with(
-            &prefix,
-            ForwardArgs {
-                cache: Some(&mut cache),
-                logits: Logits::None,
-                ..ForwardArgs::default()
-            },
-        )?;
-        cache.repeat_rows(b)?;
-    }
-    let len = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(b * len);
-    let mut mask = Vec::with_capacity(b * (shared + len + cfg.max_new_tokens));
-    for p in prompts {
-        let own = &p[shared..];
-        ids.extend(std::iter::repeat_n(cfg.pad_id, len - own.len()).chain(own.iter().copied()));
-        mask.extend(
-            std::iter::repeat_n(1u8, shared)
-                .chain(std::iter::repeat_n(0u8, len - own.len()))
-                .chain(std::iter::repeat_n(1u8, own.len())),
-        );
-    }
-    let mut rng = match cfg.sampling {
-        Sampling::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
-        Sampling::Greedy => None,
-    };
+    let Prefill {
+        mut cache,
+        mut mask,
+        logits,
+    } = prefill(model, prompts, cfg.pad_id)?;
+    let mut rng = rng_of(cfg.sampling);
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     // The prompts still generating, as indices into `prompts`; row r of the batch is
     // `active[r]`. A sequence that stops leaves the batch (its cache rows are dropped), so
     // later steps compute only the rows still running.
     let mut active: Vec<usize> = (0..b).collect();
-    let mut input = Tensor::from_vec(ids, (b, len), dev)?;
+    let mut logits = logits;
     for step in 0..cfg.max_new_tokens {
-        let total = shared + len + step;
         let rows = active.len();
-        let mask_t = Tensor::from_vec(mask.clone(), (rows, total), dev)?;
-        let padded = mask.contains(&0);
-        let logits = model.forward_with(
-            &input,
-            ForwardArgs {
-                attention_mask: padded.then_some(&mask_t),
-                position_ids: None,
-                cache: Some(&mut cache),
-                hook: None,
-                logits: Logits::Last,
-            },
-        )?;
-        // One copy of the last-position logits, read row by row.
-        let vocab = logits.dim(candle_core::D::Minus1)?;
-        let logits: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let greedy = greedy_rows(&logits, vocab, cfg.sampling);
+        let total = mask.len() / rows;
+        let chosen = choose(&logits, cfg.sampling, rng.as_mut())?;
         let mut next = Vec::with_capacity(rows);
         let mut keep = Vec::with_capacity(rows);
-        for (r, row) in logits.chunks_exact(vocab).enumerate() {
-            let i = active[r];
-            let t = match (cfg.sampling, rng.as_mut(), greedy.get(r)) {
-                (_, _, Some(&t)) => t,
-                (
-                    Sampling::Sample {
-                        temperature, top_p, ..
-                    },
-                    Some(rng),
-                    _,
-                ) if temperature > 0.0 => sample(row, temperature, top_p, rng),
-                _ => argmax(row),
-            };
-            out[i].push(t);
+        for (r, &t) in chosen.iter().enumerate() {
+            out[active[r]].push(t);
             if !cfg.stop_ids.contains(&t) {
                 keep.push(r);
                 next.push(t);
@@ -143,9 +85,153 @@ pub fn generate(
             grown.push(1);
         }
         mask = grown;
-        input = Tensor::from_vec(next, (keep.len(), 1), dev)?;
+        logits = decode_step(model, &next, &mask, &mut cache)?;
     }
     Ok(out)
+}
+
+/// The state of a batch after its prompts were read: the cache, the `[rows, width]` 0/1 mask of
+/// every cached position (row-major), and the logits `[rows, vocab]` of each prompt's last
+/// position.
+pub(crate) struct Prefill {
+    /// Keys and values of every prompt token (and of the padding, masked).
+    pub cache: KvCache,
+    /// 1 for a real token, 0 for padding, `rows x width`.
+    pub mask: Vec<u8>,
+    /// `[rows, vocab]` logits of the last position of each row.
+    pub logits: Logits2,
+}
+
+/// Logits of the last position of each row, `[rows, vocab]`, row-major.
+pub(crate) struct Logits2 {
+    /// The values.
+    pub values: Vec<f32>,
+    /// The row length.
+    pub vocab: usize,
+}
+
+/// Reads `prompts` (none empty) as one left-padded batch. A prefix every prompt shares (a chat
+/// template's system turn, a task's instruction) is computed once and its keys/values repeated
+/// for every row; the rows then hold `[shared prefix][padding][own suffix]`, the padding masked
+/// out.
+pub(crate) fn prefill(model: &Model, prompts: &[Vec<u32>], pad_id: u32) -> crate::Result<Prefill> {
+    let dev = model.device();
+    let b = prompts.len();
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(super::ModelError::Input(format!("prompt {i} has no tokens")).into());
+    }
+    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let shared = shared_prefix(prompts);
+    if shared > 0 {
+        let prefix = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), dev)?;
+        model.forward_with(
+            &prefix,
+            ForwardArgs {
+                cache: Some(&mut cache),
+                logits: Logits::None,
+                ..ForwardArgs::default()
+            },
+        )?;
+        cache.repeat_rows(b)?;
+    }
+    let len = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * len);
+    let mut mask = Vec::with_capacity(b * (shared + len));
+    for p in prompts {
+        let own = &p[shared..];
+        ids.extend(std::iter::repeat_n(pad_id, len - own.len()).chain(own.iter().copied()));
+        mask.extend(
+            std::iter::repeat_n(1u8, shared)
+                .chain(std::iter::repeat_n(0u8, len - own.len()))
+                .chain(std::iter::repeat_n(1u8, own.len())),
+        );
+    }
+    let input = Tensor::from_vec(ids, (b, len), dev)?;
+    let logits = forward_last(model, &input, &mask, &mut cache)?;
+    Ok(Prefill {
+        cache,
+        mask,
+        logits,
+    })
+}
+
+/// One decoding step: `next[r]` is row r's newest token, `mask` (`rows x width`) already
+/// covers it. Returns the logits of the new position.
+pub(crate) fn decode_step(
+    model: &Model,
+    next: &[u32],
+    mask: &[u8],
+    cache: &mut KvCache,
+) -> crate::Result<Logits2> {
+    let input = Tensor::from_vec(next.to_vec(), (next.len(), 1), model.device())?;
+    forward_last(model, &input, mask, cache)
+}
+
+/// The forward pass of `input` (`[rows, s]`) over `cache`, with the `rows x width` mask when it
+/// masks anything; the last position's logits.
+fn forward_last(
+    model: &Model,
+    input: &Tensor,
+    mask: &[u8],
+    cache: &mut KvCache,
+) -> crate::Result<Logits2> {
+    let rows = input.dim(0)?;
+    let mask_t = Tensor::from_vec(mask.to_vec(), (rows, mask.len() / rows), model.device())?;
+    let padded = mask.contains(&0);
+    let logits = model.forward_with(
+        input,
+        ForwardArgs {
+            attention_mask: padded.then_some(&mask_t),
+            position_ids: None,
+            cache: Some(cache),
+            hook: None,
+            logits: Logits::Last,
+        },
+    )?;
+    // One copy of the last-position logits, read row by row.
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    let values = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(Logits2 { values, vocab })
+}
+
+/// The random generator of a sampling configuration (`None` when greedy).
+pub(crate) fn rng_of(sampling: Sampling) -> Option<StdRng> {
+    match sampling {
+        Sampling::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
+        Sampling::Greedy => None,
+    }
+}
+
+/// The next token of every row of `logits`: the argmax when greedy (or at temperature 0), else
+/// a draw from the nucleus, rows in order.
+pub(crate) fn choose(
+    logits: &Logits2,
+    sampling: Sampling,
+    mut rng: Option<&mut StdRng>,
+) -> crate::Result<Vec<u32>> {
+    let vocab = logits.vocab;
+    if vocab == 0 {
+        return Err(super::ModelError::Input("the model has an empty vocabulary".into()).into());
+    }
+    let greedy = greedy_rows(&logits.values, vocab, sampling);
+    Ok(logits
+        .values
+        .chunks_exact(vocab)
+        .enumerate()
+        .map(
+            |(r, row)| match (sampling, rng.as_deref_mut(), greedy.get(r)) {
+                (_, _, Some(&t)) => t,
+                (
+                    Sampling::Sample {
+                        temperature, top_p, ..
+                    },
+                    Some(rng),
+                    _,
+                ) if temperature > 0.0 => sample(row, temperature, top_p, rng),
+                _ => argmax(row),
+            },
+        )
+        .collect())
 }
 
 /// The shortest shared prefix worth computing once, in tokens.

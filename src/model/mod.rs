@@ -5,7 +5,8 @@
 //! - [`weights`], [`gguf`]: checkpoint tensors by Hugging Face name, kept in the dtype
 //!   [`storage`] says (bf16/f16 stay narrow; arithmetic is f32, see [`matmul`])
 //! - [`llama`]: the decoder ([`Model`]); [`rope`], [`linear`], [`cache`], [`capture`]: its parts
-//! - [`generate`](mod@generate): greedy and sampled generation
+//! - [`generate`](mod@generate): greedy and sampled generation; [`continuous`]: a queue of
+//!   prompts through a fixed number of slots (continuous batching), as evaluation generates
 //! - [`export`]: write a model (with its tokenizer) as a Hugging Face folder
 //! - [`synthetic`]: a random-weight checkpoint of Llama-3-8B's exact shape (`realign synthetic`)
 
@@ -15,6 +16,7 @@ pub mod bmm;
 pub mod cache;
 pub mod capture;
 pub mod config;
+pub mod continuous;
 pub mod export;
 pub mod frozen;
 pub mod fused_lora;
@@ -69,6 +71,7 @@ use thiserror::Error;
 pub use cache::KvCache;
 pub use capture::{Capture, Hook};
 pub use config::{Architecture, Config, RopeScaling, RopeScalingKind, LINEAR_MODULES};
+pub use continuous::generate_continuous;
 pub use export::{export_hf, export_hf_with};
 pub use generate::{generate, shared_prefix, GenerationConfig, Sampling, MIN_SHARED_PREFIX};
 pub use llama::{ForwardArgs, Logits, Model};
