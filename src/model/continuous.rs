@@ -7,10 +7,10 @@
 //! rows while reading all the weights. An evaluation of 200 harmful prompts at 64 new tokens
 //! spends a large share of its steps at that low occupancy; here those steps carry new prompts.
 //!
-//! Prompts join in groups ([`admit_at`]): their prefill is one left-padded batch with the shared
-//! prefix computed once ([`prefill`]), and their keys/values are joined to the running cache
-//! aligned on the last position ([`KvCache::join`]), the shorter histories padded on the left
-//! and masked. Positions come from the mask (the count of real tokens before each one), so a
+//! Prompts join in groups ([`admit_at`]): their prefill is one left-padded batch with the
+//! shared prefix computed once (as in [`generate`](fn@super::generate)), and their keys/values
+//! are joined to the running cache aligned on the last position ([`KvCache::join`]), the
+//! shorter histories padded on the left and masked. Positions come from the mask (the count of real tokens before each one), so a
 //! row's positions do not depend on when it joined. Leading positions that are padding for every
 //! row left are trimmed ([`KvCache::drop_front`]).
 //!
