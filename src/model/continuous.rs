@@ -2,17 +2,19 @@
 //! sequence that stops leaves the batch and prompts waiting in the queue take its place, so the
 //! decoding steps run near the full batch until the queue is empty.
 //!
-//! With fixed batches ([`generate`](fn@super::generate)), a batch runs until its longest reply
-//! is done: rows that stopped early leave, and the last steps of every batch decode a handful of
-//! rows while reading all the weights. An evaluation of 200 harmful prompts at 64 new tokens
-//! spends a large share of its steps at that low occupancy; here those steps carry new prompts.
+//! [`generate`](fn@super::generate) is this with a slot for every prompt. With fixed batches
+//! of a few prompts each, a batch runs until its longest reply is done: rows that stopped early
+//! leave, and the last steps of every batch decode a handful of rows while reading all the
+//! weights. An evaluation of 200 harmful prompts at 64 new tokens spends a large share of its
+//! steps at that low occupancy; here those steps carry new prompts.
 //!
 //! Prompts join in groups ([`admit_at`]): their prefill is one left-padded batch with the
-//! shared prefix computed once (as in [`generate`](fn@super::generate)), and their keys/values
-//! are joined to the running cache aligned on the last position ([`KvCache::join`]), the
-//! shorter histories padded on the left and masked. Positions come from the mask (the count of real tokens before each one), so a
-//! row's positions do not depend on when it joined. Leading positions that are padding for every
-//! row left are trimmed ([`KvCache::drop_front`]).
+//! shared prefix computed once ([`shared_prefix`](super::generate::shared_prefix)), and their
+//! keys/values are joined to the running cache aligned on the last position
+//! ([`KvCache::join`]), the shorter histories padded on the left and masked. Positions come
+//! from the mask (the count of real tokens before each one), so a row's positions do not depend
+//! on when it joined. Leading positions that are padding for every row left are trimmed
+//! ([`KvCache::drop_front`]).
 //!
 //! Each prompt's tokens are those [`generate`](fn@super::generate) gives it in any batch: the
 //! arithmetic of a row does not read other rows, but padding and batch size change the order

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::cache::KvCache;
+use super::continuous::generate_continuous;
 use super::llama::{ForwardArgs, Logits, Model};
 
 /// How the next token is chosen.
@@ -37,57 +38,15 @@ pub struct GenerationConfig {
 }
 
 /// Generates continuations of `prompts` (token ids) as one left-padded batch. Returns the new
-/// tokens of each prompt.
+/// tokens of each prompt. A sequence that stops leaves the batch (its cache rows are dropped),
+/// so later steps compute only the rows still running: continuous batching
+/// ([`generate_continuous`]) with a slot for every prompt, so none waits.
 pub fn generate(
     model: &Model,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> crate::Result<Vec<Vec<u32>>> {
-    let b = prompts.len();
-    if b == 0 || cfg.max_new_tokens == 0 {
-        return Ok(vec![Vec::new(); b]);
-    }
-    let Prefill {
-        mut cache,
-        mut mask,
-        logits,
-    } = prefill(model, prompts, cfg.pad_id)?;
-    let mut rng = rng_of(cfg.sampling);
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    // The prompts still generating, as indices into `prompts`; row r of the batch is
-    // `active[r]`. A sequence that stops leaves the batch (its cache rows are dropped), so
-    // later steps compute only the rows still running.
-    let mut active: Vec<usize> = (0..b).collect();
-    let mut logits = logits;
-    for step in 0..cfg.max_new_tokens {
-        let rows = active.len();
-        let total = mask.len() / rows;
-        let chosen = choose(&logits, cfg.sampling, rng.as_mut())?;
-        let mut next = Vec::with_capacity(rows);
-        let mut keep = Vec::with_capacity(rows);
-        for (r, &t) in chosen.iter().enumerate() {
-            out[active[r]].push(t);
-            if !cfg.stop_ids.contains(&t) {
-                keep.push(r);
-                next.push(t);
-            }
-        }
-        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
-            break;
-        }
-        if keep.len() < rows {
-            cache.retain_rows(&keep)?;
-            active = keep.iter().map(|&r| active[r]).collect();
-        }
-        let mut grown = Vec::with_capacity(keep.len() * (total + 1));
-        for &r in &keep {
-            grown.extend_from_slice(&mask[r * total..(r + 1) * total]);
-            grown.push(1);
-        }
-        mask = grown;
-        logits = decode_step(model, &next, &mask, &mut cache)?;
-    }
-    Ok(out)
+    generate_continuous(model, prompts, cfg, prompts.len().max(1), &mut |_| ())
 }
 
 /// The state of a batch after its prompts were read: the cache, the `[rows, width]` 0/1 mask of
@@ -99,11 +58,11 @@ pub(crate) struct Prefill {
     /// 1 for a real token, 0 for padding, `rows x width`.
     pub mask: Vec<u8>,
     /// `[rows, vocab]` logits of the last position of each row.
-    pub logits: Logits2,
+    pub logits: LastLogits,
 }
 
 /// Logits of the last position of each row, `[rows, vocab]`, row-major.
-pub(crate) struct Logits2 {
+pub(crate) struct LastLogits {
     /// The values.
     pub values: Vec<f32>,
     /// The row length.
@@ -162,7 +121,7 @@ pub(crate) fn decode_step(
     next: &[u32],
     mask: &[u8],
     cache: &mut KvCache,
-) -> crate::Result<Logits2> {
+) -> crate::Result<LastLogits> {
     let input = Tensor::from_vec(next.to_vec(), (next.len(), 1), model.device())?;
     forward_last(model, &input, mask, cache)
 }
@@ -174,7 +133,7 @@ fn forward_last(
     input: &Tensor,
     mask: &[u8],
     cache: &mut KvCache,
-) -> crate::Result<Logits2> {
+) -> crate::Result<LastLogits> {
     let rows = input.dim(0)?;
     let mask_t = Tensor::from_vec(mask.to_vec(), (rows, mask.len() / rows), model.device())?;
     let padded = mask.contains(&0);
@@ -191,7 +150,7 @@ fn forward_last(
     // One copy of the last-position logits, read row by row.
     let vocab = logits.dim(candle_core::D::Minus1)?;
     let values = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(Logits2 { values, vocab })
+    Ok(LastLogits { values, vocab })
 }
 
 /// The random generator of a sampling configuration (`None` when greedy).
@@ -205,7 +164,7 @@ pub(crate) fn rng_of(sampling: Sampling) -> Option<StdRng> {
 /// The next token of every row of `logits`: the argmax when greedy (or at temperature 0), else
 /// a draw from the nucleus, rows in order.
 pub(crate) fn choose(
-    logits: &Logits2,
+    logits: &LastLogits,
     sampling: Sampling,
     mut rng: Option<&mut StdRng>,
 ) -> crate::Result<Vec<u32>> {
