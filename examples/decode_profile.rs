@@ -1,6 +1,6 @@
 //! Where a decode step's time goes (development aid): all linear products alone, the LM head
 //! alone, and a whole cached forward step, for `BATCH` sequences (default 1; the evaluation
-//! decodes 16 at a time); `DTYPE=bf16` keeps the matrices as bf16.
+//! decodes 32 at a time) over `STEPS` steps (default 20); `DTYPE=bf16` keeps the matrices as bf16.
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -48,14 +48,18 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         realign::model::matmul::linear(&x576, &head)?;
         let hd = t.elapsed().as_secs_f64();
-        // A 16-token prompt per row, then 20 timed one-token steps.
+        // A 16-token prompt per row, then `STEPS` (default 20) timed one-token steps: more
+        // steps make the history, and so attention's share, longer.
         let mut cache = KvCache::new(model.config().num_hidden_layers);
         step(
             &mut cache,
             &Tensor::from_vec(vec![1u32; batch * 16], (batch, 16), &dev)?,
         )?;
         let one = Tensor::from_vec(vec![5u32; batch], (batch, 1), &dev)?;
-        let n = 20;
+        let n: usize = std::env::var("STEPS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
         let t = Instant::now();
         for _ in 0..n {
             step(&mut cache, &one)?;

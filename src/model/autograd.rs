@@ -371,6 +371,48 @@ pub(crate) fn softmax_backward(y: &[f32], g: &[f32], t: usize, scale: f32) -> Ve
     dx
 }
 
+/// SwiGLU's gate for inference, `silu(gate) * up` with candle's rounding
+/// (`g / (1 + exp(-g))`, then the product), in one pass split across [`Pool::global`] (the
+/// decoding pool): the two candle ops it replaces ran on one thread and wrote a tensor between
+/// them. No backward (the training path takes [`SwiGluOp`]).
+pub struct SiluMulOp;
+
+impl CustomOp2 for SiluMulOp {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gate, up) = (slice(s1, l1)?, slice(s2, l2)?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "silu-mul: gate {:?} and up {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let mut y = vec![0f32; gate.len()];
+        let len = y.len();
+        let py = SyncPtr(y.as_mut_ptr());
+        const PART: usize = 4096;
+        super::parallel::Pool::global().run(len.div_ceil(PART), &|c| {
+            let o = c * PART;
+            // SAFETY: part c owns elements o..o+PART of the output.
+            let out = unsafe { py.slice(o, PART.min(len - o)) };
+            for ((v, &g), &u) in out.iter_mut().zip(&gate[o..]).zip(&up[o..]) {
+                *v = (g / (1.0 + (-g).exp())) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
 /// SwiGLU's gate: `silu(gate) * up`, one pass forward and one backward:
 /// `d_gate = g up silu'(gate)`, `d_up = g silu(gate)`, with
 /// `silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))`.

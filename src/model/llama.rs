@@ -250,6 +250,9 @@ impl Mlp {
         let h = if gate.track_op() && gate.device().is_cpu() && gate.dtype() == DType::F32 {
             gate.contiguous()?
                 .apply_op2(&up.contiguous()?, super::autograd::SwiGluOp)?
+        } else if gate.device().is_cpu() && gate.dtype() == DType::F32 && !up.track_op() {
+            gate.contiguous()?
+                .apply_op2(&up.contiguous()?, super::autograd::SiluMulOp)?
         } else {
             (candle_nn::ops::silu(&gate)? * up)?
         };
