@@ -372,9 +372,10 @@ pub(crate) fn softmax_backward(y: &[f32], g: &[f32], t: usize, scale: f32) -> Ve
 }
 
 /// SwiGLU's gate for inference, `silu(gate) * up` with candle's rounding
-/// (`g / (1 + exp(-g))`, then the product), in one pass split across [`super::parallel::Pool::global`] (the
-/// decoding pool): the two candle ops it replaces ran on one thread and wrote a tensor between
-/// them. No backward (the training path takes [`SwiGluOp`]).
+/// (`g / (1 + exp(-g))`, then the product), in one pass split across
+/// [`super::parallel::Pool::global`] (the decoding pool): the two candle ops it replaces ran on
+/// one thread and wrote a tensor between them. No backward (the training path takes
+/// [`SwiGluOp`]).
 pub struct SiluMulOp;
 
 impl CustomOp2 for SiluMulOp {
