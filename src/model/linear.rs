@@ -18,6 +18,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Unmerged LoRA adapters, applied in order.
     pub loras: Vec<LoraModule>,
+    /// The weight's band copy for batched decoding ([`super::tile_major`]), made on first use.
+    decode: super::tile_major::DecodeCopy,
 }
 
 impl Linear {
@@ -28,6 +30,7 @@ impl Linear {
             weight,
             bias,
             loras: Vec::new(),
+            decode: Default::default(),
         }
     }
 
@@ -74,7 +77,7 @@ impl Linear {
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = super::matmul::linear(&x2, &self.weight)?;
+        let mut y = super::matmul::linear_decoding(&x2, &self.weight, &self.decode)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

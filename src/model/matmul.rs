@@ -80,6 +80,37 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(y, (n, out), x.device())
 }
 
+/// [`linear`], through the weight's band copy ([`super::tile_major`], made on first use and kept
+/// in `copy`) where a product has the rows of batched decoding
+/// ([`super::tile_major::MIN_ROWS`] to [`FEW_ROWS_MAX`]) and the weight is f32 on an AVX-512
+/// CPU; the same result to the bit either way.
+pub fn linear_decoding(
+    x: &Tensor,
+    w: &Tensor,
+    copy: &super::tile_major::DecodeCopy,
+) -> candle_core::Result<Tensor> {
+    use super::tile_major::{available, few_rows, MIN_ROWS};
+    let n = x.dims2()?.0;
+    let eligible = (MIN_ROWS..=FEW_ROWS_MAX).contains(&n)
+        && available()
+        && matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && w.is_contiguous()
+        && !x.track_op()
+        && !w.track_op();
+    if eligible {
+        if let Some(tm) = copy.of(w) {
+            let x = x.contiguous()?;
+            let y = super::frozen::with_slice(&x, |xs| Ok(few_rows(xs, &tm, n)))?;
+            if let Some(y) = y {
+                return Tensor::from_vec(y, (n, tm.shape().0), x.device());
+            }
+        }
+    }
+    linear(x, w)
+}
+
 /// A row-major weight matrix as the few-row kernels read it: f32 in place, or bf16/f16
 /// converted to f32 one block of rows at a time, by the thread that is about to use the block
 /// (the conversion is exact: every bf16 and f16 value is an f32).

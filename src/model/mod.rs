@@ -35,6 +35,7 @@ pub mod scores;
 pub mod storage;
 pub mod synthetic;
 pub mod tile;
+pub mod tile_major;
 pub mod weights;
 
 /// Helpers shared by the model's unit tests.

@@ -247,6 +247,25 @@ fn pack_portable(x: &[f32], rows: usize, k: usize, lanes: usize, xt: &mut [f32])
     }
 }
 
+/// Calls `f` with the first `n` rows of `x` (`[n, k]`) packed as `[k, lanes]` ([`pack`]), in the
+/// calling thread's reused buffer.
+pub(crate) fn with_packed<R>(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    lanes: usize,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
+    PACKED.with(|cell| {
+        let mut xt = cell.borrow_mut();
+        if xt.len() < k * lanes {
+            xt.resize(k * lanes, 0.0);
+        }
+        pack(x, n, k, lanes, &mut xt[..k * lanes]);
+        f(&xt[..k * lanes])
+    })
+}
+
 /// The lane groups of `n` input rows of length `k`, and the packed length they take: groups of
 /// [`group_lanes`] rows in order, the last one shorter, each packed as `[k, lanes]` after the
 /// previous one.
