@@ -31,13 +31,7 @@ pub const FEW_ROWS_MAX: usize = 64;
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (n, k) = x.dims2()?;
     let narrow = matches!(w.dtype(), DType::BF16 | DType::F16);
-    let fast = n <= FEW_ROWS_MAX
-        && matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && (w.dtype() == DType::F32 || narrow)
-        && w.is_contiguous()
-        && !x.track_op()
-        && !w.track_op();
+    let fast = n <= FEW_ROWS_MAX && few_rows_inputs(x, w);
     if !fast {
         if narrow {
             // Prefill, training, other devices: this module in f32 for the one product (a
@@ -92,13 +86,9 @@ pub fn linear_decoding(
     use super::tile_major::{available, few_rows, MIN_ROWS};
     let n = x.dims2()?.0;
     let eligible = (MIN_ROWS..=FEW_ROWS_MAX).contains(&n)
-        && available()
-        && matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
         && w.dtype() == DType::F32
-        && w.is_contiguous()
-        && !x.track_op()
-        && !w.track_op();
+        && few_rows_inputs(x, w)
+        && available();
     if eligible {
         if let Some(tm) = copy.of(w) {
             let x = x.contiguous()?;
@@ -109,6 +99,17 @@ pub fn linear_decoding(
         }
     }
     linear(x, w)
+}
+
+/// Whether the few-row kernels can take `x` and `w` (whatever the row count): an f32 input on
+/// the CPU, a contiguous f32/bf16/f16 weight, neither tracked for gradients.
+fn few_rows_inputs(x: &Tensor, w: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && w.is_contiguous()
+        && !x.track_op()
+        && !w.track_op()
 }
 
 /// A row-major weight matrix as the few-row kernels read it: f32 in place, or bf16/f16

@@ -404,7 +404,7 @@ fn tile_scalar(xt: &[f32], w: &[f32], k: usize, lanes: usize, rows: usize, acc: 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use crate::model::prefetch::line;
     use std::arch::x86_64::*;
 
@@ -544,16 +544,40 @@ mod x86 {
         k: usize,
         acc: *mut f32,
     ) {
+        laid::<MR, NB, H, 0>(xt, w, k, acc)
+    }
+
+    /// [`avx512`] for a weight laid out row-major (`BAND` 0: row `r` at `w[r * k..]`) or in a
+    /// band of `BAND` rows stored `kk`-major (`w[kk * BAND + r]`, see
+    /// [`super::super::tile_major`]). A band tile with a hint (the first tile of its band)
+    /// prefetches the band 2 KiB ahead, a cache line per `64 / (4 * BAND)` `kk` when `BAND` is
+    /// 8 (what the band consumes); the sums are the same chain of FMAs in either layout.
+    ///
+    /// # Safety
+    /// As [`avx512`]; with a band, `w` holds the band's `BAND * k` floats from the tile's first
+    /// row.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn laid<const MR: usize, const NB: usize, const H: i32, const BAND: usize>(
+        xt: *const f32,
+        w: *const f32,
+        k: usize,
+        acc: *mut f32,
+    ) {
         let l = NB * 16;
         let mut a = [[_mm512_setzero_ps(); NB]; MR];
         for kk in 0..k {
-            prefetch_next::<MR, H>(w, k, kk);
+            if BAND == 0 {
+                prefetch_next::<MR, H>(w, k, kk);
+            } else if H >= 0 && kk % 2 == 0 {
+                line::<H>(w.wrapping_add(kk * BAND + 512));
+            }
             let mut xv = [_mm512_setzero_ps(); NB];
             for (b, x) in xv.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(xt.add(kk * l + b * 16));
             }
             for (r, ar) in a.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*w.add(r * k + kk));
+                let at = if BAND == 0 { r * k + kk } else { kk * BAND + r };
+                let wv = _mm512_set1_ps(*w.add(at));
                 for (s, x) in ar.iter_mut().zip(&xv) {
                     *s = _mm512_fmadd_ps(wv, *x, *s);
                 }

@@ -154,7 +154,8 @@ pub fn few_rows(x: &[f32], tm: &TileMajor, n: usize) -> Option<Vec<f32>> {
         }
         let (nb, mr) = shape(n);
         let lanes = 16 * nb;
-        let mut y = vec![0f32; n * out];
+        // Every element is written below: no zero fill first.
+        let mut y = Vec::<f32>::with_capacity(n * out);
         super::tile::with_packed(x, n, k, lanes, |xt| {
             let bands = out.div_ceil(BAND);
             // ~128 KiB of weights per part, in whole bands.
@@ -184,13 +185,17 @@ pub fn few_rows(x: &[f32], tm: &TileMajor, n: usize) -> Option<Vec<f32>> {
                     for i in 0..n {
                         for r in 0..rows {
                             // SAFETY: part `p` writes only the columns of its bands, each once;
-                            // `y` holds `n * out` values and outlives `run`.
-                            unsafe { *yp.0.add(i * out + j0 + r) = acc[r * lanes + i] };
+                            // `y` has room for `n * out` values and outlives `run`. A raw
+                            // write: the value is uninitialised.
+                            unsafe { yp.0.add(i * out + j0 + r).write(acc[r * lanes + i]) };
                         }
                     }
                 }
             });
         });
+        // SAFETY: the bands cover the columns `0..out` and each writes its columns of all `n`
+        // rows, so all `n * out` values are written.
+        unsafe { y.set_len(n * out) };
         Some(y)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -207,12 +212,12 @@ unsafe impl Sync for YPtr {}
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::BAND;
-    use std::arch::x86_64::*;
+    use crate::model::prefetch::Hint;
+    use crate::model::tile::x86::laid;
 
-    /// One tile of `mr` rows of a band (from `w`, its first row's element at `kk = 0`; row `r`
-    /// at `w[kk * BAND + r]`) and `nb` vectors of 16 lanes. The first tile of a band (`lead`)
-    /// prefetches the band 2 KiB ahead, one cache line per two `kk` (what a band consumes); a
-    /// second tile of the band reads it from L1.
+    /// One tile of `mr` rows of a band (from `w`, its first row's element at `kk = 0`) and `nb`
+    /// vectors of 16 lanes, by the tiles' AVX-512 kernel in the band layout. The first tile of a
+    /// band (`lead`) prefetches the band ahead; a second tile of the band reads it from L1.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `xt` holds `k * 16 * nb` floats, the band `BAND * k` from the band's
@@ -224,12 +229,14 @@ mod x86 {
         k: usize,
         acc: *mut f32,
     ) {
+        const T0: i32 = Hint::T0.code();
+        const OFF: i32 = Hint::Off.code();
         macro_rules! go {
             ($mr:literal, $nb:literal) => {
                 if lead {
-                    kernel::<$mr, $nb, true>(xt, w, k, acc)
+                    laid::<$mr, $nb, T0, BAND>(xt, w, k, acc)
                 } else {
-                    kernel::<$mr, $nb, false>(xt, w, k, acc)
+                    laid::<$mr, $nb, OFF, BAND>(xt, w, k, acc)
                 }
             };
         }
@@ -239,37 +246,6 @@ mod x86 {
             (8, 3) => go!(8, 3),
             (4, 4) => go!(4, 4),
             _ => unreachable!("tile shapes come from `shape`"),
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn kernel<const MR: usize, const NB: usize, const LEAD: bool>(
-        xt: *const f32,
-        w: *const f32,
-        k: usize,
-        acc: *mut f32,
-    ) {
-        let l = NB * 16;
-        let mut a = [[_mm512_setzero_ps(); NB]; MR];
-        for kk in 0..k {
-            if LEAD && kk % 2 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(kk * BAND + 512).cast());
-            }
-            let mut xv = [_mm512_setzero_ps(); NB];
-            for (b, x) in xv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(xt.add(kk * l + b * 16));
-            }
-            for (r, ar) in a.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*w.add(kk * BAND + r));
-                for (s, x) in ar.iter_mut().zip(&xv) {
-                    *s = _mm512_fmadd_ps(wv, *x, *s);
-                }
-            }
-        }
-        for (r, ar) in a.iter().enumerate() {
-            for (b, s) in ar.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(r * l + b * 16), *s);
-            }
         }
     }
 }
