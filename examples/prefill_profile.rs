@@ -25,6 +25,20 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    // FULL_ONLY=1: the full forward alone (for a profiler).
+    if std::env::var_os("FULL_ONLY").is_some() {
+        for _ in 0..reps {
+            let t = Instant::now();
+            model.forward(&ids)?;
+            let full = t.elapsed().as_secs_f64();
+            println!(
+                "full forward {:.0} ms ({:.0} tokens/s)",
+                full * 1e3,
+                (b * s) as f64 / full
+            );
+        }
+        return Ok(());
+    }
     for _ in 0..reps {
         let t = Instant::now();
         for w in &ws {

@@ -143,7 +143,29 @@ fn rope(
     sin: &Tensor,
     inverse: bool,
 ) -> candle_core::Result<Vec<f32>> {
+    rope_from(x, shape, false, cos, sin, inverse)
+}
+
+/// [`rope`] with the result `[b, h, t, d]` read from `x` laid out as `[b, h, t, d]`, or, with
+/// `split`, as a projection's output `[b, t, h · d]` (the heads split in the same pass).
+pub(crate) fn rope_from(
+    x: &[f32],
+    shape: &Shape,
+    split: bool,
+    cos: &Tensor,
+    sin: &Tensor,
+    inverse: bool,
+) -> candle_core::Result<Vec<f32>> {
     let (b, h, t, d) = shape.dims4()?;
+    // where head `bh`'s first row starts in `x`, and the step from one row to the next
+    let start = |bh: usize| {
+        if split {
+            (bh / h) * t * h * d + (bh % h) * d
+        } else {
+            bh * t * d
+        }
+    };
+    let step = if split { h * d } else { d };
     let half = d / 2;
     // angles per batch row `[b, t, d / 2]`, or shared `[t, d / 2]`
     let batched = match cos.dims() {
@@ -163,17 +185,18 @@ fn rope(
         with_slice(&sin, |sin| {
             let mut y = vec![0f32; x.len()];
             rows_in_parallel(&mut y, t * d, |bh, dst| {
-                let src = &x[bh * t * d..(bh + 1) * t * d];
                 let cs0 = if batched { (bh / h) * t * half } else { 0 };
+                let (x0, x_step) = (start(bh), step);
                 for it in 0..t {
+                    let src = &x[x0 + it * x_step..x0 + it * x_step + d];
+                    let dst = &mut dst[it * d..(it + 1) * d];
+                    let (c, s) = (
+                        &cos[cs0 + it * half..cs0 + (it + 1) * half],
+                        &sin[cs0 + it * half..cs0 + (it + 1) * half],
+                    );
                     for id in 0..half {
-                        let (i1, i2) = (it * d + id, it * d + id + half);
-                        let c = cos[cs0 + it * half + id];
-                        let s = if inverse {
-                            -sin[cs0 + it * half + id]
-                        } else {
-                            sin[cs0 + it * half + id]
-                        };
+                        let (i1, i2) = (id, id + half);
+                        let (c, s) = (c[id], if inverse { -s[id] } else { s[id] });
                         dst[i1] = src[i1] * c - src[i2] * s;
                         dst[i2] = src[i1] * s + src[i2] * c;
                     }
@@ -372,7 +395,8 @@ pub(crate) fn softmax_backward(y: &[f32], g: &[f32], t: usize, scale: f32) -> Ve
 }
 
 /// SwiGLU's gate for inference, `silu(gate) * up` with candle's rounding
-/// (`g / (1 + exp(-g))`, then the product), in one pass split across
+/// (`g / (1 + exp(-g))`, then the product; `exp` in vectors, to the bit:
+/// [`super::expf::silu_mul`]), in one pass split across
 /// [`super::parallel::Pool::global`] (the decoding pool): the two candle ops it replaces ran on
 /// one thread and wrote a tensor between them. No backward (the training path takes
 /// [`SwiGluOp`]).
@@ -398,18 +422,19 @@ impl CustomOp2 for SiluMulOp {
                 l2.shape()
             );
         }
-        let mut y = vec![0f32; gate.len()];
-        let len = y.len();
-        let py = SyncPtr(y.as_mut_ptr());
+        let len = gate.len();
+        let mut y = super::gemm::uninit(len);
+        let py = SyncPtr(y.as_mut_ptr().cast());
         const PART: usize = 4096;
-        super::parallel::Pool::global().run(len.div_ceil(PART), &|c| {
+        super::parallel::run_beside_products(len, len.div_ceil(PART), &|c| {
             let o = c * PART;
-            // SAFETY: part c owns elements o..o+PART of the output.
-            let out = unsafe { py.slice(o, PART.min(len - o)) };
-            for ((v, &g), &u) in out.iter_mut().zip(&gate[o..]).zip(&up[o..]) {
-                *v = (g / (1.0 + (-g).exp())) * u;
-            }
+            let n = PART.min(len - o);
+            // SAFETY: part c owns elements o..o+n of the output.
+            let out = unsafe { py.slice(o, n) };
+            super::expf::silu_mul(&gate[o..o + n], &up[o..o + n], out);
         });
+        // SAFETY: the parts cover 0..len, and `silu_mul` wrote every element of each.
+        let y = unsafe { super::gemm::assume_init(y) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }

@@ -116,6 +116,16 @@ impl RmsNorm {
             let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / hidden)?;
             x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
                 .broadcast_mul(&self.weight)
+        } else if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
+            // candle's arithmetic, eight rows at a time
+            let op = super::rms_norm::RmsNormRows {
+                w: self.weight.clone(),
+                eps: self.eps as f32,
+            };
+            x.contiguous()?.apply_op1_no_bwd(&op)
         } else {
             candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
         }

@@ -144,11 +144,22 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         let hook = step.hook;
         let heads = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2);
-        let q = heads(self.q_proj.forward(x, hook)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(x, hook)?, self.num_kv_heads)?;
+        let q = self.q_proj.forward(x, hook)?;
+        let k = self.k_proj.forward(x, hook)?;
         let v = heads(self.v_proj.forward(x, hook)?, self.num_kv_heads)?.contiguous()?;
-        let q = Rope::apply(&q, &step.cos, &step.sin, step.differentiable)?;
-        let k = Rope::apply(&k, &step.cos, &step.sin, step.differentiable)?;
+        let (q, k) = if step.differentiable {
+            let (q, k) = (heads(q, self.num_heads)?, heads(k, self.num_kv_heads)?);
+            (
+                Rope::apply(&q, &step.cos, &step.sin, true)?,
+                Rope::apply(&k, &step.cos, &step.sin, true)?,
+            )
+        } else {
+            // the heads split and rotated in one pass
+            (
+                Rope::split_apply(&q, self.num_heads, &step.cos, &step.sin)?,
+                Rope::split_apply(&k, self.num_kv_heads, &step.cos, &step.sin)?,
+            )
+        };
         emit(hook, &self.name, "q", &q)?;
         emit(hook, &self.name, "k", &k)?;
         emit(hook, &self.name, "v", &v)?;
@@ -177,6 +188,14 @@ impl Attention {
                 mask,
             };
             raw.contiguous()?.apply_op1(op)?
+        } else if !step.differentiable && raw.device().is_cpu() && raw.dtype() == DType::F32 {
+            // The same three steps as below in one pass, to the bit (`exp` in vectors).
+            let mask = step.mask.as_ref().map(|m| m.contiguous()).transpose()?;
+            let op = super::softmax::ScaledMaskedSoftmax {
+                scale: scale as f32,
+                mask,
+            };
+            raw.contiguous()?.apply_op1_no_bwd(&op)?
         } else {
             let scores = (raw * scale)?;
             let scores = match &step.mask {

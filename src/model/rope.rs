@@ -112,6 +112,33 @@ impl Rope {
         Self::apply_composed(x, cos, sin)
     }
 
+    /// For inference: a projection's output `x: [b, s, heads · d]` split into heads and rotated,
+    /// `[b, heads, s, d]`, in one pass on the CPU (the same as
+    /// `apply(x.reshape(b, s, heads, d).transpose(1, 2), cos, sin, false)`, to the bit; that
+    /// composition copied the heads out, then rotated them into a second buffer).
+    pub fn split_apply(
+        x: &Tensor,
+        heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, width) = x.dims3()?;
+        if heads == 0 || width % heads != 0 {
+            candle_core::bail!("rope: {width} features do not split into {heads} heads");
+        }
+        let d = width / heads;
+        if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+            let op = SplitRope {
+                heads,
+                cos: cos.contiguous()?,
+                sin: sin.contiguous()?,
+            };
+            return x.contiguous()?.apply_op1_no_bwd(&op);
+        }
+        let x = x.reshape((b, s, heads, d))?.transpose(1, 2)?;
+        Self::apply(&x, cos, sin, false)
+    }
+
     /// The plain composition `x cos + rotate_half(x) sin` (differentiable on every device).
     pub fn apply_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         // x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1].
@@ -126,6 +153,34 @@ impl Rope {
         let x2 = x.narrow(3, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
         x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// [`Rope::split_apply`]'s op: `[b, s, heads · d]` in, `[b, heads, s, d]` out. Forward only.
+struct SplitRope {
+    heads: usize,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl candle_core::CustomOp1 for SplitRope {
+    fn name(&self) -> &'static str {
+        "split-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (b, s, width) = layout.shape().dims3()?;
+        let Some((o1, o2)) = layout.contiguous_offsets() else {
+            candle_core::bail!("split-rope: the input must be contiguous");
+        };
+        let x = &storage.as_slice::<f32>()?[o1..o2];
+        let shape = candle_core::Shape::from((b, self.heads, s, width / self.heads));
+        let y = super::autograd::rope_from(x, &shape, true, &self.cos, &self.sin, false)?;
+        Ok((candle_core::CpuStorage::F32(y), shape))
     }
 }
 
@@ -204,5 +259,30 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
+    fn split_apply_equals_candles_rope_on_the_split_heads_to_the_bit() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(&cfg(RopeScaling::Default), 16, &dev).unwrap();
+        let (b, s, heads, d) = (2usize, 5usize, 3usize, 8usize);
+        let x = Tensor::randn(0f32, 1.0, (b, s, heads * d), &dev).unwrap();
+        let pos = Tensor::new(&[[0u32, 1, 2, 3, 4], [0, 0, 1, 2, 9]], &dev).unwrap();
+        let (c, sn) = rope.tables(&pos).unwrap();
+        let split = x
+            .reshape((b, s, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let want = candle_nn::rotary_emb::rope(&split.contiguous().unwrap(), &c, &sn).unwrap();
+        let got = Rope::split_apply(&x, heads, &c, &sn).unwrap();
+        assert_eq!(got.dims(), [b, heads, s, d]);
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&got), bits(&want));
+        let err = Rope::split_apply(&x, 5, &c, &sn).unwrap_err().to_string();
+        assert!(err.contains("do not split into 5 heads"), "{err}");
     }
 }
