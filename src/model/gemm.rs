@@ -5,7 +5,8 @@
 //! The arithmetic is the `gemm` crate's (the kernel candle's own matmul uses: packed panels,
 //! a register-blocked micro-kernel). Its AVX-512 kernels are compiled in (the crate's `x86-v4`
 //! feature, chosen at run time when the CPU has AVX-512F; AVX2+FMA otherwise): ~115 GFLOP per
-//! CPU-second on this machine's cores, against ~85 for the AVX2 kernel. What
+//! CPU-second on a Zen 4 core, against ~85 for the AVX2 kernel; ~215 on one core of an Intel
+//! Xeon (family 6 model 167) whose AVX-512 FMA peak is ~246 (`examples/kernel_rates.rs`). What
 //! differs is the threading. candle hands each product to `gemm` with rayon parallelism: a static
 //! split of the work between rayon's threads, while candle's elementwise ops run on a second
 //! pool (its barrier pool) whose worker spins for a while after every op. On two cores the
@@ -13,8 +14,8 @@
 //! that lost its core, and a LoRA step keeps ~1.3 cores busy. Here the output is cut into tiles
 //! (whole column strips first, then row chunks), each tile is one single-threaded `gemm` call,
 //! and the tiles are claimed one by one from an atomic counter by the threads of candle's barrier
-//! pool, the same two threads that run the elementwise ops: no second pool, and a thread that
-//! falls behind simply takes fewer tiles.
+//! pool, the same two threads that run the elementwise ops: no second pool. There is one tile
+//! per thread (`TILES_PER_THREAD` says what finer tiles cost).
 //!
 //! `A` and `B` are read through arbitrary strides, so `x W^T` and `g W` read `W` where it lies
 //! (no transposed or contiguous copy). The tiling depends only on the shape and the thread
@@ -29,8 +30,14 @@ const PARALLEL_MIN: usize = 1 << 22;
 const MIN_TILE_COLS: usize = 128;
 /// Fewest rows of a row chunk when splitting `m`.
 const MIN_TILE_ROWS: usize = 64;
-/// Tiles per thread: enough to balance a thread that lost its core for a while.
-const TILES_PER_THREAD: usize = 4;
+/// Tiles per thread. One: each thread's share is one call of the kernel, packing its panels
+/// once. Four tiles per thread (claimed dynamically, so that a thread which lost its core for a
+/// while takes fewer) cost each product 8-15 % of its rate on an idle 2-core AVX-512 machine
+/// (`examples/kernel_rates.rs`: ~360-390 GFLOP/s against ~380-410; a prefill of 8 x 128
+/// tokens 925 ms against 875, a LoRA step 410 tokens/s against 440), more than they saved.
+/// The tile shapes steer the crate's blocking, so some products' sums differ in their last bits
+/// between the two tilings (the quick experiment's SFT run parts from its 17th step).
+const TILES_PER_THREAD: usize = 1;
 
 /// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Debug, Clone, Copy)]
@@ -445,10 +452,12 @@ mod tests {
 
     #[test]
     fn tiles_cover_the_output_once() {
-        // LM head forward on 2 threads: 8 column tiles of 6144, one row chunk.
-        assert_eq!(tiling(512, 49152, 576, 2), (8, 6144, 1, 512));
-        // k_proj forward (n = 192): one column tile, row chunks of 128.
-        assert_eq!(tiling(1024, 192, 576, 2), (1, 192, 8, 128));
+        // LM head forward on 2 threads: 2 column tiles of 24576, one row chunk.
+        assert_eq!(tiling(512, 49152, 576, 2), (2, 24576, 1, 512));
+        // k_proj forward (n = 192): one column tile, two row chunks of 512.
+        assert_eq!(tiling(1024, 192, 576, 2), (1, 192, 2, 512));
+        // gate_proj forward: two column tiles of 768
+        assert_eq!(tiling(1024, 1536, 576, 2), (2, 768, 1, 1024));
         // small products stay whole
         assert_eq!(tiling(8, 8, 8, 2), (1, 8, 1, 8));
         for (m, n, k) in [(1000, 577, 300), (64, 4000, 64), (5, 1100, 40000)] {
