@@ -396,10 +396,9 @@ pub(crate) fn softmax_backward(y: &[f32], g: &[f32], t: usize, scale: f32) -> Ve
 
 /// SwiGLU's gate for inference, `silu(gate) * up` with candle's rounding
 /// (`g / (1 + exp(-g))`, then the product; `exp` in vectors, to the bit:
-/// [`super::expf::silu_mul`]), in one pass split across
-/// [`super::parallel::Pool::global`] (the decoding pool): the two candle ops it replaces ran on
-/// one thread and wrote a tensor between them. No backward (the training path takes
-/// [`SwiGluOp`]).
+/// [`super::expf::silu_mul`]), in one pass split across the threads of the products around it
+/// ([`super::parallel::run_beside_products`]): the two candle ops it replaces ran on one thread
+/// and wrote a tensor between them. No backward (the training path takes [`SwiGluOp`]).
 pub struct SiluMulOp;
 
 impl CustomOp2 for SiluMulOp {
