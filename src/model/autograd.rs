@@ -370,9 +370,11 @@ pub(crate) fn masked_softmax(
             *o = *o * scale + mr.map_or(0.0, |m| m[j]);
             max = max.max(*o);
         }
+        out.iter_mut().for_each(|o| *o -= max);
+        super::expf::exp_in_place(out);
+        // (summed in order, as before the exponentials were vectorised)
         let mut z = 0.0;
-        for o in out.iter_mut() {
-            *o = (*o - max).exp();
+        for o in out.iter() {
             z += *o;
         }
         out.iter_mut().for_each(|o| *o /= z);
@@ -443,10 +445,6 @@ impl CustomOp2 for SiluMulOp {
 /// `silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))`.
 pub struct SwiGluOp;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGluOp {
     fn name(&self) -> &'static str {
         "swiglu-fused"
@@ -475,9 +473,10 @@ impl CustomOp2 for SwiGluOp {
             let o = c * PART;
             // SAFETY: part c owns elements o..o+PART of the output.
             let out = unsafe { py.slice(o, PART.min(len - o)) };
+            super::expf::sigmoid(&gate[o..o + out.len()], out);
             for (i, v) in out.iter_mut().enumerate() {
                 let x = gate[o + i];
-                *v = x * sigmoid(x) * up[o + i];
+                *v = x * *v * up[o + i];
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -503,9 +502,11 @@ impl CustomOp2 for SwiGluOp {
                         let n = PART.min(len - o);
                         // SAFETY: part c owns elements o..o+n of both outputs.
                         let (dgc, duc) = unsafe { (pg.slice(o, n), pu.slice(o, n)) };
+                        // the sigmoids first, into `dgc`, which each step reads before writing
+                        super::expf::sigmoid(&gv[o..o + n], dgc);
                         for i in 0..n {
                             let x = gv[o + i];
-                            let sg = sigmoid(x);
+                            let sg = dgc[i];
                             duc[i] = dv[o + i] * x * sg;
                             dgc[i] = dv[o + i] * uv[o + i] * sg * (1.0 + x * (1.0 - sg));
                         }

@@ -1,6 +1,8 @@
 //! `exp` on f32 vectors, to the bit of the C library's scalar `expf` that candle's ops call
 //! (`f32::exp`), so that an op moved onto these vectors keeps every output bit: SwiGLU's
-//! `silu(gate) · up` ([`silu_mul`]) and the attention softmax ([`softmax_row`]).
+//! `silu(gate) · up` ([`silu_mul`]) and the attention softmax ([`softmax_row`]) of inference;
+//! in training, SwiGLU forward and backward ([`sigmoid`]), the attention softmax and the loss
+//! over the vocabulary ([`exp_in_place`]).
 //!
 //! The algorithm is the table-driven one of glibc (since 2.27) and musl, from ARM's optimized
 //! routines: in double precision, `x · 32 / ln 2 = k + r` with `k` an integer (rounded by adding
@@ -151,6 +153,34 @@ pub fn exp_slice(x: &[f32], out: &mut [f32]) {
     }
     for (o, &v) in out.iter_mut().zip(x) {
         *o = v.exp();
+    }
+}
+
+/// `x[i] = exp(x[i])`, bit-equal to `f32::exp`.
+pub fn exp_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if available() {
+            // SAFETY: `available` checked for AVX-512F.
+            return unsafe { x86::exp_in_place(x) };
+        }
+    }
+    for v in x.iter_mut() {
+        *v = v.exp();
+    }
+}
+
+/// `out[i] = 1 / (1 + exp(-x[i]))` (the logistic sigmoid as the training ops round it).
+pub fn sigmoid(x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if available() {
+            // SAFETY: `available` checked for AVX-512F.
+            return unsafe { x86::sigmoid(x, out) };
+        }
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = 1.0 / (1.0 + (-v).exp());
     }
 }
 
@@ -322,6 +352,23 @@ mod x86 {
         }
     }
 
+    /// `out[i] = 1 / (1 + exp(-x[i]))`, each operation rounded as in the scalar form.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
+        let n = x.len().min(out.len());
+        let one = _mm512_set1_ps(1.0);
+        let sign = _mm512_set1_ps(-0.0);
+        for i in (0..n).step_by(16) {
+            let v = load(x.as_ptr().add(i), n - i);
+            let e = exp16(_mm512_xor_ps(v, sign));
+            store(
+                out.as_mut_ptr().add(i),
+                _mm512_div_ps(one, _mm512_add_ps(one, e)),
+                n - i,
+            );
+        }
+    }
+
     /// `out[i] = (g / (1 + exp(-g))) · u`, each operation rounded as in the scalar form.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
@@ -407,6 +454,27 @@ mod tests {
                 .unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&out), bits(&want), "length {len}");
+        }
+    }
+
+    #[test]
+    fn sigmoid_and_exp_in_place_equal_the_scalar_forms_to_the_bit() {
+        for len in [1usize, 15, 16, 17, 1003] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919) % 2201) as f32 * 0.1 - 110.0)
+                .collect();
+            let mut s = vec![f32::NAN; len];
+            sigmoid(&x, &mut s);
+            let mut e = x.clone();
+            exp_in_place(&mut e);
+            for ((&v, &sv), &ev) in x.iter().zip(&s).zip(&e) {
+                assert_eq!(
+                    sv.to_bits(),
+                    (1.0 / (1.0 + (-v).exp())).to_bits(),
+                    "sigmoid({v})"
+                );
+                assert_eq!(ev.to_bits(), v.exp().to_bits(), "exp({v})");
+            }
         }
     }
 

@@ -264,9 +264,13 @@ pub struct PickedLogSoftmax {
 /// Rows per parallel part (each row is a whole vocabulary).
 const ROWS_PER_PART: usize = 8;
 
-fn row_lse(row: &[f32]) -> f32 {
+fn row_lse(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    scratch.clear();
+    scratch.extend(row.iter().map(|&x| x - max));
+    // `exp` in vectors, the same bits as `f32::exp`; summed in order as before
+    crate::model::expf::exp_in_place(scratch);
+    let sum: f32 = scratch.iter().sum();
     max + sum.ln()
 }
 
@@ -278,8 +282,9 @@ fn row_lses(data: &[f32], n: usize, v: usize) -> Vec<f32> {
         let rows = p * ROWS_PER_PART..((p + 1) * ROWS_PER_PART).min(n);
         // SAFETY: part p writes rows p*8.. only.
         let out = unsafe { lp.range(rows.start, rows.len()) };
+        let mut scratch = Vec::with_capacity(v);
         for (o, i) in out.iter_mut().zip(rows) {
-            *o = row_lse(&data[i * v..(i + 1) * v]);
+            *o = row_lse(&data[i * v..(i + 1) * v], &mut scratch);
         }
     });
     lse
@@ -288,9 +293,10 @@ fn row_lses(data: &[f32], n: usize, v: usize) -> Vec<f32> {
 /// The gradient of `g · log_softmax(row)[t]` with respect to the row's logits, written over
 /// the logits: `g (onehot(t) - exp(x - lse))`.
 fn row_grad_in_place(row: &mut [f32], g: f32, lse: f32, t: usize) {
-    for x in row.iter_mut() {
-        *x = -g * (*x - lse).exp();
-    }
+    // `-g · exp(x - lse)`, each step rounded as in that scalar expression (`exp` in vectors)
+    row.iter_mut().for_each(|x| *x -= lse);
+    crate::model::expf::exp_in_place(row);
+    row.iter_mut().for_each(|x| *x *= -g);
     row[t] += g;
 }
 
