@@ -36,24 +36,28 @@ impl CustomOp1 for RmsNormRows {
             candle_core::bail!("rms-norm: the input must be contiguous");
         };
         let x = &storage.as_slice::<f32>()?[o1..o2];
-        let w: Vec<f32> = self.w.flatten_all()?.to_vec1()?;
-        if w.len() != n {
-            candle_core::bail!("rms-norm: weight of {} for rows of {n}", w.len());
-        }
-        let rows = x.len().checked_div(n).unwrap_or(0);
-        let mut y = vec![0f32; x.len()];
-        if rows > 0 {
-            let py = super::gemm::SyncPtr(y.as_mut_ptr());
-            // ~16k elements per part, in whole blocks of ROWS
-            let per = ((16_384 / n).max(1)).div_ceil(ROWS) * ROWS;
-            super::parallel::run_beside_products(x.len(), rows.div_ceil(per), &|p| {
-                let (r0, r1) = (p * per, ((p + 1) * per).min(rows));
-                // SAFETY: part p alone writes rows r0..r1 of `y`.
-                let out =
-                    unsafe { std::slice::from_raw_parts_mut(py.get().add(r0 * n), (r1 - r0) * n) };
-                rms_rows(&x[r0 * n..r1 * n], &w, n, self.eps, out);
-            });
-        }
+        // the weight read in place
+        let y = super::frozen::with_slice(&self.w.contiguous()?, |w| {
+            if w.len() != n {
+                candle_core::bail!("rms-norm: weight of {} for rows of {n}", w.len());
+            }
+            let rows = x.len().checked_div(n).unwrap_or(0);
+            let mut y = vec![0f32; x.len()];
+            if rows > 0 {
+                let py = super::gemm::SyncPtr(y.as_mut_ptr());
+                // ~16k elements per part, in whole blocks of ROWS
+                let per = ((16_384 / n).max(1)).div_ceil(ROWS) * ROWS;
+                super::parallel::run_beside_products(x.len(), rows.div_ceil(per), &|p| {
+                    let (r0, r1) = (p * per, ((p + 1) * per).min(rows));
+                    // SAFETY: part p alone writes rows r0..r1 of `y`.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(py.get().add(r0 * n), (r1 - r0) * n)
+                    };
+                    rms_rows(&x[r0 * n..r1 * n], w, n, self.eps, out);
+                });
+            }
+            Ok(y)
+        })?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 }

@@ -34,8 +34,30 @@ impl CustomOp1 for ScaledMaskedSoftmax {
             candle_core::bail!("scaled-masked-softmax: the scores must be contiguous");
         };
         let raw = &storage.as_slice::<f32>()?[o1..o2];
-        let mask_data;
-        let mask: Option<&[f32]> = match &self.mask {
+        let rows = b * heads * s;
+        // every row, its mask row read in place (the mask is the same for every layer: no copy)
+        let run = |mask: Option<&[f32]>| -> candle_core::Result<Vec<f32>> {
+            let mut out = super::gemm::uninit(rows * t);
+            if let Some(per) = 16_384usize.checked_div(t) {
+                let py = super::gemm::SyncPtr(out.as_mut_ptr().cast());
+                // rows per part: ~16k elements, so that the split costs little against the work
+                let per = per.max(1);
+                super::parallel::run_beside_products(rows * t, rows.div_ceil(per), &|p| {
+                    let r0 = p * per;
+                    for r in r0..(r0 + per).min(rows) {
+                        let (bi, i) = (r / (heads * s), r % s);
+                        // SAFETY: part p alone writes its rows of `out`.
+                        let row = unsafe { std::slice::from_raw_parts_mut(py.get().add(r * t), t) };
+                        let m = mask.map(|m| &m[(bi * s + i) * t..(bi * s + i + 1) * t]);
+                        super::expf::softmax_row(&raw[r * t..(r + 1) * t], self.scale, m, row);
+                    }
+                });
+            }
+            // SAFETY: the parts cover every row, and `softmax_row` writes all `t` elements of
+            // each.
+            Ok(unsafe { super::gemm::assume_init(out) })
+        };
+        let out = match &self.mask {
             Some(m) => {
                 if m.dims() != [b, 1, s, t] {
                     candle_core::bail!(
@@ -44,30 +66,10 @@ impl CustomOp1 for ScaledMaskedSoftmax {
                         layout.shape().dims()
                     );
                 }
-                mask_data = m.flatten_all()?.to_vec1::<f32>()?;
-                Some(&mask_data)
+                super::frozen::with_slice(&m.contiguous()?, |ms| run(Some(ms)))?
             }
-            None => None,
+            None => run(None)?,
         };
-        let rows = b * heads * s;
-        let mut out = super::gemm::uninit(rows * t);
-        if let Some(per) = 16_384usize.checked_div(t) {
-            let py = super::gemm::SyncPtr(out.as_mut_ptr().cast());
-            // rows per part: ~16k elements, so that the split costs little against the work
-            let per = per.max(1);
-            super::parallel::run_beside_products(rows * t, rows.div_ceil(per), &|p| {
-                let r0 = p * per;
-                for r in r0..(r0 + per).min(rows) {
-                    let (bi, i) = (r / (heads * s), r % s);
-                    // SAFETY: part p alone writes its rows of `out`.
-                    let row = unsafe { std::slice::from_raw_parts_mut(py.get().add(r * t), t) };
-                    let m = mask.map(|m| &m[(bi * s + i) * t..(bi * s + i + 1) * t]);
-                    super::expf::softmax_row(&raw[r * t..(r + 1) * t], self.scale, m, row);
-                }
-            });
-        }
-        // SAFETY: the parts cover every row, and `softmax_row` writes all `t` elements of each.
-        let out = unsafe { super::gemm::assume_init(out) };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
