@@ -6,10 +6,12 @@
 #            (`realign bench forward`'s prefill_tokens_per_s vs transformers)
 #   decode:  greedy generation, 64 new tokens: batch 1 in f32 and in bf16, batch 16 and 32 in f32
 #            (`realign bench forward`'s decode metrics vs transformers' generate)
+#   gemm:    the prefill's matrix products alone, x W^T with 1,024 rows on SmolLM2's shapes, GFLOP/s
+#            (`realign bench gemm` vs torch.nn.functional.linear); only with --only gemm
 # Prints each pair with its ratio (realign / torch; > 1 means realign is faster). Not part of CI.
 #
 # Usage: scripts/bench-vs-torch.sh [--install] [--threads N] [--repeats N] [--model PATH]
-#                                  [--realign BIN] [--only train|forward] [--rounds N]
+#                                  [--realign BIN] [--only train|forward|gemm] [--rounds N]
 #   --install    create .cache/torch-venv and pip-install torch, transformers, peft, gguf into it
 #                (once; several GB with torch's CUDA dependencies from PyPI). Without it the
 #                venv must exist.
@@ -18,7 +20,7 @@
 #   --model P    GGUF file or HF folder [default .cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf,
 #                fetched by scripts/setup.sh]; transformers dequantises the GGUF to f32 as realign does
 #   --realign B  the realign binary [default target/release/realign, built if missing]
-#   --only W     train or forward only
+#   --only W     train or forward only, or gemm (not run without it)
 #   --rounds N   run each pair N times, torch first in odd rounds and realign first in even ones,
 #                and print the median of the N same-round ratios with each round's ratio
 #                [default 1]. On a machine whose speed drifts (shared hosts: one run to the next
@@ -48,12 +50,12 @@ while [ $# -gt 0 ]; do
         --model) MODEL="${2:?}"; shift ;;
         --realign) REALIGN="${2:?}"; shift ;;
         --only) ONLY="${2:?}"; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
     shift
 done
-case "$ONLY" in ""|train|forward) ;; *) die "--only takes train or forward" ;; esac
+case "$ONLY" in ""|train|forward|gemm) ;; *) die "--only takes train, forward or gemm" ;; esac
 case "$ROUNDS" in ''|*[!0-9]*|0) die "--rounds takes a whole number of at least 1" ;; esac
 [ -e "$MODEL" ] || die "no model at $MODEL (run scripts/setup.sh, or pass --model)"
 
@@ -123,6 +125,7 @@ PY
 [ "$ONLY" = "" ] || [ "$ONLY" = train ] && run_pair train train train train_tokens_per_s
 [ "$ONLY" = "" ] || [ "$ONLY" = forward ] && run_pair forward forward forward prefill_tokens_per_s \
     decode_tokens_per_s decode_bf16_tokens_per_s batched_decode_tokens_per_s batched32_decode_tokens_per_s
+[ "$ONLY" = gemm ] && run_pair gemm gemm gemm gate_up_gflops down_gflops q_o_gflops lm_head_gflops
 echo "threads $THREADS, best of $REPEATS, $ROUNDS round(s), $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
 # The machine, as realign's figures name it (CPU model, logical CPUs, kernels, threads).
 grep -h -o '"host":"[^"]*"' "$TMP"/realign-*.jsonl | head -n 1 | sed 's/^"host":"/host: /; s/"$//'

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch reference for `realign bench train|forward` (run by scripts/bench-vs-torch.sh).
+"""PyTorch reference for `realign bench train|forward|gemm` (run by scripts/bench-vs-torch.sh).
 
 Same shapes as realign's bench: SmolLM2-135M in f32 (dequantised from the GGUF by transformers),
 random token ids (seed 0) in [100, vocab), batch 8 x 128.
@@ -12,6 +12,9 @@ random token ids (seed 0) in [100, vocab), batch 8 x 128.
 * train: peft LoRA r 16, alpha 32, dropout 0 on q,k,v,o,gate,up,down; labels on the last 64
   positions of each row (-100 elsewhere); one step = forward with labels (transformers' loss),
   backward, torch.optim.AdamW (lr 1e-4).
+* gemm (no model): `torch.nn.functional.linear(x, W)` with x [1024, in] and W [out, in] uniform
+  in [-1, 1) on SmolLM2-135M's prefill shapes (gate/up 1536 x 576, down 576 x 1536, q/o 576 x
+  576, LM head 49152 x 576), in GFLOP/s, as `realign bench gemm` measures `x Wᵀ`.
 
 Prints one JSON line per figure, best of --repeats after one warm-up, like `realign bench`.
 """
@@ -26,23 +29,12 @@ def main():
     ap.add_argument("--model", required=True, help="a .gguf file or a Hugging Face model folder")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions, best reported (default 3)")
-    ap.add_argument("--only", choices=["train", "forward"], help="run one benchmark only")
+    ap.add_argument("--only", choices=["train", "forward", "gemm"], help="run one benchmark only")
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM
-
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    if args.model.endswith(".gguf"):
-        folder, name = os.path.split(os.path.abspath(args.model))
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    vocab = model.config.vocab_size
-    b, s = 8, 128
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, vocab, (b, s), generator=gen)
 
     def best_of(f):
         f()  # warm-up
@@ -53,10 +45,35 @@ def main():
             best = min(best, time.perf_counter() - t)
         return best
 
-    def emit(bench, metric, value, detail):
-        print(json.dumps({"bench": bench, "metric": metric, "value": value, "unit": "tokens/s",
+    def emit(bench, metric, value, detail, unit="tokens/s"):
+        print(json.dumps({"bench": bench, "metric": metric, "value": value, "unit": unit,
                           "detail": detail + f"; torch {torch.__version__}, {args.threads} threads, best of {args.repeats}"}),
               flush=True)
+
+    if args.only == "gemm":
+        gen = torch.Generator().manual_seed(0)
+        m = 1024
+        for name, n, k in [("gate_up", 1536, 576), ("down", 576, 1536), ("q_o", 576, 576), ("lm_head", 49152, 576)]:
+            x = torch.rand(m, k, generator=gen) * 2 - 1
+            w = torch.rand(n, k, generator=gen) * 2 - 1
+            with torch.inference_mode():
+                secs = best_of(lambda: torch.nn.functional.linear(x, w))
+            emit("gemm", f"{name}_gflops", 2 * m * n * k / secs / 1e9,
+                 f"torch.nn.functional.linear, x [{m}, {k}], W [{n}, {k}]", unit="GFLOP/s")
+        return
+
+    from transformers import AutoModelForCausalLM
+
+    if args.model.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(args.model))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    b, s = 8, 128
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab, (b, s), generator=gen)
+
 
     if args.only in (None, "forward"):
         model.eval()

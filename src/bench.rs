@@ -300,6 +300,62 @@ fn seeded_uniform(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The large products of an 8 x 128 prefill of SmolLM2-135M: `(name, out features, in
+/// features)` of `x Wᵀ` with 1,024 input rows.
+pub const GEMM_SHAPES: [(&str, usize, usize); 4] = [
+    ("gate_up", 1536, 576),
+    ("down", 576, 1536),
+    ("q_o", 576, 576),
+    ("lm_head", 49152, 576),
+];
+
+/// Rows of the input of every [`GEMM_SHAPES`] product: the 8 x 128 tokens of the prefill
+/// figures.
+pub const GEMM_ROWS: usize = 1024;
+
+/// The prefill's matrix products alone, in GFLOP/s: `x Wᵀ` for each of [`GEMM_SHAPES`]
+/// (`[1024, in] x [out, in]ᵀ`, `W` read in place and a fresh output, as the linear layers and
+/// the LM head run them) through [`crate::model::gemm::product`], on seeded uniform inputs; no
+/// model; one warm-up call, then the best of `repeats`. `scripts/bench-vs-torch.sh --only gemm`
+/// sets them beside
+/// `torch.nn.functional.linear` on the same shapes, which separates the products' speed from
+/// the rest of a prefill.
+pub fn gemm(repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
+    use crate::model::gemm::{product, MatRef};
+    let threads = candle_core::utils::get_num_threads();
+    let mut rng = StdRng::seed_from_u64(0);
+    let m = GEMM_ROWS;
+    for (name, n, k) in GEMM_SHAPES {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let run = || -> crate::Result<()> {
+            product(
+                m,
+                n,
+                k,
+                MatRef::row_major(&x, k),
+                MatRef::transposed(&w, k),
+                1.0,
+            )
+            .map(drop)
+            .map_err(|e| candle_core::Error::wrap(e).into())
+        };
+        run()?; // warm-up, as the torch reference does
+        let secs = best_of(repeats, run)?;
+        out(Figure::new(
+            "gemm",
+            &format!("{name}_gflops"),
+            2.0 * (m * n * k) as f64 / secs / 1e9,
+            "GFLOP/s",
+            format!(
+                "x [{m}, {k}] times W [{n}, {k}] transposed (SmolLM2-135M's {name} product in an \
+                 8 x 128 prefill), W read in place, fresh output, {threads} threads, best of {repeats}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The synthetic adapters of [`patch`] and [`diagnose`]: Llama-3-8B's shape, 32 blocks x 7
 /// modules, r 128 (alpha 256), f32 (hidden 4096, KV 1024, MLP 14336); a reference and a
 /// fine-tuned adapter (uniform entries in ±0.02) and 20%-dense 0/1 masks, generated from seeds.

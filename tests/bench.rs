@@ -37,3 +37,40 @@ fn forward_reports_every_figure_with_the_batched_prefill_split_out() {
         assert_eq!(f.host, host);
     }
 }
+
+/// `realign bench gemm`: one figure per product of the prefill, in GFLOP/s, and the shapes are
+/// SmolLM2-135M's (the names `scripts/bench-vs-torch.sh --only gemm` pairs with torch's).
+#[test]
+fn gemm_reports_one_rate_per_prefill_product() {
+    assert_eq!(
+        realign::bench::GEMM_SHAPES,
+        [
+            ("gate_up", 1536, 576),
+            ("down", 576, 1536),
+            ("q_o", 576, 576),
+            ("lm_head", 49152, 576),
+        ]
+    );
+    let mut figures = Vec::new();
+    realign::bench::gemm(1, |f| figures.push(f)).unwrap();
+    let got: Vec<(&str, &str)> = figures
+        .iter()
+        .map(|f| (f.metric.as_str(), f.unit.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("gate_up_gflops", "GFLOP/s"),
+            ("down_gflops", "GFLOP/s"),
+            ("q_o_gflops", "GFLOP/s"),
+            ("lm_head_gflops", "GFLOP/s"),
+        ]
+    );
+    for f in &figures {
+        assert!(
+            f.bench == "gemm" && f.value.is_finite() && f.value > 0.0,
+            "{f:?}"
+        );
+        assert!(f.detail.contains("[1024, "), "{f:?}");
+    }
+}

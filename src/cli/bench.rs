@@ -13,7 +13,8 @@ pub struct Args {
     /// and peak memory) or patch (NLSR's patch stage on a synthetic Llama-3-8B-shaped adapter, r 128; no model)
     /// or neurons (safety-neuron detection: seconds, peak memory, memory per prompt length)
     /// or diagnose (`realign diagnose` on the same synthetic adapter as patch; no model)
-    #[arg(value_parser = ["forward", "train", "identify", "patch", "neurons", "diagnose"])]
+    /// or gemm (the matrix products of an 8 x 128 prefill alone, GFLOP/s; no model)
+    #[arg(value_parser = ["forward", "train", "identify", "patch", "neurons", "diagnose", "gemm"])]
     name: String,
     /// Model [default: the embedded SmolLM2-135M-Instruct]
     #[arg(long)]
@@ -43,6 +44,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.name == "diagnose" {
         return Ok(bench::diagnose(a.repeats.max(1), print)?);
+    }
+    if a.name == "gemm" {
+        return Ok(bench::gemm(a.repeats.max(1), print)?);
     }
     let path = super::model_path(a.model)?;
     let loaded = LoadedModel::load(

@@ -37,7 +37,7 @@ enum Command {
     Generate(generate::Args),
     /// Describe a model (architecture, sizes, dtype, modules) or a PEFT adapter (rank, targets).
     Inspect(inspect::Args),
-    /// Print speed figures as JSON lines: `realign bench forward|train|identify|patch|neurons|diagnose`.
+    /// Print speed figures as JSON lines: `realign bench forward|train|identify|patch|neurons|diagnose|gemm`.
     Bench(bench::Args),
     /// Train a LoRA adapter (SFT, DPO, ORPO, KTO, SimPO) from a TOML run file.
     Train(train::Args),
