@@ -3,7 +3,16 @@
 
 mod common;
 
+use realign::bench::Figure;
 use realign::model::{LoadOptions, LoadedModel};
+
+/// `(metric, unit)` of each figure, in order.
+fn metrics_and_units(figures: &[Figure]) -> Vec<(&str, &str)> {
+    figures
+        .iter()
+        .map(|f| (f.metric.as_str(), f.unit.as_str()))
+        .collect()
+}
 
 #[test]
 fn forward_reports_every_figure_with_the_batched_prefill_split_out() {
@@ -11,10 +20,7 @@ fn forward_reports_every_figure_with_the_batched_prefill_split_out() {
     let m = LoadedModel::load(&dir, &LoadOptions::default()).unwrap();
     let mut figures = Vec::new();
     realign::bench::forward(&m.model, 1, |f| figures.push(f)).unwrap();
-    let got: Vec<(&str, &str)> = figures
-        .iter()
-        .map(|f| (f.metric.as_str(), f.unit.as_str()))
-        .collect();
+    let got = metrics_and_units(&figures);
     assert_eq!(
         got,
         [
@@ -53,10 +59,7 @@ fn gemm_reports_one_rate_per_prefill_product() {
     );
     let mut figures = Vec::new();
     realign::bench::gemm(1, |f| figures.push(f)).unwrap();
-    let got: Vec<(&str, &str)> = figures
-        .iter()
-        .map(|f| (f.metric.as_str(), f.unit.as_str()))
-        .collect();
+    let got = metrics_and_units(&figures);
     assert_eq!(
         got,
         [

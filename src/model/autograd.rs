@@ -356,15 +356,30 @@ pub(crate) fn masked_softmax(
     if s == 0 || q % s != 0 || x.len() % (h * q * t).max(1) != 0 {
         candle_core::bail!("masked-softmax: {q} query rows of {t} for a mask of {s} rows");
     }
-    let mask: Option<Vec<f32>> = match mask {
-        Some(m) => Some(m.flatten_all()?.to_vec1()?),
-        None => None,
-    };
-    rows_in_parallel(&mut x, t, |row, out| {
+    // the mask read in place (it is the same tensor for every layer of a step: no copy)
+    match mask {
+        Some(m) => with_slice(&m.contiguous()?, |ms| {
+            masked_softmax_rows(&mut x, h, q, s, t, scale, Some(ms));
+            Ok(())
+        })?,
+        None => masked_softmax_rows(&mut x, h, q, s, t, scale, None),
+    }
+    Ok(x)
+}
+
+/// The rows of [`masked_softmax`], with its mask as a slice.
+fn masked_softmax_rows(
+    x: &mut [f32],
+    h: usize,
+    q: usize,
+    s: usize,
+    t: usize,
+    scale: f32,
+    mask: Option<&[f32]>,
+) {
+    rows_in_parallel(x, t, |row, out| {
         let (bi, qi) = (row / (h * q), row % s);
-        let mr = mask
-            .as_ref()
-            .map(|m| &m[(bi * s + qi) * t..(bi * s + qi + 1) * t]);
+        let mr = mask.map(|m| &m[(bi * s + qi) * t..(bi * s + qi + 1) * t]);
         let mut max = f32::NEG_INFINITY;
         for (j, o) in out.iter_mut().enumerate() {
             *o = *o * scale + mr.map_or(0.0, |m| m[j]);
@@ -379,7 +394,6 @@ pub(crate) fn masked_softmax(
         }
         out.iter_mut().for_each(|o| *o /= z);
     });
-    Ok(x)
 }
 
 /// The softmax's backward for probabilities `y` and their gradient `g` (rows of `t`):
