@@ -316,6 +316,28 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     );
     assert!(md.contains("## Across seeds [42, 7]"), "{md}");
     assert!(md.contains("| Attacked | 0.25 | 2 |"), "{md}");
+    // NLSR against its random-mask control, seed by seed, from the same rows
+    let hs = |label: &str| {
+        report
+            .evals
+            .iter()
+            .find(|r| r.variant.label == label)
+            .unwrap_or_else(|| panic!("{label} missing"))
+            .hs
+    };
+    let diffs = [
+        hs("NLSR (low-rank) p=0.25") - hs("NLSR (random) p=0.25"),
+        hs("NLSR (low-rank) p=0.25 seed=7") - hs("NLSR (random) p=0.25 seed=7"),
+    ];
+    let line = format!(
+        "- NLSR (low-rank) p=0.25 against NLSR (random): HS lower at {} of 2 seeds",
+        diffs.iter().filter(|d| **d < 0.0).count()
+    );
+    assert!(md.contains(&line), "{line}\n{md}");
+    assert!(
+        md.contains(&format!("(per seed: {:+.1}, {:+.1})", diffs[0], diffs[1])),
+        "{md}"
+    );
     assert!(md.contains("## Safe LoRA's threshold"), "{md}");
     assert!(md.contains("## Safety neurons"));
     assert!(
