@@ -323,11 +323,10 @@ pub const GEMM_ROWS: usize = 1024;
 pub fn gemm(repeats: usize, mut out: impl FnMut(Figure)) -> crate::Result<()> {
     use crate::model::gemm::{product, MatRef};
     let threads = candle_core::utils::get_num_threads();
-    let mut rng = StdRng::seed_from_u64(0);
     let m = GEMM_ROWS;
-    for (name, n, k) in GEMM_SHAPES {
-        let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        let w: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    for (i, (name, n, k)) in GEMM_SHAPES.into_iter().enumerate() {
+        let x = seeded_uniform(m * k, 2 * i as u64);
+        let w = seeded_uniform(n * k, 2 * i as u64 + 1);
         let run = || -> crate::Result<()> {
             product(
                 m,
