@@ -163,6 +163,39 @@ impl Row {
     }
 }
 
+/// Preference pairs as KTO rows (TRL's `unpair_preference_dataset`): each pair gives a
+/// desirable row (its chosen response) and an undesirable one (its rejected response); other
+/// rows are kept. The desirable rows come first, in the rows' order, then the undesirable ones,
+/// so that a row's neighbour — KTO's mismatched reference completion — belongs to another
+/// prompt.
+pub fn unpair(rows: &[&Row]) -> Vec<Row> {
+    let mut desirable = Vec::with_capacity(rows.len());
+    let mut undesirable = Vec::new();
+    for row in rows {
+        match row {
+            Row::Preference {
+                prompt,
+                chosen,
+                rejected,
+            } => {
+                desirable.push(Row::Kto {
+                    prompt: prompt.clone(),
+                    completion: chosen.clone(),
+                    desirable: true,
+                });
+                undesirable.push(Row::Kto {
+                    prompt: prompt.clone(),
+                    completion: rejected.clone(),
+                    desirable: false,
+                });
+            }
+            other => desirable.push((*other).clone()),
+        }
+    }
+    desirable.extend(undesirable);
+    desirable
+}
+
 /// Text normalised for comparing prompts across data sets: lower case, every run of
 /// characters that are not letters or digits replaced by one space, trimmed.
 ///

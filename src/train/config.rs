@@ -16,7 +16,8 @@
 //! target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 //!
 //! [data]
-//! train = "embedded:safety_pref"  # or a .jsonl/.json/.csv file
+//! train = "embedded:safety_pref"  # or a .jsonl/.json/.csv file; KTO also takes preference pairs
+//!                                 # (each: chosen = desirable, rejected = undesirable)
 //! template = "chat"               # chat | alpaca
 //! max_length = 256
 //!

@@ -354,6 +354,13 @@ fn encode_rows(
         Objective::Kto { .. } => "kto",
         _ => "preference",
     };
+    // KTO also trains on preference pairs, each split into a desirable and an undesirable row
+    // (after `max_rows`, so it samples the same pairs as DPO does).
+    let unpaired: Vec<Row>;
+    if want == "kto" && rows.iter().any(|r| matches!(r, Row::Preference { .. })) {
+        unpaired = crate::data::unpair(&rows);
+        rows = unpaired.iter().collect();
+    }
     let mut out = Vec::new();
     let mut dropped = 0;
     let kto_completions: Vec<&str> = rows
