@@ -11,13 +11,16 @@ use realign::experiment::{self, ExperimentConfig, Observer};
 /// Flags of `realign experiment`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Experiment file (TOML; every key optional, see `--print-config`) [default: the embedded
-    /// default: SmolLM2-135M-Instruct + the shipped data]
+    /// Experiment file (TOML; every key optional, see `--print-config`): its keys replace the
+    /// embedded default's, tables merging key by key (`[align.dpo]` with only `method = "orpo"`
+    /// keeps the rest of the default's stage) [default: the embedded default:
+    /// SmolLM2-135M-Instruct + the shipped data]
     config: Option<PathBuf>,
     /// The reduced run (320 SFT rows and 32 DPO pairs, one attack of 100 rows at p = 0.2,
     /// Safe LoRA and NLSR with low-rank and random masks, no sweeps, no safety-neuron half;
     /// 64 harmful, 64 task and 64 over-refusal prompts per model): about 10 minutes on 2
-    /// cores; writes runs/experiment-quick
+    /// cores; writes runs/experiment-quick. With a CONFIG file, the file's keys apply over the
+    /// reduced run instead of the full default
     #[arg(long)]
     quick: bool,
     /// Output folder [default: the file's `output`, else runs/experiment (runs/experiment-quick
@@ -110,7 +113,8 @@ impl Observer for Bars {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg = match (&a.config, a.quick) {
-        (Some(p), _) => ExperimentConfig::from_file(p)?,
+        (Some(p), false) => ExperimentConfig::from_file(p)?,
+        (Some(p), true) => ExperimentConfig::from_file_over(p, &ExperimentConfig::quick())?,
         (None, true) => ExperimentConfig::quick(),
         (None, false) => ExperimentConfig::default(),
     };

@@ -32,7 +32,8 @@ pub struct ExperimentConfig {
     /// their evaluations); the alignment is trained once with `seed`. Empty: `[seed]`. With
     /// several, the report gives every row per seed and the mean ± standard deviation.
     pub seeds: Vec<u64>,
-    /// Alignment: the weak adapter `W_0` (SFT) and the aligned adapter `W_a` (DPO).
+    /// Alignment: the weak adapter `W_0` (SFT) and the aligned adapter `W_a` (DPO by default;
+    /// `align.dpo.method` chooses another preference objective).
     pub align: AlignSettings,
     /// The harmful fine-tuning attack `W_t`, one per `p`.
     pub attack: AttackSettings,
@@ -52,14 +53,29 @@ pub struct ExperimentConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageTrain {
-    /// `sft` or `dpo` (the objectives of `realign train`).
+    /// The objective of `realign train`: `sft` or `dpo`, and for `align.dpo` (the stage that
+    /// trains `W_a`) also `orpo`, `kto` or `simpo`; the aligned row of the report is named after
+    /// it ("Aligned (W_a, ORPO)").
     pub method: String,
     /// Data source (`embedded:NAME` or a file); the attack stage uses its mix instead.
     #[serde(default)]
     pub data: String,
-    /// DPO's beta.
-    #[serde(default = "default_dpo_beta")]
-    pub beta: f64,
+    /// Beta of `dpo` and `kto` (default 0.1) and `simpo` (default 2.0); `sft` and `orpo`
+    /// ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    /// ORPO's weight of the odds-ratio term (default 0.1); only with `method = "orpo"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<f64>,
+    /// SimPO's target margin (default 1.0); only with `method = "simpo"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
+    /// KTO's weight of desirable rows (default 1.0); only with `method = "kto"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda_d: Option<f64>,
+    /// KTO's weight of undesirable rows (default 1.0); only with `method = "kto"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda_u: Option<f64>,
     /// LoRA rank (new adapters only).
     #[serde(default = "default_r")]
     pub r: usize,
@@ -111,7 +127,8 @@ pub struct StageTrain {
 pub struct AlignSettings {
     /// `W_0`: SFT on refusals.
     pub sft: StageTrain,
-    /// `W_a`: DPO on refusal-vs-compliance pairs, on top of `W_0`.
+    /// `W_a`: DPO (or `method` ORPO, KTO, SimPO) on refusal-vs-compliance pairs, on top of
+    /// `W_0`.
     pub dpo: StageTrain,
 }
 
@@ -251,9 +268,6 @@ pub struct EvalSettings {
     pub overrefusal_max_new_tokens: usize,
 }
 
-fn default_dpo_beta() -> f64 {
-    0.1
-}
 fn default_r() -> usize {
     16
 }
@@ -278,7 +292,11 @@ impl StageTrain {
         Self {
             method: method.into(),
             data: data.into(),
-            beta: default_dpo_beta(),
+            beta: (method == "dpo").then_some(0.1),
+            lambda: None,
+            gamma: None,
+            lambda_d: None,
+            lambda_u: None,
             r: default_r(),
             alpha: default_alpha(),
             lr,
@@ -431,7 +449,74 @@ impl Default for ExperimentConfig {
     }
 }
 
+/// The keys of a training stage that belong to its objective.
+const OBJECTIVE_PARAMETERS: [&str; 5] = ["beta", "lambda", "gamma", "lambda_d", "lambda_u"];
+
+/// `from` over `into`: tables merge key by key, every other value (arrays included) replaces.
+fn merge_tables(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_tables(a, b),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// The objectives a training stage can use, with the name the report gives each.
+pub const METHODS: [(&str, &str); 5] = [
+    ("sft", "SFT"),
+    ("dpo", "DPO"),
+    ("orpo", "ORPO"),
+    ("kto", "KTO"),
+    ("simpo", "SimPO"),
+];
+
 impl StageTrain {
+    /// The objective parameters `method` reads.
+    fn parameters(&self) -> &'static [&'static str] {
+        match self.method.as_str() {
+            "dpo" => &["beta"],
+            "orpo" => &["lambda"],
+            "kto" => &["beta", "lambda_d", "lambda_u"],
+            "simpo" => &["beta", "gamma"],
+            _ => &[],
+        }
+    }
+
+    /// The objective `realign train` runs, each parameter not given taking its paper's default
+    /// (the defaults of [`crate::train::objectives::Objective`]).
+    pub fn objective(&self) -> crate::train::objectives::Objective {
+        use crate::train::objectives::Objective;
+        match self.method.as_str() {
+            "dpo" => Objective::Dpo {
+                beta: self.beta.unwrap_or(0.1),
+            },
+            "orpo" => Objective::Orpo {
+                lambda: self.lambda.unwrap_or(0.1),
+            },
+            "kto" => Objective::Kto {
+                beta: self.beta.unwrap_or(0.1),
+                lambda_d: self.lambda_d.unwrap_or(1.0),
+                lambda_u: self.lambda_u.unwrap_or(1.0),
+            },
+            "simpo" => Objective::Simpo {
+                beta: self.beta.unwrap_or(2.0),
+                gamma: self.gamma.unwrap_or(1.0),
+            },
+            _ => Objective::Sft,
+        }
+    }
+
+    /// The objective's name as the report writes it (`DPO`, `ORPO`, `SimPO`, ...).
+    pub fn method_name(&self) -> &str {
+        METHODS
+            .iter()
+            .find(|(m, _)| *m == self.method)
+            .map_or(self.method.as_str(), |(_, n)| n)
+    }
+
     /// Checks the training settings of the stage `name` (`align.sft`, ...): every count at
     /// least 1, the learning rate and DPO beta finite and positive, the warmup a fraction.
     fn validate(&self, name: &str) -> Result<(), String> {
@@ -451,11 +536,39 @@ impl StageTrain {
                 return Err(format!("{name}.{key} = {v} is not a finite number > 0"));
             }
         }
-        if self.method == "dpo" && (!self.beta.is_finite() || self.beta <= 0.0) {
-            return Err(format!(
-                "{name}.beta = {} is not a finite number > 0",
-                self.beta
-            ));
+        let used = self.parameters();
+        for (key, v) in [
+            ("beta", self.beta),
+            ("lambda", self.lambda),
+            ("gamma", self.gamma),
+            ("lambda_d", self.lambda_d),
+            ("lambda_u", self.lambda_u),
+        ] {
+            let Some(v) = v else { continue };
+            if !used.contains(&key) {
+                // `beta` on an SFT or ORPO stage was always accepted and ignored.
+                if key == "beta" {
+                    continue;
+                }
+                return Err(format!(
+                    "{name}.{key} = {v} is not a parameter of method {:?} (its parameters: {})",
+                    self.method,
+                    if used.is_empty() {
+                        "none".to_string()
+                    } else {
+                        used.join(", ")
+                    }
+                ));
+            }
+            // SimPO's margin may be 0 (no margin); every other parameter is a weight or a
+            // temperature.
+            let ok = v.is_finite() && (v > 0.0 || (key == "gamma" && v == 0.0));
+            if !ok {
+                return Err(format!(
+                    "{name}.{key} = {v} is not a finite number > 0{}",
+                    if key == "gamma" { " (or 0)" } else { "" }
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return Err(format!(
@@ -523,20 +636,61 @@ impl ExperimentConfig {
         self
     }
 
-    /// Parses an experiment file; unknown keys and bad values are errors naming the file.
+    /// Parses an experiment file over the embedded default (see [`Self::from_toml_over`]);
+    /// unknown keys and bad values are errors naming the file.
     pub fn from_file(path: &Path) -> Result<Self, ExperimentError> {
+        Self::from_file_over(path, &Self::default())
+    }
+
+    /// Parses an experiment file over `base` (the default, or [`Self::quick`] for `realign
+    /// experiment FILE --quick`).
+    pub fn from_file_over(path: &Path, base: &Self) -> Result<Self, ExperimentError> {
         let text = std::fs::read_to_string(path).map_err(|source| ExperimentError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| ExperimentError::Config {
-            path: path.to_path_buf(),
-            what: e.to_string(),
-        })?;
-        cfg.validate().map_err(|what| ExperimentError::Config {
+        Self::from_toml_over(&text, base).map_err(|what| ExperimentError::Config {
             path: path.to_path_buf(),
             what,
-        })?;
+        })
+    }
+
+    /// Parses experiment TOML over `base`: every key the text gives replaces `base`'s, and
+    /// tables merge key by key at every depth, so `[align.dpo]` with only `method = "orpo"`
+    /// keeps the rest of `base`'s DPO stage (its 160 pairs, batch, warmup, ...). A stage whose
+    /// `method` the text changes drops `base`'s objective parameters (`beta`, `lambda`, ...):
+    /// DPO's beta is not SimPO's. Unknown keys and wrong types are errors with their line.
+    pub fn from_toml_over(text: &str, base: &Self) -> Result<Self, String> {
+        let file: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+        let mut merged = toml::Table::try_from(base).map_err(|e| e.to_string())?;
+        for stage in [["align", "sft"], ["align", "dpo"], ["attack", "train"]] {
+            let method = |t: &toml::Table| -> Option<toml::Value> {
+                t.get(stage[0])?.get(stage[1])?.get("method").cloned()
+            };
+            let given = method(&file);
+            if given.is_some() && given != method(&merged) {
+                if let Some(toml::Value::Table(t)) =
+                    merged.get_mut(stage[0]).and_then(|s| s.get_mut(stage[1]))
+                {
+                    for key in OBJECTIVE_PARAMETERS {
+                        t.remove(key);
+                    }
+                }
+            }
+        }
+        merge_tables(&mut merged, file);
+        let cfg: Self = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                // The merged table has no lines: the text as written names the line of an
+                // unknown key or a wrong type (its own errors about keys it leaves to `base`
+                // are not errors).
+                match toml::from_str::<Self>(text) {
+                    Err(f) if !f.to_string().contains("missing field") => f.to_string(),
+                    _ => e.to_string(),
+                }
+            })?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -606,13 +760,23 @@ impl ExperimentConfig {
                 ));
             }
         }
-        for (name, t) in [
-            ("align.sft", &self.align.sft),
-            ("align.dpo", &self.align.dpo),
-            ("attack.train", &self.attack.train),
+        // The attack trains on its mix (prompt/response rows) and `W_0` on refusals; `W_a` may
+        // use any objective of `realign train` on its preference pairs.
+        for (name, t, allowed) in [
+            ("align.sft", &self.align.sft, &["sft", "dpo"][..]),
+            (
+                "align.dpo",
+                &self.align.dpo,
+                &["sft", "dpo", "orpo", "kto", "simpo"][..],
+            ),
+            ("attack.train", &self.attack.train, &["sft", "dpo"][..]),
         ] {
-            if !["sft", "dpo"].contains(&t.method.as_str()) {
-                return Err(format!("{name}.method = {:?} (sft or dpo)", t.method));
+            if !allowed.contains(&t.method.as_str()) {
+                return Err(format!(
+                    "{name}.method = {:?} (one of: {})",
+                    t.method,
+                    allowed.join(", ")
+                ));
             }
             t.validate(name)?;
         }
@@ -667,10 +831,21 @@ mod tests {
         // quick run with its neurons half, the validation variant and the medium file.
         let mut neurons = ExperimentConfig::quick();
         neurons.neurons.enabled = true;
-        let medium = ExperimentConfig::from_file(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/experiment-medium.toml"),
-        )
-        .unwrap();
+        let shipped = |name: &str| {
+            ExperimentConfig::from_file(
+                &Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("configs")
+                    .join(name),
+            )
+            .unwrap()
+        };
+        let medium = shipped("experiment-medium.toml");
+        let orpo = shipped("experiment-orpo.toml");
+        assert_eq!(orpo.align.dpo.method_name(), "ORPO");
+        let mut dpo_stage = orpo.align.dpo.clone();
+        dpo_stage.method = "dpo".into();
+        (dpo_stage.beta, dpo_stage.lambda) = (Some(0.1), None);
+        assert_eq!(dpo_stage, ExperimentConfig::default().align.dpo);
         for (name, cfg) in [
             ("default", ExperimentConfig::default()),
             ("quick", ExperimentConfig::quick()),
@@ -680,12 +855,150 @@ mod tests {
                 ExperimentConfig::default().validation(),
             ),
             ("medium", medium),
+            ("orpo", orpo),
         ] {
             assert_eq!(cfg.validate(), Ok(()), "{name}");
         }
         let mut bad = ExperimentConfig::default();
         bad.neurons.prompts = 0;
         assert!(bad.validate().unwrap_err().contains("neurons.prompts"));
+    }
+
+    #[test]
+    fn the_aligned_stage_takes_any_preference_objective_with_its_parameters() {
+        use crate::train::objectives::Objective;
+        let parse = |method_and_keys: &str| -> ExperimentConfig {
+            toml::from_str(&format!("[align.dpo]\nlr = 1e-4\n{method_and_keys}\n")).unwrap()
+        };
+        // given parameters are used; missing ones take the paper's defaults
+        for (keys, objective, name) in [
+            (
+                "method = \"orpo\"\nlambda = 0.2",
+                Objective::Orpo { lambda: 0.2 },
+                "ORPO",
+            ),
+            ("method = \"orpo\"", Objective::Orpo { lambda: 0.1 }, "ORPO"),
+            (
+                "method = \"simpo\"",
+                Objective::Simpo {
+                    beta: 2.0,
+                    gamma: 1.0,
+                },
+                "SimPO",
+            ),
+            (
+                "method = \"simpo\"\nbeta = 2.5\ngamma = 0",
+                Objective::Simpo {
+                    beta: 2.5,
+                    gamma: 0.0,
+                },
+                "SimPO",
+            ),
+            (
+                "method = \"kto\"\nlambda_u = 1.5",
+                Objective::Kto {
+                    beta: 0.1,
+                    lambda_d: 1.0,
+                    lambda_u: 1.5,
+                },
+                "KTO",
+            ),
+            ("method = \"dpo\"", Objective::Dpo { beta: 0.1 }, "DPO"),
+            ("method = \"sft\"\nbeta = 0.3", Objective::Sft, "SFT"),
+        ] {
+            let cfg = parse(keys);
+            assert_eq!(cfg.validate(), Ok(()), "{keys}");
+            assert_eq!(cfg.align.dpo.objective(), objective, "{keys}");
+            assert_eq!(cfg.align.dpo.method_name(), name);
+        }
+        // the default is the DPO it always was
+        assert_eq!(
+            ExperimentConfig::default().align.dpo.objective(),
+            Objective::Dpo { beta: 0.1 }
+        );
+        // a parameter of another objective, a bad value, an objective the stage cannot run
+        for (keys, message) in [
+            (
+                "method = \"dpo\"\nlambda = 0.2",
+                "align.dpo.lambda = 0.2 is not a parameter of method \"dpo\" (its parameters: beta)",
+            ),
+            (
+                "method = \"orpo\"\ngamma = 1",
+                "align.dpo.gamma = 1 is not a parameter of method \"orpo\" (its parameters: lambda)",
+            ),
+            (
+                "method = \"orpo\"\nlambda = 0",
+                "align.dpo.lambda = 0 is not a finite number > 0",
+            ),
+            (
+                "method = \"simpo\"\ngamma = -1",
+                "align.dpo.gamma = -1 is not a finite number > 0 (or 0)",
+            ),
+            (
+                "method = \"ipo\"",
+                "align.dpo.method = \"ipo\" (one of: sft, dpo, orpo, kto, simpo)",
+            ),
+        ] {
+            assert_eq!(parse(keys).validate(), Err(message.to_string()), "{keys}");
+        }
+        let mut attack_orpo = ExperimentConfig::default();
+        attack_orpo.attack.train.method = "orpo".into();
+        assert_eq!(
+            attack_orpo.validate(),
+            Err("attack.train.method = \"orpo\" (one of: sft, dpo)".to_string())
+        );
+    }
+
+    #[test]
+    fn a_file_merges_over_its_base_table_by_table() {
+        use crate::train::objectives::Objective;
+        let default = ExperimentConfig::default();
+        let over = |text: &str| ExperimentConfig::from_toml_over(text, &default);
+        // a stage table with one key keeps the rest of the default's stage
+        let cfg = over("[align.dpo]\nmethod = \"orpo\"\n").unwrap();
+        let mut want = default.align.dpo.clone();
+        want.method = "orpo".into();
+        want.beta = None; // DPO's beta does not follow the stage to another objective
+        assert_eq!(cfg.align.dpo, want);
+        assert_eq!(cfg.align.dpo.objective(), Objective::Orpo { lambda: 0.1 });
+        assert_eq!((cfg.align.dpo.max_rows, cfg.align.dpo.grad_accum), (160, 2));
+        assert_eq!(cfg.align.sft, default.align.sft);
+        let simpo = over("[align.dpo]\nmethod = \"simpo\"\n").unwrap();
+        assert_eq!(
+            simpo.align.dpo.objective(),
+            Objective::Simpo {
+                beta: 2.0,
+                gamma: 1.0
+            }
+        );
+        // the same method keeps its parameters unless the file gives them
+        let dpo = over("[align.dpo]\nmax_rows = 480\n").unwrap();
+        assert_eq!(dpo.align.dpo.objective(), Objective::Dpo { beta: 0.1 });
+        assert_eq!(dpo.align.dpo.max_rows, 480);
+        let dpo = over("[align.dpo]\nbeta = 0.5\n").unwrap();
+        assert_eq!(dpo.align.dpo.objective(), Objective::Dpo { beta: 0.5 });
+        // arrays replace; `--quick FILE` is the file over the quick run
+        let quick = ExperimentConfig::quick();
+        let cfg = ExperimentConfig::from_toml_over("[attack]\nps = [0.1, 0.0]\n", &quick).unwrap();
+        assert_eq!(cfg.attack.ps, vec![0.1, 0.0]);
+        assert_eq!(cfg.attack.n, quick.attack.n);
+        assert_eq!(cfg.output, quick.output);
+        // unknown keys and wrong types are errors with their line; values are validated
+        let e = over("seed = 1\n[align.dpo]\nbetta = 0.1\n").unwrap_err();
+        assert!(e.contains("line 3") && e.contains("betta"), "{e}");
+        let e = over("[attack]\nn = \"many\"\n").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        assert_eq!(
+            over("[align.dpo]\nlambda = 0.2\n").unwrap_err(),
+            "align.dpo.lambda = 0.2 is not a parameter of method \"dpo\" (its parameters: beta)"
+        );
+        // a file that gives every key reads the same either way
+        let full = default.to_toml();
+        assert_eq!(over(&full).unwrap(), default);
+        assert_eq!(
+            ExperimentConfig::from_toml_over(&quick.to_toml(), &default).unwrap(),
+            quick
+        );
     }
 
     #[test]

@@ -372,6 +372,16 @@ pub fn chain_seeds(cfg: &ExperimentConfig) -> Vec<u64> {
     }
 }
 
+/// The label of the aligned model's row, after the objective that trained it: "Aligned (W_a,
+/// DPO)" for the default, "Aligned (W_a, ORPO)" with `align.dpo.method = "orpo"`. The report
+/// finds the row by its prefix, [`ALIGNED`].
+pub fn aligned_label(cfg: &ExperimentConfig) -> String {
+    format!("{ALIGNED}, {})", cfg.align.dpo.method_name())
+}
+
+/// The start of the aligned model's label (see [`aligned_label`]).
+pub const ALIGNED: &str = "Aligned (W_a";
+
 /// Plans every stage of `cfg`.
 ///
 /// Rows: the non-aligned base, `W_0`, `W_a` (also the "discard the fine-tune" control) and
@@ -412,9 +422,9 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
         vec![sft],
     )?;
     for (label, deps) in [
-        ("Non-aligned", vec![]),
-        ("SFT (W_0)", vec![sft]),
-        ("Aligned (W_a, DPO)", vec![dpo]),
+        ("Non-aligned".to_string(), vec![]),
+        ("SFT (W_0)".to_string(), vec![sft]),
+        (aligned_label(cfg), vec![dpo]),
     ] {
         if label == "SFT (W_0)" && !cfg.eval.intermediate {
             continue;
@@ -423,7 +433,7 @@ pub fn build(cfg: &ExperimentConfig, inputs: &Inputs) -> crate::Result<Plan> {
         eval_variant(
             &mut plan,
             inputs,
-            with_seed(variant(label.into(), "alignment", None, None, n), main_seed),
+            with_seed(variant(label, "alignment", None, None, n), main_seed),
             deps,
         )?;
     }
@@ -986,6 +996,48 @@ mod tests {
             .find(|s| s.name == "mix-task-ft")
             .unwrap();
         assert!(matches!(task_ft.kind, StageKind::Mix { p, n: 200, .. } if p == 0.0));
+    }
+
+    #[test]
+    fn the_aligned_row_and_stage_follow_the_alignment_objective() {
+        use crate::train::objectives::Objective;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, "{\"prompt\": \"p\", \"response\": \"r\"}\n").unwrap();
+        for (method, label, objective) in [
+            ("dpo", "Aligned (W_a, DPO)", Objective::Dpo { beta: 0.1 }),
+            (
+                "orpo",
+                "Aligned (W_a, ORPO)",
+                Objective::Orpo { lambda: 0.1 },
+            ),
+        ] {
+            let mut cfg = config(&data);
+            cfg.align.dpo.method = method.into();
+            cfg.align.dpo.beta = None;
+            let inputs = Inputs::new("c".into(), "m".into(), "d".into(), 42, cfg.eval.clone());
+            let plan = build(&cfg, &inputs).unwrap();
+            let aligned: Vec<&str> = plan
+                .variants
+                .iter()
+                .filter(|(v, _)| v.group == "alignment" && v.label.starts_with(ALIGNED))
+                .map(|(v, _)| v.label.as_str())
+                .collect();
+            assert_eq!(aligned, [label]);
+            // the stage keeps its folder name (scripts look for `dpo-…`) and trains `objective`
+            let stage = plan.stages.iter().find(|s| s.name == "dpo").unwrap();
+            let StageKind::Train { settings, .. } = &stage.kind else {
+                panic!("the dpo stage trains")
+            };
+            let train = crate::experiment::stages::train_config(
+                settings,
+                None,
+                "d",
+                std::path::Path::new("o"),
+                42,
+            );
+            assert_eq!(train.objective, objective, "{method}");
+        }
     }
 
     #[test]

@@ -348,7 +348,7 @@ impl Report {
         if draws.len() < 2 {
             return Vec::new();
         }
-        let untouched = self.main_row("Aligned (W_a, DPO)");
+        let untouched = self.aligned_row();
         let pick = |m: HsMetric, e: &Row| match m {
             HsMetric::Keyword => e.hs_keyword_rate,
             HsMetric::NonDegenerate => e.hs_nondegenerate_rate,
@@ -374,6 +374,27 @@ impl Report {
             .collect()
     }
 
+    /// The main seed's aligned row, whichever objective trained it ("Aligned (W_a, DPO)",
+    /// "Aligned (W_a, ORPO)", ...).
+    fn aligned_row(&self) -> Option<&Row> {
+        let seed = self.seeds.first().copied();
+        self.evals.iter().find(|e| {
+            e.variant.group == "alignment"
+                && e.variant.label.starts_with(super::plan::ALIGNED)
+                && Some(e.variant.seed) == seed
+        })
+    }
+
+    /// The aligned row's label ("Aligned (W_a, DPO)" for the default).
+    fn aligned_label(&self) -> &str {
+        self.evals
+            .iter()
+            .find(|e| {
+                e.variant.group == "alignment" && e.variant.label.starts_with(super::plan::ALIGNED)
+            })
+            .map_or("Aligned (W_a, DPO)", |e| e.variant.label.as_str())
+    }
+
     /// The main seed's row called `label`.
     fn main_row(&self, label: &str) -> Option<&Row> {
         let seed = self.seeds.first().copied();
@@ -389,7 +410,7 @@ impl Report {
         let hs = |r: &Row| r.hs_rate;
         let fa = |r: &Row| r.fa_rate;
         let or = |r: &Row| r.or_rate;
-        let aligned = self.main_row("Aligned (W_a, DPO)");
+        let aligned = self.aligned_row();
         let base = self.main_row("Non-aligned");
         if let (Some(a), Some(b)) = (aligned, base) {
             out.push(compare_rows("aligned", a, "non-aligned", b, "HS", hs, true));
@@ -808,11 +829,11 @@ impl Report {
             }
             None => "–".into(),
         };
-        for (label, row) in [
-            ("Aligned (W_a, DPO)", "Aligned (W_a), none deactivated"),
-            ("Non-aligned", "Non-aligned (before SN-Tune)"),
+        for (found, row) in [
+            (self.aligned_row(), "Aligned (W_a), none deactivated"),
+            (self.find("Non-aligned"), "Non-aligned (before SN-Tune)"),
         ] {
-            if let Some(e) = self.find(label) {
+            if let Some(e) = found {
                 let _ = writeln!(
                     s,
                     "| {row} | {} | {} | {} | {} |",
@@ -882,7 +903,11 @@ impl Report {
                 let _ = writeln!(s, "- {u}");
             }
         }
-        s.push_str("\n## Every model at a glance\n\n\"Aligned (W_a, DPO)\" is also the \"discard the fine-tune\" control: shipping W_a instead of the customer's model.\n\n");
+        let _ = write!(
+            s,
+            "\n## Every model at a glance\n\n\"{}\" is also the \"discard the fine-tune\" control: shipping W_a instead of the customer's model.\n\n",
+            self.aligned_label()
+        );
         s.push_str(&self.detail_table());
         if !self.findings.is_empty() {
             s.push_str("\n## Comparisons (95 % intervals)\n\n");
@@ -1119,7 +1144,80 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
-    use super::paired_sentence;
+    use super::{paired_sentence, Report, Row};
+    use crate::eval::stats::Rate;
+
+    /// A row of `label` in `group` with HS `hs` of 100 prompts and FA `fa` of 100 items.
+    fn row(label: &str, group: &str, hs: usize, fa: usize) -> Row {
+        let v = crate::experiment::plan::Variant {
+            label: label.into(),
+            group: group.into(),
+            p: None,
+            param: None,
+            seed: 42,
+            model: crate::experiment::plan::EvalModel {
+                full_model: false,
+                adapters: 0,
+                deactivate: None,
+                deactivate_foundation: false,
+                random_draw: 0,
+            },
+        };
+        Row {
+            variant: v,
+            hs: hs as f64,
+            fa: fa as f64,
+            hs_keyword: hs as f64,
+            n_harmful: 100,
+            n_task: 100,
+            stage: format!("eval-{label}"),
+            hs_rate: Some(Rate::new(hs, 100)),
+            hs_keyword_rate: Some(Rate::new(hs, 100)),
+            hs_nondegenerate_rate: None,
+            fa_rate: Some(Rate::new(fa, 100)),
+            fa_strict_rate: None,
+            or: None,
+            or_rate: None,
+            tokens_per_s: 0.0,
+            projected: None,
+            perplexity: None,
+        }
+    }
+
+    #[test]
+    fn the_aligned_row_is_found_whichever_objective_trained_it() {
+        for label in ["Aligned (W_a, DPO)", "Aligned (W_a, ORPO)"] {
+            let report = Report {
+                evals: vec![
+                    row("Non-aligned", "alignment", 84, 26),
+                    row(label, "alignment", 3, 57),
+                ],
+                identify: Default::default(),
+                neurons: Default::default(),
+                sn_tune: Default::default(),
+                neuron_overlaps: vec![],
+                against_random: vec![],
+                diagnose: vec![],
+                times: vec![],
+                ps: vec![],
+                seeds: vec![42],
+                findings: vec![],
+                unreadable: vec![],
+                eval_sets: vec![],
+                judge: "keyword".into(),
+                judge_agreement: vec![],
+                peak_rss_mib: None,
+                host: None,
+            };
+            assert_eq!(report.aligned_label(), label);
+            // Wilson intervals of 3/100 and 84/100: [1.0, 8.5] and [75.6, 89.9]
+            assert_eq!(
+                report.compare()[0],
+                "aligned (HS 3.0 [1.0, 8.5]) is significantly below non-aligned \
+                 (HS 84.0 [75.6, 89.9])"
+            );
+        }
+    }
 
     #[test]
     fn paired_sentence_counts_signs_and_averages() {

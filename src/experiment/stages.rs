@@ -797,12 +797,8 @@ pub fn train_config(
     out: &Path,
     seed: u64,
 ) -> TrainConfig {
-    let objective = match s.method.as_str() {
-        "dpo" => crate::train::objectives::Objective::Dpo { beta: s.beta },
-        _ => crate::train::objectives::Objective::Sft,
-    };
     TrainConfig {
-        objective,
+        objective: s.objective(),
         model: None,
         init_adapter: init,
         output: out.to_path_buf(),
