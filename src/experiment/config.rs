@@ -486,27 +486,31 @@ impl StageTrain {
     }
 
     /// The objective `realign train` runs, each parameter not given taking its paper's default
-    /// (the defaults of [`crate::train::objectives::Objective`]).
-    pub fn objective(&self) -> crate::train::objectives::Objective {
-        use crate::train::objectives::Objective;
-        match self.method.as_str() {
-            "dpo" => Objective::Dpo {
-                beta: self.beta.unwrap_or(0.1),
-            },
-            "orpo" => Objective::Orpo {
-                lambda: self.lambda.unwrap_or(0.1),
-            },
-            "kto" => Objective::Kto {
-                beta: self.beta.unwrap_or(0.1),
-                lambda_d: self.lambda_d.unwrap_or(1.0),
-                lambda_u: self.lambda_u.unwrap_or(1.0),
-            },
-            "simpo" => Objective::Simpo {
-                beta: self.beta.unwrap_or(2.0),
-                gamma: self.gamma.unwrap_or(1.0),
-            },
-            _ => Objective::Sft,
+    /// (the defaults of [`crate::train::objectives::Objective`], read through its own
+    /// deserialiser so that they live in one place). Errors on a method `realign train` does
+    /// not know.
+    pub fn objective(&self) -> Result<crate::train::objectives::Objective, String> {
+        let mut t = toml::Table::new();
+        t.insert("method".into(), self.method.clone().into());
+        for (key, v) in self.parameter_values() {
+            if let (Some(v), true) = (v, self.parameters().contains(&key)) {
+                t.insert(key.into(), v.into());
+            }
         }
+        toml::Value::Table(t)
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("method {:?}: {}", self.method, e.message()))
+    }
+
+    /// Every objective parameter with its value, given or not.
+    fn parameter_values(&self) -> [(&'static str, Option<f64>); 5] {
+        [
+            ("beta", self.beta),
+            ("lambda", self.lambda),
+            ("gamma", self.gamma),
+            ("lambda_d", self.lambda_d),
+            ("lambda_u", self.lambda_u),
+        ]
     }
 
     /// The objective's name as the report writes it (`DPO`, `ORPO`, `SimPO`, ...).
@@ -518,7 +522,8 @@ impl StageTrain {
     }
 
     /// Checks the training settings of the stage `name` (`align.sft`, ...): every count at
-    /// least 1, the learning rate and DPO beta finite and positive, the warmup a fraction.
+    /// least 1, the learning rate and the objective's parameters finite and positive (SimPO's
+    /// margin may be 0), no parameter of another objective, the warmup a fraction.
     fn validate(&self, name: &str) -> Result<(), String> {
         for (key, v) in [
             ("r", self.r),
@@ -537,13 +542,7 @@ impl StageTrain {
             }
         }
         let used = self.parameters();
-        for (key, v) in [
-            ("beta", self.beta),
-            ("lambda", self.lambda),
-            ("gamma", self.gamma),
-            ("lambda_d", self.lambda_d),
-            ("lambda_u", self.lambda_u),
-        ] {
+        for (key, v) in self.parameter_values() {
             let Some(v) = v else { continue };
             if !used.contains(&key) {
                 // `beta` on an SFT or ORPO stage was always accepted and ignored.
@@ -570,6 +569,7 @@ impl StageTrain {
                 ));
             }
         }
+        self.objective().map_err(|e| format!("{name}: {e}"))?;
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return Err(format!(
                 "{name}.warmup_ratio = {} is outside [0, 1]",
@@ -908,13 +908,13 @@ mod tests {
         ] {
             let cfg = parse(keys);
             assert_eq!(cfg.validate(), Ok(()), "{keys}");
-            assert_eq!(cfg.align.dpo.objective(), objective, "{keys}");
+            assert_eq!(cfg.align.dpo.objective(), Ok(objective), "{keys}");
             assert_eq!(cfg.align.dpo.method_name(), name);
         }
         // the default is the DPO it always was
         assert_eq!(
             ExperimentConfig::default().align.dpo.objective(),
-            Objective::Dpo { beta: 0.1 }
+            Ok(Objective::Dpo { beta: 0.1 })
         );
         // a parameter of another objective, a bad value, an objective the stage cannot run
         for (keys, message) in [
@@ -941,6 +941,13 @@ mod tests {
         ] {
             assert_eq!(parse(keys).validate(), Err(message.to_string()), "{keys}");
         }
+        let mut ipo = ExperimentConfig::default().align.dpo;
+        ipo.method = "ipo".into();
+        let e = ipo.objective().unwrap_err();
+        assert!(
+            e.starts_with("method \"ipo\": unknown variant `ipo`"),
+            "{e}"
+        );
         let mut attack_orpo = ExperimentConfig::default();
         attack_orpo.attack.train.method = "orpo".into();
         assert_eq!(
@@ -960,23 +967,26 @@ mod tests {
         want.method = "orpo".into();
         want.beta = None; // DPO's beta does not follow the stage to another objective
         assert_eq!(cfg.align.dpo, want);
-        assert_eq!(cfg.align.dpo.objective(), Objective::Orpo { lambda: 0.1 });
+        assert_eq!(
+            cfg.align.dpo.objective(),
+            Ok(Objective::Orpo { lambda: 0.1 })
+        );
         assert_eq!((cfg.align.dpo.max_rows, cfg.align.dpo.grad_accum), (160, 2));
         assert_eq!(cfg.align.sft, default.align.sft);
         let simpo = over("[align.dpo]\nmethod = \"simpo\"\n").unwrap();
         assert_eq!(
             simpo.align.dpo.objective(),
-            Objective::Simpo {
+            Ok(Objective::Simpo {
                 beta: 2.0,
                 gamma: 1.0
-            }
+            })
         );
         // the same method keeps its parameters unless the file gives them
         let dpo = over("[align.dpo]\nmax_rows = 480\n").unwrap();
-        assert_eq!(dpo.align.dpo.objective(), Objective::Dpo { beta: 0.1 });
+        assert_eq!(dpo.align.dpo.objective(), Ok(Objective::Dpo { beta: 0.1 }));
         assert_eq!(dpo.align.dpo.max_rows, 480);
         let dpo = over("[align.dpo]\nbeta = 0.5\n").unwrap();
-        assert_eq!(dpo.align.dpo.objective(), Objective::Dpo { beta: 0.5 });
+        assert_eq!(dpo.align.dpo.objective(), Ok(Objective::Dpo { beta: 0.5 }));
         // arrays replace; `--quick FILE` is the file over the quick run
         let quick = ExperimentConfig::quick();
         let cfg = ExperimentConfig::from_toml_over("[attack]\nps = [0.1, 0.0]\n", &quick).unwrap();

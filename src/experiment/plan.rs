@@ -1035,7 +1035,8 @@ mod tests {
                 "d",
                 std::path::Path::new("o"),
                 42,
-            );
+            )
+            .unwrap();
             assert_eq!(train.objective, objective, "{method}");
         }
     }

@@ -350,7 +350,7 @@ impl Runner {
                 } else {
                     self.base.model.clone()
                 };
-                let tc = train_config(settings, init_dir, &data, out, stage.seed);
+                let tc = train_config(settings, init_dir, &data, out, stage.seed)?;
                 let rows = load_source(&data)?;
                 let mut bar = Bar { obs, total: 0 };
                 let r = train(model, &self.base.tokenizer, &rows, &tc, false, &mut bar)?;
@@ -789,16 +789,20 @@ fn parse_method(m: &str) -> crate::Result<Method> {
     })
 }
 
-/// The `realign train` configuration of a planned training stage.
+/// The `realign train` configuration of a planned training stage (an error only for a method
+/// that [`ExperimentConfig::validate`] would have refused).
 pub fn train_config(
     s: &StageTrain,
     init: Option<PathBuf>,
     data: &str,
     out: &Path,
     seed: u64,
-) -> TrainConfig {
-    TrainConfig {
-        objective: s.objective(),
+) -> crate::Result<TrainConfig> {
+    let objective = s
+        .objective()
+        .map_err(|e| stage_err(&format!("train ({})", s.method), e))?;
+    Ok(TrainConfig {
+        objective,
         model: None,
         init_adapter: init,
         output: out.to_path_buf(),
@@ -826,5 +830,5 @@ pub fn train_config(
             max_tokens_per_pass: s.max_tokens_per_pass,
             ..Default::default()
         },
-    }
+    })
 }
