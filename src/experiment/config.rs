@@ -764,11 +764,7 @@ impl ExperimentConfig {
         // use any objective of `realign train` on its preference pairs.
         for (name, t, allowed) in [
             ("align.sft", &self.align.sft, &["sft", "dpo"][..]),
-            (
-                "align.dpo",
-                &self.align.dpo,
-                &["sft", "dpo", "orpo", "kto", "simpo"][..],
-            ),
+            ("align.dpo", &self.align.dpo, &METHODS.map(|(m, _)| m)[..]),
             ("attack.train", &self.attack.train, &["sft", "dpo"][..]),
         ] {
             if !allowed.contains(&t.method.as_str()) {

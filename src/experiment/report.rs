@@ -387,11 +387,7 @@ impl Report {
 
     /// The aligned row's label ("Aligned (W_a, DPO)" for the default).
     fn aligned_label(&self) -> &str {
-        self.evals
-            .iter()
-            .find(|e| {
-                e.variant.group == "alignment" && e.variant.label.starts_with(super::plan::ALIGNED)
-            })
+        self.aligned_row()
             .map_or("Aligned (W_a, DPO)", |e| e.variant.label.as_str())
     }
 
