@@ -377,3 +377,34 @@ fn unknown_prefetch_override_is_reported() {
     );
     assert!(!run("off").contains("warning"));
 }
+
+/// `realign experiment --model PATH` replaces the base model of the default, of `--quick` and of
+/// a file, and leaves every other key as it was.
+#[test]
+fn experiment_model_flag_replaces_the_base_model_only() {
+    let config = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_realign"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = config(&["experiment", "--quick", "--print-config"]);
+    let moved = config(&[
+        "experiment",
+        "--quick",
+        "--model",
+        "/models/qwen2.5-0.5b",
+        "--print-config",
+    ]);
+    assert!(
+        !plain.contains("\nmodel = ") && !plain.starts_with("model = "),
+        "{plain}"
+    );
+    assert_eq!(
+        moved,
+        format!("model = \"/models/qwen2.5-0.5b\"\n{plain}"),
+        "only the model line is added"
+    );
+}

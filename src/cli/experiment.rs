@@ -27,6 +27,11 @@ pub struct Args {
     /// with --quick)]
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Base model: a Hugging Face folder or a .gguf file (Llama, Mistral, Qwen2) [default: the
+    /// file's `model`, else the embedded SmolLM2-135M-Instruct]. The settings stay those of the
+    /// file or default, which were chosen for SmolLM2-135M on its validation slices
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Evaluate on the validation slices (embedded:harmful_val, embedded:task_val,
     /// embedded:overrefusal_val) instead of the held-out sets: for choosing settings without looking
     /// at the evaluation sets. Training stages are shared with the normal run
@@ -120,6 +125,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     if let Some(o) = a.output {
         cfg.output = o;
+    }
+    if let Some(m) = a.model {
+        cfg.model = Some(m);
     }
     if a.validate {
         cfg = cfg.validation();
