@@ -407,4 +407,26 @@ fn experiment_model_flag_replaces_the_base_model_only() {
         format!("model = \"/models/qwen2.5-0.5b\"\n{plain}"),
         "only the model line is added"
     );
+    // over a file: the flag wins over the file's `model`, the file's other keys stay
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("exp.toml");
+    std::fs::write(&file, "model = \"/models/from-file\"\nseed = 7\n").unwrap();
+    let file = file.to_str().unwrap();
+    let from_file = config(&["experiment", file, "--print-config"]);
+    let over_file = config(&[
+        "experiment",
+        file,
+        "--model",
+        "/models/qwen2.5-0.5b",
+        "--print-config",
+    ]);
+    assert!(
+        from_file.starts_with("model = \"/models/from-file\"\n"),
+        "{from_file}"
+    );
+    assert!(from_file.contains("\nseed = 7\n"), "{from_file}");
+    assert_eq!(
+        over_file,
+        from_file.replacen("/models/from-file", "/models/qwen2.5-0.5b", 1)
+    );
 }
