@@ -52,6 +52,7 @@ pub mod host;
 pub mod model;
 pub mod neurons;
 pub mod nlsr;
+mod quiet_panic;
 pub mod report;
 pub mod resta;
 pub mod safelora;

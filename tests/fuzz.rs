@@ -150,6 +150,37 @@ fn headers_that_claim_more_than_the_file_are_errors() {
     assert!(realign::model::gguf::read_content(&g).is_err());
 }
 
+/// A case the Parquet property test found (CI, 2026-12-05): one byte of the footer changed makes
+/// a column chunk's offset negative, on which parquet's reader asserts. It is an error naming
+/// the file and the column.
+#[test]
+fn a_parquet_footer_with_a_negative_offset_is_an_error() {
+    let dir = temp();
+    let p = dir.path().join("b.parquet");
+    common::write_parquet(
+        &p,
+        &[
+            ("Behavior", vec!["one", "two", "three", "four"]),
+            ("c", vec!["x", "y", "z", "w"]),
+        ],
+        Some(("label", vec![1, 0, 1, 0])),
+    );
+    let src = std::fs::read(&p).unwrap();
+    let n = src.len();
+    let bytes = mutate(
+        &mutate(&src, &[(3687978681975647826, 11)], None),
+        &[(n - 15, 17)],
+        None,
+    );
+    std::fs::write(&p, bytes).unwrap();
+    let err = realign::data::load_prompts(&p.display().to_string(), None).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("b.parquet") && text.contains("column `"),
+        "{text}"
+    );
+}
+
 proptest! {
     #![proptest_config(config(96))]
 

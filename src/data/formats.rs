@@ -204,14 +204,63 @@ fn parquet_values(path: &Path) -> crate::Result<Vec<(Location, Json)>> {
         message: format!("not a readable Parquet file: {e}"),
     };
     let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
-    let reader = SerializedFileReader::new(file).map_err(parse)?;
-    let rows = reader.get_row_iter(None).map_err(parse)?;
-    let mut values = Vec::new();
-    for (i, row) in rows.enumerate() {
-        let row = row.map_err(|e| row_error(path, Location::Row(i), format!("unreadable: {e}")))?;
-        values.push((Location::Row(i), row.to_json_value()));
+    let file_len = file
+        .metadata()
+        .map_err(|e| crate::Error::io(path, e))?
+        .len();
+    let read = || -> crate::Result<Vec<(Location, Json)>> {
+        let reader = SerializedFileReader::new(file).map_err(parse)?;
+        check_column_chunks(path, reader.metadata(), file_len)?;
+        let rows = reader.get_row_iter(None).map_err(parse)?;
+        let mut values = Vec::new();
+        for (i, row) in rows.enumerate() {
+            let row =
+                row.map_err(|e| row_error(path, Location::Row(i), format!("unreadable: {e}")))?;
+            values.push((Location::Row(i), row.to_json_value()));
+        }
+        Ok(values)
+    };
+    // parquet asserts on some damaged files (a data page that needs a missing dictionary)
+    crate::quiet_panic::catch(read).unwrap_or_else(|message| {
+        Err(DataError::Parse {
+            path: path.to_path_buf(),
+            message: format!("not a readable Parquet file: the Parquet reader failed: {message}"),
+        }
+        .into())
+    })
+}
+
+/// Every column chunk's byte range (its first page, dictionary or data, and its compressed
+/// size) must lie inside the file: parquet's reader asserts that the offsets are not negative
+/// (a panic on a damaged footer) and would otherwise seek past the end.
+fn check_column_chunks(
+    path: &Path,
+    metadata: &parquet::file::metadata::ParquetMetaData,
+    file_len: u64,
+) -> Result<(), DataError> {
+    for (group, row_group) in metadata.row_groups().iter().enumerate() {
+        for column in row_group.columns() {
+            let start = column
+                .dictionary_page_offset()
+                .unwrap_or_else(|| column.data_page_offset());
+            let len = column.compressed_size();
+            let end = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(len).ok())
+                .and_then(|(s, l)| s.checked_add(l));
+            if end.is_none_or(|end| end > file_len) {
+                return Err(DataError::Parse {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "not a readable Parquet file: row group {group}, column `{}` claims \
+                         {len} bytes from offset {start}, but the file has {file_len} bytes",
+                        column.column_path().string()
+                    ),
+                });
+            }
+        }
     }
-    Ok(values)
+    Ok(())
 }
 
 fn json_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataError> {
