@@ -199,10 +199,11 @@ fn jsonl_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataEr
 /// reader (every row group, in order).
 fn parquet_values(path: &Path) -> crate::Result<Vec<(Location, Json)>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let parse = |e: parquet::errors::ParquetError| DataError::Parse {
+    let unreadable = |what: String| DataError::Parse {
         path: path.to_path_buf(),
-        message: format!("not a readable Parquet file: {e}"),
+        message: format!("not a readable Parquet file: {what}"),
     };
+    let parse = |e: parquet::errors::ParquetError| unreadable(e.to_string());
     let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
     let file_len = file
         .metadata()
@@ -210,7 +211,7 @@ fn parquet_values(path: &Path) -> crate::Result<Vec<(Location, Json)>> {
         .len();
     let read = || -> crate::Result<Vec<(Location, Json)>> {
         let reader = SerializedFileReader::new(file).map_err(parse)?;
-        check_column_chunks(path, reader.metadata(), file_len)?;
+        check_column_chunks(reader.metadata(), file_len).map_err(unreadable)?;
         let rows = reader.get_row_iter(None).map_err(parse)?;
         let mut values = Vec::new();
         for (i, row) in rows.enumerate() {
@@ -222,11 +223,7 @@ fn parquet_values(path: &Path) -> crate::Result<Vec<(Location, Json)>> {
     };
     // parquet asserts on some damaged files (a data page that needs a missing dictionary)
     crate::quiet_panic::catch(read).unwrap_or_else(|message| {
-        Err(DataError::Parse {
-            path: path.to_path_buf(),
-            message: format!("not a readable Parquet file: the Parquet reader failed: {message}"),
-        }
-        .into())
+        Err(unreadable(format!("the Parquet reader failed: {message}")).into())
     })
 }
 
@@ -234,10 +231,9 @@ fn parquet_values(path: &Path) -> crate::Result<Vec<(Location, Json)>> {
 /// size) must lie inside the file: parquet's reader asserts that the offsets are not negative
 /// (a panic on a damaged footer) and would otherwise seek past the end.
 fn check_column_chunks(
-    path: &Path,
     metadata: &parquet::file::metadata::ParquetMetaData,
     file_len: u64,
-) -> Result<(), DataError> {
+) -> Result<(), String> {
     for (group, row_group) in metadata.row_groups().iter().enumerate() {
         for column in row_group.columns() {
             let start = column
@@ -249,14 +245,11 @@ fn check_column_chunks(
                 .zip(u64::try_from(len).ok())
                 .and_then(|(s, l)| s.checked_add(l));
             if end.is_none_or(|end| end > file_len) {
-                return Err(DataError::Parse {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "not a readable Parquet file: row group {group}, column `{}` claims \
-                         {len} bytes from offset {start}, but the file has {file_len} bytes",
-                        column.column_path().string()
-                    ),
-                });
+                return Err(format!(
+                    "row group {group}, column `{}` claims {len} bytes from offset {start}, but \
+                     the file has {file_len} bytes",
+                    column.column_path().string()
+                ));
             }
         }
     }
