@@ -332,3 +332,106 @@ proptest! {
         }
     }
 }
+
+/// The keys of `config.json` that set shapes, counts and constants of the network.
+const CONFIG_KEYS: &[&str] = &[
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "rope_parameters",
+    "sliding_window",
+    "model_type",
+];
+
+/// Values a hand-edited or damaged `config.json` may hold: zero, negative, odd, huge, the wrong
+/// JSON type.
+fn config_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::json;
+    prop_oneof![
+        Just(json!(0)),
+        Just(json!(-1)),
+        Just(json!(1)),
+        Just(json!(3)),
+        Just(json!(7)),
+        Just(json!(1u64 << 40)),
+        Just(json!(u64::MAX)),
+        Just(json!(1e300)),
+        Just(json!(-0.5)),
+        Just(json!("64")),
+        Just(json!(null)),
+        Just(json!([4, 4])),
+        Just(json!({"rope_type": "llama3", "factor": 0.0, "rope_theta": -1.0})),
+        Just(json!({"rope_type": "linear", "factor": 0})),
+        Just(json!({"rope_type": "yarn"})),
+        (0i64..1000).prop_map(|v| json!(v)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    /// `config.json` with adversarial values for its shape keys: loading the folder and a
+    /// forward pass over three tokens answer Ok or Err, never panic.
+    #[test]
+    fn model_configs_never_panic(
+        edits in prop::collection::vec((0..CONFIG_KEYS.len(), config_value()), 1..4),
+        arch in prop_oneof![Just("tiny-llama"), Just("tiny-qwen2")],
+    ) {
+        let dir = temp();
+        copy_dir(&fixtures().join(arch), dir.path());
+        let cfg = dir.path().join("config.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+        for (k, val) in edits {
+            v[CONFIG_KEYS[k]] = val;
+        }
+        std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+        let opts = realign::model::LoadOptions::default();
+        if let Ok(lm) = realign::model::LoadedModel::load(dir.path(), &opts) {
+            let ids = candle_core::Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+            let _ = lm.model.forward(&ids);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    /// Mutated `tokenizer.json` and `tokenizer_config.json`: loading the tokenizer, encoding a
+    /// sentence and rendering a chat answer Ok or Err, never panic.
+    #[test]
+    fn mutated_tokenizer_files_never_panic(
+        (e, cut) in edits(),
+        (c, ccut) in edits(),
+        which in 0usize..3,
+        arch in prop_oneof![Just("tiny-llama"), Just("tiny-qwen2")],
+    ) {
+        let dir = temp();
+        copy_dir(&fixtures().join(arch), dir.path());
+        if which != 1 {
+            let p = dir.path().join("tokenizer.json");
+            let src = std::fs::read(&p).unwrap();
+            std::fs::write(&p, mutate(&src, &e, cut)).unwrap();
+        }
+        if which != 0 {
+            let p = dir.path().join("tokenizer_config.json");
+            if let Ok(src) = std::fs::read(&p) {
+                std::fs::write(&p, mutate(&src, &c, ccut)).unwrap();
+            }
+        }
+        if let Ok(tok) = realign::tokenizer::Tokenizer::from_hf_dir(dir.path()) {
+            let _ = tok.encode("Hello, world! Ünïcödé 123", true);
+            let msgs = [realign::tokenizer::ChatMessage::user("How do I bake bread?")];
+            let _ = tok.render_chat(&msgs, true);
+        }
+    }
+}

@@ -173,7 +173,7 @@ impl Config {
                 (b, b, hf.mlp_bias.unwrap_or(false))
             }
         };
-        Ok(Config {
+        let cfg = Config {
             architecture,
             hidden_size: hf.hidden_size,
             intermediate_size: hf.intermediate_size,
@@ -190,7 +190,76 @@ impl Config {
             o_bias,
             mlp_bias,
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
-        })
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Checks that every size is one a network can have and every constant is usable, before
+    /// anything is allocated from them: no size is 0 or beyond [`MAX_DIM`] ([`MAX_LAYERS`] for
+    /// the layer count, [`MAX_VOCAB`] for the vocabulary), no product of sizes overflows, and
+    /// `rms_norm_eps` (≥ 0), `rope_theta` (> 0) and the rotary scaling's numbers (> 0) are
+    /// finite. The error is a sentence naming the key, as in `config.json`.
+    pub fn check(&self) -> Result<(), String> {
+        let sizes = [
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_DIM),
+            ("num_attention_heads", self.num_attention_heads, MAX_DIM),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_DIM),
+            ("head_dim", self.head_dim, MAX_DIM),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+        ];
+        for (key, v, max) in sizes {
+            if v == 0 || v > max {
+                return Err(format!("{key} is {v}; expected 1 to {max}"));
+            }
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim is {} (hidden_size / num_attention_heads when absent); rotary embeddings need an even head size",
+                self.head_dim
+            ));
+        }
+        if self.num_attention_heads * self.head_dim > MAX_DIM {
+            return Err(format!(
+                "num_attention_heads × head_dim is {} × {}; expected at most {MAX_DIM}",
+                self.num_attention_heads, self.head_dim
+            ));
+        }
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{key} is {v}; expected a finite number above 0"))
+            }
+        };
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!(
+                "rms_norm_eps is {}; expected a finite number ≥ 0",
+                self.rms_norm_eps
+            ));
+        }
+        positive("rope_theta", self.rope_theta)?;
+        match self.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => positive("rope scaling factor", factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("rope scaling factor", factor)?;
+                positive("rope scaling low_freq_factor", low_freq_factor)?;
+                positive("rope scaling high_freq_factor", high_freq_factor)?;
+                positive(
+                    "rope scaling original_max_position_embeddings",
+                    original_max_position_embeddings,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Number of query heads sharing one key/value head.
@@ -232,6 +301,14 @@ impl Config {
         embed + head + self.hidden_size + self.num_hidden_layers * per_layer
     }
 }
+
+/// The largest width [`Config::check`] accepts (hidden, intermediate and head sizes, head
+/// counts): 2^20, 16× Llama-3-405B's intermediate size.
+pub const MAX_DIM: usize = 1 << 20;
+/// The most decoder layers [`Config::check`] accepts.
+pub const MAX_LAYERS: usize = 4096;
+/// The largest vocabulary [`Config::check`] accepts (2^24 tokens).
+pub const MAX_VOCAB: usize = 1 << 24;
 
 /// The seven linear modules of a decoder layer, by their path inside the layer.
 pub const LINEAR_MODULES: [&str; 7] = [
@@ -330,6 +407,51 @@ mod tests {
         g["model_type"] = json!("gpt_neox");
         let e = Config::from_hf_json(&g).unwrap_err();
         assert!(e.contains("gpt_neox"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_constants_out_of_range_are_named_errors() {
+        assert!(Config::from_hf_json(&base()).is_ok());
+        let cases = [
+            (
+                "num_hidden_layers",
+                json!(1u64 << 40),
+                "num_hidden_layers is 1099511627776",
+            ),
+            ("num_hidden_layers", json!(0), "num_hidden_layers is 0"),
+            ("hidden_size", json!(0), "hidden_size is 0"),
+            (
+                "vocab_size",
+                json!(1u64 << 30),
+                "vocab_size is 1073741824; expected 1 to 16777216",
+            ),
+            ("head_dim", json!(1u64 << 21), "head_dim is 2097152"),
+            ("head_dim", json!(15), "head_dim is 15"),
+            ("intermediate_size", json!(0), "intermediate_size is 0"),
+            ("rms_norm_eps", json!(-1.0), "rms_norm_eps is -1"),
+            ("rope_theta", json!(0.0), "rope_theta is 0"),
+            (
+                "rope_scaling",
+                json!({"type": "linear", "factor": -2.0}),
+                "rope scaling factor is -2",
+            ),
+        ];
+        for (key, value, want) in cases {
+            let mut c = base();
+            c[key] = value;
+            let e = Config::from_hf_json(&c).unwrap_err();
+            assert!(e.starts_with(want), "{key}: {e}");
+        }
+        // 2^19 heads of 4: the product 2^21 is over the bound although each factor is not.
+        let mut c = base();
+        c["num_attention_heads"] = json!(1 << 19);
+        c["num_key_value_heads"] = json!(1 << 19);
+        c["head_dim"] = json!(4);
+        let e = Config::from_hf_json(&c).unwrap_err();
+        assert!(
+            e.starts_with("num_attention_heads × head_dim is 524288 × 4"),
+            "{e}"
+        );
     }
 
     #[test]

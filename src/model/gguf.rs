@@ -94,7 +94,7 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> crate::Result<Config> {
         },
         _ => RopeScaling::Default,
     };
-    Ok(Config {
+    let cfg = Config {
         architecture,
         hidden_size,
         intermediate_size: meta_usize(c, path, &k("feed_forward_length"))?,
@@ -111,7 +111,9 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> crate::Result<Config> {
         o_bias: false,
         mlp_bias: false,
         max_position_embeddings: meta_usize(c, path, &k("context_length")).unwrap_or(4096),
-    })
+    };
+    cfg.check().map_err(|reason| bad(path, reason))?;
+    Ok(cfg)
 }
 
 /// The Hugging Face name of a GGUF tensor, or `None` for tensors the runtime does not use.

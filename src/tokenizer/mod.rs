@@ -193,10 +193,14 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> crate::Result<Self> {
         let tokenizer_path = dir.join("tokenizer.json");
         let bytes = fsutil::read(&tokenizer_path)?;
-        let inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Load {
+        // tokenizers 0.23 unwraps inside some of its deserialisers (a damaged `decoder`
+        // section panics): such a file is an error naming it, like any other bad file.
+        let inner = crate::quiet_panic::catch(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|panic| format!("unreadable ({panic})"))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|message| TokenizerError::Load {
                 path: tokenizer_path.clone(),
-                message: e.to_string(),
+                message,
             })?;
 
         let config_path = dir.join("tokenizer_config.json");
@@ -875,5 +879,58 @@ mod tests {
 
         let err = tiny(vec![("tokenizer.ggml.merges", strings(&["ab"]))]).unwrap_err();
         assert!(err.to_string().contains("tokenizer.ggml.merges"), "{err}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// GGUF tokenizer metadata with damaged entries (odd tokens, merges, token types, ids,
+        /// models and pre-tokenizers): building, encoding and decoding answer Ok or Err, never
+        /// panic.
+        #[test]
+        fn damaged_gguf_tokenizers_never_panic(
+            tokens in proptest::collection::vec("[ -~ĠĊ]{0,4}|<\\|[a-z_]{0,6}\\|>", 0..12),
+            merges in proptest::collection::vec("[ -~ĠĊ]{0,5}", 0..6),
+            types in proptest::collection::vec(-2i32..8, 0..12),
+            ids in proptest::collection::vec(0u32..40, 4),
+            model in proptest::sample::select(vec!["gpt2", "llama", "bert", ""]),
+            pre in proptest::sample::select(vec!["smollm", "gpt2", "qwen2", "llama3", "default", "x"]),
+            keep in proptest::collection::vec(proptest::prelude::any::<bool>(), 4),
+        ) {
+            let toks: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            let mrg: Vec<&str> = merges.iter().map(String::as_str).collect();
+            let mut extra = vec![
+                ("tokenizer.ggml.model", GgufValue::String(model.into())),
+                ("tokenizer.ggml.pre", GgufValue::String(pre.into())),
+                ("tokenizer.ggml.bos_token_id", GgufValue::U32(ids[0])),
+                ("tokenizer.ggml.eos_token_id", GgufValue::U32(ids[1])),
+                ("tokenizer.ggml.unknown_token_id", GgufValue::U32(ids[2])),
+                ("tokenizer.ggml.padding_token_id", GgufValue::U32(ids[3])),
+            ];
+            if keep[0] {
+                extra.push(("tokenizer.ggml.tokens", strings(&toks)));
+            }
+            if keep[1] {
+                extra.push(("tokenizer.ggml.merges", strings(&mrg)));
+            }
+            if keep[2] {
+                let t = types.iter().map(|&t| GgufValue::I32(t)).collect();
+                extra.push(("tokenizer.ggml.token_type", GgufValue::Array(t)));
+            }
+            if keep[3] {
+                extra.push(("tokenizer.ggml.scores", GgufValue::Array(vec![GgufValue::F32(-1.0); toks.len()])));
+            }
+            if let Ok(tok) = tiny(extra) {
+                if let Ok(ids) = tok.encode("ab a12 <|im_start|>x\n", true) {
+                    let _ = tok.decode(&ids, false);
+                }
+                let _ = tok.decode(&[0, 1, 2, 5, 39], true);
+                let _ = tok.render_chat(&[ChatMessage::user("ab")], true);
+            }
+        }
     }
 }
