@@ -760,6 +760,30 @@ fn config_cases() -> Vec<(&'static str, &'static str, Make)> {
                 vec!["run.toml".into(), "lr".into()],
             )
         }),
+        c("train", "lora rank 0", |e, d| {
+            (
+                train(e, d, "[lora]\nr = 0", ""),
+                vec!["run.toml".into(), "lora.r".into()],
+            )
+        }),
+        c("train", "warmup ratio above 1", |e, d| {
+            (
+                train(e, d, "", "warmup_ratio = 2.0"),
+                vec!["run.toml".into(), "optim.warmup_ratio".into()],
+            )
+        }),
+        c(
+            "train",
+            "no row fits max_length (no output folder left)",
+            |e, d| {
+                let p = train(e, d, "", "");
+                let text = std::fs::read_to_string(&p)
+                    .unwrap()
+                    .replace("[data]\n", "[data]\nmax_length = 2\n");
+                std::fs::write(&p, text).unwrap();
+                (p, vec!["no training examples".into()])
+            },
+        ),
         c("train", "data file missing", |e, d| {
             let p = train(e, d, "", "");
             let text = std::fs::read_to_string(&p)

@@ -157,9 +157,18 @@ pub fn mix(
     })
 }
 
+/// The most rows a mix may hold (the rows are built in memory before the file is written).
+pub const MAX_ROWS: usize = 1_000_000;
+
 fn check(cfg: &MixConfig) -> Result<(), DataError> {
     if cfg.n == 0 {
         return Err(DataError::Mix("n must be at least 1".into()));
+    }
+    if cfg.n > MAX_ROWS {
+        return Err(DataError::Mix(format!(
+            "n is {}; a mix holds at most {MAX_ROWS} rows (1,000 x the papers' attacks)",
+            cfg.n
+        )));
     }
     if !(0.0..=1.0).contains(&cfg.p) {
         return Err(DataError::Mix(format!(
@@ -267,6 +276,8 @@ mod tests {
         let t = rows("t", 3);
         let cfg = |n, p| MixConfig { n, p, seed: 0 };
         assert!(mix(&t, &t, "T", "H", &cfg(0, 0.1)).is_err());
+        let err = mix(&t, &t, "T", "H", &cfg(usize::MAX, 0.1)).unwrap_err();
+        assert!(err.to_string().contains("at most 1000000 rows"), "{err}");
         assert!(mix(&t, &t, "T", "H", &cfg(10, 1.5)).is_err());
         assert!(mix(&t, &t, "T", "H", &cfg(10, f64::NAN)).is_err());
         let err = mix(&t, &[], "T", "H", &cfg(10, 0.5)).unwrap_err();

@@ -358,13 +358,13 @@ pub fn sn_tune(
         },
     )?;
     let steps_per_epoch = examples.len().div_ceil(cfg.batch_size);
-    let mut total = steps_per_epoch * cfg.epochs;
+    let mut total = steps_per_epoch.saturating_mul(cfg.epochs);
     if cfg.max_steps > 0 {
         total = total.min(cfg.max_steps);
     }
     let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
     let pad = tok.pad_token_id().unwrap_or(0);
-    let mut log = Vec::with_capacity(total);
+    let mut log = Vec::with_capacity(total.min(1 << 16));
     let mut step = 0;
     'epochs: for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..examples.len()).collect();

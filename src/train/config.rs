@@ -273,8 +273,52 @@ impl TrainConfig {
                 "optim.batch_size, optim.grad_accum and optim.epochs must be at least 1".into(),
             );
         }
-        if o.lr.is_nan() || o.lr <= 0.0 {
-            return Err(format!("optim.lr must be > 0 (got {})", o.lr));
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(format!(
+                "optim.lr must be a finite number > 0 (got {})",
+                o.lr
+            ));
+        }
+        for (key, v) in [
+            ("optim.weight_decay", o.weight_decay),
+            ("optim.max_grad_norm", o.max_grad_norm),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{key} must be a finite number ≥ 0 (got {v})"));
+            }
+        }
+        if !(0.0..=1.0).contains(&o.warmup_ratio) {
+            return Err(format!(
+                "optim.warmup_ratio must be within [0, 1] (got {})",
+                o.warmup_ratio
+            ));
+        }
+        if self.lora.r == 0 {
+            return Err("lora.r must be at least 1".into());
+        }
+        if !self.lora.alpha.is_finite() {
+            return Err(format!(
+                "lora.alpha must be a finite number (got {})",
+                self.lora.alpha
+            ));
+        }
+        let params: &[(&str, f64)] = match self.objective {
+            Objective::Sft => &[],
+            Objective::Dpo { beta } => &[("beta", beta)],
+            Objective::Orpo { lambda } => &[("lambda", lambda)],
+            Objective::Kto {
+                beta,
+                lambda_d,
+                lambda_u,
+            } => &[
+                ("beta", beta),
+                ("lambda_d", lambda_d),
+                ("lambda_u", lambda_u),
+            ],
+            Objective::Simpo { beta, gamma } => &[("beta", beta), ("gamma", gamma)],
+        };
+        if let Some((key, v)) = params.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("{key} must be a finite number (got {v})"));
         }
         if self.lora.dropout != 0.0 {
             return Err("lora.dropout > 0 is not supported yet: set it to 0".into());
@@ -332,5 +376,53 @@ mod tests {
         let e = TrainConfig::from_toml("method = \"ppo\"\noutput = \"o\"\n[data]\ntrain = \"x\"\n")
             .unwrap_err();
         assert!(e.contains("ppo"), "{e}");
+    }
+
+    #[test]
+    fn numbers_that_cannot_train_are_named_errors() {
+        let head = "method = \"dpo\"\noutput = \"o\"\n";
+        let cases = [
+            ("beta = nan\n", "", "beta must be a finite number (got NaN)"),
+            ("", "[lora]\nr = 0\n", "lora.r must be at least 1"),
+            (
+                "",
+                "[lora]\nalpha = inf\n",
+                "lora.alpha must be a finite number (got inf)",
+            ),
+            (
+                "",
+                "[optim]\nlr = inf\n",
+                "optim.lr must be a finite number > 0 (got inf)",
+            ),
+            (
+                "",
+                "[optim]\nlr = 0.0\n",
+                "optim.lr must be a finite number > 0 (got 0)",
+            ),
+            (
+                "",
+                "[optim]\nweight_decay = nan\n",
+                "optim.weight_decay must be a finite number ≥ 0 (got NaN)",
+            ),
+            (
+                "",
+                "[optim]\nmax_grad_norm = -1.0\n",
+                "optim.max_grad_norm must be a finite number ≥ 0 (got -1)",
+            ),
+            (
+                "",
+                "[optim]\nwarmup_ratio = 1.5\n",
+                "optim.warmup_ratio must be within [0, 1] (got 1.5)",
+            ),
+        ];
+        for (top, section, want) in cases {
+            let text = format!("{head}{top}[data]\ntrain = \"x\"\n{section}");
+            assert_eq!(TrainConfig::from_toml(&text).unwrap_err(), want, "{text}");
+        }
+        let e = TrainConfig::from_toml(
+            "method = \"simpo\"\ngamma = inf\noutput = \"o\"\n[data]\ntrain = \"x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e, "gamma must be a finite number (got inf)");
     }
 }

@@ -117,7 +117,28 @@ impl Progress for Quiet {
 
 /// Runs a whole training: `model` (frozen base, as loaded), its tokenizer, the rows, the
 /// config. With `resume`, continues from the newest checkpoint in the output folder.
+///
+/// The output folder is the run's working folder (the step log, checkpoints to resume from, then
+/// the adapter). A run that fails before it saved a checkpoint removes the folder it created, so
+/// a failed run leaves no partial output.
 pub fn train(
+    model: Model,
+    tok: &Tokenizer,
+    rows: &[Row],
+    cfg: &TrainConfig,
+    resume: bool,
+    progress: &mut dyn Progress,
+) -> crate::Result<TrainReport> {
+    let out = &cfg.output;
+    let created = !out.exists();
+    let result = train_in(model, tok, rows, cfg, resume, progress);
+    if result.is_err() && created && matches!(latest_checkpoint(out), Ok(None)) {
+        let _ = std::fs::remove_dir_all(out);
+    }
+    result
+}
+
+fn train_in(
     mut model: Model,
     tok: &Tokenizer,
     rows: &[Row],
@@ -185,7 +206,7 @@ pub fn train(
     let mut opt = AdamW::new(vars.clone(), params)?;
     let micro_per_epoch = examples.len().div_ceil(o.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(o.grad_accum);
-    let mut total_steps = steps_per_epoch * o.epochs;
+    let mut total_steps = steps_per_epoch.saturating_mul(o.epochs);
     if o.max_steps > 0 {
         total_steps = total_steps.min(o.max_steps);
     }
