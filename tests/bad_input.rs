@@ -841,6 +841,16 @@ fn config_cases() -> Vec<(&'static str, &'static str, Make)> {
                 vec!["exp.toml".into(), "align.sft.lr".into()],
             )
         }),
+        c("experiment", "alignment rank beyond 2^16", |e, d| {
+            (
+                experiment(
+                    e,
+                    d,
+                    "[align.sft]\nmethod = \"sft\"\ndata = \"embedded:align_sft\"\nbeta = 0.1\nr = 9223372036854775807\nalpha = 32.0\nlr = 0.0002\nepochs = 1\nbatch_size = 8\ngrad_accum = 1\nwarmup_ratio = 0.05\nmax_length = 192\nmax_rows = 0\n",
+                ),
+                vec!["exp.toml".into(), "align.sft.r".into()],
+            )
+        }),
         c("experiment", "harmful fraction above 1", |e, d| {
             (
                 experiment(e, d, "[attack]\nps = [2.0]\n"),

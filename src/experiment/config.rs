@@ -536,10 +536,23 @@ impl StageTrain {
                 return Err(format!("{name}.{key} = 0: give at least 1"));
             }
         }
+        if self.r > crate::train::MAX_LORA_RANK {
+            return Err(format!(
+                "{name}.r = {}: at most {}",
+                self.r,
+                crate::train::MAX_LORA_RANK
+            ));
+        }
         for (key, v) in [("lr", self.lr), ("alpha", self.alpha)] {
             if !v.is_finite() || v <= 0.0 {
                 return Err(format!("{name}.{key} = {v} is not a finite number > 0"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err(format!(
+                "{name}.warmup_ratio = {} is outside [0, 1]",
+                self.warmup_ratio
+            ));
         }
         let used = self.parameters();
         for (key, v) in self.parameter_values() {

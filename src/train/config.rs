@@ -293,8 +293,12 @@ impl TrainConfig {
                 o.warmup_ratio
             ));
         }
-        if self.lora.r == 0 {
-            return Err("lora.r must be at least 1".into());
+        if self.lora.r == 0 || self.lora.r > super::MAX_LORA_RANK {
+            return Err(format!(
+                "lora.r must be 1 to {} (got {})",
+                super::MAX_LORA_RANK,
+                self.lora.r
+            ));
         }
         if !self.lora.alpha.is_finite() {
             return Err(format!(
@@ -383,7 +387,12 @@ mod tests {
         let head = "method = \"dpo\"\noutput = \"o\"\n";
         let cases = [
             ("beta = nan\n", "", "beta must be a finite number (got NaN)"),
-            ("", "[lora]\nr = 0\n", "lora.r must be at least 1"),
+            ("", "[lora]\nr = 0\n", "lora.r must be 1 to 65536 (got 0)"),
+            (
+                "",
+                "[lora]\nr = 9223372036854775807\n",
+                "lora.r must be 1 to 65536 (got 9223372036854775807)",
+            ),
             (
                 "",
                 "[lora]\nalpha = inf\n",

@@ -19,6 +19,10 @@ pub use schedule::{lr_at, Schedule};
 pub use trainable::{TrainableLora, TrainableModule};
 pub use trainer::{train, StepLog, TrainReport};
 
+/// The largest LoRA rank a run file or an experiment stage may ask for (2^16; peft's ranks in
+/// use are ≤ 1,024): the adapter's matrices are allocated from it before anything else checks.
+pub const MAX_LORA_RANK: usize = 1 << 16;
+
 use std::path::PathBuf;
 
 /// Errors of training.
