@@ -122,23 +122,6 @@ impl Progress for Quiet {
 /// the adapter). A run that fails before it saved a checkpoint removes the folder it created, so
 /// a failed run leaves no partial output.
 pub fn train(
-    model: Model,
-    tok: &Tokenizer,
-    rows: &[Row],
-    cfg: &TrainConfig,
-    resume: bool,
-    progress: &mut dyn Progress,
-) -> crate::Result<TrainReport> {
-    let out = &cfg.output;
-    let created = !out.exists();
-    let result = train_in(model, tok, rows, cfg, resume, progress);
-    if result.is_err() && created && matches!(latest_checkpoint(out), Ok(None)) {
-        let _ = std::fs::remove_dir_all(out);
-    }
-    result
-}
-
-fn train_in(
     mut model: Model,
     tok: &Tokenizer,
     rows: &[Row],
@@ -148,6 +131,11 @@ fn train_in(
 ) -> crate::Result<TrainReport> {
     let started = Instant::now();
     let out = &cfg.output;
+    let mut cleanup = RemoveIfFailed {
+        out,
+        created: !out.exists(),
+        succeeded: false,
+    };
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let (examples, dropped) = encode_rows(tok, rows, cfg)?;
     if examples.is_empty() {
@@ -318,7 +306,24 @@ fn train_in(
         source: e,
     })?;
     crate::fsutil::write_atomic(&out.join("train_report.json"), &json)?;
+    cleanup.succeeded = true;
     Ok(report)
+}
+
+/// Removes the output folder a run created when the run ends (by an error or a panic) before
+/// it succeeded and without a checkpoint to resume from.
+struct RemoveIfFailed<'a> {
+    out: &'a Path,
+    created: bool,
+    succeeded: bool,
+}
+
+impl Drop for RemoveIfFailed<'_> {
+    fn drop(&mut self) {
+        if !self.succeeded && self.created && matches!(latest_checkpoint(self.out), Ok(None)) {
+            let _ = std::fs::remove_dir_all(self.out);
+        }
+    }
 }
 
 /// Batches per length-sorted group when batches are grouped by length (transformers'
