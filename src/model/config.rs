@@ -303,7 +303,7 @@ impl Config {
 }
 
 /// The largest width [`Config::check`] accepts (hidden, intermediate and head sizes, head
-/// counts): 2^20, 16× Llama-3-405B's intermediate size.
+/// counts): 2^20, about 20× Llama-3-405B's intermediate size (53,248).
 pub const MAX_DIM: usize = 1 << 20;
 /// The most decoder layers [`Config::check`] accepts.
 pub const MAX_LAYERS: usize = 4096;
