@@ -275,6 +275,16 @@ fn mismatched_checkpoints_and_rank_0_are_refused_with_the_key() {
     };
     let err = extract(&base, &base, &cfg).unwrap_err().to_string();
     assert!(err.contains("rank 0"), "{err}");
+    // A rank of 2^64 - 1 panicked on capacity overflow when the factors were padded to it.
+    let cfg = ExtractConfig {
+        rank: usize::MAX,
+        ..ExtractConfig::default()
+    };
+    let err = extract(&base, &base, &cfg).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("rank {}: at most 65536", usize::MAX)),
+        "{err}"
+    );
     let cfg = ExtractConfig {
         targets: vec!["nothing_proj".into()],
         ..ExtractConfig::default()

@@ -144,6 +144,42 @@ fn keyword_judges_on_a_tiny_set() {
     assert_eq!(json["results"][2]["judge"], "keyword+decline");
     assert_eq!(json["results"][0]["overall"]["n"], 2);
     assert_eq!(json["limit"], 2);
+
+    // An existing output is refused and left as it was, unless --overwrite replaces it whole.
+    let rerun = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_realign"))
+            .args([
+                "judge-eval",
+                "--data",
+                data.to_str().unwrap(),
+                "--limit",
+                "1",
+            ])
+            .args(extra)
+            .arg("-o")
+            .arg(tmp.path().join("out2"))
+            .output()
+            .unwrap()
+    };
+    let before = std::fs::read(tmp.path().join("out2/judge-eval.json")).unwrap();
+    let out = rerun(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("out2") && err.contains("--overwrite"), "{err}");
+    assert_eq!(
+        std::fs::read(tmp.path().join("out2/judge-eval.json")).unwrap(),
+        before
+    );
+    let out = rerun(&["--overwrite"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("out2/judge-eval.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["limit"], 1);
 }
 
 #[test]
@@ -177,6 +213,13 @@ fn bad_record_names_file_and_line() {
         err.contains("x.csv") && err.contains("line 4") && err.contains("0 or 1"),
         "{err}"
     );
+    // A failed run leaves no output folder, and no partial one beside it.
+    let left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "data" && n != "good")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     let good = tmp.path().join("good");
     write(
         &good.join("objective/x.csv"),

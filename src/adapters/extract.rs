@@ -186,7 +186,7 @@ pub fn truncated_svd(
         SvdMethod::Auto => SvdMethod::Randomized,
         other => other,
     };
-    let sketch = (rank + oversample).min(m).min(n);
+    let sketch = rank.saturating_add(oversample).min(m).min(n);
     // A sketch as wide as the matrix is no cheaper than the exact SVD.
     let method = if method == SvdMethod::Randomized && sketch == m.min(n) {
         SvdMethod::Exact
@@ -265,6 +265,17 @@ pub fn extract(
     };
     if cfg.rank == 0 {
         return Err(bad(finetuned, "rank 0: give a rank of at least 1".into()).into());
+    }
+    if cfg.rank > crate::train::MAX_LORA_RANK {
+        return Err(bad(
+            finetuned,
+            format!(
+                "rank {}: at most {} (every module's factors are padded to it)",
+                cfg.rank,
+                crate::train::MAX_LORA_RANK
+            ),
+        )
+        .into());
     }
     for dir in [base, finetuned] {
         if dir.is_file() {

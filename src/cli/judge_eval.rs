@@ -34,9 +34,14 @@ pub struct Args {
     /// files) [default: <cache>/data/scorer_evals, fetched by scripts/setup.sh]
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Output folder: judge-eval.json, judge-eval.md, verdicts.jsonl
+    /// Output folder: judge-eval.json, judge-eval.md, verdicts.jsonl (written whole: into a
+    /// hidden partial folder, renamed at the end)
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output if it exists (without this flag an existing output is refused and
+    /// left untouched)
+    #[arg(long)]
+    overwrite: bool,
     /// Pairs per judge-model batch
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -52,6 +57,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let sets: Vec<LabelSet> = if a.set == "all" {
         LabelSet::ALL.to_vec()
     } else {
@@ -83,8 +89,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let report = judge_eval(&judges, &loaded, split, a.limit, a.sample_seed)?;
     report
-        .write(&a.output)
+        .write(staged.path())
         .with_context(|| format!("writing {}", a.output.display()))?;
+    staged.commit()?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
