@@ -306,21 +306,7 @@ impl TrainConfig {
                 self.lora.alpha
             ));
         }
-        let params: &[(&str, f64)] = match self.objective {
-            Objective::Sft => &[],
-            Objective::Dpo { beta } => &[("beta", beta)],
-            Objective::Orpo { lambda } => &[("lambda", lambda)],
-            Objective::Kto {
-                beta,
-                lambda_d,
-                lambda_u,
-            } => &[
-                ("beta", beta),
-                ("lambda_d", lambda_d),
-                ("lambda_u", lambda_u),
-            ],
-            Objective::Simpo { beta, gamma } => &[("beta", beta), ("gamma", gamma)],
-        };
+        let params = self.objective.parameters();
         if let Some((key, v)) = params.iter().find(|(_, v)| !v.is_finite()) {
             return Err(format!("{key} must be a finite number (got {v})"));
         }

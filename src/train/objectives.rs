@@ -81,6 +81,25 @@ impl Objective {
             Objective::Dpo { .. } | Objective::Orpo { .. } | Objective::Simpo { .. }
         )
     }
+
+    /// The objective's parameters by their run-file keys, with their values (none for SFT).
+    pub fn parameters(&self) -> Vec<(&'static str, f64)> {
+        match *self {
+            Objective::Sft => vec![],
+            Objective::Dpo { beta } => vec![("beta", beta)],
+            Objective::Orpo { lambda } => vec![("lambda", lambda)],
+            Objective::Kto {
+                beta,
+                lambda_d,
+                lambda_u,
+            } => vec![
+                ("beta", beta),
+                ("lambda_d", lambda_d),
+                ("lambda_u", lambda_u),
+            ],
+            Objective::Simpo { beta, gamma } => vec![("beta", beta), ("gamma", gamma)],
+        }
+    }
 }
 
 /// DPO: `-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`.
