@@ -9,7 +9,14 @@ fn main() -> anyhow::Result<()> {
     let m = LoadedModel::load(&realign::assets::default_model(), &LoadOptions::default())?;
     let model = &m.model;
     let dev = model.device().clone();
-    let (b, s) = (8usize, 128usize);
+    // B, S: another shape (default 8 x 128, the bench's)
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (b, s) = (env("B", 8), env("S", 128));
     let ws: Vec<Tensor> = model.linears().map(|l| l.weight.clone()).collect();
     let x576 = Tensor::ones((b * s, 576), DType::F32, &dev)?;
     let x1536 = Tensor::ones((b * s, 1536), DType::F32, &dev)?;

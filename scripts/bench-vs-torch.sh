@@ -2,8 +2,9 @@
 # realign vs PyTorch on the same shapes, one after the other, on this machine:
 #   train:   LoRA r 16 on q,k,v,o,gate,up,down, SmolLM2-135M f32, batch 8 x 128, AdamW
 #            (`realign bench train` vs transformers + peft)
-#   prefill: batch 8 x 128, logits at every position
-#            (`realign bench forward`'s prefill_tokens_per_s vs transformers)
+#   prefill: batch 8 x 128, logits at every position, and batch 2 x 1024, the last logits only
+#            (`realign bench forward`'s prefill_tokens_per_s and prefill_long_tokens_per_s vs
+#            transformers)
 #   decode:  greedy generation, 64 new tokens: batch 1 in f32 and in bf16, batch 16 and 32 in f32
 #            (`realign bench forward`'s decode metrics vs transformers' generate)
 #   gemm:    the prefill's matrix products alone, x W^T with 1,024 rows on SmolLM2's shapes, GFLOP/s
@@ -123,7 +124,7 @@ PY
 }
 
 [ "$ONLY" = "" ] || [ "$ONLY" = train ] && run_pair train train train train_tokens_per_s
-[ "$ONLY" = "" ] || [ "$ONLY" = forward ] && run_pair forward forward forward prefill_tokens_per_s \
+[ "$ONLY" = "" ] || [ "$ONLY" = forward ] && run_pair forward forward forward prefill_tokens_per_s prefill_long_tokens_per_s \
     decode_tokens_per_s decode_bf16_tokens_per_s batched_decode_tokens_per_s batched32_decode_tokens_per_s
 [ "$ONLY" = gemm ] && run_pair gemm gemm gemm gate_up_gflops down_gflops q_o_gflops lm_head_gflops
 echo "threads $THREADS, best of $REPEATS, $ROUNDS round(s), $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -4,7 +4,8 @@
 Same shapes as realign's bench: SmolLM2-135M in f32 (dequantised from the GGUF by transformers),
 random token ids (seed 0) in [100, vocab), batch 8 x 128.
 
-* prefill: logits at every position, `torch.inference_mode()`.
+* prefill: logits at every position, `torch.inference_mode()`; and a long prompt, batch 2 x 1024,
+  logits at the last position only (`prefill_long_tokens_per_s`).
 * decode: `generate`, greedy, exactly 64 new tokens: batch 1 after a 16-token prompt, in f32
   and with the model cast to bf16 (`decode_bf16_tokens_per_s`); batch 16 and 32 after
   left-padded prompts of 8.. tokens (`batched_decode_tokens_per_s`, `batched32_...`), as
@@ -84,6 +85,16 @@ def main():
 
         emit("forward", "prefill_tokens_per_s", b * s / best_of(prefill),
              f"transformers, batch {b} x {s}, logits at every position")
+
+        lb, ls = 2, 1024
+        long_ids = torch.randint(100, vocab, (lb, ls), generator=gen)
+
+        def prefill_long():
+            with torch.inference_mode():
+                model(long_ids, logits_to_keep=1).logits
+
+        emit("forward", "prefill_long_tokens_per_s", lb * ls / best_of(prefill_long),
+             f"transformers, batch {lb} x {ls}, logits at the last position only")
 
         new = 64
 

@@ -80,7 +80,7 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> crate::Result<()>) -> crate::R
     Ok(best)
 }
 
-/// Prefill (batch 8 x 128), greedy decode (batch 1, 64 tokens; with the model's own storage
+/// Prefill (batch 8 x 128; and batch 2 x 1024 with the last logits only), greedy decode (batch 1, 64 tokens; with the model's own storage
 /// and with bf16 matrices) and batched decode (batch 16 and batch 32, 64 tokens; each also as
 /// its prefill alone and the rate of the one-token steps after it) on random token ids
 /// (seed 0). Calls `out` for each figure as it is measured.
@@ -117,6 +117,28 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
         format!(
             "batch {b} x {s}, logits at the last position only (as generate), {threads} threads"
         ),
+    ));
+
+    // A long prompt: attention's share grows with the length (each query sees its earlier
+    // keys only, which `model::prefill_attention` exploits).
+    let (lb, ls) = (2, 1024);
+    let long = Tensor::from_vec(random_ids(&mut rng, lb * ls, vocab), (lb, ls), dev)?;
+    let secs = best_of(repeats, || {
+        model
+            .forward_with(
+                &long,
+                ForwardArgs {
+                    logits: Logits::Last,
+                    ..Default::default()
+                },
+            )
+            .map(drop)
+    })?;
+    out(figure(
+        "prefill_long_tokens_per_s",
+        (lb * ls) as f64 / secs,
+        "tokens/s",
+        format!("batch {lb} x {ls}, logits at the last position only, {threads} threads"),
     ));
 
     let new = 64;

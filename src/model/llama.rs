@@ -179,6 +179,25 @@ impl Attention {
         let groups = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, groups * s, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let merge = |out: Tensor| {
+            out.reshape((b, self.num_heads, s, self.head_dim))?
+                .transpose(1, 2)?
+                .reshape((b, s, self.num_heads * self.head_dim))
+        };
+        if hook.is_none() && !step.differentiable {
+            // block by block, skipping the keys a block's queries all mask
+            let out = super::prefill_attention::prefill_attention(
+                &q,
+                &k,
+                &v,
+                step.mask.as_ref(),
+                scale as f32,
+                s,
+            )?;
+            if let Some(out) = out {
+                return self.o_proj.forward(&merge(out)?, hook);
+            }
+        }
         let raw = batched_matmul(&q, &k.t()?)?.reshape((b, self.num_heads, s, t))?;
         let probs = if step.differentiable && raw.device().is_cpu() && raw.dtype() == DType::F32 {
             // Scale, mask and softmax in one pass, with its backward written out.
@@ -210,10 +229,7 @@ impl Attention {
         };
         emit(hook, &self.name, "attn_weights", &probs)?;
         let probs = probs.reshape((b, self.num_kv_heads, groups * s, t))?;
-        let out = batched_matmul(&probs, &v)?.reshape((b, self.num_heads, s, self.head_dim))?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, s, self.num_heads * self.head_dim))?;
+        let out = merge(batched_matmul(&probs, &v)?)?;
         self.o_proj.forward(&out, hook)
     }
 

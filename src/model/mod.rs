@@ -31,6 +31,7 @@ pub(crate) mod mapped;
 pub mod matmul;
 pub mod parallel;
 pub mod prefetch;
+pub mod prefill_attention;
 pub mod rms_norm;
 pub mod rope;
 pub mod scores;
