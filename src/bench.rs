@@ -99,17 +99,21 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
         "tokens/s",
         format!("batch {b} x {s}, logits at every position, {threads} threads, best of {repeats}"),
     ));
-    let secs = best_of(repeats, || {
-        model
-            .forward_with(
-                &ids,
-                ForwardArgs {
-                    logits: Logits::Last,
-                    ..Default::default()
-                },
-            )
-            .map(drop)
-    })?;
+    // a prefill that keeps the logits of the last position only, as generation does
+    let last_logits = |ids: &Tensor| {
+        best_of(repeats, || {
+            model
+                .forward_with(
+                    ids,
+                    ForwardArgs {
+                        logits: Logits::Last,
+                        ..Default::default()
+                    },
+                )
+                .map(drop)
+        })
+    };
+    let secs = last_logits(&ids)?;
     out(figure(
         "prefill_last_logits_tokens_per_s",
         (b * s) as f64 / secs,
@@ -123,17 +127,7 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
     // keys only, which `model::prefill_attention` exploits).
     let (lb, ls) = (2, 1024);
     let long = Tensor::from_vec(random_ids(&mut rng, lb * ls, vocab), (lb, ls), dev)?;
-    let secs = best_of(repeats, || {
-        model
-            .forward_with(
-                &long,
-                ForwardArgs {
-                    logits: Logits::Last,
-                    ..Default::default()
-                },
-            )
-            .map(drop)
-    })?;
+    let secs = last_logits(&long)?;
     out(figure(
         "prefill_long_tokens_per_s",
         (lb * ls) as f64 / secs,

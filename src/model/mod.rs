@@ -53,6 +53,13 @@ pub(crate) mod test_util {
         d.and_then(|d| d.to_scalar::<f32>()).unwrap_or(f32::NAN)
     }
 
+    /// The bit patterns of a tensor's elements, for comparisons to the bit.
+    pub fn bits(x: &Tensor) -> Vec<u32> {
+        let v = x.flatten_all().and_then(|x| x.to_vec1::<f32>());
+        v.map(|v| v.iter().map(|x| x.to_bits()).collect())
+            .unwrap_or_default()
+    }
+
     /// `n` seeded values in [-1, 1) from a xorshift generator (the same for every seed on
     /// every machine).
     pub fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -195,6 +195,7 @@ fn attend(
 mod tests {
     use super::*;
     use crate::model::bmm::batched_matmul;
+    use crate::model::test_util::{bits, values};
     use candle_core::Device;
 
     /// The composed path: `Q Kᵀ`, the scaled masked softmax and `P V` as [`super::super::llama`]
@@ -244,16 +245,6 @@ mod tests {
         Tensor::from_vec(data, (b, 1, s, t), &Device::Cpu).unwrap()
     }
 
-    fn bits(x: &Tensor) -> Vec<u32> {
-        x.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
-
     /// Bit for bit the composed path: prompts shorter and longer than a block, not multiples of
     /// it, with a cache before them (`past > 0`), left padding (whole padded query rows among
     /// them) and grouped heads.
@@ -262,7 +253,7 @@ mod tests {
         let dev = Device::Cpu;
         /// (b, kv, groups, s, past, left padding per batch row)
         type Case = (usize, usize, usize, usize, usize, &'static [usize]);
-        let cases: [Case; 8] = [
+        let cases: [Case; 10] = [
             (2, 3, 3, 128, 0, &[0, 17]),
             (1, 1, 1, 5, 0, &[0]),
             (3, 2, 2, 70, 0, &[0, 40, 69]),
@@ -271,13 +262,21 @@ mod tests {
             (2, 3, 3, 31, 96, &[5, 0]),
             (1, 1, 1, 2, 0, &[0]),
             (2, 3, 3, 65, 0, &[0, 1]),
+            // a cache of a length that is no multiple of 32: blocks end between key steps
+            (2, 3, 3, 100, 7, &[0, 9]),
+            (1, 1, 2, 64, 45, &[0]),
         ];
         for (n, &(b, kv, groups, s, past, pad)) in cases.iter().enumerate() {
             let (d, t) = (64, past + s);
-            let q =
-                (Tensor::randn(0f32, 1.0, (b, kv, groups * s, d), &dev).unwrap() * 2.0).unwrap();
-            let k = (Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev).unwrap() * 2.0).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev).unwrap();
+            // seeded values in [-4, 4) for q and k (scores of up to a few units), [-1, 1) for v
+            let seeded = |shape: (usize, usize, usize, usize), seed: u64, scale: f32| {
+                let v = values(shape.0 * shape.1 * shape.2 * shape.3, seed);
+                let v = v.into_iter().map(|x| x * scale).collect::<Vec<_>>();
+                Tensor::from_vec(v, shape, &dev).unwrap()
+            };
+            let q = seeded((b, kv, groups * s, d), 3 * n as u64, 4.0);
+            let k = seeded((b, kv, t, d), 3 * n as u64 + 1, 4.0);
+            let v = seeded((b, kv, t, d), 3 * n as u64 + 2, 1.0);
             let mask = mask(b, s, t, pad);
             let scale = 0.125;
             let got = prefill_attention(&q, &k, &v, Some(&mask), scale, s)

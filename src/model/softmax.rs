@@ -100,15 +100,7 @@ mod tests {
         }
         let mask = Tensor::from_vec(mask, (b, 1, s, t), &dev).unwrap();
         let scale = 0.125f64;
-        let bits = |x: &Tensor| -> Vec<u32> {
-            x.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
+        use crate::model::test_util::bits;
         for with_mask in [true, false] {
             let scores = (&raw * scale).unwrap();
             let scores = if with_mask {
