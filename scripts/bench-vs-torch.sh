@@ -128,6 +128,8 @@ PY
     decode_tokens_per_s decode_bf16_tokens_per_s batched_decode_tokens_per_s batched32_decode_tokens_per_s
 [ "$ONLY" = gemm ] && run_pair gemm gemm gemm gate_up_gflops down_gflops q_o_gflops lm_head_gflops
 echo "threads $THREADS, best of $REPEATS, $ROUNDS round(s), $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
-# The machine, as realign's figures name it (CPU model, logical CPUs, kernels, threads).
-grep -h -o '"host":"[^"]*"' "$TMP"/realign-*.jsonl | head -n 1 | sed 's/^"host":"/host: /; s/"$//'
+# The machine, as realign's figures name it (CPU model, logical CPUs, kernels, threads). sed reads
+# all of grep's lines (`head -n 1` could close the pipe early: SIGPIPE, and pipefail ends the
+# script before the table).
+grep -h -o '"host":"[^"]*"' "$TMP"/realign-*.jsonl | sed -n '1{s/^"host":"/host: /; s/"$//; p;}'
 cat "$TMP/table"
