@@ -80,7 +80,8 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> crate::Result<()>) -> crate::R
     Ok(best)
 }
 
-/// Prefill (batch 8 x 128; and batch 2 x 1024 with the last logits only), greedy decode (batch 1, 64 tokens; with the model's own storage
+/// Prefill (batch 8 x 128, with logits at every position and at the last one; batch 2 x 1024
+/// with the last logits only), greedy decode (batch 1, 64 tokens; with the model's own storage
 /// and with bf16 matrices) and batched decode (batch 16 and batch 32, 64 tokens; each also as
 /// its prefill alone and the rate of the one-token steps after it) on random token ids
 /// (seed 0). Calls `out` for each figure as it is measured.

@@ -5,10 +5,10 @@
 //! Under a causal mask, query `i` of a prompt sees keys `0..=past + i`: the composed path
 //! (`Q Kᵀ`, the softmax, `P V` over all `t` keys) spends half of its products and of its `exp`
 //! calls on entries whose probability is exactly zero. Here the queries of each KV head's
-//! stacked heads are cut into blocks of [`BLOCK`] rows (the last one up to `2 BLOCK - 1`), and a block's scores, softmax and `P V`
-//! run over its first `e` keys only, `e` the last key any of its rows sees, rounded up to a
-//! multiple of 32 (at most `t`). A block's scores live in a small scratch buffer, so the
-//! `[b, heads, s, t]` probabilities are never written either.
+//! stacked heads are cut into blocks of [`BLOCK`] rows (the last one up to `2 BLOCK - 1`), and
+//! a block's scores, softmax and `P V` run over its first `e` keys only, `e` the last key any
+//! of its rows sees, rounded up to a multiple of 32 (at most `t`). A block's scores live in a
+//! small scratch buffer, so the `[b, heads, s, t]` probabilities are never written either.
 //!
 //! The result is the composed path's to the bit: each score is the same `gemm` dot product
 //! over `head_dim`; each row's softmax ([`super::expf::softmax_row`]) sees the same values
@@ -22,7 +22,9 @@ use candle_core::{DType, Tensor};
 
 use super::gemm::{kernel, SyncPtr, Write};
 
-/// Query rows per block: the `gemm` kernels' tile height on AVX2 and half of it on AVX-512.
+/// Query rows per block: blocks ending at positions 32, 64, … follow the causal diagonal
+/// closely (a 128-token prompt computes 62.5 % of its keys instead of all), while a block still
+/// fills `gemm`'s tiles.
 pub const BLOCK: usize = 32;
 
 /// The rounding of a block's key count: candle's vectorised sum adds 32 elements per step and
@@ -76,7 +78,7 @@ pub fn prefill_attention(
     }
     let (b, kv, m, d) = q.dims4()?;
     let (_, _, t, _) = k.dims4()?;
-    if k.dims() != [b, kv, t, d] || v.dims() != [b, kv, t, d] || s == 0 || m % s != 0 {
+    if k.dims() != [b, kv, t, d] || v.dims() != [b, kv, t, d] || m % s != 0 {
         candle_core::bail!(
             "prefill-attention: q {:?}, k {:?}, v {:?} with {s} positions",
             q.dims(),
