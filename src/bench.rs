@@ -80,8 +80,8 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> crate::Result<()>) -> crate::R
     Ok(best)
 }
 
-/// Prefill (batch 8 x 128, with logits at every position and at the last one; batch 2 x 1024
-/// with the last logits only), greedy decode (batch 1, 64 tokens; with the model's own storage
+/// Prefill (batch 8 x 128, with logits at every position and at the last one; batch 2 x 1024,
+/// or the model's positions if fewer, with the last logits only), greedy decode (batch 1, 64 tokens; with the model's own storage
 /// and with bf16 matrices) and batched decode (batch 16 and batch 32, 64 tokens; each also as
 /// its prefill alone and the rate of the one-token steps after it) on random token ids
 /// (seed 0). Calls `out` for each figure as it is measured.
@@ -125,8 +125,8 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
     ));
 
     // A long prompt: attention's share grows with the length (each query sees its earlier
-    // keys only, which `model::prefill_attention` exploits).
-    let (lb, ls) = (2, 1024);
+    // keys only, which `model::prefill_attention` exploits). At most the model's positions.
+    let (lb, ls) = (2, 1024.min(model.config().max_position_embeddings));
     let long = Tensor::from_vec(random_ids(&mut rng, lb * ls, vocab), (lb, ls), dev)?;
     let secs = last_logits(&long)?;
     out(figure(

@@ -26,6 +26,7 @@ fn forward_reports_every_figure_with_the_batched_prefill_split_out() {
         [
             ("prefill_tokens_per_s", "tokens/s"),
             ("prefill_last_logits_tokens_per_s", "tokens/s"),
+            ("prefill_long_tokens_per_s", "tokens/s"),
             ("decode_tokens_per_s", "tokens/s"),
             ("decode_bf16_tokens_per_s", "tokens/s"),
             ("batched_decode_tokens_per_s", "tokens/s"),
@@ -36,6 +37,9 @@ fn forward_reports_every_figure_with_the_batched_prefill_split_out() {
             ("batched32_steps_tokens_per_s", "tokens/s"),
         ]
     );
+    // the long prompt fits the fixture's 512 positions, and its detail says so
+    let long = &figures[2];
+    assert!(long.detail.starts_with("batch 2 x 512,"), "{}", long.detail);
     // every figure names the machine it was measured on
     let host = realign::host::Host::detect().to_string();
     for f in &figures {
