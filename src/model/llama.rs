@@ -78,6 +78,9 @@ struct Step<'a> {
     sin: Tensor,
     /// Additive mask `[b, 1, s, t]`, or `None` when no position is masked.
     mask: Option<Tensor>,
+    /// The mask's last seen key per query ([`super::prefill_attention::key_extents`]), read once
+    /// for every layer's blocked attention; `None` where that path is not taken.
+    extents: Option<Vec<usize>>,
     hook: Option<&'a dyn Hook>,
     differentiable: bool,
 }
@@ -191,6 +194,7 @@ impl Attention {
                 &k,
                 &v,
                 step.mask.as_ref(),
+                step.extents.as_deref(),
                 scale as f32,
                 s,
             )?;
@@ -522,10 +526,17 @@ impl Model {
         }
         let (cos, sin) = self.rope.tables(&positions)?;
         let mask = attention_mask(args.attention_mask, b, s, past, &self.device)?;
+        let extents = match &mask {
+            Some(m) if s >= 2 && args.hook.is_none() && !self.differentiable => {
+                super::prefill_attention::key_extents(m)?
+            }
+            _ => None,
+        };
         let step = Step {
             cos,
             sin,
             mask,
+            extents,
             hook: args.hook,
             differentiable: self.differentiable,
         };

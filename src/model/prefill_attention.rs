@@ -38,9 +38,19 @@ fn hides(m: f32) -> bool {
     m == f32::MIN || m == f32::NEG_INFINITY
 }
 
-/// Per batch row and query position, the number of keys up to and including the last one the
-/// query sees (`t` for a query that sees none). `mask` is contiguous `[b, 1, s, t]`.
-fn key_extents(mask: &[f32], b: usize, s: usize, t: usize) -> Vec<usize> {
+/// Per batch row and query position of an additive `[b, 1, s, t]` mask, the number of keys up
+/// to and including the last one the query sees (`t` for a query that sees none), row-major
+/// `[b, s]`. `None` for a mask off the CPU or not f32.
+pub fn key_extents(mask: &Tensor) -> candle_core::Result<Option<Vec<usize>>> {
+    if !mask.device().is_cpu() || mask.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (b, _, s, t) = mask.dims4()?;
+    super::frozen::with_slice(&mask.contiguous()?, |ms| Ok(Some(extents_of(ms, b, s, t))))
+}
+
+/// [`key_extents`] on a contiguous slice.
+fn extents_of(mask: &[f32], b: usize, s: usize, t: usize) -> Vec<usize> {
     (0..b * s)
         .map(|row| {
             let m = &mask[row * t..(row + 1) * t];
@@ -56,6 +66,9 @@ fn key_extents(mask: &[f32], b: usize, s: usize, t: usize) -> Vec<usize> {
 /// `q: [b, kv, groups · s, d]` (query head `h` reads KV head `h / groups`), `k`, `v:
 /// [b, kv, t, d]` and the additive `[b, 1, s, t]` mask; the result is `[b, kv, groups · s, d]`.
 ///
+/// `extents`: the mask's [`key_extents`], when the caller has them (the mask is the same for
+/// every layer of a forward pass, so the model reads it once); `None` reads them here.
+///
 /// `None` where this path does not apply (not a CPU f32 computation, no mask, or a single
 /// position); the caller then composes the products and the softmax.
 pub fn prefill_attention(
@@ -63,6 +76,7 @@ pub fn prefill_attention(
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
+    extents: Option<&[usize]>,
     scale: f32,
     s: usize,
 ) -> candle_core::Result<Option<Tensor>> {
@@ -100,10 +114,30 @@ pub fn prefill_attention(
     );
     use super::frozen::with_slice;
     let out = with_slice(&mask, |ms| {
+        let owned;
+        let extents = match extents {
+            Some(e) if e.len() == b * s => e,
+            Some(e) => candle_core::bail!(
+                "prefill-attention: {} key extents for {b} x {s} queries",
+                e.len()
+            ),
+            None => {
+                owned = extents_of(ms, b, s, t);
+                &owned
+            }
+        };
         with_slice(&q, |qs| {
             with_slice(&k, |ks| {
                 with_slice(&v, |vs| {
-                    Ok(attend(qs, ks, vs, ms, (b, kv, m, t, d), s, scale))
+                    Ok(attend(
+                        qs,
+                        ks,
+                        vs,
+                        (ms, extents),
+                        (b, kv, m, t, d),
+                        s,
+                        scale,
+                    ))
                 })
             })
         })
@@ -116,12 +150,11 @@ fn attend(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    mask: &[f32],
+    (mask, extents): (&[f32], &[usize]),
     (b, kv, m, t, d): (usize, usize, usize, usize, usize),
     s: usize,
     scale: f32,
 ) -> Vec<f32> {
-    let extents = key_extents(mask, b, s, t);
     // whole blocks, the last one taking the rest: never a block of one row, which `gemm`
     // would run as a matrix-vector product, adding in another order
     let blocks_per_group = (s / BLOCK).max(1);
@@ -281,12 +314,18 @@ mod tests {
             let v = seeded((b, kv, t, d), 3 * n as u64 + 2, 1.0);
             let mask = mask(b, s, t, pad);
             let scale = 0.125;
-            let got = prefill_attention(&q, &k, &v, Some(&mask), scale, s)
+            let got = prefill_attention(&q, &k, &v, Some(&mask), None, scale, s)
                 .unwrap()
                 .unwrap();
             let want = composed(&q, &k, &v, &mask, scale, kv * groups);
             assert_eq!(got.dims(), want.dims(), "case {n}");
             assert!(bits(&got) == bits(&want), "case {n}: not the same bits");
+            // the extents read once by the caller, as the model passes them
+            let extents = key_extents(&mask).unwrap().unwrap();
+            let given = prefill_attention(&q, &k, &v, Some(&mask), Some(&extents), scale, s)
+                .unwrap()
+                .unwrap();
+            assert!(bits(&given) == bits(&want), "case {n}: given extents");
         }
     }
 
@@ -294,10 +333,9 @@ mod tests {
     #[test]
     fn key_extents_follow_the_mask() {
         let m = mask(2, 3, 5, &[0, 4]);
-        let m = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // past 2: query i sees keys ..= 2 + i; batch row 1 hides keys 0..4, so its queries 0
         // and 1 (keys ..= 2, ..= 3) see nothing
-        assert_eq!(key_extents(&m, 2, 3, 5), vec![3, 4, 5, 5, 5, 5]);
+        assert_eq!(key_extents(&m).unwrap(), Some(vec![3, 4, 5, 5, 5, 5]));
     }
 
     /// Without a mask, or off the f32 CPU path, the caller composes.
@@ -306,16 +344,19 @@ mod tests {
         let dev = Device::Cpu;
         let q = Tensor::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
-        assert!(prefill_attention(&q, &k, &k, None, 1.0, 2)
+        assert!(prefill_attention(&q, &k, &k, None, None, 1.0, 2)
             .unwrap()
             .is_none());
         let one = mask(1, 1, 2, &[0]);
         let q1 = Tensor::zeros((1, 1, 1, 4), DType::F32, &dev).unwrap();
-        assert!(prefill_attention(&q1, &k, &k, Some(&one), 1.0, 1)
+        assert!(prefill_attention(&q1, &k, &k, Some(&one), None, 1.0, 1)
             .unwrap()
             .is_none());
         let bad = Tensor::zeros((1, 1, 2, 3), DType::F32, &dev).unwrap();
-        let err = prefill_attention(&q, &k, &k, Some(&bad), 1.0, 2).unwrap_err();
+        let err = prefill_attention(&q, &k, &k, Some(&bad), None, 1.0, 2).unwrap_err();
         assert!(err.to_string().contains("expected [1, 1, 2, 2]"), "{err}");
+        let good = mask(1, 2, 2, &[0]);
+        let err = prefill_attention(&q, &k, &k, Some(&good), Some(&[2]), 1.0, 2).unwrap_err();
+        assert!(err.to_string().contains("1 key extents for 1 x 2"), "{err}");
     }
 }
