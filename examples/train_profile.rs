@@ -21,9 +21,17 @@ fn main() -> anyhow::Result<()> {
         .affine(37.0, 100.0)?
         .reshape((8, 128))?;
     let labels = ids.to_dtype(candle_core::DType::I64)?;
+    let steps: usize = std::env::var("STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let only_training = std::env::var("TRAIN_ONLY").is_ok();
     for diff in [false, true] {
+        if only_training && !diff {
+            continue;
+        }
         model.set_differentiable(diff);
-        for _ in 0..2 {
+        for _ in 0..steps {
             let t0 = Instant::now();
             let hidden = model.forward_with(
                 &ids,

@@ -28,8 +28,7 @@ impl CustomOp1 for RmsNormOp {
             if w.len() != n {
                 candle_core::bail!("rms-norm: weight of {} for rows of {n}", w.len());
             }
-            let mut y = vec![0f32; x.len()];
-            rows_in_parallel(&mut y, n, |row, out| {
+            let y = rows_written(x.len(), n, |row, out| {
                 let xr = &x[row * n..(row + 1) * n];
                 let r = inv_rms(xr, self.eps);
                 for ((o, &xv), &wv) in out.iter_mut().zip(xr).zip(w) {
@@ -47,8 +46,15 @@ impl CustomOp1 for RmsNormOp {
         let dx = with_slice(&x, |xs| {
             with_slice(&g, |gs| {
                 with_slice(&w, |w| {
-                    let mut dx = vec![0f32; xs.len()];
-                    rows_in_parallel(&mut dx, n, |row, out| {
+                    if w.len() != n || gs.len() != xs.len() {
+                        candle_core::bail!(
+                            "rms-norm: weight of {}, gradient of {} for {} values in rows of {n}",
+                            w.len(),
+                            gs.len(),
+                            xs.len()
+                        );
+                    }
+                    let dx = rows_written(xs.len(), n, |row, out| {
                         let (xr, gr) = (&xs[row * n..(row + 1) * n], &gs[row * n..(row + 1) * n]);
                         let r = inv_rms(xr, self.eps);
                         let m = gr
@@ -91,6 +97,25 @@ fn rows_in_parallel(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32])
             f(row, o);
         }
     });
+}
+
+/// A new buffer of `len` elements whose `width`-long rows `f(row, out_row)` fill in parallel,
+/// with no zeroing pass first: `f` must write every element of its row. (A zeroed buffer is
+/// returned when `len` is not a whole number of rows, so no element is left unwritten.)
+fn rows_written(len: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    if width == 0 || len % width != 0 {
+        let mut y = vec![0f32; len];
+        rows_in_parallel(&mut y, width, f);
+        return y;
+    }
+    let mut y = super::gemm::uninit(len);
+    // SAFETY: f32 has no invalid bit patterns, and `rows_in_parallel` hands every row (the
+    // rows cover the buffer) to `f`, which writes all of it before anything reads it.
+    unsafe {
+        let out = std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<f32>(), len);
+        rows_in_parallel(out, width, f);
+        super::gemm::assume_init(y)
+    }
 }
 
 /// Disjoint writes into one buffer from parallel parts.
@@ -183,8 +208,10 @@ pub(crate) fn rope_from(
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     with_slice(&cos, |cos| {
         with_slice(&sin, |sin| {
-            let mut y = vec![0f32; x.len()];
-            rows_in_parallel(&mut y, t * d, |bh, dst| {
+            if d % 2 != 0 {
+                candle_core::bail!("rope: odd head width {d}");
+            }
+            let y = rows_written(x.len(), t * d, |bh, dst| {
                 let cs0 = if batched { (bh / h) * t * half } else { 0 };
                 let (x0, x_step) = (start(bh), step);
                 for it in 0..t {
@@ -242,8 +269,7 @@ fn permute_heads(
     (b, s, h, d): (usize, usize, usize, usize),
     to_heads: bool,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; b * s * h * d];
-    rows_in_parallel(&mut y, d, |row, out| {
+    rows_written(b * s * h * d, d, |row, out| {
         // `row` indexes the output; find the same (bi, si, hi) in the input
         let src = if to_heads {
             let (bi, hi, si) = (row / (h * s), (row / s) % h, row % s);
@@ -253,8 +279,7 @@ fn permute_heads(
             ((bi * h + hi) * s + si) * d
         };
         out.copy_from_slice(&x[src..src + d]);
-    });
-    y
+    })
 }
 
 impl HeadsOp {
@@ -399,8 +424,7 @@ fn masked_softmax_rows(
 /// The softmax's backward for probabilities `y` and their gradient `g` (rows of `t`):
 /// `dx = scale * y (g - sum(g y))`.
 pub(crate) fn softmax_backward(y: &[f32], g: &[f32], t: usize, scale: f32) -> Vec<f32> {
-    let mut dx = vec![0f32; y.len()];
-    rows_in_parallel(&mut dx, t, |row, out| {
+    let dx = rows_written(y.len(), t, |row, out| {
         let (yr, gr) = (&y[row * t..(row + 1) * t], &g[row * t..(row + 1) * t]);
         let dot: f32 = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
         for ((o, &yv), &gv) in out.iter_mut().zip(yr).zip(gr) {
@@ -479,20 +503,7 @@ impl CustomOp2 for SwiGluOp {
                 l2.shape()
             );
         }
-        let mut y = vec![0f32; gate.len()];
-        let len = y.len();
-        let py = SyncPtr(y.as_mut_ptr());
-        const PART: usize = 4096;
-        run_parts(len.div_ceil(PART), &|c| {
-            let o = c * PART;
-            // SAFETY: part c owns elements o..o+PART of the output.
-            let out = unsafe { py.slice(o, PART.min(len - o)) };
-            super::expf::sigmoid(&gate[o..o + out.len()], out);
-            for (i, v) in out.iter_mut().enumerate() {
-                let x = gate[o + i];
-                *v = x * *v * up[o + i];
-            }
-        });
+        let y = swiglu(gate, up);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -504,30 +515,8 @@ impl CustomOp2 for SwiGluOp {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (gate, up, g) = (gate.contiguous()?, up.contiguous()?, g.contiguous()?);
-        let len = gate.elem_count();
-        let (mut dg, mut du) = (vec![0f32; len], vec![0f32; len]);
-        with_slice(&gate, |gv| {
-            with_slice(&up, |uv| {
-                with_slice(&g, |dv| {
-                    let (pg, pu) = (SyncPtr(dg.as_mut_ptr()), SyncPtr(du.as_mut_ptr()));
-                    const PART: usize = 4096;
-                    run_parts(len.div_ceil(PART), &|c| {
-                        let o = c * PART;
-                        let n = PART.min(len - o);
-                        // SAFETY: part c owns elements o..o+n of both outputs.
-                        let (dgc, duc) = unsafe { (pg.slice(o, n), pu.slice(o, n)) };
-                        // the sigmoids first, into `dgc`, which each step reads before writing
-                        super::expf::sigmoid(&gv[o..o + n], dgc);
-                        for i in 0..n {
-                            let x = gv[o + i];
-                            let sg = dgc[i];
-                            duc[i] = dv[o + i] * x * sg;
-                            dgc[i] = dv[o + i] * uv[o + i] * sg * (1.0 + x * (1.0 - sg));
-                        }
-                    });
-                    Ok(())
-                })
-            })
+        let (dg, du) = with_slice(&gate, |gv| {
+            with_slice(&up, |uv| with_slice(&g, |dv| Ok(swiglu_grad(gv, uv, dv))))
         })?;
         let dev = gate.device();
         Ok((
@@ -535,6 +524,54 @@ impl CustomOp2 for SwiGluOp {
             Some(Tensor::from_vec(du, up.shape(), dev)?),
         ))
     }
+}
+
+/// `silu(gate) * up`, elementwise, on both cores (the forward of [`SwiGluOp`]).
+pub(crate) fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let len = gate.len().min(up.len());
+    let mut y = super::gemm::uninit(len);
+    let py = SyncPtr(y.as_mut_ptr().cast());
+    const PART: usize = 4096;
+    run_parts(len.div_ceil(PART), &|c| {
+        let o = c * PART;
+        // SAFETY: part c owns elements o..o+PART of the output.
+        let out = unsafe { py.slice(o, PART.min(len - o)) };
+        super::expf::sigmoid(&gate[o..o + out.len()], out);
+        for (i, v) in out.iter_mut().enumerate() {
+            let x = gate[o + i];
+            *v = x * *v * up[o + i];
+        }
+    });
+    // SAFETY: the parts cover 0..len, and each wrote every element of its range.
+    unsafe { super::gemm::assume_init(y) }
+}
+
+/// The gradients `(d_gate, d_up)` of [`swiglu`] for the output gradient `g` (the backward of
+/// [`SwiGluOp`]).
+pub(crate) fn swiglu_grad(gv: &[f32], uv: &[f32], dv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let len = gv.len().min(uv.len()).min(dv.len());
+    let (mut dg, mut du) = (super::gemm::uninit(len), super::gemm::uninit(len));
+    let (pg, pu) = (
+        SyncPtr(dg.as_mut_ptr().cast()),
+        SyncPtr(du.as_mut_ptr().cast()),
+    );
+    const PART: usize = 4096;
+    run_parts(len.div_ceil(PART), &|c| {
+        let o = c * PART;
+        let n = PART.min(len - o);
+        // SAFETY: part c owns elements o..o+n of both outputs.
+        let (dgc, duc) = unsafe { (pg.slice(o, n), pu.slice(o, n)) };
+        // the sigmoids first, into `dgc`, which each step reads before writing
+        super::expf::sigmoid(&gv[o..o + n], dgc);
+        for i in 0..n {
+            let x = gv[o + i];
+            let sg = dgc[i];
+            duc[i] = dv[o + i] * x * sg;
+            dgc[i] = dv[o + i] * uv[o + i] * sg * (1.0 + x * (1.0 - sg));
+        }
+    });
+    // SAFETY: the parts cover 0..len, and each wrote every element of its range of both.
+    unsafe { (super::gemm::assume_init(dg), super::gemm::assume_init(du)) }
 }
 
 #[cfg(test)]

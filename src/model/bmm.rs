@@ -177,6 +177,19 @@ impl CustomOp2 for BatchedMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(a, b, grad, [a.track_op(), b.track_op()])
+    }
+}
+
+impl BatchedMatmul {
+    /// The backward pass: `(dA, dB)` for the output gradient `grad`, each where `want` asks.
+    pub(crate) fn grads(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+        [want_a, want_b]: [bool; 2],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (m, k, n) = dims(a.shape(), b.shape())?;
         let g = grad.contiguous()?;
         with_cpu(&g, |gs, gl| {
@@ -184,7 +197,7 @@ impl CustomOp2 for BatchedMatmul {
                 with_cpu(b, |bs, bl| {
                     let dev = grad.device();
                     let gop = Operand::new(gs, gl, false)?;
-                    let da = if a.track_op() {
+                    let da = if want_a {
                         // dA = G Bᵀ: [m, n] x [n, k]
                         let bt = Operand::new(bs, bl, true)?;
                         let v = product((m, k, n), &gop, &bt)?;
@@ -192,7 +205,7 @@ impl CustomOp2 for BatchedMatmul {
                     } else {
                         None
                     };
-                    let db = if b.track_op() {
+                    let db = if want_b {
                         // dB = Aᵀ G: [k, m] x [m, n]
                         let at = Operand::new(as_, al, true)?;
                         let v = product((k, n, m), &at, &gop)?;

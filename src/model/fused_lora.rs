@@ -57,8 +57,155 @@ fn dims(x: &Shape, a: &Shape, b: &Shape, w: &Tensor) -> candle_core::Result<[usi
     Ok([n, inp, r, out])
 }
 
-fn wrap(e: super::gemm::GemmError) -> candle_core::Error {
+pub(crate) fn wrap(e: super::gemm::GemmError) -> candle_core::Error {
     candle_core::Error::wrap(e)
+}
+
+/// The shapes of one LoRA product on slices: `n` rows of `in` inputs, rank `r`, `out` outputs,
+/// scale `s`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoraShape {
+    pub n: usize,
+    pub inp: usize,
+    pub r: usize,
+    pub out: usize,
+    pub scale: f32,
+}
+
+/// The forward products on slices: `y = x Wᵀ + s · h Bᵀ` with `h = x Aᵀ`; returns `(y, h)`.
+/// `x: [n, in]`, `w: [out, in]`, `a: [r, in]`, `b: [out, r]`.
+pub(crate) fn forward_parts(
+    d: LoraShape,
+    x: &[f32],
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let LoraShape { n, inp, r, out, .. } = d;
+    let xm = MatRef::row_major(x, inp);
+    let mut y = product(n, out, inp, xm, MatRef::transposed(w, inp), 1.0).map_err(wrap)?;
+    let h = product(n, r, inp, xm, MatRef::transposed(a, inp), 1.0).map_err(wrap)?;
+    gemm_with(
+        n,
+        out,
+        r,
+        MatRef::row_major(&h, r),
+        MatRef::transposed(b, r),
+        &mut y,
+        Write::Accumulate(d.scale),
+    )
+    .map_err(wrap)?;
+    Ok((y, h))
+}
+
+/// The gradients of [`forward_parts`] for the output gradient `g: [n, out]`, each computed
+/// only when asked for: `dx = g W + s · u A` with `u = g B`, `dA = s · uᵀ x` and
+/// `dB = s · gᵀ h`. `h = x Aᵀ` is the forward's (recomputed here when `None`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_parts(
+    d: LoraShape,
+    g: &[f32],
+    x: &[f32],
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    h: Option<&[f32]>,
+    [want_dx, want_da, want_db]: [bool; 3],
+) -> candle_core::Result<LoraGrads> {
+    let LoraShape {
+        n,
+        inp,
+        r,
+        out,
+        scale: s,
+    } = d;
+    // u = g B
+    let u = product(
+        n,
+        r,
+        out,
+        MatRef::row_major(g, out),
+        MatRef::row_major(b, r),
+        1.0,
+    )
+    .map_err(wrap)?;
+    let dx = if want_dx {
+        let mut dx = product(
+            n,
+            inp,
+            out,
+            MatRef::row_major(g, out),
+            MatRef::row_major(w, inp),
+            1.0,
+        )
+        .map_err(wrap)?;
+        gemm_with(
+            n,
+            inp,
+            r,
+            MatRef::row_major(&u, r),
+            MatRef::row_major(a, inp),
+            &mut dx,
+            Write::Accumulate(s),
+        )
+        .map_err(wrap)?;
+        Some(dx)
+    } else {
+        None
+    };
+    let da = if want_da {
+        let da = product(
+            r,
+            inp,
+            n,
+            MatRef::transposed(&u, r),
+            MatRef::row_major(x, inp),
+            s,
+        )
+        .map_err(wrap)?;
+        Some(da)
+    } else {
+        None
+    };
+    let db = if want_db {
+        let recomputed;
+        let h = match h {
+            Some(h) => h,
+            None => {
+                recomputed = product(
+                    n,
+                    r,
+                    inp,
+                    MatRef::row_major(x, inp),
+                    MatRef::transposed(a, inp),
+                    1.0,
+                )
+                .map_err(wrap)?;
+                &recomputed
+            }
+        };
+        let db = product(
+            out,
+            r,
+            n,
+            MatRef::transposed(g, out),
+            MatRef::row_major(h, r),
+            s,
+        )
+        .map_err(wrap)?;
+        Some(db)
+    } else {
+        None
+    };
+    Ok(LoraGrads { dx, da, db })
+}
+
+/// What [`backward_parts`] returns: `dx: [n, in]`, `dA: [r, in]`, `dB: [out, r]`, each where
+/// asked for.
+pub(crate) struct LoraGrads {
+    pub dx: Option<Vec<f32>>,
+    pub da: Option<Vec<f32>>,
+    pub db: Option<Vec<f32>>,
 }
 
 impl CustomOp3 for FusedLora {
@@ -77,36 +224,14 @@ impl CustomOp3 for FusedLora {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let [n, inp, r, out] = dims(xl.shape(), al.shape(), bl.shape(), &self.w)?;
         let (x, a, b) = (slice(xs, xl)?, slice(a_s, al)?, slice(bs, bl)?);
-        let mut y = with_slice(&self.w, |w| {
-            product(
-                n,
-                out,
-                inp,
-                MatRef::row_major(x, inp),
-                MatRef::transposed(w, inp),
-                1.0,
-            )
-            .map_err(wrap)
-        })?;
-        let h = product(
+        let d = LoraShape {
             n,
-            r,
             inp,
-            MatRef::row_major(x, inp),
-            MatRef::transposed(a, inp),
-            1.0,
-        )
-        .map_err(wrap)?;
-        gemm_with(
-            n,
-            out,
             r,
-            MatRef::row_major(&h, r),
-            MatRef::transposed(b, r),
-            &mut y,
-            Write::Accumulate(self.scale),
-        )
-        .map_err(wrap)?;
+            out,
+            scale: self.scale,
+        };
+        let (y, _h) = with_slice(&self.w, |w| forward_parts(d, x, w, a, b))?;
         let mut shape = xl.dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = out;
@@ -123,91 +248,38 @@ impl CustomOp3 for FusedLora {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [n, inp, r, out] = dims(x.shape(), a.shape(), b.shape(), &self.w)?;
-        let s = self.scale;
+        let d = LoraShape {
+            n,
+            inp,
+            r,
+            out,
+            scale: self.scale,
+        };
         let g = grad.contiguous()?;
         let dev = grad.device();
-        with_slice(&g, |g| {
+        let want = [x.track_op(), a.track_op(), b.track_op()];
+        let grads = with_slice(&g, |g| {
             with_slice(x, |xv| {
                 with_slice(a, |av| {
                     with_slice(b, |bv| {
-                        // u = g B
-                        let u = product(
-                            n,
-                            r,
-                            out,
-                            MatRef::row_major(g, out),
-                            MatRef::row_major(bv, r),
-                            1.0,
-                        )
-                        .map_err(wrap)?;
-                        let dx = if x.track_op() {
-                            let mut dx = with_slice(&self.w, |w| {
-                                product(
-                                    n,
-                                    inp,
-                                    out,
-                                    MatRef::row_major(g, out),
-                                    MatRef::row_major(w, inp),
-                                    1.0,
-                                )
-                                .map_err(wrap)
-                            })?;
-                            gemm_with(
-                                n,
-                                inp,
-                                r,
-                                MatRef::row_major(&u, r),
-                                MatRef::row_major(av, inp),
-                                &mut dx,
-                                Write::Accumulate(s),
-                            )
-                            .map_err(wrap)?;
-                            Some(Tensor::from_vec(dx, x.shape(), dev)?)
-                        } else {
-                            None
-                        };
-                        let da = if a.track_op() {
-                            let da = product(
-                                r,
-                                inp,
-                                n,
-                                MatRef::transposed(&u, r),
-                                MatRef::row_major(xv, inp),
-                                s,
-                            )
-                            .map_err(wrap)?;
-                            Some(Tensor::from_vec(da, (r, inp), dev)?)
-                        } else {
-                            None
-                        };
-                        let db = if b.track_op() {
-                            let h = product(
-                                n,
-                                r,
-                                inp,
-                                MatRef::row_major(xv, inp),
-                                MatRef::transposed(av, inp),
-                                1.0,
-                            )
-                            .map_err(wrap)?;
-                            let db = product(
-                                out,
-                                r,
-                                n,
-                                MatRef::transposed(g, out),
-                                MatRef::row_major(&h, r),
-                                s,
-                            )
-                            .map_err(wrap)?;
-                            Some(Tensor::from_vec(db, (out, r), dev)?)
-                        } else {
-                            None
-                        };
-                        Ok((dx, da, db))
+                        with_slice(&self.w, |w| backward_parts(d, g, xv, w, av, bv, None, want))
                     })
                 })
             })
-        })
+        })?;
+        let dx = grads
+            .dx
+            .map(|v| Tensor::from_vec(v, x.shape(), dev))
+            .transpose()?;
+        let da = grads
+            .da
+            .map(|v| Tensor::from_vec(v, (r, inp), dev))
+            .transpose()?;
+        let db = grads
+            .db
+            .map(|v| Tensor::from_vec(v, (out, r), dev))
+            .transpose()?;
+        Ok((dx, da, db))
     }
 }
 

@@ -83,6 +83,8 @@ struct Step<'a> {
     extents: Option<Vec<usize>>,
     hook: Option<&'a dyn Hook>,
     differentiable: bool,
+    /// Training may run each attention and MLP block as one op ([`Model::set_block_ops`]).
+    block_ops: bool,
 }
 
 /// A loaded decoder model.
@@ -96,6 +98,7 @@ pub struct Model {
     rope: Rope,
     device: Device,
     differentiable: bool,
+    block_ops: bool,
 }
 
 fn linear(
@@ -244,6 +247,20 @@ impl Attention {
     fn forward_training(&self, x: &Tensor, step: &Step) -> candle_core::Result<Tensor> {
         use super::autograd::HeadsOp;
         use super::scores::AttentionScores;
+        if step.block_ops {
+            let projections = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
+            let shape = super::fused_attention::AttentionShape {
+                heads: self.num_heads,
+                kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+                cos: &step.cos,
+                sin: &step.sin,
+                mask: step.mask.as_ref(),
+            };
+            if let Some(y) = super::fused_attention::fused_attention(x, projections, shape)? {
+                return Ok(y);
+            }
+        }
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| {
             t.apply_op1(HeadsOp::Split {
@@ -283,7 +300,15 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, hook: Option<&dyn Hook>) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step) -> candle_core::Result<Tensor> {
+        let hook = step.hook;
+        if hook.is_none() && step.block_ops {
+            // training with an adapter on all three projections: the block as one graph node
+            let projections = [&self.gate_proj, &self.up_proj, &self.down_proj];
+            if let Some(y) = super::fused_mlp::fused_mlp(x, projections)? {
+                return Ok(y);
+            }
+        }
         let gate = self.gate_proj.forward(x, hook)?;
         let up = self.up_proj.forward(x, hook)?;
         let h = if gate.track_op() && gate.device().is_cpu() && gate.dtype() == DType::F32 {
@@ -314,7 +339,7 @@ impl DecoderLayer {
         let x = (residual + h)?;
         let h = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x, d)?, step.hook)?;
+            .forward(&self.post_attention_layernorm.forward(&x, d)?, step)?;
         let x = (x + h)?;
         emit(step.hook, &self.name, "output", &x)?;
         Ok(x)
@@ -364,6 +389,7 @@ impl Model {
             rope,
             device: device.clone(),
             differentiable: false,
+            block_ops: true,
         })
     }
 
@@ -397,6 +423,14 @@ impl Model {
     /// Use only operations with a backward pass (for training); the default uses fused kernels.
     pub fn set_differentiable(&mut self, on: bool) {
         self.differentiable = on;
+    }
+
+    /// Whether training on the CPU runs each attention block and each MLP block whose
+    /// projections all carry one adapter as a single autograd op ([`super::fused_attention`],
+    /// [`super::fused_mlp`]; on by default). Off, the same arithmetic runs as a graph of
+    /// smaller ops (slower; the gradients are the same to the bit).
+    pub fn set_block_ops(&mut self, on: bool) {
+        self.block_ops = on;
     }
 
     /// Every linear module, in checkpoint order (`lm_head` excluded).
@@ -539,6 +573,7 @@ impl Model {
             extents,
             hook: args.hook,
             differentiable: self.differentiable,
+            block_ops: self.block_ops,
         };
         let mut x = self
             .embed_tokens

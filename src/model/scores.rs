@@ -60,6 +60,21 @@ impl CustomOp2 for AttentionScores {
         p: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(q, k, p, g, [q.track_op(), k.track_op()])
+    }
+}
+
+impl AttentionScores {
+    /// The backward pass: `(dQ, dK)` for the probabilities `p` and their gradient `g`, each
+    /// where `want` asks.
+    pub(crate) fn grads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        g: &Tensor,
+        [want_q, want_k]: [bool; 2],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (b, kv, m, t, d) = dims(q.shape(), k.shape())?;
         let (p, g) = (p.contiguous()?, g.contiguous()?);
         let ds = with_cpu(&p, |ps, pl| {
@@ -79,7 +94,7 @@ impl CustomOp2 for AttentionScores {
         let dev = q.device();
         with_cpu(q, |qs, ql| {
             with_cpu(k, |ks, kl| {
-                let dq = if q.track_op() {
+                let dq = if want_q {
                     // dQ = dS K: [m, t] x [t, d]
                     let v = product(
                         (m, d, t),
@@ -90,7 +105,7 @@ impl CustomOp2 for AttentionScores {
                 } else {
                     None
                 };
-                let dk = if k.track_op() {
+                let dk = if want_k {
                     // dK = dSᵀ Q: [t, m] x [m, d]
                     let v = product(
                         (t, d, m),
