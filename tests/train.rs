@@ -132,19 +132,54 @@ fn qwen2_sft_loss_logprobs_and_gradients() {
     check_sft("qwen2");
 }
 
-/// The block ops (each attention and MLP block one autograd op, the default) give the loss and
-/// every LoRA gradient of the composed graph to the bit: on llama (grouped heads, a padded
-/// batch: both blocks fused) and on qwen2 (q/k/v biases: the attention block stays composed,
-/// the MLP block is fused).
+/// Base + the `aligned` adapter restricted to the modules whose path contains one of `keep`.
+fn setup_only(arch: &str, keep: &[&str]) -> Setup {
+    let dev = Device::Cpu;
+    let mut m = LoadedModel::load(
+        &fixtures().join(format!("tiny-{arch}")),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    m.model.set_differentiable(true);
+    let mut ad = Adapter::load(
+        &fixtures().join(format!("tiny-{arch}-adapters/aligned")),
+        &dev,
+    )
+    .unwrap();
+    ad.modules
+        .retain(|name, _| keep.iter().any(|k| name.contains(k)));
+    let lora = TrainableLora::from_adapter(&ad).unwrap();
+    lora.attach(&mut m.model).unwrap();
+    Setup {
+        model: m.model,
+        lora,
+        exp: HashMap::new(),
+    }
+}
+
+/// The block ops (the default: a decoder layer whose seven projections all carry an adapter
+/// is one autograd op, else each attention or MLP block that qualifies) give the loss and
+/// every LoRA gradient of the composed graph to the bit. On llama (grouped heads, a padded
+/// batch) with the adapter on every projection (the layer op), on attention only and on the
+/// MLP only (each block's op alone); on qwen2 (q/k/v biases: the attention block stays
+/// composed, the MLP block is one op).
 #[test]
 fn block_ops_equal_the_composed_graph_to_the_bit() {
     fn bits(t: &Tensor) -> Vec<u32> {
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         v.into_iter().map(f32::to_bits).collect()
     }
-    for arch in ["llama", "qwen2"] {
-        let mut s = setup(arch);
-        // B starts at zero in a fresh adapter; this one is trained, so every A gets a gradient
+    let cases = [
+        ("llama", &["layers"][..], 42),
+        ("llama", &["self_attn"][..], 24),
+        ("llama", &["mlp"][..], 18),
+        ("qwen2", &["layers"][..], 42),
+    ];
+    for (arch, keep, vars) in cases {
+        let mut s = setup_only(arch, keep);
+        s.exp = setup(arch).exp;
+        assert_eq!(s.lora.named_vars().len(), vars, "{arch} {keep:?}");
+        // the adapter is trained (B is not zero), so every A gets a gradient
         let runs: Vec<(Vec<u32>, Vec<Vec<u32>>)> = [true, false]
             .into_iter()
             .map(|on| {
@@ -154,9 +189,8 @@ fn block_ops_equal_the_composed_graph_to_the_bit() {
                 (bits(&loss), grads.iter().map(bits).collect())
             })
             .collect();
-        assert_eq!(runs[0].0, runs[1].0, "{arch}: loss");
-        let names = s.lora.named_vars();
-        for (i, (name, _)) in names.iter().enumerate() {
+        assert_eq!(runs[0].0, runs[1].0, "{arch} {keep:?}: loss");
+        for (i, (name, _)) in s.lora.named_vars().iter().enumerate() {
             assert!(
                 runs[0].1[i].iter().any(|&b| b != 0),
                 "{arch} {name}: zero gradient"
@@ -166,7 +200,10 @@ fn block_ops_equal_the_composed_graph_to_the_bit() {
                 .zip(&runs[1].1[i])
                 .filter(|(a, b)| a != b)
                 .count();
-            assert_eq!(differ, 0, "{arch} {name}: gradient elements differ");
+            assert_eq!(
+                differ, 0,
+                "{arch} {keep:?} {name}: gradient elements differ"
+            );
         }
     }
 }

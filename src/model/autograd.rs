@@ -23,58 +23,75 @@ impl CustomOp1 for RmsNormOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let n = l.dims().last().copied().unwrap_or(0);
         let y = with_slice(&self.w.contiguous()?, |w| {
             if w.len() != n {
                 candle_core::bail!("rms-norm: weight of {} for rows of {n}", w.len());
             }
-            let y = rows_written(x.len(), n, |row, out| {
-                let xr = &x[row * n..(row + 1) * n];
-                let r = inv_rms(xr, self.eps);
-                for ((o, &xv), &wv) in out.iter_mut().zip(xr).zip(w) {
-                    *o = xv * r * wv;
-                }
-            });
-            Ok(y)
+            rms_norm_rows(x, w, self.eps)
         })?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let n = x.dim(D::Minus1)?;
         let (x, g, w) = (x.contiguous()?, g.contiguous()?, self.w.contiguous()?);
+        if w.elem_count() != x.dim(D::Minus1)? {
+            candle_core::bail!("rms-norm: weight {:?} for x {:?}", w.dims(), x.dims());
+        }
         let dx = with_slice(&x, |xs| {
             with_slice(&g, |gs| {
-                with_slice(&w, |w| {
-                    if w.len() != n || gs.len() != xs.len() {
-                        candle_core::bail!(
-                            "rms-norm: weight of {}, gradient of {} for {} values in rows of {n}",
-                            w.len(),
-                            gs.len(),
-                            xs.len()
-                        );
-                    }
-                    let dx = rows_written(xs.len(), n, |row, out| {
-                        let (xr, gr) = (&xs[row * n..(row + 1) * n], &gs[row * n..(row + 1) * n]);
-                        let r = inv_rms(xr, self.eps);
-                        let m = gr
-                            .iter()
-                            .zip(w)
-                            .zip(xr)
-                            .map(|((&gv, &wv), &xv)| gv * wv * xv)
-                            .sum::<f32>()
-                            / n as f32;
-                        let c = r * r * r * m;
-                        for (((o, &gv), &wv), &xv) in out.iter_mut().zip(gr).zip(w).zip(xr) {
-                            *o = r * (gv * wv) - xv * c;
-                        }
-                    });
-                    Ok(dx)
-                })
+                with_slice(&w, |w| rms_norm_grad(xs, gs, w, self.eps))
             })
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
+}
+
+/// [`RmsNormOp`]'s forward on slices: each `w.len()`-long row of `x` normalised and scaled.
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> candle_core::Result<Vec<f32>> {
+    let n = w.len();
+    if n == 0 || x.len() % n != 0 {
+        candle_core::bail!("rms-norm: weight of {n} for {} values", x.len());
+    }
+    Ok(rows_written(x.len(), n, |row, out| {
+        let xr = &x[row * n..(row + 1) * n];
+        let r = inv_rms(xr, eps);
+        for ((o, &xv), &wv) in out.iter_mut().zip(xr).zip(w) {
+            *o = xv * r * wv;
+        }
+    }))
+}
+
+/// [`RmsNormOp`]'s backward on slices: the input's gradient for the output gradient `g`.
+pub(crate) fn rms_norm_grad(
+    xs: &[f32],
+    gs: &[f32],
+    w: &[f32],
+    eps: f32,
+) -> candle_core::Result<Vec<f32>> {
+    let n = w.len();
+    if n == 0 || xs.len() % n != 0 || gs.len() != xs.len() {
+        candle_core::bail!(
+            "rms-norm: weight of {n}, gradient of {} for {} values",
+            gs.len(),
+            xs.len()
+        );
+    }
+    Ok(rows_written(xs.len(), n, |row, out| {
+        let (xr, gr) = (&xs[row * n..(row + 1) * n], &gs[row * n..(row + 1) * n]);
+        let r = inv_rms(xr, eps);
+        let m = gr
+            .iter()
+            .zip(w)
+            .zip(xr)
+            .map(|((&gv, &wv), &xv)| gv * wv * xv)
+            .sum::<f32>()
+            / n as f32;
+        let c = r * r * r * m;
+        for (((o, &gv), &wv), &xv) in out.iter_mut().zip(gr).zip(w).zip(xr) {
+            *o = r * (gv * wv) - xv * c;
+        }
+    }))
 }
 
 /// `1 / sqrt(mean(x^2) + eps)`.

@@ -33,7 +33,7 @@ const V: usize = 2;
 const O: usize = 3;
 
 /// What the forward keeps for the backward.
-struct Saved {
+pub(crate) struct AttentionSaved {
     /// Rotated queries, `[b, kv, groups · s, d]`.
     q: Tensor,
     /// Rotated keys, `[b, kv, s, d]`.
@@ -48,35 +48,34 @@ struct Saved {
     h: [Vec<f32>; 4],
 }
 
-/// The op: arguments `x: [b, s, hidden]`, the flat A's and the flat B's; output
-/// `[b, s, hidden]`.
-pub struct FusedAttention {
+/// A block's gradients: the input's, and the flat A's and B's, each where asked for.
+pub(crate) struct BlockGrads {
+    pub dx: Option<Vec<f32>>,
+    pub da: Option<Vec<f32>>,
+    pub db: Option<Vec<f32>>,
+}
+
+/// The block's arithmetic on slices, forward and backward (the op below, and the whole
+/// decoder layer's op in [`super::fused_layer`]).
+pub(crate) struct AttentionBlock {
     set: LoraSet<4>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     rope: RopeOp,
     scores: AttentionScores,
-    saved: Mutex<Option<Saved>>,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("fused-attention: expected contiguous arguments"),
+impl AttentionBlock {
+    /// The lengths of the flat A's and B's.
+    pub fn flat_lens(&self) -> (usize, usize) {
+        self.set.flat_lens()
     }
-}
 
-fn poisoned<T>(_: T) -> candle_core::Error {
-    candle_core::Error::Msg("fused-attention: poisoned state".into())
-}
-
-impl FusedAttention {
-    /// `(b, s)` of a `[b, s, hidden]` input, with `n = b · s` checked against the arguments.
-    fn dims(&self, x: &Shape, a: usize, b: usize) -> candle_core::Result<(usize, usize)> {
-        let n = self.set.rows(x.dims(), a, b, Q)?;
+    /// `(b, s)` of a `[b, s, hidden]` input, checked against the flat arguments' lengths.
+    pub fn dims(&self, x: &Shape, a: usize, b: usize) -> candle_core::Result<(usize, usize)> {
+        self.set.rows(x.dims(), a, b, Q)?;
         let (bsz, s, _) = x.dims3()?;
-        debug_assert_eq!(n, bsz * s);
         Ok((bsz, s))
     }
 
@@ -86,25 +85,17 @@ impl FusedAttention {
             head_dim: self.head_dim,
         }
     }
-}
 
-impl CustomOp3 for FusedAttention {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
-
-    fn cpu_fwd(
+    /// The block's output `[b · s, hidden]` for `x: [b · s, hidden]`, and what the backward
+    /// reads.
+    pub fn forward(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        a_s: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (bsz, s) = self.dims(xl.shape(), al.shape().elem_count(), bl.shape().elem_count())?;
+        (bsz, s): (usize, usize),
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, AttentionSaved)> {
         let n = bsz * s;
-        let (x, a, b) = (slice(xs, xl)?, slice(a_s, al)?, slice(bs, bl)?);
         let dev = candle_core::Device::Cpu;
         let (groups, d) = (self.heads / self.kv_heads, self.head_dim);
         let project = |i: usize, heads: usize| -> candle_core::Result<(Tensor, Vec<f32>)> {
@@ -124,14 +115,129 @@ impl CustomOp3 for FusedAttention {
             .apply_op2_no_bwd(&v, &BatchedMatmul)?
             .apply_op1_no_bwd(&HeadsOp::Merge { heads: self.heads })?;
         let (y, h_o) = with_slice(&merged, |m| self.set.forward(O, n, m, a, b))?;
-        *self.saved.lock().map_err(poisoned)? = Some(Saved {
+        let saved = AttentionSaved {
             q,
             k,
             v,
             probs,
             merged,
             h: [h_q, h_k, h_v, h_o],
-        });
+        };
+        Ok((y, saved))
+    }
+
+    /// The gradients for the output gradient `g`, given the forward's input `x` and what it
+    /// kept: the input's when `want_dx`, the adapters' when `want_params`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        (bsz, s): (usize, usize),
+        sv: &AttentionSaved,
+        g: &[f32],
+        x: &[f32],
+        ab: (&[f32], &[f32]),
+        want_dx: bool,
+        want_params: bool,
+    ) -> candle_core::Result<BlockGrads> {
+        let n = bsz * s;
+        let dev = candle_core::Device::Cpu;
+        let (groups, d) = (self.heads / self.kv_heads, self.head_dim);
+        let mut o = with_slice(&sv.merged, |m| {
+            self.set
+                .backward(O, n, g, m, ab, &sv.h[O], true, want_params)
+        })?;
+        let Some(d_merged) = o.dx.take() else {
+            return Err(missing("the heads"));
+        };
+        // the merge's backward: the heads split again
+        let d_out = Tensor::from_vec(d_merged, (bsz, s, self.heads * d), &dev)?
+            .apply_op1_no_bwd(&self.split(self.heads))?
+            .reshape((bsz, self.kv_heads, groups * s, d))?;
+        let (d_probs, d_v) = BatchedMatmul.grads(&sv.probs, &sv.v, &d_out, [true, true])?;
+        let d_probs = d_probs.ok_or_else(|| missing("P"))?;
+        let (d_q, d_k) = self
+            .scores
+            .grads(&sv.q, &sv.k, &sv.probs, &d_probs, [true, true])?;
+        let d_q = d_q
+            .ok_or_else(|| missing("Q"))?
+            .reshape((bsz, self.heads, s, d))?;
+        // the rotation's and the split's backward passes
+        let back = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            let t = match self.rope.bwd(&t, &t, &t)? {
+                Some(t) => t,
+                None => return Err(missing("the rotation")),
+            };
+            t.apply_op1_no_bwd(&HeadsOp::Merge { heads })
+        };
+        let d_q = back(d_q, self.heads)?;
+        let d_k = back(d_k.ok_or_else(|| missing("K"))?, self.kv_heads)?;
+        let d_v = d_v
+            .ok_or_else(|| missing("V"))?
+            .apply_op1_no_bwd(&HeadsOp::Merge {
+                heads: self.kv_heads,
+            })?;
+        let run = |i: usize, gi: Tensor| {
+            with_slice(&gi, |gi| {
+                self.set
+                    .backward(i, n, gi, x, ab, &sv.h[i], want_dx, want_params)
+            })
+        };
+        let mut q = run(Q, d_q)?;
+        let mut k = run(K, d_k)?;
+        let mut v = run(V, d_v)?;
+        // x's three gradients, added as candle's backward pass adds them: k's and v's (which
+        // it reaches first), then q's
+        let dx = match (q.dx.take(), k.dx.take(), v.dx.take()) {
+            (Some(dq), Some(mut dx), Some(dv)) => {
+                add_in_place(&mut dx, &dv);
+                add_in_place(&mut dx, &dq);
+                Some(dx)
+            }
+            _ => None,
+        };
+        let (da, db) = LoraSet::flat_grads([q, k, v, o]);
+        Ok(BlockGrads { dx, da, db })
+    }
+}
+
+/// The op: arguments `x: [b, s, hidden]`, the flat A's and the flat B's; output
+/// `[b, s, hidden]`.
+pub struct FusedAttention {
+    block: AttentionBlock,
+    saved: Mutex<Option<AttentionSaved>>,
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("fused-attention: expected contiguous arguments"),
+    }
+}
+
+fn poisoned<T>(_: T) -> candle_core::Error {
+    candle_core::Error::Msg("fused-attention: poisoned state".into())
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = self
+            .block
+            .dims(xl.shape(), al.shape().elem_count(), bl.shape().elem_count())?;
+        let (x, a, b) = (slice(xs, xl)?, slice(a_s, al)?, slice(bs, bl)?);
+        let (y, saved) = self.block.forward(dims, x, a, b)?;
+        *self.saved.lock().map_err(poisoned)? = Some(saved);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -143,88 +249,31 @@ impl CustomOp3 for FusedAttention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (bsz, s) = self.dims(x.shape(), a.elem_count(), b.elem_count())?;
-        let n = bsz * s;
+        let dims = self.block.dims(x.shape(), a.elem_count(), b.elem_count())?;
         let guard = self.saved.lock().map_err(poisoned)?;
         let Some(sv) = guard.as_ref() else {
             candle_core::bail!("fused-attention: backward before forward");
         };
-        let (groups, d) = (self.heads / self.kv_heads, self.head_dim);
         let want_params = a.track_op() || b.track_op();
-        let want_dx = x.track_op();
         let g = grad.contiguous()?;
-        let dev = grad.device();
-        let (dx, da, db) = with_slice(&g, |g| {
+        let grads = with_slice(&g, |g| {
             with_slice(x, |xv| {
                 with_slice(a, |av| {
                     with_slice(b, |bv| {
-                        let ab = (av, bv);
-                        let mut o = with_slice(&sv.merged, |m| {
-                            self.set
-                                .backward(O, n, g, m, ab, &sv.h[O], true, want_params)
-                        })?;
-                        let Some(d_merged) = o.dx.take() else {
-                            candle_core::bail!("fused-attention: no gradient for the heads");
-                        };
-                        // the merge's backward: the heads split again
-                        let d_out = Tensor::from_vec(d_merged, (bsz, s, self.heads * d), dev)?
-                            .apply_op1_no_bwd(&self.split(self.heads))?
-                            .reshape((bsz, self.kv_heads, groups * s, d))?;
-                        let (d_probs, d_v) =
-                            BatchedMatmul.grads(&sv.probs, &sv.v, &d_out, [true, true])?;
-                        let d_probs = d_probs.ok_or_else(|| missing("P"))?;
-                        let (d_q, d_k) =
-                            self.scores
-                                .grads(&sv.q, &sv.k, &sv.probs, &d_probs, [true, true])?;
-                        let d_q = d_q
-                            .ok_or_else(|| missing("Q"))?
-                            .reshape((bsz, self.heads, s, d))?;
-                        // the rotation's and the split's backward passes
-                        let back = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-                            let t = match self.rope.bwd(&t, &t, &t)? {
-                                Some(t) => t,
-                                None => return Err(missing("the rotation")),
-                            };
-                            t.apply_op1_no_bwd(&HeadsOp::Merge { heads })
-                        };
-                        let d_q = back(d_q, self.heads)?;
-                        let d_k = back(d_k.ok_or_else(|| missing("K"))?, self.kv_heads)?;
-                        let d_v =
-                            d_v.ok_or_else(|| missing("V"))?
-                                .apply_op1_no_bwd(&HeadsOp::Merge {
-                                    heads: self.kv_heads,
-                                })?;
-                        let run = |i: usize, gi: Tensor| {
-                            with_slice(&gi, |gi| {
-                                self.set
-                                    .backward(i, n, gi, xv, ab, &sv.h[i], want_dx, want_params)
-                            })
-                        };
-                        let mut q = run(Q, d_q)?;
-                        let mut k = run(K, d_k)?;
-                        let mut v = run(V, d_v)?;
-                        // x's three gradients, added in the order candle's backward adds them
-                        let dx = match (q.dx.take(), k.dx.take(), v.dx.take()) {
-                            (Some(dq), Some(mut dx), Some(dv)) => {
-                                add_in_place(&mut dx, &dv);
-                                add_in_place(&mut dx, &dq);
-                                Some(dx)
-                            }
-                            _ => None,
-                        };
-                        let (da, db) = LoraSet::flat_grads([q, k, v, o]);
-                        Ok((dx, da, db))
+                        self.block
+                            .backward(dims, sv, g, xv, (av, bv), x.track_op(), want_params)
                     })
                 })
             })
         })?;
+        let dev = grad.device();
         let wrap = |v: Option<Vec<f32>>, shape: &Shape| {
             v.map(|v| Tensor::from_vec(v, shape, dev)).transpose()
         };
         Ok((
-            wrap(dx, x.shape())?,
-            wrap(da, a.shape())?,
-            wrap(db, b.shape())?,
+            wrap(grads.dx, x.shape())?,
+            wrap(grads.da, a.shape())?,
+            wrap(grads.db, b.shape())?,
         ))
     }
 }
@@ -249,6 +298,48 @@ pub struct AttentionShape<'a> {
     pub mask: Option<&'a Tensor>,
 }
 
+impl AttentionBlock {
+    /// The block and its flat `(A, B)` arguments when `LoraSet::for_training` accepts q, k, v
+    /// and o (one adapter each, no bias, f32 on the CPU, something trained) and their widths
+    /// fit the heads; `None` otherwise.
+    pub(crate) fn for_training(
+        x: &Tensor,
+        projections: [&Linear; 4],
+        shape: &AttentionShape,
+    ) -> candle_core::Result<Option<(Self, Tensor, Tensor)>> {
+        let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+        if x.rank() != 3 || kv_heads == 0 || heads % kv_heads != 0 {
+            return Ok(None);
+        }
+        let Some((set, a, b)) = LoraSet::for_training(x, projections)? else {
+            return Ok(None);
+        };
+        let hidden = x.dim(2)?;
+        let fits = set.io(Q) == (hidden, heads * d)
+            && set.io(K) == (hidden, kv_heads * d)
+            && set.io(V) == (hidden, kv_heads * d)
+            && set.io(O) == (heads * d, hidden);
+        if !fits {
+            return Ok(None);
+        }
+        let block = AttentionBlock {
+            set,
+            heads,
+            kv_heads,
+            head_dim: d,
+            rope: RopeOp {
+                cos: shape.cos.contiguous()?,
+                sin: shape.sin.contiguous()?,
+            },
+            scores: AttentionScores {
+                scale: (1.0 / (d as f64).sqrt()) as f32,
+                mask: shape.mask.map(|m| m.contiguous()).transpose()?,
+            },
+        };
+        Ok(Some((block, a, b)))
+    }
+}
+
 /// The block through [`FusedAttention`] when `LoraSet::for_training` accepts q, k, v and o
 /// (one adapter each, no bias, f32 on the CPU, something trained) and their widths fit the
 /// heads; `None` otherwise, for the caller's composed path.
@@ -257,39 +348,11 @@ pub fn fused_attention(
     projections: [&Linear; 4],
     shape: AttentionShape,
 ) -> candle_core::Result<Option<Tensor>> {
-    let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim: d,
-        ..
-    } = shape;
-    if x.rank() != 3 || kv_heads == 0 || heads % kv_heads != 0 {
-        return Ok(None);
-    }
-    let Some((set, a, b)) = LoraSet::for_training(x, projections)? else {
+    let Some((block, a, b)) = AttentionBlock::for_training(x, projections, &shape)? else {
         return Ok(None);
     };
-    let hidden = x.dim(2)?;
-    let fits = set.io(Q) == (hidden, heads * d)
-        && set.io(K) == (hidden, kv_heads * d)
-        && set.io(V) == (hidden, kv_heads * d)
-        && set.io(O) == (heads * d, hidden);
-    if !fits {
-        return Ok(None);
-    }
     let op = FusedAttention {
-        set,
-        heads,
-        kv_heads,
-        head_dim: d,
-        rope: RopeOp {
-            cos: shape.cos.contiguous()?,
-            sin: shape.sin.contiguous()?,
-        },
-        scores: AttentionScores {
-            scale: (1.0 / (d as f64).sqrt()) as f32,
-            mask: shape.mask.map(|m| m.contiguous()).transpose()?,
-        },
+        block,
         saved: Mutex::new(None),
     };
     Ok(Some(x.contiguous()?.apply_op3(&a, &b, op)?))

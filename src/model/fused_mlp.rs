@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::autograd::{swiglu, swiglu_grad};
 use super::frozen::with_slice;
+use super::fused_attention::BlockGrads;
 use super::linear::Linear;
 use super::lora_set::{add_in_place, LoraSet};
 
@@ -29,7 +30,7 @@ const UP: usize = 1;
 const DOWN: usize = 2;
 
 /// What the forward keeps for the backward.
-struct Saved {
+pub(crate) struct MlpSaved {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
@@ -37,10 +38,106 @@ struct Saved {
     h: [Vec<f32>; 3],
 }
 
+/// The block's arithmetic on slices, forward and backward (the op below, and the whole
+/// decoder layer's op in [`super::fused_layer`]).
+pub(crate) struct MlpBlock {
+    set: LoraSet<3>,
+}
+
+impl MlpBlock {
+    /// The block and its flat `(A, B)` arguments when `LoraSet::for_training` accepts the three
+    /// projections (one adapter each, no bias, f32 on the CPU, something trained) and gate and
+    /// up read what down writes; `None` otherwise.
+    pub(crate) fn for_training(
+        x: &Tensor,
+        projections: [&Linear; 3],
+    ) -> candle_core::Result<Option<(Self, Tensor, Tensor)>> {
+        let Some((set, a, b)) = LoraSet::for_training(x, projections)? else {
+            return Ok(None);
+        };
+        let ((g_in, g_out), up, down) = (set.io(GATE), set.io(UP), set.io(DOWN));
+        if up != (g_in, g_out) || down != (g_out, g_in) {
+            return Ok(None);
+        }
+        Ok(Some((MlpBlock { set }, a, b)))
+    }
+
+    /// The lengths of the flat A's and B's.
+    pub fn flat_lens(&self) -> (usize, usize) {
+        self.set.flat_lens()
+    }
+
+    /// `n`, the rows of an input `[.., hidden]`, checked against the flat arguments' lengths.
+    pub fn rows(&self, x: &[usize], a: usize, b: usize) -> candle_core::Result<usize> {
+        self.set.rows(x, a, b, GATE)
+    }
+
+    /// The block's output `[n, hidden]` for `x: [n, hidden]`, and what the backward reads.
+    pub fn forward(
+        &self,
+        n: usize,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, MlpSaved)> {
+        let (gate, h_gate) = self.set.forward(GATE, n, x, a, b)?;
+        let (up, h_up) = self.set.forward(UP, n, x, a, b)?;
+        let act = swiglu(&gate, &up);
+        let (y, h_down) = self.set.forward(DOWN, n, &act, a, b)?;
+        let saved = MlpSaved {
+            gate,
+            up,
+            act,
+            h: [h_gate, h_up, h_down],
+        };
+        Ok((y, saved))
+    }
+
+    /// The gradients for the output gradient `g`, given the forward's input `x` and what it
+    /// kept: the input's when `want_dx`, the adapters' when `want_params`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        n: usize,
+        sv: &MlpSaved,
+        g: &[f32],
+        x: &[f32],
+        ab: (&[f32], &[f32]),
+        want_dx: bool,
+        want_params: bool,
+    ) -> candle_core::Result<BlockGrads> {
+        let mut down =
+            self.set
+                .backward(DOWN, n, g, &sv.act, ab, &sv.h[DOWN], true, want_params)?;
+        let Some(d_act) = down.dx.take() else {
+            candle_core::bail!("fused-mlp: no gradient for the activation");
+        };
+        let (d_gate, d_up) = swiglu_grad(&sv.gate, &sv.up, &d_act);
+        drop(d_act);
+        let run = |i: usize, gi: &[f32]| {
+            self.set
+                .backward(i, n, gi, x, ab, &sv.h[i], want_dx, want_params)
+        };
+        let mut gate = run(GATE, &d_gate)?;
+        drop(d_gate);
+        let mut up = run(UP, &d_up)?;
+        // x's two gradients, added once (candle adds a node's gradients)
+        let dx = match (gate.dx.take(), up.dx.take()) {
+            (Some(mut dx), Some(du)) => {
+                add_in_place(&mut dx, &du);
+                Some(dx)
+            }
+            _ => None,
+        };
+        let (da, db) = LoraSet::flat_grads([gate, up, down]);
+        Ok(BlockGrads { dx, da, db })
+    }
+}
+
 /// The op: arguments `x: [.., hidden]`, the flat A's and the flat B's; output `[.., hidden]`.
 pub struct FusedMlp {
-    set: LoraSet<3>,
-    saved: Mutex<Option<Saved>>,
+    block: MlpBlock,
+    saved: Mutex<Option<MlpSaved>>,
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -68,23 +165,12 @@ impl CustomOp3 for FusedMlp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = self.set.rows(
-            xl.dims(),
-            al.shape().elem_count(),
-            bl.shape().elem_count(),
-            GATE,
-        )?;
+        let n = self
+            .block
+            .rows(xl.dims(), al.shape().elem_count(), bl.shape().elem_count())?;
         let (x, a, b) = (slice(xs, xl)?, slice(a_s, al)?, slice(bs, bl)?);
-        let (gate, h_gate) = self.set.forward(GATE, n, x, a, b)?;
-        let (up, h_up) = self.set.forward(UP, n, x, a, b)?;
-        let act = swiglu(&gate, &up);
-        let (y, h_down) = self.set.forward(DOWN, n, &act, a, b)?;
-        *self.saved.lock().map_err(poisoned)? = Some(Saved {
-            gate,
-            up,
-            act,
-            h: [h_gate, h_up, h_down],
-        });
+        let (y, saved) = self.block.forward(n, x, a, b)?;
+        *self.saved.lock().map_err(poisoned)? = Some(saved);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -96,67 +182,19 @@ impl CustomOp3 for FusedMlp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = self
-            .set
-            .rows(x.dims(), a.elem_count(), b.elem_count(), GATE)?;
+        let n = self.block.rows(x.dims(), a.elem_count(), b.elem_count())?;
         let guard = self.saved.lock().map_err(poisoned)?;
         let Some(saved) = guard.as_ref() else {
             candle_core::bail!("fused-mlp: backward before forward");
         };
         let want_params = a.track_op() || b.track_op();
         let g = grad.contiguous()?;
-        let (dx, da, db) = with_slice(&g, |g| {
+        let grads = with_slice(&g, |g| {
             with_slice(x, |xv| {
                 with_slice(a, |av| {
                     with_slice(b, |bv| {
-                        let ab = (av, bv);
-                        let down = self.set.backward(
-                            DOWN,
-                            n,
-                            g,
-                            &saved.act,
-                            ab,
-                            &saved.h[DOWN],
-                            true,
-                            want_params,
-                        )?;
-                        let Some(d_act) = &down.dx else {
-                            candle_core::bail!("fused-mlp: no gradient for the activation");
-                        };
-                        let (d_gate, d_up) = swiglu_grad(&saved.gate, &saved.up, d_act);
-                        let want_dx = x.track_op();
-                        let gate = self.set.backward(
-                            GATE,
-                            n,
-                            &d_gate,
-                            xv,
-                            ab,
-                            &saved.h[GATE],
-                            want_dx,
-                            want_params,
-                        )?;
-                        drop(d_gate);
-                        let mut up = self.set.backward(
-                            UP,
-                            n,
-                            &d_up,
-                            xv,
-                            ab,
-                            &saved.h[UP],
-                            want_dx,
-                            want_params,
-                        )?;
-                        // x's two gradients, added once (candle adds a node's gradients)
-                        let mut gate = gate;
-                        let dx = match (gate.dx.take(), up.dx.take()) {
-                            (Some(mut dx), Some(du)) => {
-                                add_in_place(&mut dx, &du);
-                                Some(dx)
-                            }
-                            _ => None,
-                        };
-                        let (da, db) = LoraSet::flat_grads([gate, up, down]);
-                        Ok((dx, da, db))
+                        self.block
+                            .backward(n, saved, g, xv, (av, bv), x.track_op(), want_params)
                     })
                 })
             })
@@ -166,9 +204,9 @@ impl CustomOp3 for FusedMlp {
             v.map(|v| Tensor::from_vec(v, shape, dev)).transpose()
         };
         Ok((
-            wrap(dx, x.shape())?,
-            wrap(da, a.shape())?,
-            wrap(db, b.shape())?,
+            wrap(grads.dx, x.shape())?,
+            wrap(grads.da, a.shape())?,
+            wrap(grads.db, b.shape())?,
         ))
     }
 }
@@ -177,15 +215,11 @@ impl CustomOp3 for FusedMlp {
 /// the three projections (one adapter each, no bias, f32 on the CPU, something trained) and
 /// gate and up read what down writes; `None` otherwise, for the caller's composed path.
 pub fn fused_mlp(x: &Tensor, projections: [&Linear; 3]) -> candle_core::Result<Option<Tensor>> {
-    let Some((set, a, b)) = LoraSet::for_training(x, projections)? else {
+    let Some((block, a, b)) = MlpBlock::for_training(x, projections)? else {
         return Ok(None);
     };
-    let ((g_in, g_out), (u_in, u_out), (d_in, d_out)) = (set.io(GATE), set.io(UP), set.io(DOWN));
-    if (u_in, u_out) != (g_in, g_out) || (d_in, d_out) != (g_out, g_in) {
-        return Ok(None);
-    }
     let op = FusedMlp {
-        set,
+        block,
         saved: Mutex::new(None),
     };
     Ok(Some(x.contiguous()?.apply_op3(&a, &b, op)?))

@@ -332,6 +332,34 @@ impl DecoderLayer {
         cache: Option<(&mut KvCache, usize)>,
     ) -> candle_core::Result<Tensor> {
         let d = step.differentiable;
+        if d && step.block_ops && step.hook.is_none() && cache.is_none() {
+            // training with an adapter on every projection: the layer as one graph node
+            let (att, mlp) = (&self.self_attn, &self.mlp);
+            let shape = super::fused_attention::AttentionShape {
+                heads: att.num_heads,
+                kv_heads: att.num_kv_heads,
+                head_dim: att.head_dim,
+                cos: &step.cos,
+                sin: &step.sin,
+                mask: step.mask.as_ref(),
+            };
+            let norm = |n: &RmsNorm| super::fused_layer::Norm {
+                w: n.weight.clone(),
+                eps: n.eps as f32,
+            };
+            let y = super::fused_layer::fused_layer(
+                x,
+                ([&att.q_proj, &att.k_proj, &att.v_proj, &att.o_proj], shape),
+                [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj],
+                [
+                    norm(&self.input_layernorm),
+                    norm(&self.post_attention_layernorm),
+                ],
+            )?;
+            if let Some(y) = y {
+                return Ok(y);
+            }
+        }
         let residual = x;
         let h = self
             .self_attn

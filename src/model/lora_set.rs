@@ -109,6 +109,11 @@ impl<const N: usize> LoraSet<N> {
         Self::ranges(self.proj.iter().map(|p| p.out * p.r)).swap_remove(i)
     }
 
+    /// The lengths of the flat A's and B's.
+    pub fn flat_lens(&self) -> (usize, usize) {
+        (self.a_range(N - 1).end, self.b_range(N - 1).end)
+    }
+
     /// Checks the flat arguments' lengths and returns `n`, the rows of an input whose last
     /// dimension is projection `first`'s input width.
     pub fn rows(

@@ -21,6 +21,7 @@ pub mod expf;
 pub mod export;
 pub mod frozen;
 pub mod fused_attention;
+pub mod fused_layer;
 pub mod fused_lora;
 pub mod fused_mlp;
 pub mod gemm;
