@@ -15,11 +15,10 @@
 //! every gradient are the composed path's to the bit. The adapters travel as two flat tensors
 //! (`lora_set`).
 
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, Shape, Tensor};
 
 use super::autograd::{HeadsOp, RopeOp};
+use super::block_op::{Block, BlockGrads, BlockOp, Rows};
 use super::bmm::BatchedMatmul;
 use super::frozen::with_slice;
 use super::linear::Linear;
@@ -48,15 +47,8 @@ pub(crate) struct AttentionSaved {
     h: [Vec<f32>; 4],
 }
 
-/// A block's gradients: the input's, and the flat A's and B's, each where asked for.
-pub(crate) struct BlockGrads {
-    pub dx: Option<Vec<f32>>,
-    pub da: Option<Vec<f32>>,
-    pub db: Option<Vec<f32>>,
-}
-
-/// The block's arithmetic on slices, forward and backward (the op below, and the whole
-/// decoder layer's op in [`super::fused_layer`]).
+/// The block's arithmetic on slices, forward and backward ([`Block`]: its own op, or part of
+/// the whole decoder layer's in [`super::fused_layer`]).
 pub(crate) struct AttentionBlock {
     set: LoraSet<4>,
     heads: usize,
@@ -72,25 +64,27 @@ impl AttentionBlock {
         self.set.flat_lens()
     }
 
-    /// `(b, s)` of a `[b, s, hidden]` input, checked against the flat arguments' lengths.
-    pub fn dims(&self, x: &Shape, a: usize, b: usize) -> candle_core::Result<(usize, usize)> {
-        self.set.rows(x.dims(), a, b, Q)?;
-        let (bsz, s, _) = x.dims3()?;
-        Ok((bsz, s))
-    }
-
     fn split(&self, heads: usize) -> HeadsOp {
         HeadsOp::Split {
             heads,
             head_dim: self.head_dim,
         }
     }
+}
 
-    /// The block's output `[b · s, hidden]` for `x: [b · s, hidden]`, and what the backward
-    /// reads.
-    pub fn forward(
+impl Block for AttentionBlock {
+    type Saved = AttentionSaved;
+    const NAME: &'static str = "fused-attention";
+
+    fn rows(&self, x: &Shape, a: usize, b: usize) -> candle_core::Result<Rows> {
+        self.set.rows(x.dims(), a, b, Q)?;
+        let (bsz, s, _) = x.dims3()?;
+        Ok((bsz, s))
+    }
+
+    fn forward(
         &self,
-        (bsz, s): (usize, usize),
+        (bsz, s): Rows,
         x: &[f32],
         a: &[f32],
         b: &[f32],
@@ -126,12 +120,9 @@ impl AttentionBlock {
         Ok((y, saved))
     }
 
-    /// The gradients for the output gradient `g`, given the forward's input `x` and what it
-    /// kept: the input's when `want_dx`, the adapters' when `want_params`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    fn backward(
         &self,
-        (bsz, s): (usize, usize),
+        (bsz, s): Rows,
         sv: &AttentionSaved,
         g: &[f32],
         x: &[f32],
@@ -200,84 +191,6 @@ impl AttentionBlock {
     }
 }
 
-/// The op: arguments `x: [b, s, hidden]`, the flat A's and the flat B's; output
-/// `[b, s, hidden]`.
-pub struct FusedAttention {
-    block: AttentionBlock,
-    saved: Mutex<Option<AttentionSaved>>,
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("fused-attention: expected contiguous arguments"),
-    }
-}
-
-fn poisoned<T>(_: T) -> candle_core::Error {
-    candle_core::Error::Msg("fused-attention: poisoned state".into())
-}
-
-impl CustomOp3 for FusedAttention {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        a_s: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = self
-            .block
-            .dims(xl.shape(), al.shape().elem_count(), bl.shape().elem_count())?;
-        let (x, a, b) = (slice(xs, xl)?, slice(a_s, al)?, slice(bs, bl)?);
-        let (y, saved) = self.block.forward(dims, x, a, b)?;
-        *self.saved.lock().map_err(poisoned)? = Some(saved);
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dims = self.block.dims(x.shape(), a.elem_count(), b.elem_count())?;
-        let guard = self.saved.lock().map_err(poisoned)?;
-        let Some(sv) = guard.as_ref() else {
-            candle_core::bail!("fused-attention: backward before forward");
-        };
-        let want_params = a.track_op() || b.track_op();
-        let g = grad.contiguous()?;
-        let grads = with_slice(&g, |g| {
-            with_slice(x, |xv| {
-                with_slice(a, |av| {
-                    with_slice(b, |bv| {
-                        self.block
-                            .backward(dims, sv, g, xv, (av, bv), x.track_op(), want_params)
-                    })
-                })
-            })
-        })?;
-        let dev = grad.device();
-        let wrap = |v: Option<Vec<f32>>, shape: &Shape| {
-            v.map(|v| Tensor::from_vec(v, shape, dev)).transpose()
-        };
-        Ok((
-            wrap(grads.dx, x.shape())?,
-            wrap(grads.da, a.shape())?,
-            wrap(grads.db, b.shape())?,
-        ))
-    }
-}
-
 fn missing(what: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("fused-attention: no gradient for {what}"))
 }
@@ -340,7 +253,7 @@ impl AttentionBlock {
     }
 }
 
-/// The block through [`FusedAttention`] when `LoraSet::for_training` accepts q, k, v and o
+/// The block as one autograd op when `LoraSet::for_training` accepts q, k, v and o
 /// (one adapter each, no bias, f32 on the CPU, something trained) and their widths fit the
 /// heads; `None` otherwise, for the caller's composed path.
 pub fn fused_attention(
@@ -351,9 +264,5 @@ pub fn fused_attention(
     let Some((block, a, b)) = AttentionBlock::for_training(x, projections, &shape)? else {
         return Ok(None);
     };
-    let op = FusedAttention {
-        block,
-        saved: Mutex::new(None),
-    };
-    Ok(Some(x.contiguous()?.apply_op3(&a, &b, op)?))
+    Ok(Some(BlockOp::apply(block, x, &a, &b)?))
 }

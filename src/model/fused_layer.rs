@@ -12,11 +12,10 @@
 //! as candle adds them (so the output and every gradient are the composed path's to the bit).
 //! The adapters travel as two flat tensors, the attention block's then the MLP block's.
 
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Shape, Tensor};
 
 use super::autograd::{rms_norm_grad, rms_norm_rows};
+use super::block_op::{Block, BlockGrads, BlockOp, Rows};
 use super::frozen::with_slice;
 use super::fused_attention::{AttentionBlock, AttentionSaved, AttentionShape};
 use super::fused_mlp::{MlpBlock, MlpSaved};
@@ -43,24 +42,12 @@ pub struct Norm {
     pub eps: f32,
 }
 
-/// The op: arguments `x: [b, s, hidden]`, the flat A's and the flat B's (attention block's,
-/// then MLP block's); output `[b, s, hidden]`.
-pub struct FusedLayer {
+/// The layer's arithmetic: both blocks and the two norms; the flat A's and B's hold the
+/// attention block's, then the MLP block's.
+struct LayerBlock {
     attention: AttentionBlock,
     mlp: MlpBlock,
     norms: [Norm; 2],
-    saved: Mutex<Option<Saved>>,
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("fused-layer: expected contiguous arguments"),
-    }
-}
-
-fn poisoned<T>(_: T) -> candle_core::Error {
-    candle_core::Error::Msg("fused-layer: poisoned state".into())
 }
 
 /// `y[i] = a[i] + y[i]`: the residual sum `a + y`, written over `y`.
@@ -68,146 +55,112 @@ fn residual(a: &[f32], y: &mut [f32]) {
     add_in_place(y, a);
 }
 
-impl FusedLayer {
-    /// `(b, s)` and the split points `(a, b)` of the flat arguments between the blocks,
-    /// checked against their lengths.
-    fn dims(
-        &self,
-        x: &Shape,
-        a_len: usize,
-        b_len: usize,
-    ) -> candle_core::Result<((usize, usize), (usize, usize))> {
+impl Block for LayerBlock {
+    type Saved = Saved;
+    const NAME: &'static str = "fused-layer";
+
+    fn rows(&self, x: &Shape, a_len: usize, b_len: usize) -> candle_core::Result<Rows> {
         let (a_att, b_att) = self.attention.flat_lens();
         let (a_mlp, b_mlp) = self.mlp.flat_lens();
         if a_len != a_att + a_mlp || b_len != b_att + b_mlp {
             candle_core::bail!(
-                "fused-layer: {a_len} A values and {b_len} B values for blocks of {} and {}",
+                "{}: {a_len} A values and {b_len} B values for blocks of {} and {}",
+                Self::NAME,
                 a_att + a_mlp,
                 b_att + b_mlp
             );
         }
-        let dims = self.attention.dims(x, a_att, b_att)?;
-        self.mlp.rows(x.dims(), a_mlp, b_mlp)?;
-        Ok((dims, (a_att, b_att)))
-    }
-}
-
-impl CustomOp3 for FusedLayer {
-    fn name(&self) -> &'static str {
-        "fused-layer"
+        self.mlp.rows(x, a_mlp, b_mlp)?;
+        self.attention.rows(x, a_att, b_att)
     }
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        a_s: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (dims, (sa, sb)) =
-            self.dims(xl.shape(), al.shape().elem_count(), bl.shape().elem_count())?;
-        let (x, a, b) = (slice(xs, xl)?, slice(a_s, al)?, slice(bs, bl)?);
+        rows: Rows,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, Saved)> {
+        let (sa, sb) = self.attention.flat_lens();
         let [norm1, norm2] = &self.norms;
         let n1 = with_slice(&norm1.w, |w| rms_norm_rows(x, w, norm1.eps))?;
-        let (mut x2, attention) = self.attention.forward(dims, &n1, &a[..sa], &b[..sb])?;
+        let (mut x2, attention) = self.attention.forward(rows, &n1, &a[..sa], &b[..sb])?;
         residual(x, &mut x2);
         let n2 = with_slice(&norm2.w, |w| rms_norm_rows(&x2, w, norm2.eps))?;
-        let (mut y, mlp) = self.mlp.forward(dims.0 * dims.1, &n2, &a[sa..], &b[sb..])?;
+        let (mut y, mlp) = self.mlp.forward(rows, &n2, &a[sa..], &b[sb..])?;
         residual(&x2, &mut y);
-        *self.saved.lock().map_err(poisoned)? = Some(Saved {
+        let saved = Saved {
             n1,
             x2,
             n2,
             attention,
             mlp,
-        });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        };
+        Ok((y, saved))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dims, (sa, sb)) = self.dims(x.shape(), a.elem_count(), b.elem_count())?;
-        let guard = self.saved.lock().map_err(poisoned)?;
-        let Some(sv) = guard.as_ref() else {
-            candle_core::bail!("fused-layer: backward before forward");
-        };
-        let want_params = a.track_op() || b.track_op();
-        let want_dx = x.track_op();
+        rows: Rows,
+        sv: &Saved,
+        g: &[f32],
+        x: &[f32],
+        (av, bv): (&[f32], &[f32]),
+        want_dx: bool,
+        want_params: bool,
+    ) -> candle_core::Result<BlockGrads> {
+        let (sa, sb) = self.attention.flat_lens();
         let [norm1, norm2] = &self.norms;
-        let g = grad.contiguous()?;
-        let (dx, da, db) = with_slice(&g, |g| {
-            with_slice(x, |xv| {
-                with_slice(a, |av| {
-                    with_slice(b, |bv| {
-                        let mlp = self.mlp.backward(
-                            dims.0 * dims.1,
-                            &sv.mlp,
-                            g,
-                            &sv.n2,
-                            (&av[sa..], &bv[sb..]),
-                            true,
-                            want_params,
-                        )?;
-                        let Some(d_n2) = mlp.dx else {
-                            candle_core::bail!("fused-layer: no gradient for the MLP's input");
-                        };
-                        // x₂'s two gradients: through the norm, and the residual's
-                        let mut d_x2 =
-                            with_slice(&norm2.w, |w| rms_norm_grad(&sv.x2, &d_n2, w, norm2.eps))?;
-                        drop(d_n2);
-                        add_in_place(&mut d_x2, g);
-                        let attention = self.attention.backward(
-                            dims,
-                            &sv.attention,
-                            &d_x2,
-                            &sv.n1,
-                            (&av[..sa], &bv[..sb]),
-                            want_dx,
-                            want_params,
-                        )?;
-                        let dx = match attention.dx {
-                            Some(d_n1) => {
-                                let mut dx = with_slice(&norm1.w, |w| {
-                                    rms_norm_grad(xv, &d_n1, w, norm1.eps)
-                                })?;
-                                add_in_place(&mut dx, &d_x2);
-                                Some(dx)
-                            }
-                            None => None,
-                        };
-                        let join = |p: Option<Vec<f32>>, q: Option<Vec<f32>>| match (p, q) {
-                            (Some(mut p), Some(q)) => {
-                                p.extend(q);
-                                Some(p)
-                            }
-                            _ => None,
-                        };
-                        Ok((dx, join(attention.da, mlp.da), join(attention.db, mlp.db)))
-                    })
-                })
-            })
-        })?;
-        let dev = grad.device();
-        let wrap = |v: Option<Vec<f32>>, shape: &Shape| {
-            v.map(|v| Tensor::from_vec(v, shape, dev)).transpose()
+        let mlp = self.mlp.backward(
+            rows,
+            &sv.mlp,
+            g,
+            &sv.n2,
+            (&av[sa..], &bv[sb..]),
+            true,
+            want_params,
+        )?;
+        let Some(d_n2) = mlp.dx else {
+            candle_core::bail!("{}: no gradient for the MLP's input", Self::NAME);
         };
-        Ok((
-            wrap(dx, x.shape())?,
-            wrap(da, a.shape())?,
-            wrap(db, b.shape())?,
-        ))
+        // x₂'s two gradients: through the norm, and the residual's
+        let mut d_x2 = with_slice(&norm2.w, |w| rms_norm_grad(&sv.x2, &d_n2, w, norm2.eps))?;
+        drop(d_n2);
+        add_in_place(&mut d_x2, g);
+        let attention = self.attention.backward(
+            rows,
+            &sv.attention,
+            &d_x2,
+            &sv.n1,
+            (&av[..sa], &bv[..sb]),
+            want_dx,
+            want_params,
+        )?;
+        // x's two gradients, likewise
+        let dx = match attention.dx {
+            Some(d_n1) => {
+                let mut dx = with_slice(&norm1.w, |w| rms_norm_grad(x, &d_n1, w, norm1.eps))?;
+                add_in_place(&mut dx, &d_x2);
+                Some(dx)
+            }
+            None => None,
+        };
+        let join = |p: Option<Vec<f32>>, q: Option<Vec<f32>>| match (p, q) {
+            (Some(mut p), Some(q)) => {
+                p.extend(q);
+                Some(p)
+            }
+            _ => None,
+        };
+        Ok(BlockGrads {
+            dx,
+            da: join(attention.da, mlp.da),
+            db: join(attention.db, mlp.db),
+        })
     }
 }
 
-/// The layer through [`FusedLayer`] when both blocks can be fused (see
+/// The layer as one autograd op when both blocks can be fused (see
 /// [`super::fused_attention::fused_attention`] and [`super::fused_mlp::fused_mlp`]) and both
 /// norms' weights are f32 on the CPU; `None` otherwise, for the caller's per-block path.
 pub fn fused_layer(
@@ -242,11 +195,10 @@ pub fn fused_layer(
         },
     ];
     let (a, b) = (Tensor::cat(&[a1, a2], 0)?, Tensor::cat(&[b1, b2], 0)?);
-    let op = FusedLayer {
+    let block = LayerBlock {
         attention: att,
         mlp,
         norms,
-        saved: Mutex::new(None),
     };
-    Ok(Some(x.contiguous()?.apply_op3(&a, &b, op)?))
+    Ok(Some(BlockOp::apply(block, x, &a, &b)?))
 }

@@ -14,13 +14,10 @@
 //! same sums: the output and every gradient are the composed path's to the bit), and adds `x`'s
 //! two gradients once. The adapters travel as two flat tensors (`lora_set`).
 
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{Shape, Tensor};
 
 use super::autograd::{swiglu, swiglu_grad};
-use super::frozen::with_slice;
-use super::fused_attention::BlockGrads;
+use super::block_op::{Block, BlockGrads, BlockOp, Rows};
 use super::linear::Linear;
 use super::lora_set::{add_in_place, LoraSet};
 
@@ -38,8 +35,8 @@ pub(crate) struct MlpSaved {
     h: [Vec<f32>; 3],
 }
 
-/// The block's arithmetic on slices, forward and backward (the op below, and the whole
-/// decoder layer's op in [`super::fused_layer`]).
+/// The block's arithmetic on slices, forward and backward ([`Block`]: its own op, or part of
+/// the whole decoder layer's in [`super::fused_layer`]).
 pub(crate) struct MlpBlock {
     set: LoraSet<3>,
 }
@@ -66,20 +63,25 @@ impl MlpBlock {
     pub fn flat_lens(&self) -> (usize, usize) {
         self.set.flat_lens()
     }
+}
 
-    /// `n`, the rows of an input `[.., hidden]`, checked against the flat arguments' lengths.
-    pub fn rows(&self, x: &[usize], a: usize, b: usize) -> candle_core::Result<usize> {
-        self.set.rows(x, a, b, GATE)
+impl Block for MlpBlock {
+    type Saved = MlpSaved;
+    const NAME: &'static str = "fused-mlp";
+
+    /// An input `[.., hidden]` as `(1, n)`.
+    fn rows(&self, x: &Shape, a: usize, b: usize) -> candle_core::Result<Rows> {
+        Ok((1, self.set.rows(x.dims(), a, b, GATE)?))
     }
 
-    /// The block's output `[n, hidden]` for `x: [n, hidden]`, and what the backward reads.
-    pub fn forward(
+    fn forward(
         &self,
-        n: usize,
+        (bsz, s): Rows,
         x: &[f32],
         a: &[f32],
         b: &[f32],
     ) -> candle_core::Result<(Vec<f32>, MlpSaved)> {
+        let n = bsz * s;
         let (gate, h_gate) = self.set.forward(GATE, n, x, a, b)?;
         let (up, h_up) = self.set.forward(UP, n, x, a, b)?;
         let act = swiglu(&gate, &up);
@@ -93,12 +95,9 @@ impl MlpBlock {
         Ok((y, saved))
     }
 
-    /// The gradients for the output gradient `g`, given the forward's input `x` and what it
-    /// kept: the input's when `want_dx`, the adapters' when `want_params`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    fn backward(
         &self,
-        n: usize,
+        (bsz, s): Rows,
         sv: &MlpSaved,
         g: &[f32],
         x: &[f32],
@@ -106,6 +105,7 @@ impl MlpBlock {
         want_dx: bool,
         want_params: bool,
     ) -> candle_core::Result<BlockGrads> {
+        let n = bsz * s;
         let mut down =
             self.set
                 .backward(DOWN, n, g, &sv.act, ab, &sv.h[DOWN], true, want_params)?;
@@ -134,95 +134,14 @@ impl MlpBlock {
     }
 }
 
-/// The op: arguments `x: [.., hidden]`, the flat A's and the flat B's; output `[.., hidden]`.
-pub struct FusedMlp {
-    block: MlpBlock,
-    saved: Mutex<Option<MlpSaved>>,
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("fused-mlp: expected contiguous arguments"),
-    }
-}
-
-fn poisoned<T>(_: T) -> candle_core::Error {
-    candle_core::Error::Msg("fused-mlp: poisoned state".into())
-}
-
-impl CustomOp3 for FusedMlp {
-    fn name(&self) -> &'static str {
-        "fused-mlp"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        a_s: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = self
-            .block
-            .rows(xl.dims(), al.shape().elem_count(), bl.shape().elem_count())?;
-        let (x, a, b) = (slice(xs, xl)?, slice(a_s, al)?, slice(bs, bl)?);
-        let (y, saved) = self.block.forward(n, x, a, b)?;
-        *self.saved.lock().map_err(poisoned)? = Some(saved);
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = self.block.rows(x.dims(), a.elem_count(), b.elem_count())?;
-        let guard = self.saved.lock().map_err(poisoned)?;
-        let Some(saved) = guard.as_ref() else {
-            candle_core::bail!("fused-mlp: backward before forward");
-        };
-        let want_params = a.track_op() || b.track_op();
-        let g = grad.contiguous()?;
-        let grads = with_slice(&g, |g| {
-            with_slice(x, |xv| {
-                with_slice(a, |av| {
-                    with_slice(b, |bv| {
-                        self.block
-                            .backward(n, saved, g, xv, (av, bv), x.track_op(), want_params)
-                    })
-                })
-            })
-        })?;
-        let dev = grad.device();
-        let wrap = |v: Option<Vec<f32>>, shape: &Shape| {
-            v.map(|v| Tensor::from_vec(v, shape, dev)).transpose()
-        };
-        Ok((
-            wrap(grads.dx, x.shape())?,
-            wrap(grads.da, a.shape())?,
-            wrap(grads.db, b.shape())?,
-        ))
-    }
-}
-
-/// `down(silu(gate(x)) · up(x))` through [`FusedMlp`] when `LoraSet::for_training` accepts
+/// `down(silu(gate(x)) · up(x))` as one autograd op when `LoraSet::for_training` accepts
 /// the three projections (one adapter each, no bias, f32 on the CPU, something trained) and
 /// gate and up read what down writes; `None` otherwise, for the caller's composed path.
 pub fn fused_mlp(x: &Tensor, projections: [&Linear; 3]) -> candle_core::Result<Option<Tensor>> {
     let Some((block, a, b)) = MlpBlock::for_training(x, projections)? else {
         return Ok(None);
     };
-    let op = FusedMlp {
-        block,
-        saved: Mutex::new(None),
-    };
-    Ok(Some(x.contiguous()?.apply_op3(&a, &b, op)?))
+    Ok(Some(BlockOp::apply(block, x, &a, &b)?))
 }
 
 #[cfg(test)]

@@ -83,7 +83,8 @@ struct Step<'a> {
     extents: Option<Vec<usize>>,
     hook: Option<&'a dyn Hook>,
     differentiable: bool,
-    /// Training may run each attention and MLP block as one op ([`Model::set_block_ops`]).
+    /// Training may run each decoder layer, or each attention and MLP block, as one op
+    /// ([`Model::set_block_ops`]).
     block_ops: bool,
 }
 
@@ -240,6 +241,23 @@ impl Attention {
         self.o_proj.forward(&out, hook)
     }
 
+    /// q, k, v and o.
+    fn projections(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    /// The heads and this pass's angles and mask, for the fused training ops.
+    fn shape<'a>(&self, step: &'a Step) -> super::fused_attention::AttentionShape<'a> {
+        super::fused_attention::AttentionShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            cos: &step.cos,
+            sin: &step.sin,
+            mask: step.mask.as_ref(),
+        }
+    }
+
     /// The same attention for training on the CPU, with the fewest graph nodes (each node costs
     /// a gradient buffer and an accumulation in the backward pass): heads split and merged in
     /// one copy each, `softmax(scale · Q Kᵀ + mask)` as one op on the query heads stacked per
@@ -248,16 +266,9 @@ impl Attention {
         use super::autograd::HeadsOp;
         use super::scores::AttentionScores;
         if step.block_ops {
-            let projections = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
-            let shape = super::fused_attention::AttentionShape {
-                heads: self.num_heads,
-                kv_heads: self.num_kv_heads,
-                head_dim: self.head_dim,
-                cos: &step.cos,
-                sin: &step.sin,
-                mask: step.mask.as_ref(),
-            };
-            if let Some(y) = super::fused_attention::fused_attention(x, projections, shape)? {
+            let y =
+                super::fused_attention::fused_attention(x, self.projections(), self.shape(step))?;
+            if let Some(y) = y {
                 return Ok(y);
             }
         }
@@ -300,12 +311,16 @@ impl Mlp {
         })
     }
 
+    /// gate, up and down.
+    fn projections(&self) -> [&Linear; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
     fn forward(&self, x: &Tensor, step: &Step) -> candle_core::Result<Tensor> {
         let hook = step.hook;
         if hook.is_none() && step.block_ops {
             // training with an adapter on all three projections: the block as one graph node
-            let projections = [&self.gate_proj, &self.up_proj, &self.down_proj];
-            if let Some(y) = super::fused_mlp::fused_mlp(x, projections)? {
+            if let Some(y) = super::fused_mlp::fused_mlp(x, self.projections())? {
                 return Ok(y);
             }
         }
@@ -335,22 +350,14 @@ impl DecoderLayer {
         if d && step.block_ops && step.hook.is_none() && cache.is_none() {
             // training with an adapter on every projection: the layer as one graph node
             let (att, mlp) = (&self.self_attn, &self.mlp);
-            let shape = super::fused_attention::AttentionShape {
-                heads: att.num_heads,
-                kv_heads: att.num_kv_heads,
-                head_dim: att.head_dim,
-                cos: &step.cos,
-                sin: &step.sin,
-                mask: step.mask.as_ref(),
-            };
             let norm = |n: &RmsNorm| super::fused_layer::Norm {
                 w: n.weight.clone(),
                 eps: n.eps as f32,
             };
             let y = super::fused_layer::fused_layer(
                 x,
-                ([&att.q_proj, &att.k_proj, &att.v_proj, &att.o_proj], shape),
-                [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj],
+                (att.projections(), att.shape(step)),
+                mlp.projections(),
                 [
                     norm(&self.input_layernorm),
                     norm(&self.post_attention_layernorm),
@@ -453,10 +460,11 @@ impl Model {
         self.differentiable = on;
     }
 
-    /// Whether training on the CPU runs each attention block and each MLP block whose
-    /// projections all carry one adapter as a single autograd op ([`super::fused_attention`],
-    /// [`super::fused_mlp`]; on by default). Off, the same arithmetic runs as a graph of
-    /// smaller ops (slower; the gradients are the same to the bit).
+    /// Whether training on the CPU runs each decoder layer whose seven projections all carry
+    /// one adapter as a single autograd op ([`super::fused_layer`]), and otherwise each such
+    /// attention or MLP block ([`super::fused_attention`], [`super::fused_mlp`]); on by
+    /// default. Off, the same arithmetic runs as a graph of smaller ops: slower, with the same
+    /// output and gradients to the bit.
     pub fn set_block_ops(&mut self, on: bool) {
         self.block_ops = on;
     }

@@ -12,6 +12,7 @@
 
 pub mod attention;
 pub mod autograd;
+pub(crate) mod block_op;
 pub mod bmm;
 pub mod cache;
 pub mod capture;
