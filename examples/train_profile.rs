@@ -31,6 +31,8 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         model.set_differentiable(diff);
+        // BLOCK_OPS=0: the composed graph instead of one op per decoder layer
+        model.set_block_ops(std::env::var("BLOCK_OPS").map_or(true, |v| v != "0"));
         for _ in 0..steps {
             let t0 = Instant::now();
             let hidden = model.forward_with(
