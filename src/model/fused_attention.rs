@@ -22,8 +22,9 @@ use super::block_op::{Block, BlockGrads, BlockOp, Rows};
 use super::bmm::BatchedMatmul;
 use super::frozen::with_slice;
 use super::linear::Linear;
-use super::lora_set::{add_in_place, LoraSet};
+use super::lora_set::{add_in_place, flat_adapters, LoraSet};
 use super::scores::AttentionScores;
+use crate::adapters::LoraModule;
 
 /// Projection indices in the set.
 const Q: usize = 0;
@@ -212,19 +213,19 @@ pub struct AttentionShape<'a> {
 }
 
 impl AttentionBlock {
-    /// The block and its flat `(A, B)` arguments when `LoraSet::for_training` accepts q, k, v
+    /// The block and its adapters (q, k, v, o) when `LoraSet::for_training` accepts q, k, v
     /// and o (one adapter each, no bias, f32 on the CPU, something trained) and their widths
     /// fit the heads; `None` otherwise.
-    pub(crate) fn for_training(
+    pub(crate) fn for_training<'a>(
         x: &Tensor,
-        projections: [&Linear; 4],
+        projections: [&'a Linear; 4],
         shape: &AttentionShape,
-    ) -> candle_core::Result<Option<(Self, Tensor, Tensor)>> {
+    ) -> candle_core::Result<Option<(Self, [&'a LoraModule; 4])>> {
         let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
         if x.rank() != 3 || kv_heads == 0 || heads % kv_heads != 0 {
             return Ok(None);
         }
-        let Some((set, a, b)) = LoraSet::for_training(x, projections)? else {
+        let Some((set, mods)) = LoraSet::for_training(x, projections)? else {
             return Ok(None);
         };
         let hidden = x.dim(2)?;
@@ -249,7 +250,7 @@ impl AttentionBlock {
                 mask: shape.mask.map(|m| m.contiguous()).transpose()?,
             },
         };
-        Ok(Some((block, a, b)))
+        Ok(Some((block, mods)))
     }
 }
 
@@ -261,8 +262,9 @@ pub fn fused_attention(
     projections: [&Linear; 4],
     shape: AttentionShape,
 ) -> candle_core::Result<Option<Tensor>> {
-    let Some((block, a, b)) = AttentionBlock::for_training(x, projections, &shape)? else {
+    let Some((block, mods)) = AttentionBlock::for_training(x, projections, &shape)? else {
         return Ok(None);
     };
+    let (a, b) = flat_adapters(&mods)?;
     Ok(Some(BlockOp::apply(block, x, &a, &b)?))
 }

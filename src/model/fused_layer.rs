@@ -20,7 +20,7 @@ use super::frozen::with_slice;
 use super::fused_attention::{AttentionBlock, AttentionSaved, AttentionShape};
 use super::fused_mlp::{MlpBlock, MlpSaved};
 use super::linear::Linear;
-use super::lora_set::add_in_place;
+use super::lora_set::{add_in_place, flat_adapters};
 
 /// What the forward keeps for the backward.
 struct Saved {
@@ -48,11 +48,6 @@ struct LayerBlock {
     attention: AttentionBlock,
     mlp: MlpBlock,
     norms: [Norm; 2],
-}
-
-/// `y[i] = a[i] + y[i]`: the residual sum `a + y`, written over `y`.
-fn residual(a: &[f32], y: &mut [f32]) {
-    add_in_place(y, a);
 }
 
 impl Block for LayerBlock {
@@ -85,10 +80,10 @@ impl Block for LayerBlock {
         let [norm1, norm2] = &self.norms;
         let n1 = with_slice(&norm1.w, |w| rms_norm_rows(x, w, norm1.eps))?;
         let (mut x2, attention) = self.attention.forward(rows, &n1, &a[..sa], &b[..sb])?;
-        residual(x, &mut x2);
+        add_in_place(&mut x2, x); // the residual sum x + attention, over the block's output
         let n2 = with_slice(&norm2.w, |w| rms_norm_rows(&x2, w, norm2.eps))?;
         let (mut y, mlp) = self.mlp.forward(rows, &n2, &a[sa..], &b[sb..])?;
-        residual(&x2, &mut y);
+        add_in_place(&mut y, &x2); // x₂ + mlp
         let saved = Saved {
             n1,
             x2,
@@ -173,10 +168,10 @@ pub fn fused_layer(
     if !norms.iter().all(|n| f32_cpu(&n.w) && n.w.rank() == 1) {
         return Ok(None);
     }
-    let Some((att, a1, b1)) = AttentionBlock::for_training(x, attention.0, &attention.1)? else {
+    let Some((att, att_mods)) = AttentionBlock::for_training(x, attention.0, &attention.1)? else {
         return Ok(None);
     };
-    let Some((mlp, a2, b2)) = MlpBlock::for_training(x, mlp)? else {
+    let Some((mlp, mlp_mods)) = MlpBlock::for_training(x, mlp)? else {
         return Ok(None);
     };
     let hidden = x.dim(2)?;
@@ -194,7 +189,9 @@ pub fn fused_layer(
             eps: n2.eps,
         },
     ];
-    let (a, b) = (Tensor::cat(&[a1, a2], 0)?, Tensor::cat(&[b1, b2], 0)?);
+    // all seven adapters in one concatenation: the attention block's, then the MLP block's
+    let mods: Vec<_> = att_mods.into_iter().chain(mlp_mods).collect();
+    let (a, b) = flat_adapters(&mods)?;
     let block = LayerBlock {
         attention: att,
         mlp,

@@ -57,7 +57,7 @@ fn dims(x: &Shape, a: &Shape, b: &Shape, w: &Tensor) -> candle_core::Result<[usi
     Ok([n, inp, r, out])
 }
 
-pub(crate) fn wrap(e: super::gemm::GemmError) -> candle_core::Error {
+fn wrap(e: super::gemm::GemmError) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
 

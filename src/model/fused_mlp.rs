@@ -19,7 +19,8 @@ use candle_core::{Shape, Tensor};
 use super::autograd::{swiglu, swiglu_grad};
 use super::block_op::{Block, BlockGrads, BlockOp, Rows};
 use super::linear::Linear;
-use super::lora_set::{add_in_place, LoraSet};
+use super::lora_set::{add_in_place, flat_adapters, LoraSet};
+use crate::adapters::LoraModule;
 
 /// Projection indices in the set.
 const GATE: usize = 0;
@@ -42,21 +43,21 @@ pub(crate) struct MlpBlock {
 }
 
 impl MlpBlock {
-    /// The block and its flat `(A, B)` arguments when `LoraSet::for_training` accepts the three
+    /// The block and its adapters (gate, up, down) when `LoraSet::for_training` accepts the three
     /// projections (one adapter each, no bias, f32 on the CPU, something trained) and gate and
     /// up read what down writes; `None` otherwise.
-    pub(crate) fn for_training(
+    pub(crate) fn for_training<'a>(
         x: &Tensor,
-        projections: [&Linear; 3],
-    ) -> candle_core::Result<Option<(Self, Tensor, Tensor)>> {
-        let Some((set, a, b)) = LoraSet::for_training(x, projections)? else {
+        projections: [&'a Linear; 3],
+    ) -> candle_core::Result<Option<(Self, [&'a LoraModule; 3])>> {
+        let Some((set, mods)) = LoraSet::for_training(x, projections)? else {
             return Ok(None);
         };
         let ((g_in, g_out), up, down) = (set.io(GATE), set.io(UP), set.io(DOWN));
         if up != (g_in, g_out) || down != (g_out, g_in) {
             return Ok(None);
         }
-        Ok(Some((MlpBlock { set }, a, b)))
+        Ok(Some((MlpBlock { set }, mods)))
     }
 
     /// The lengths of the flat A's and B's.
@@ -138,9 +139,10 @@ impl Block for MlpBlock {
 /// the three projections (one adapter each, no bias, f32 on the CPU, something trained) and
 /// gate and up read what down writes; `None` otherwise, for the caller's composed path.
 pub fn fused_mlp(x: &Tensor, projections: [&Linear; 3]) -> candle_core::Result<Option<Tensor>> {
-    let Some((block, a, b)) = MlpBlock::for_training(x, projections)? else {
+    let Some((block, mods)) = MlpBlock::for_training(x, projections)? else {
         return Ok(None);
     };
+    let (a, b) = flat_adapters(&mods)?;
     Ok(Some(BlockOp::apply(block, x, &a, &b)?))
 }
 

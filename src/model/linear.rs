@@ -48,17 +48,22 @@ impl Linear {
         Ok(y)
     }
 
+    /// The weight as the training ops read it: 16-bit storage widened to f32 (a new tensor on
+    /// each call), anything else as it is.
+    pub(crate) fn weight_for_training(&self) -> candle_core::Result<Tensor> {
+        match self.weight.dtype() {
+            DType::BF16 | DType::F16 => self.weight.to_dtype(DType::F32),
+            _ => Ok(self.weight.clone()),
+        }
+    }
+
     fn forward_plain(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut loras = self.loras.iter().peekable();
         // Training an adapter: the base product and the first adapter as one op, on `x` as it
         // is (its leading dims kept, no reshape nodes in the graph).
         let fused = match loras.peek() {
             Some(m) if x.track_op() || m.a.track_op() || m.b.track_op() => {
-                let w = match self.weight.dtype() {
-                    DType::BF16 | DType::F16 => self.weight.to_dtype(DType::F32)?,
-                    _ => self.weight.clone(),
-                };
-                fused_lora(x, &w, &m.a, &m.b, m.scale)?
+                fused_lora(x, &self.weight_for_training()?, &m.a, &m.b, m.scale)?
             }
             _ => None,
         };

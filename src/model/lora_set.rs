@@ -15,13 +15,15 @@ use super::linear::Linear;
 use crate::adapters::LoraModule;
 
 /// One projection: frozen `[out, in]` weight (f32, contiguous), input and output widths, rank,
-/// scale.
+/// scale, and where its A and B lie in the flat arguments.
 struct Projection {
     w: Tensor,
     inp: usize,
     out: usize,
     r: usize,
     scale: f32,
+    a: Range<usize>,
+    b: Range<usize>,
 }
 
 /// The `N` projections of a block.
@@ -30,13 +32,13 @@ pub(crate) struct LoraSet<const N: usize> {
 }
 
 impl<const N: usize> LoraSet<N> {
-    /// The set and the flat `(A, B)` arguments when every projection carries exactly one f32
+    /// The set and the projections' adapters when every projection carries exactly one f32
     /// adapter on the CPU and no bias, no weight is trained, and `x` or an adapter is; `None`
     /// otherwise (the caller's composed path). 16-bit frozen weights are widened here.
-    pub fn for_training(
+    pub fn for_training<'a>(
         x: &Tensor,
-        linears: [&Linear; N],
-    ) -> candle_core::Result<Option<(Self, Tensor, Tensor)>> {
+        linears: [&'a Linear; N],
+    ) -> candle_core::Result<Option<(Self, [&'a LoraModule; N])>> {
         let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         if !cpu_f32(x) {
             return Ok(None);
@@ -53,37 +55,33 @@ impl<const N: usize> LoraSet<N> {
         if !(x.track_op() || mods.iter().any(|m| m.a.track_op() || m.b.track_op())) {
             return Ok(None);
         }
+        let (mut a_end, mut b_end) = (0, 0);
         let mut proj = Vec::with_capacity(N);
         for (l, m) in linears.iter().zip(&mods) {
-            let w = match l.weight.dtype() {
-                DType::F32 => l.weight.contiguous()?,
-                DType::BF16 | DType::F16 => l.weight.to_dtype(DType::F32)?,
-                _ => return Ok(None),
-            };
+            let w = l.weight_for_training()?;
             let ((out, inp), r) = (l.shape(), m.rank());
-            if m.a.dims() != [r, inp] || m.b.dims() != [out, r] {
+            if w.dtype() != DType::F32 || m.a.dims() != [r, inp] || m.b.dims() != [out, r] {
                 return Ok(None);
             }
+            let (a, b) = (a_end..a_end + r * inp, b_end..b_end + out * r);
+            (a_end, b_end) = (a.end, b.end);
             proj.push(Projection {
-                w,
+                w: w.contiguous()?,
                 inp,
                 out,
                 r,
                 scale: m.scale as f32,
+                a,
+                b,
             });
         }
-        let Ok(proj) = <[Projection; N]>::try_from(proj) else {
-            return Ok(None);
-        };
-        let flat = |f: fn(&LoraModule) -> &Tensor| -> candle_core::Result<Tensor> {
-            let parts = mods
-                .iter()
-                .map(|m| f(m).flatten_all())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)
-        };
-        let (a, b) = (flat(|m| &m.a)?, flat(|m| &m.b)?);
-        Ok(Some((Self { proj }, a, b)))
+        match (
+            <[Projection; N]>::try_from(proj),
+            <[&LoraModule; N]>::try_from(mods),
+        ) {
+            (Ok(proj), Ok(mods)) => Ok(Some((Self { proj }, mods))),
+            _ => Ok(None),
+        }
     }
 
     /// `(in, out)` of projection `i`.
@@ -91,27 +89,9 @@ impl<const N: usize> LoraSet<N> {
         (self.proj[i].inp, self.proj[i].out)
     }
 
-    fn ranges(sizes: impl Iterator<Item = usize>) -> Vec<Range<usize>> {
-        let mut start = 0;
-        sizes
-            .map(|len| {
-                start += len;
-                start - len..start
-            })
-            .collect()
-    }
-
-    fn a_range(&self, i: usize) -> Range<usize> {
-        Self::ranges(self.proj.iter().map(|p| p.r * p.inp)).swap_remove(i)
-    }
-
-    fn b_range(&self, i: usize) -> Range<usize> {
-        Self::ranges(self.proj.iter().map(|p| p.out * p.r)).swap_remove(i)
-    }
-
     /// The lengths of the flat A's and B's.
     pub fn flat_lens(&self) -> (usize, usize) {
-        (self.a_range(N - 1).end, self.b_range(N - 1).end)
+        self.proj.last().map_or((0, 0), |p| (p.a.end, p.b.end))
     }
 
     /// Checks the flat arguments' lengths and returns `n`, the rows of an input whose last
@@ -126,7 +106,7 @@ impl<const N: usize> LoraSet<N> {
         let Some((&w, lead)) = x.split_last() else {
             candle_core::bail!("fused block: the input must have at least one dim");
         };
-        let (a_len, b_len) = (self.a_range(N - 1).end, self.b_range(N - 1).end);
+        let (a_len, b_len) = self.flat_lens();
         if w != self.proj[first].inp || a != a_len || b != b_len {
             candle_core::bail!(
                 "fused block: input [.., {w}], {a} A values and {b} B values do not fit [.., {}], \
@@ -162,8 +142,8 @@ impl<const N: usize> LoraSet<N> {
                 self.shape(i, n),
                 x,
                 w,
-                &a[self.a_range(i)],
-                &b[self.b_range(i)],
+                &a[self.proj[i].a.clone()],
+                &b[self.proj[i].b.clone()],
             )
         })
     }
@@ -188,8 +168,8 @@ impl<const N: usize> LoraSet<N> {
                 g,
                 x,
                 w,
-                &a[self.a_range(i)],
-                &b[self.b_range(i)],
+                &a[self.proj[i].a.clone()],
+                &b[self.proj[i].b.clone()],
                 Some(h),
                 [want_dx, want_params, want_params],
             )
@@ -212,6 +192,19 @@ impl<const N: usize> LoraSet<N> {
         }
         (da, db)
     }
+}
+
+/// The adapters' A's and B's, each flattened, concatenated in order: a block op's second and
+/// third arguments.
+pub(crate) fn flat_adapters(mods: &[&LoraModule]) -> candle_core::Result<(Tensor, Tensor)> {
+    let flat = |f: fn(&LoraModule) -> &Tensor| -> candle_core::Result<Tensor> {
+        let parts = mods
+            .iter()
+            .map(|m| f(m).flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    };
+    Ok((flat(|m| &m.a)?, flat(|m| &m.b)?))
 }
 
 /// `a += b`, elementwise, on both cores for large buffers (a tensor's gradients from several
