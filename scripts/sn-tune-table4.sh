@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SN-Tune / RSN-Tune and the papers' Table 4 on any model, as run on Qwen2.5-Coder-0.5B-Instruct in
-# the README ("SN-Tune and RSN-Tune on the same model"):
+# docs/results.md ("SN-Tune and RSN-Tune on the same model"):
 #
 #   1. the safety and foundation sets (`realign neurons detect`, 100 prompts each, content tokens);
 #   2. SN-Tune (the safety set) and RSN-Tune (safety minus foundation) at each rate of SN_RATES /

@@ -61,3 +61,9 @@ pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The README's Rust examples, compiled (not run) as doctests, so the front page cannot drift
+/// from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
