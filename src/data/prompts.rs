@@ -7,11 +7,19 @@
 //!    message list); a record without it is an error listing the columns it has;
 //! 2. else, a record of one of the training shapes ([`load_rows`](super::load_rows)) gives its
 //!    prompt;
-//! 3. else the first of [`PROMPT_KEYS`] the record has, compared exactly and then ignoring
-//!    case: `prompt` (XSTest, most JSONL), `goal` (AdvBench), `instruction` (Alpaca-style, with
+//! 3. else the first of [`PROMPT_KEYS`] the record has, each compared exactly and then
+//!    ignoring case: `prompt` (XSTest, most JSONL), `goal` (AdvBench; JailbreakBench's `Goal`,
+//!    ahead of its `Behavior`, a short name), `instruction` (Alpaca-style, with
 //!    `input` appended after a blank line when not empty), `question`, `Behavior` (HarmBench),
-//!    `forbidden_prompt` (StrongREJECT), or a `messages`/`conversations` list whose trailing
-//!    assistant turn, if any, is dropped.
+//!    `forbidden_prompt` (StrongREJECT), a `messages`/`conversations` list whose trailing
+//!    assistant turn, if any, is dropped, or `turns` (SORRY-Bench, MT-Bench: a list of user
+//!    turns, of which the first is taken: a later turn answers a reply, so it is no prompt on
+//!    its own).
+//!
+//! A CSV file of one column whose first line is not a recognised name but reads as a sentence
+//! (four words or more, as in HEx-PHI's `category_N.csv`) has no header: every line, the first
+//! included, is a prompt. Rows can be filtered first ([`load_prompts_where`], `realign eval
+//! --where`, see [`RowFilter`]).
 //!
 //! A HarmBench contextual behaviour (a non-empty `ContextString` beside the `Behavior` column)
 //! becomes `"{ContextString}\n\n---\n\n{Behavior}"`, the prompt HarmBench's own direct-request
@@ -29,7 +37,10 @@ use std::path::Path;
 
 use serde_json::{Map, Value as Json};
 
-use super::formats::{json_type, list_value, messages_of, parse_value, read_records, Cells};
+use super::formats::{
+    json_type, list_value, messages_of, parse_value, read_records, Cells, Records,
+};
+use super::select::{accepts_all, RowFilter};
 use super::{DataError, FileFormat, Location, Prompt, Row};
 use crate::tokenizer::ChatMessage;
 
@@ -43,6 +54,7 @@ pub const PROMPT_KEYS: &[&str] = &[
     "forbidden_prompt",
     "messages",
     "conversations",
+    "turns",
 ];
 
 /// The keys or columns a task's gold answer is read from when none is named and the row is not
@@ -56,6 +68,20 @@ pub const LABEL_KEYS: &[&str] = &["answer", "label", "gold", "target_label"];
 /// [`DataError::Row`] for a record without a prompt (naming the keys or columns found and
 /// `--prompt-column`) or whose prompt is not a non-empty string.
 pub fn load_prompts(spec: &str, column: Option<&str>) -> crate::Result<Vec<Prompt>> {
+    load_prompts_where(spec, column, &[])
+}
+
+/// [`load_prompts`] of the rows that pass every filter (see [`RowFilter`]); embedded sets, like
+/// `column`, ignore the filters.
+///
+/// Errors: as [`load_prompts`]; a row without a filter's key ([`DataError::Row`], naming the
+/// keys it has), a `.txt` file or headerless CSV with filters (their rows have no keys), and a
+/// file of which no row passes ([`DataError::Format`]).
+pub fn load_prompts_where(
+    spec: &str,
+    column: Option<&str>,
+    filters: &[RowFilter],
+) -> crate::Result<Vec<Prompt>> {
     if spec.starts_with("embedded:") {
         return Ok(super::load_source(spec)?
             .iter()
@@ -63,7 +89,16 @@ pub fn load_prompts(spec: &str, column: Option<&str>) -> crate::Result<Vec<Promp
             .collect());
     }
     let path = Path::new(spec);
-    let records = read_records(path)?;
+    let mut records = read_records(path)?;
+    if column.is_none() {
+        if let Some(lines) = headerless_prompts(&records) {
+            if !filters.is_empty() {
+                return Err(no_keys_to_filter(path, "a headerless one-column CSV"));
+            }
+            return Ok(lines);
+        }
+    }
+    keep_passing(path, &mut records, filters)?;
     records
         .items
         .iter()
@@ -71,6 +106,79 @@ pub fn load_prompts(spec: &str, column: Option<&str>) -> crate::Result<Vec<Promp
             prompt_of(value, records.format, column).map_err(|m| row_error(path, *location, m))
         })
         .collect()
+}
+
+/// The prompts of a one-column CSV without a header (see the [module documentation](self)):
+/// the header's cell and every record's, in file order; `None` when the file is not one.
+fn headerless_prompts(records: &Records) -> Option<Vec<Prompt>> {
+    if records.format != FileFormat::Csv {
+        return None;
+    }
+    let mut header = None;
+    let mut prompts = Vec::with_capacity(records.items.len() + 1);
+    for (_, value) in &records.items {
+        let Json::Object(obj) = value else {
+            return None;
+        };
+        let (name, cell) = obj.iter().next().filter(|_| obj.len() == 1)?;
+        if header.is_none() {
+            let sentence = name.split_whitespace().count() >= 4;
+            if !sentence || find_key(obj, PROMPT_KEYS).is_some() {
+                return None;
+            }
+            prompts.push(Prompt::Text(name.trim().to_string()));
+            header = Some(name);
+        }
+        match cell {
+            Json::String(text) if !text.trim().is_empty() => {
+                prompts.push(Prompt::Text(text.clone()))
+            }
+            _ => return None,
+        }
+    }
+    Some(prompts)
+}
+
+/// Drops the records that fail a filter; a record the filters cannot read is an error, and so
+/// is a file of which no record passes.
+fn keep_passing(path: &Path, records: &mut Records, filters: &[RowFilter]) -> crate::Result<()> {
+    if filters.is_empty() {
+        return Ok(());
+    }
+    if records.format == FileFormat::Text {
+        return Err(no_keys_to_filter(path, "a .txt file"));
+    }
+    let total = records.items.len();
+    let mut kept = Vec::with_capacity(total);
+    for (location, value) in std::mem::take(&mut records.items) {
+        let Json::Object(obj) = &value else {
+            return Err(no_keys_to_filter(path, "a list of strings"));
+        };
+        if accepts_all(filters, obj).map_err(|m| row_error(path, location, m))? {
+            kept.push((location, value));
+        }
+    }
+    if kept.is_empty() {
+        let shown: Vec<String> = filters.iter().map(ToString::to_string).collect();
+        return Err(DataError::Format {
+            path: path.to_path_buf(),
+            message: format!(
+                "none of its {total} rows passes --where {}",
+                shown.join(" --where ")
+            ),
+        }
+        .into());
+    }
+    records.items = kept;
+    Ok(())
+}
+
+fn no_keys_to_filter(path: &Path, what: &str) -> crate::Error {
+    DataError::Format {
+        path: path.to_path_buf(),
+        message: format!("{what} has no columns or keys for --where to filter on"),
+    }
+    .into()
 }
 
 /// The `(prompt, gold answer)` items of a task source: `embedded:NAME` (its prompt/response
@@ -85,6 +193,17 @@ pub fn load_task_items(
     spec: &str,
     prompt_column: Option<&str>,
     label_column: Option<&str>,
+) -> crate::Result<Vec<(String, String)>> {
+    load_task_items_where(spec, prompt_column, label_column, &[])
+}
+
+/// [`load_task_items`] of the rows that pass every filter (see [`RowFilter`] and
+/// [`load_prompts_where`]).
+pub fn load_task_items_where(
+    spec: &str,
+    prompt_column: Option<&str>,
+    label_column: Option<&str>,
+    filters: &[RowFilter],
 ) -> crate::Result<Vec<(String, String)>> {
     if spec.starts_with("embedded:") {
         return super::load_source(spec)?
@@ -105,7 +224,7 @@ pub fn load_task_items(
             .collect();
     }
     let path = Path::new(spec);
-    let records = read_records(path)?;
+    let mut records = read_records(path)?;
     if records.format == FileFormat::Text {
         return Err(DataError::Format {
             path: path.to_path_buf(),
@@ -115,6 +234,7 @@ pub fn load_task_items(
         }
         .into());
     }
+    keep_passing(path, &mut records, filters)?;
     let cells = cells_of(records.format);
     records
         .items
@@ -200,24 +320,30 @@ fn prompt_of(value: &Json, format: FileFormat, column: Option<&str>) -> Result<P
     }
 }
 
-/// The first of `keys` that `obj` has with a non-null value, exactly, else ignoring case; the
-/// record's own spelling is returned.
+/// The first of `keys` that `obj` has with a non-null value, each spelt exactly or else
+/// ignoring case (JailbreakBench's `Goal` is its prompt, ahead of its `Behavior`, a short
+/// name); the record's own spelling is returned.
 fn find_key<'a>(obj: &'a Map<String, Json>, keys: &[&str]) -> Option<&'a str> {
     let present = |k: &&String| obj.get(*k).is_some_and(|v| !v.is_null());
     keys.iter()
-        .find_map(|want| obj.keys().filter(present).find(|k| k.as_str() == *want))
-        .or_else(|| {
-            keys.iter().find_map(|want| {
-                obj.keys()
-                    .filter(present)
-                    .find(|k| k.eq_ignore_ascii_case(want))
-            })
+        .find_map(|want| {
+            obj.keys()
+                .filter(present)
+                .find(|k| k.as_str() == *want)
+                .or_else(|| {
+                    obj.keys()
+                        .filter(present)
+                        .find(|k| k.eq_ignore_ascii_case(want))
+                })
         })
         .map(String::as_str)
 }
 
 /// The prompt in `obj[key]`: a string, or a message list (trailing assistant turn dropped).
 fn prompt_from(obj: &Map<String, Json>, key: &str, cells: Cells) -> Result<Prompt, String> {
+    if key.eq_ignore_ascii_case("turns") {
+        return first_turn(obj.get(key), cells);
+    }
     if let Some(list) = list_value(obj.get(key), cells) {
         let mut messages: Vec<ChatMessage> = messages_of(&list, key)?;
         if messages.last().is_some_and(|m| m.role == "assistant") {
@@ -260,6 +386,37 @@ fn prompt_from(obj: &Map<String, Json>, key: &str, cells: Cells) -> Result<Promp
         text
     };
     Ok(Prompt::Text(text))
+}
+
+/// The first of a `turns` list of user turns (SORRY-Bench, MT-Bench): a JSON list of strings,
+/// or in a CSV cell its JSON text.
+fn first_turn(value: Option<&Json>, cells: Cells) -> Result<Prompt, String> {
+    let parsed;
+    let list = match value {
+        Some(Json::Array(a)) => a,
+        Some(Json::String(s)) if cells == Cells::Csv => match serde_json::from_str(s) {
+            Ok(Json::Array(a)) => {
+                parsed = a;
+                &parsed
+            }
+            _ => return Err("`turns` must be a list of strings (the user turns)".into()),
+        },
+        other => {
+            return Err(format!(
+                "`turns` must be a list of strings (the user turns), found {}",
+                other.map_or("nothing", json_type)
+            ))
+        }
+    };
+    match list.first() {
+        Some(Json::String(s)) if !s.trim().is_empty() => Ok(Prompt::Text(s.clone())),
+        Some(Json::String(_)) => Err("`turns`[0] is empty".into()),
+        Some(other) => Err(format!(
+            "`turns`[0] must be a string, found {}",
+            json_type(other)
+        )),
+        None => Err("`turns` is an empty list".into()),
+    }
 }
 
 /// The gold answer of one task record (see [`load_task_items`]).
@@ -393,7 +550,7 @@ mod tests {
             e,
             "no prompt found in keys [id, text]: pick the prompt with --prompt-column NAME \
              (recognised without it: prompt, goal, instruction, question, Behavior, \
-             forbidden_prompt, messages, conversations)"
+             forbidden_prompt, messages, conversations, turns)"
         );
         let e = p(json!({"prompt": 3}), None).unwrap_err();
         assert_eq!(e, "`prompt` must be a string, found a number");

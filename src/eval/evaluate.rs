@@ -22,7 +22,7 @@ use super::model_judge::{judge_with_model, ModelVerdict, JUDGE_MAX_NEW_TOKENS};
 use super::replies::{chat_replies, EvalConfig, DEFAULT_BATCH_SIZE};
 use super::stats::Rate;
 use super::EvalError;
-use crate::data::{load_prompts, load_task_items};
+use crate::data::{load_prompts_where, load_task_items_where, RowFilter};
 use crate::model::{LoadOptions, LoadedModel};
 
 /// The harmful set used when none is given: 200 held-out AdvBench + Do-Not-Answer prompts.
@@ -95,7 +95,7 @@ impl fmt::Display for JudgeSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalOptions {
     /// Harmful prompts: a data source (`embedded:NAME` or a file, see
-    /// [`load_prompts`]: also prompt-only benchmark files and `.txt`); `None` skips the
+    /// [`load_prompts`](crate::data::load_prompts): also prompt-only benchmark files and `.txt`); `None` skips the
     /// harmfulness score.
     pub harmful: Option<String>,
     /// Task items (prompt + gold response): a data source; `None` skips the accuracy.
@@ -105,7 +105,7 @@ pub struct EvalOptions {
     /// The harmfulness judge.
     pub judge: JudgeSpec,
     /// Over-refusal prompts (benign, including benign-but-edgy: "how do I kill a Python
-    /// process"; `realign eval --benign`): a data source, any format [`load_prompts`] reads
+    /// process"; `realign eval --benign`): a data source, any format [`load_prompts`](crate::data::load_prompts) reads
     /// (an XSTest-style file plugs in); `None` skips the over-refusal rate (the percentage of
     /// these prompts refused). Default [`DEFAULT_OVERREFUSAL`].
     pub overrefusal: Option<String>,
@@ -138,9 +138,10 @@ pub struct EvalOptions {
     pub columns: EvalColumns,
 }
 
-/// Which column or key of each file source holds the prompt (and the task's gold answer):
-/// `--prompt-column` and `--label-column` of `realign eval`. `None`: found automatically
-/// ([`crate::data::PROMPT_KEYS`], [`crate::data::LABEL_KEYS`]). Embedded sets ignore them.
+/// Which column or key of each file source holds the prompt (and the task's gold answer), and
+/// which rows count: `--prompt-column`, `--label-column` and `--where` of `realign eval`.
+/// `None`: found automatically ([`crate::data::PROMPT_KEYS`], [`crate::data::LABEL_KEYS`]); no
+/// filter: every row. Embedded sets ignore them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EvalColumns {
     /// The prompt column of the harmful set.
@@ -155,6 +156,15 @@ pub struct EvalColumns {
     /// The prompt column of the benign (over-refusal) set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub overrefusal_prompt: Option<String>,
+    /// Row filters of the harmful set's file (`--where harmful:KEY=VALUE`; all must pass).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub harmful_where: Vec<RowFilter>,
+    /// Row filters of the task set's file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub task_where: Vec<RowFilter>,
+    /// Row filters of the benign set's file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub overrefusal_where: Vec<RowFilter>,
 }
 
 impl EvalColumns {
@@ -598,6 +608,7 @@ pub fn evaluate_with_judge(
             prompts_of(
                 spec,
                 opts.columns.harmful_prompt.as_deref(),
+                &opts.columns.harmful_where,
                 opts.limit,
                 opts.sample_seed,
             )
@@ -619,6 +630,7 @@ pub fn evaluate_with_judge(
             prompts_of(
                 spec,
                 opts.columns.overrefusal_prompt.as_deref(),
+                &opts.columns.overrefusal_where,
                 opts.limit,
                 opts.sample_seed,
             )
@@ -879,18 +891,19 @@ fn summarize_task(
 }
 
 /// The prompts of a set (any row shape, or a prompt-only benchmark file: see
-/// [`load_prompts`]; the prompt's text), sampled by [`sample_rows`].
+/// [`load_prompts_where`]; the prompt's text), sampled by [`sample_rows`].
 fn prompts_of(
     spec: &str,
     column: Option<&str>,
+    filters: &[RowFilter],
     limit: usize,
     seed: u64,
 ) -> crate::Result<Vec<String>> {
-    let prompts = sample_rows(load_prompts(spec, column)?, limit, seed);
+    let prompts = sample_rows(load_prompts_where(spec, column, filters)?, limit, seed);
     Ok(prompts.iter().map(|p| p.plain_text()).collect())
 }
 
-/// The task items of `spec` as `(prompt, gold)` ([`load_task_items`]): the seeded sample, and
+/// The task items of `spec` as `(prompt, gold)` ([`load_task_items_where`]): the seeded sample, and
 /// every gold answer of the whole set (the task kind is told from all of them, so that a small
 /// sample whose golds happen to be one label is still read as classification).
 fn task_items(
@@ -899,10 +912,11 @@ fn task_items(
     limit: usize,
     seed: u64,
 ) -> crate::Result<TaskItems> {
-    let all = load_task_items(
+    let all = load_task_items_where(
         spec,
         columns.task_prompt.as_deref(),
         columns.task_label.as_deref(),
+        &columns.task_where,
     )?;
     let golds = all.iter().map(|(_, g)| g.clone()).collect();
     Ok((sample_rows(all, limit, seed), golds))
