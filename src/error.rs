@@ -53,6 +53,17 @@ pub enum Error {
         /// The output path.
         path: PathBuf,
     },
+    /// A folder that another run holds (see [`crate::fsutil::DirLock`]).
+    #[error(
+        "{path} is in use by another realign run ({holder}); wait for it to end or choose \
+         another output folder (nothing was written)"
+    )]
+    Busy {
+        /// The folder.
+        path: PathBuf,
+        /// Who holds it, as the lock file says (`pid N, since UNIX-SECONDS`).
+        holder: String,
+    },
     /// A tensor holding NaN or infinite values, read from a file or about to be written.
     #[error(
         "{path}: tensor {tensor:?} holds {count} NaN or infinite value(s); refusing to use it"

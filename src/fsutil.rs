@@ -99,6 +99,69 @@ pub fn check_finite(t: &candle_core::Tensor, path: &Path, name: &str) -> Result<
     })
 }
 
+/// An exclusive hold on a folder that a long run resumes into (`realign experiment`'s output):
+/// a second run on the same folder stops at once with [`Error::Busy`], instead of training the
+/// same stages beside the first and racing it for their folders. The hold is `flock(2)` on
+/// `DIR/.realign.lock`, which the kernel drops when the holder ends, however it ends (Ctrl-C,
+/// `kill -9`), so a stale file never blocks a rerun; the file names the holder's pid and start
+/// time for the message. Released on drop. On systems without `flock` it holds nothing.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// The name of the lock file inside the folder.
+    pub const FILE: &'static str = ".realign.lock";
+
+    /// Takes the hold on `dir` (which must exist), or fails with [`Error::Busy`] naming the
+    /// holder when another process has it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        #[cfg(unix)]
+        {
+            use std::io::Write;
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::WouldBlock {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    let holder = holder.trim();
+                    return Err(Error::Busy {
+                        path: dir.to_path_buf(),
+                        holder: if holder.is_empty() {
+                            "a process that has not written its pid yet".into()
+                        } else {
+                            holder.to_string()
+                        },
+                    });
+                }
+                return Err(Error::io(&path, err));
+            }
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut f = &file;
+            f.set_len(0)
+                .and_then(|()| {
+                    writeln!(f, "pid {}, since {since}", std::process::id())?;
+                    f.flush()
+                })
+                .map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(Self { _file: file })
+    }
+}
+
 /// An output folder written as a whole: every file goes into a hidden `.NAME.partial-PID`
 /// folder beside the target, and [`commit`](Self::commit) renames it into place (replacing an
 /// existing target only after the new folder is complete). Dropped without `commit` (an error,

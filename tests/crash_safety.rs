@@ -224,3 +224,36 @@ fn a_killed_experiment_resumes_to_the_same_bytes_and_same_seeds_repeat() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Two runs on one output folder: the second stops at once, names the holder and writes
+/// nothing; the hold ends with its holder.
+#[test]
+fn a_second_run_on_the_same_folder_stops_at_once() {
+    use realign::fsutil::DirLock;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let hold = DirLock::acquire(&out).unwrap();
+    let text = std::fs::read_to_string(out.join(DirLock::FILE)).unwrap();
+    let me = format!("pid {}, since ", std::process::id());
+    assert!(text.starts_with(&me), "{text}");
+    // Another open of the lock file is refused, even in the same process.
+    let err = DirLock::acquire(&out).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("out is in use by another realign run ({me}")),
+        "{err}"
+    );
+    let cfg = config(dir.path());
+    let o = experiment(&cfg, &out).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("is in use by another realign run") && err.contains(&me),
+        "{err}"
+    );
+    assert!(!out.join("stages").exists());
+    assert!(!out.join("experiment.toml").exists());
+    drop(hold);
+    // The hold ended with its holder: the folder can be held again.
+    DirLock::acquire(&out).unwrap();
+}

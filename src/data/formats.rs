@@ -99,7 +99,7 @@ pub fn read_text(path: &Path) -> crate::Result<String> {
     if compression == Compression::None {
         return fsutil::read_to_string(path);
     }
-    let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+    let bytes = fsutil::read(path)?;
     let mut out = Vec::new();
     let (codec, result) = match compression {
         Compression::Gzip => (

@@ -83,13 +83,16 @@ impl Observer for Silent {
 }
 
 /// Runs (or resumes) the whole experiment and writes the report folder
-/// (`OUTPUT/report/`). Returns the report.
+/// (`OUTPUT/report/`). Returns the report. The output folder is held for the run
+/// ([`crate::fsutil::DirLock`]): a second run on it fails at once with
+/// [`crate::Error::Busy`].
 pub fn run(cfg: &ExperimentConfig, obs: &mut dyn Observer) -> crate::Result<report::Report> {
     cfg.validate().map_err(|what| ExperimentError::Config {
         path: cfg.output.join("experiment.toml"),
         what,
     })?;
     std::fs::create_dir_all(&cfg.output).map_err(|e| crate::Error::io(&cfg.output, e))?;
+    let _hold = crate::fsutil::DirLock::acquire(&cfg.output)?;
     crate::fsutil::write_atomic(
         &cfg.output.join("experiment.toml"),
         cfg.to_toml().as_bytes(),
