@@ -343,32 +343,32 @@ fn evaluate_reads_a_harmbench_csv_and_a_benign_txt() {
     );
 }
 
+/// `realign eval` on the tiny model with no task set, two new tokens per reply, JSON on stdout,
+/// into `out_dir` (replaced), with `extra` flags.
+fn eval_cli(out_dir: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_realign"))
+        .args(["eval", "--model", tiny_dir().to_str().unwrap()])
+        .args([
+            "--task",
+            "none",
+            "--max-new-tokens",
+            "2",
+            "--overwrite",
+            "--json",
+        ])
+        .args(["-o", out_dir.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn cli_eval_takes_benchmark_files() {
     let d = tempfile::tempdir().unwrap();
     let harmful = write(d.path(), "hb.csv", HARMBENCH_CSV);
     let jsonl = write(d.path(), "p.jsonl", "{\"prompt\": \"Hi there\"}\n");
     let out_dir = d.path().join("out");
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            tiny_dir().to_str().unwrap().to_string().leak(),
-            "--task",
-            "none",
-            "--max-new-tokens",
-            "3",
-            "--overwrite",
-            "-o",
-            out_dir.to_str().unwrap().to_string().leak(),
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        Command::new(env!("CARGO_BIN_EXE_realign"))
-            .args(&args)
-            .output()
-            .unwrap()
-    };
+    let run = |extra: &[&str]| eval_cli(&out_dir, extra);
     let o = run(&[
         "--harmful",
         &harmful,
@@ -615,26 +615,7 @@ fn cli_eval_where_filters_each_set() {
     let d = tempfile::tempdir().unwrap();
     let xs = write(d.path(), "xstest.csv", XSTEST_CSV);
     let out_dir = d.path().join("out");
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            tiny_dir().to_str().unwrap().to_string().leak(),
-            "--task",
-            "none",
-            "--max-new-tokens",
-            "2",
-            "--overwrite",
-            "-o",
-            out_dir.to_str().unwrap().to_string().leak(),
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        Command::new(env!("CARGO_BIN_EXE_realign"))
-            .args(&args)
-            .output()
-            .unwrap()
-    };
+    let run = |extra: &[&str]| eval_cli(&out_dir, extra);
     let o = run(&[
         "--harmful",
         &xs,
