@@ -11,9 +11,10 @@ use serde_json::{Map, Value as Json};
 
 /// One condition on a record: the text of its `key` (a CSV column, a JSON or Parquet key)
 /// compared with `value`, ignoring ASCII case (`True`, `true` and a JSON `true` are one value;
-/// numbers compare as they print: `1`, `0.5`; a null or missing-in-a-row value is the empty
-/// text).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// numbers compare as they print: `1`, `0.5`; a null value is the empty text). Written and
+/// read (JSON, TOML) as its text, `KEY=VALUE` or `KEY!=VALUE`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct RowFilter {
     /// The column or key.
     pub key: String,
@@ -56,6 +57,20 @@ impl fmt::Display for RowFilter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let op = if self.equal { "=" } else { "!=" };
         write!(f, "{}{op}{}", self.key, self.value)
+    }
+}
+
+impl TryFrom<String> for RowFilter {
+    type Error = FilterSyntaxError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<RowFilter> for String {
+    fn from(f: RowFilter) -> Self {
+        f.to_string()
     }
 }
 
@@ -122,6 +137,12 @@ mod tests {
         assert_eq!(f.value, "a=b");
         assert!("label".parse::<RowFilter>().is_err());
         assert!("=safe".parse::<RowFilter>().is_err());
+        // JSON and TOML hold it as its text
+        let f: RowFilter = "is_safe!=true".parse().unwrap();
+        assert_eq!(serde_json::to_string(&f).unwrap(), "\"is_safe!=true\"");
+        let back: RowFilter = serde_json::from_str("\"is_safe!=true\"").unwrap();
+        assert_eq!(back, f);
+        assert!(serde_json::from_str::<RowFilter>("\"is_safe\"").is_err());
     }
 
     #[test]

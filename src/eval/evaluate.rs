@@ -142,7 +142,8 @@ pub struct EvalOptions {
 /// which rows count: `--prompt-column`, `--label-column` and `--where` of `realign eval`.
 /// `None`: found automatically ([`crate::data::PROMPT_KEYS`], [`crate::data::LABEL_KEYS`]); no
 /// filter: every row. Embedded sets ignore them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct EvalColumns {
     /// The prompt column of the harmful set.
     #[serde(skip_serializing_if = "Option::is_none")]

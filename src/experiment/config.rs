@@ -266,6 +266,12 @@ pub struct EvalSettings {
     pub overrefusal_limit: usize,
     /// New tokens per over-refusal reply.
     pub overrefusal_max_new_tokens: usize,
+    /// Where each set's file holds its prompts and which of its rows count, as `realign eval`'s
+    /// `--prompt-column`, `--label-column` and `--where` (`[eval.columns]`: `harmful_prompt`,
+    /// `task_prompt`, `task_label`, `overrefusal_prompt`, and `harmful_where`, `task_where`,
+    /// `overrefusal_where`, lists of `"KEY=VALUE"` / `"KEY!=VALUE"`); embedded sets ignore it.
+    /// An evaluation on another benchmark reuses every training stage of the output folder.
+    pub columns: crate::eval::EvalColumns,
 }
 
 fn default_r() -> usize {
@@ -427,6 +433,7 @@ impl Default for EvalSettings {
             overrefusal: "embedded:overrefusal_eval".into(),
             overrefusal_limit: 0,
             overrefusal_max_new_tokens: 48,
+            columns: crate::eval::EvalColumns::default(),
         }
     }
 }
@@ -1030,5 +1037,35 @@ mod tests {
         let mut bad = ExperimentConfig::default();
         bad.nlsr.methods = vec!["magic".into()];
         assert!(bad.validate().unwrap_err().contains("magic"));
+    }
+
+    #[test]
+    fn eval_columns_name_the_prompt_and_filter_the_rows() {
+        let default = ExperimentConfig::default();
+        let text = "[eval]\nharmful = \"harmbench_behaviors_text_test.csv\"\n\
+                    [eval.columns]\nharmful_prompt = \"Behavior\"\n\
+                    harmful_where = [\"FunctionalCategory=standard\", \"Tags!=context\"]\n";
+        let cfg = ExperimentConfig::from_toml_over(text, &default).unwrap();
+        let c = &cfg.eval.columns;
+        assert_eq!(c.harmful_prompt.as_deref(), Some("Behavior"));
+        let shown: Vec<String> = c.harmful_where.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["FunctionalCategory=standard", "Tags!=context"]);
+        assert!(c.harmful_where[1].key == "Tags" && !c.harmful_where[1].equal);
+        assert!(c.task_where.is_empty() && c.task_label.is_none());
+        // the rest of [eval] is the default's; the file round-trips through --print-config
+        assert_eq!(cfg.eval.task, default.eval.task);
+        let back = ExperimentConfig::from_toml_over(&cfg.to_toml(), &default).unwrap();
+        assert_eq!(back, cfg);
+        // a malformed filter and an unknown key are errors that say so
+        let err = ExperimentConfig::from_toml_over(
+            "[eval.columns]\nharmful_where = [\"FunctionalCategory\"]\n",
+            &default,
+        )
+        .unwrap_err();
+        assert!(err.contains("expected KEY=VALUE"), "{err}");
+        let err =
+            ExperimentConfig::from_toml_over("[eval.columns]\nharmful_colum = \"x\"\n", &default)
+                .unwrap_err();
+        assert!(err.contains("harmful_colum"), "{err}");
     }
 }

@@ -561,6 +561,7 @@ impl Runner {
             // Every variant sees the same rows: a seeded sample of each whole set.
             sample_seed: self.cfg.seed,
             merged: true,
+            columns: e.columns.clone(),
             ..Default::default()
         };
         // Limits differ per set: one call per set, each written to its own folder.
