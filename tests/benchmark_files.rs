@@ -633,8 +633,14 @@ fn cli_eval_where_filters_each_set() {
     assert_eq!(s["harmful"]["n"], 1);
     assert_eq!(s["overrefusal"]["n"], 1);
     let w = &s["settings"]["columns"];
-    assert_eq!(w["harmful_where"], serde_json::json!(["label=unsafe", "focus=kill"]));
-    assert_eq!(w["overrefusal_where"], serde_json::json!(["label=safe", "focus=kill"]));
+    assert_eq!(
+        w["harmful_where"],
+        serde_json::json!(["label=unsafe", "focus=kill"])
+    );
+    assert_eq!(
+        w["overrefusal_where"],
+        serde_json::json!(["label=safe", "focus=kill"])
+    );
     // A filter without SET applies to every set, the unused task set included.
     assert_eq!(w["task_where"], serde_json::json!(["focus=kill"]));
     let lines = std::fs::read_to_string(out_dir.join("harmful.jsonl")).unwrap();

@@ -198,6 +198,61 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     let kw = &report.against_random[0];
     assert_eq!(kw.seeds, vec![42, 43, 44]);
     assert_eq!(kw.at_least_as_high, high);
+
+    // Every row names its model's files, and `realign eval` given the flags the report prints
+    // writes the very replies the experiment's evaluation wrote.
+    let sn = row("Aligned, Deact-SN");
+    assert!(sn.model_files.deactivated.is_some());
+    assert!(sn.model_files.eval_flags(None).is_none());
+    assert!(report
+        .markdown()
+        .contains("## The models, to evaluate on other sets"));
+    for label in ["Aligned (W_a, DPO)", "NLSR (low-rank) p=0.25", "SN-Tune"] {
+        let r = report
+            .evals
+            .iter()
+            .find(|r| r.variant.label == label && r.variant.seed == 42)
+            .unwrap();
+        let files = &r.model_files;
+        assert!(
+            !files.adapters.is_empty() || files.full_model.is_some(),
+            "{label}"
+        );
+        for a in &files.adapters {
+            assert!(Path::new(a).join("adapter_config.json").is_file(), "{a}");
+        }
+        let flags = files.eval_flags(report.base_model.as_deref()).unwrap();
+        assert!(report.markdown().contains(&flags), "{flags}");
+        let again = dir.path().join(format!("again-{}", r.stage));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_realign"))
+            .arg("eval")
+            .args(flags.split_whitespace())
+            .args(["--harmful", "embedded:harmful_eval", "--task", "none"])
+            .args(["--benign", "none", "--limit", "3", "--sample-seed", "42"])
+            .args(["--harmful-max-new-tokens", "4", "-o"])
+            .arg(&again)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let replies = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reply"].to_string())
+                .collect()
+        };
+        let stage_dir = std::fs::read_dir(out.join("stages"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.rsplit_once('-').is_some_and(|(n, _)| n == r.stage)
+            })
+            .unwrap();
+        let want = replies(&stage_dir.join("harmful/harmful.jsonl"));
+        assert_eq!(want.len(), 3);
+        assert_eq!(replies(&again.join("harmful.jsonl")), want, "{label}");
+    }
     assert_eq!(kw.p_value, (1 + high) as f64 / 4.0);
     // three draws are three different random sets: three evaluation stages
     let stages: std::collections::BTreeSet<&str> =

@@ -64,6 +64,68 @@ pub struct Row {
     /// Deactivation rows: perplexity with the neurons off, and of the untouched model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perplexity: Option<(f64, f64)>,
+    /// The files of the evaluated model, so that it can be evaluated again elsewhere.
+    pub model_files: ModelFiles,
+}
+
+/// Where an evaluated model's files are, as paths under the run's output folder: the base
+/// model (the experiment's, or a full model a stage wrote) with these PEFT adapters merged in
+/// order, which is what `realign eval --model M --adapter A1 --adapter A2` evaluates.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelFiles {
+    /// A full model folder written by a stage (SN-Tune, RSN-Tune); `None`: the experiment's base
+    /// model.
+    pub full_model: Option<String>,
+    /// The adapter folders, in the order they are merged.
+    pub adapters: Vec<String>,
+    /// The neuron set zeroed after the adapters (deactivation rows), which `realign eval`
+    /// alone does not do (`realign neurons deactivate --write DIR` writes such a model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deactivated: Option<String>,
+}
+
+impl ModelFiles {
+    /// The files of evaluation stage `stage` of `plan`, under `output`.
+    fn of(plan: &Plan, stage: &super::plan::Stage, output: &Path) -> Self {
+        let StageKind::Eval { model } = &stage.kind else {
+            return Self::default();
+        };
+        let store = super::cache::StageStore::new(output.join("stages"));
+        let folder = |d: Option<&usize>| {
+            d.map(|&d| {
+                let s = &plan.stages[d];
+                store.dir(&s.name, &s.key).display().to_string()
+            })
+        };
+        let k = usize::from(model.full_model);
+        Self {
+            full_model: model
+                .full_model
+                .then(|| folder(stage.deps.first()))
+                .flatten()
+                .map(|d| format!("{d}/{}", super::stages::MODEL_DIR)),
+            adapters: (k..k + model.adapters)
+                .filter_map(|i| folder(stage.deps.get(i)))
+                .collect(),
+            deactivated: model
+                .deactivate
+                .and_then(|_| folder(stage.deps.get(k + model.adapters))),
+        }
+    }
+
+    /// The `realign eval` flags that load this model (`base`: the experiment's `--model`, if not
+    /// the embedded default); `None` for a deactivated model.
+    pub fn eval_flags(&self, base: Option<&str>) -> Option<String> {
+        if self.deactivated.is_some() {
+            return None;
+        }
+        let mut flags = Vec::new();
+        if let Some(m) = self.full_model.as_deref().or(base) {
+            flags.push(format!("--model {m}"));
+        }
+        flags.extend(self.adapters.iter().map(|a| format!("--adapter {a}")));
+        Some(flags.join(" "))
+    }
 }
 
 /// The overlap of two detected neuron sets.
@@ -113,6 +175,8 @@ pub struct Report {
     pub unreadable: Vec<String>,
     /// The evaluation sets: harmful, task, over-refusal (empty: not measured).
     pub eval_sets: Vec<String>,
+    /// The experiment's base model as configured (`None`: the embedded default).
+    pub base_model: Option<String>,
     /// The harmfulness judge (`keyword` or `model:PATH`).
     pub judge: String,
     /// The judge's measured agreement with human labels (Cohen's κ per set, from
@@ -261,6 +325,7 @@ impl Report {
                 cfg.eval.task.clone(),
                 cfg.eval.overrefusal.clone(),
             ],
+            base_model: cfg.model.as_ref().map(|m| m.display().to_string()),
         };
         for (stage, rec) in plan.stages.iter().zip(records) {
             r.times.push(StageTime {
@@ -324,6 +389,7 @@ impl Report {
                     tokens_per_s: e.tokens_per_s,
                     projected,
                     perplexity: e.perplexity.zip(e.perplexity_untouched),
+                    model_files: ModelFiles::of(plan, &plan.stages[*i], &cfg.output),
                 });
             }
         }
@@ -527,6 +593,31 @@ impl Report {
             s.push('\n');
         }
         s
+    }
+
+    /// One line per evaluated model (the first row of each evaluation stage): its label, `p`
+    /// and the `realign eval` flags that load it; `None` when no row has files.
+    pub fn models_table(&self) -> Option<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut t = String::from("| model | p | `realign eval` |\n|---|---:|---|\n");
+        let mut any = false;
+        for row in &self.evals {
+            if !seen.insert(row.stage.as_str()) {
+                continue;
+            }
+            let flags = match row.model_files.eval_flags(self.base_model.as_deref()) {
+                Some(f) if f.is_empty() => "(the base model: no flag)".to_string(),
+                Some(f) => format!("`{f}`"),
+                None => format!(
+                    "not by `realign eval` alone: zeroes the neurons of `{}`",
+                    row.model_files.deactivated.as_deref().unwrap_or("?")
+                ),
+            };
+            let p = row.variant.p.map_or("–".to_string(), |p| p.to_string());
+            let _ = writeln!(t, "| {} | {p} | {flags} |", row.variant.label);
+            any = true;
+        }
+        any.then_some(t)
     }
 
     /// Every row of the main seed with all its numbers: HS (configured judge), HS of
@@ -948,6 +1039,14 @@ impl Report {
         if let Some(t) = self.neurons_table() {
             let _ = write!(s, "\n## Safety neurons\n\n{t}");
         }
+        if let Some(t) = self.models_table() {
+            let _ = write!(
+                s,
+                "\n## The models, to evaluate on other sets\n\nEach model as `realign eval` \
+                 loads it (add `--harmful FILE -o DIR` and the other flags; paths as this run \
+                 wrote them):\n\n{t}"
+            );
+        }
         s.push_str("\n## Wall time and peak memory per stage\n\n");
         if let Some(host) = &self.host {
             let _ = writeln!(s, "Measured on {host}.\n");
@@ -1177,6 +1276,7 @@ mod tests {
             tokens_per_s: 0.0,
             projected: None,
             perplexity: None,
+            model_files: Default::default(),
         }
     }
 
@@ -1200,6 +1300,7 @@ mod tests {
                 findings: vec![],
                 unreadable: vec![],
                 eval_sets: vec![],
+                base_model: None,
                 judge: "keyword".into(),
                 judge_agreement: vec![],
                 peak_rss_mib: None,
