@@ -1043,8 +1043,9 @@ impl Report {
             let _ = write!(
                 s,
                 "\n## The models, to evaluate on other sets\n\nEach model as `realign eval` \
-                 loads it (add `--harmful FILE -o DIR` and the other flags; paths as this run \
-                 wrote them):\n\n{t}"
+                 loads it (paths as this run wrote them; add `--harmful FILE -o DIR`; with this \
+                 run's sets, `--limit` and `--harmful-max-new-tokens` of `[eval]` it writes \
+                 this run's replies):\n\n{t}"
             );
         }
         s.push_str("\n## Wall time and peak memory per stage\n\n");
