@@ -96,30 +96,27 @@ fn layers(path: &Path) -> (Compression, String) {
 /// its text is not UTF-8 ([`DataError::Format`], naming the codec).
 pub fn read_text(path: &Path) -> crate::Result<String> {
     let (compression, _) = layers(path);
-    if compression == Compression::None {
-        return fsutil::read_to_string(path);
-    }
+    let codec = match compression {
+        Compression::None => return fsutil::read_to_string(path),
+        Compression::Gzip => "gzip",
+        Compression::Xz => "xz",
+        Compression::Zstd => "zstd",
+    };
     let bytes = fsutil::read(path)?;
     let mut out = Vec::new();
-    let (codec, result) = match compression {
-        Compression::Gzip => (
-            "gzip",
-            std::io::Read::read_to_end(
-                &mut flate2::read::MultiGzDecoder::new(&bytes[..]),
-                &mut out,
-            )
-            .map(drop)
-            .map_err(|e| e.to_string()),
-        ),
-        Compression::Xz => (
-            "xz",
-            lzma_rs::xz_decompress(&mut &bytes[..], &mut out).map_err(|e| e.to_string()),
-        ),
-        Compression::Zstd => (
-            "zstd",
-            zstd::stream::copy_decode(&bytes[..], &mut out).map_err(|e| e.to_string()),
-        ),
-        Compression::None => ("none", Ok(())),
+    let result = match compression {
+        Compression::Gzip => {
+            std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut out)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+        Compression::Xz => {
+            lzma_rs::xz_decompress(&mut &bytes[..], &mut out).map_err(|e| e.to_string())
+        }
+        // (`None` has returned above.)
+        Compression::Zstd | Compression::None => {
+            zstd::stream::copy_decode(&bytes[..], &mut out).map_err(|e| e.to_string())
+        }
     };
     result
         .map_err(|e| format_error(path, &format!("cannot decompress the {codec} stream: {e}")))?;

@@ -114,29 +114,24 @@ fn headerless_prompts(records: &Records) -> Option<Vec<Prompt>> {
     if records.format != FileFormat::Csv {
         return None;
     }
-    let mut header = None;
-    let mut prompts = Vec::with_capacity(records.items.len() + 1);
-    for (_, value) in &records.items {
-        let Json::Object(obj) = value else {
-            return None;
-        };
-        let (name, cell) = obj.iter().next().filter(|_| obj.len() == 1)?;
-        if header.is_none() {
-            let sentence = name.split_whitespace().count() >= 4;
-            if !sentence || find_key(obj, PROMPT_KEYS).is_some() {
-                return None;
-            }
-            prompts.push(Prompt::Text(name.trim().to_string()));
-            header = Some(name);
-        }
-        match cell {
-            Json::String(text) if !text.trim().is_empty() => {
-                prompts.push(Prompt::Text(text.clone()))
-            }
-            _ => return None,
-        }
+    // Every CSV record has the header's names as its keys: the first record says it all.
+    let Some((_, Json::Object(first))) = records.items.first() else {
+        return None;
+    };
+    let header = first.keys().next().filter(|_| first.len() == 1)?;
+    if header.split_whitespace().count() < 4 || find_key(first, PROMPT_KEYS).is_some() {
+        return None;
     }
-    Some(prompts)
+    let cells = records.items.iter().map(|(_, value)| match value {
+        Json::Object(obj) => match obj.get(header) {
+            Some(Json::String(text)) if !text.trim().is_empty() => Some(Prompt::Text(text.clone())),
+            _ => None,
+        },
+        _ => None,
+    });
+    std::iter::once(Some(Prompt::Text(header.trim().to_string())))
+        .chain(cells)
+        .collect()
 }
 
 /// Drops the records that fail a filter; a record the filters cannot read is an error, and so
