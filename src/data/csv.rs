@@ -1,6 +1,8 @@
-//! A small RFC 4180 CSV reader: comma-separated fields, double-quoted fields that may hold
-//! commas, newlines and doubled quotes (`""`), CRLF or LF line ends. Enough for the data files
-//! that pandas (`to_csv`) and spreadsheets write.
+//! A small RFC 4180 CSV reader: comma-separated fields (or tab-separated, for `.tsv`),
+//! double-quoted fields that may hold the separator, newlines and doubled quotes (`""`), CRLF or
+//! LF line ends. Enough for the data files that pandas (`to_csv`, `sep="\t"`) and spreadsheets
+//! write. Leading `# ` comment lines, as PyRIT's data sets start with (`# dataset_version=1.0`),
+//! are skipped by [`blank_leading_comments`].
 
 /// One record: its fields and the (1-based) line where it starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -9,9 +11,28 @@ pub(crate) struct Record {
     pub fields: Vec<String>,
 }
 
-/// Splits `text` into records; blank lines between records are skipped. The error says what
-/// went wrong and on which line.
-pub(crate) fn parse(text: &str) -> Result<Vec<Record>, String> {
+/// Replaces each leading comment line (one that starts with `#` followed by a space, a tab or
+/// the line's end, before the header) with an empty line, so that record lines keep their
+/// numbers. A header such as `#,prompt` or `#id` is not a comment.
+pub(crate) fn blank_leading_comments(text: &str) -> String {
+    let mut kept = String::with_capacity(text.len());
+    let mut in_comments = true;
+    for line in text.split_inclusive('\n') {
+        let rest = line.strip_prefix('#');
+        let comment = rest.is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t', '\r', '\n']));
+        if in_comments && comment {
+            kept.push('\n');
+        } else {
+            in_comments = false;
+            kept.push_str(line);
+        }
+    }
+    kept
+}
+
+/// Splits `text` into records of fields separated by `separator` (`,` for CSV, `\t` for TSV);
+/// blank lines between records are skipped. The error says what went wrong and on which line.
+pub(crate) fn parse(text: &str, separator: char) -> Result<Vec<Record>, String> {
     let mut records = Vec::new();
     let mut chars = text.chars().peekable();
     let mut line = 1;
@@ -65,7 +86,7 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Record>, String> {
                 }
                 closed_quote = true;
             }
-            ',' => {
+            c if c == separator => {
                 if !started {
                     started = true;
                     start_line = line;
@@ -117,7 +138,7 @@ mod tests {
     #[test]
     fn quoted_fields_with_commas_quotes_and_newlines() {
         let text = "a,b,c\r\n1,\"x, y\",\"say \"\"hi\"\"\"\n\n2,\"two\nlines\",\n3,,z";
-        let r = parse(text).unwrap();
+        let r = parse(text, ',').unwrap();
         assert_eq!(
             fields(&r),
             vec![
@@ -136,18 +157,48 @@ mod tests {
 
     #[test]
     fn errors_name_the_line() {
-        let err = parse("a,b\n1,\"open\n2,3\n").unwrap_err();
+        let err = parse("a,b\n1,\"open\n2,3\n", ',').unwrap_err();
         assert!(err.contains("line 2"), "{err}");
-        let err = parse("a,b\n\"x\"y,2\n").unwrap_err();
+        let err = parse("a,b\n\"x\"y,2\n", ',').unwrap_err();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn tabs_separate_tsv_fields_and_commas_stay_text() {
+        let r = parse("prompt\tlabel\nhi, there\t1\n\"a\ttab\"\t0\n", '\t').unwrap();
+        assert_eq!(
+            fields(&r),
+            vec![
+                vec!["prompt", "label"],
+                vec!["hi, there", "1"],
+                vec!["a\ttab", "0"]
+            ]
+        );
+    }
+
+    #[test]
+    fn leading_comment_lines_are_blanked_and_lines_keep_their_numbers() {
+        let text = "# dataset_version=1.0\n#\n# note\r\nprompt,x\n# not a comment here\n";
+        let kept = blank_leading_comments(text);
+        assert_eq!(kept, "\n\n\nprompt,x\n# not a comment here\n");
+        let r = parse(&kept, ',').unwrap();
+        assert_eq!(
+            fields(&r),
+            vec![vec!["prompt", "x"], vec!["# not a comment here"]]
+        );
+        assert_eq!(r.iter().map(|r| r.line).collect::<Vec<_>>(), vec![4, 5]);
+        // Headers that start with `#` are not comments.
+        for header in ["#,prompt\n1,a\n", "#id,prompt\n1,a\n"] {
+            assert_eq!(blank_leading_comments(header), header);
+        }
     }
 
     #[test]
     fn trailing_newline_makes_no_empty_record() {
         assert_eq!(
-            fields(&parse("a\n1\n").unwrap()),
+            fields(&parse("a\n1\n", ',').unwrap()),
             vec![vec!["a"], vec!["1"]]
         );
-        assert!(parse("").unwrap().is_empty());
+        assert!(parse("", ',').unwrap().is_empty());
     }
 }

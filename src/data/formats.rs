@@ -19,8 +19,11 @@ pub enum FileFormat {
     Jsonl,
     /// A JSON array of objects (`.json`).
     Json,
-    /// CSV with a header row (`.csv`).
+    /// CSV with a header row (`.csv`), after any leading `# ` comment lines (as PyRIT's data
+    /// sets start with `# dataset_version=1.0`).
     Csv,
+    /// Tab-separated values with a header row (`.tsv`), read as CSV is but split at tabs.
+    Tsv,
     /// Apache Parquet (`.parquet`, as Hugging Face datasets are distributed): each row an
     /// object of its columns, typed as JSON (strings, numbers, booleans, lists); snappy, gzip,
     /// lz4 and zstd compression.
@@ -40,6 +43,7 @@ pub fn detect_format(path: &Path) -> crate::Result<FileFormat> {
     match ext.as_str() {
         "jsonl" | "ndjson" => Ok(FileFormat::Jsonl),
         "csv" => Ok(FileFormat::Csv),
+        "tsv" => Ok(FileFormat::Tsv),
         "txt" => Ok(FileFormat::Text),
         "json" => {
             let text = read_text(path)?;
@@ -53,8 +57,8 @@ pub fn detect_format(path: &Path) -> crate::Result<FileFormat> {
         )),
         _ => Err(format_error(
             path,
-            "unknown data file extension (supported: .jsonl, .ndjson, .json, .csv, .parquet, \
-             and .txt for prompts; the text formats also compressed, as .gz, .xz or .zst)",
+            "unknown data file extension (supported: .jsonl, .ndjson, .json, .csv, .tsv, \
+             .parquet, and .txt for prompts; the text formats also compressed, as .gz, .xz or .zst)",
         )),
     }
 }
@@ -160,7 +164,7 @@ fn strip_bom(text: &str) -> &str {
 pub fn load_rows(path: &Path) -> crate::Result<Vec<Row>> {
     let records = read_records(path)?;
     let cells = match records.format {
-        FileFormat::Csv => Cells::Csv,
+        FileFormat::Csv | FileFormat::Tsv => Cells::Csv,
         FileFormat::Text => {
             return Err(format_error(
                 path,
@@ -227,7 +231,8 @@ fn text_values(
         }
         FileFormat::Jsonl => jsonl_values(path, text)?,
         FileFormat::Json => json_values(path, text)?,
-        FileFormat::Csv => csv_values(path, text)?,
+        FileFormat::Csv => csv_values(path, text, ',')?,
+        FileFormat::Tsv => csv_values(path, text, '\t')?,
         FileFormat::Parquet => parquet_values(path)?,
         FileFormat::Text => text
             .lines()
@@ -351,10 +356,17 @@ fn json_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataErr
         .collect())
 }
 
-fn csv_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataError> {
-    let records = csv::parse(text).map_err(|message| DataError::Parse {
-        path: path.to_path_buf(),
-        message: format!("invalid CSV: {message}"),
+fn csv_values(
+    path: &Path,
+    text: &str,
+    separator: char,
+) -> Result<Vec<(Location, Json)>, DataError> {
+    let what = if separator == '\t' { "TSV" } else { "CSV" };
+    let records = csv::parse(&csv::blank_leading_comments(text), separator).map_err(|message| {
+        DataError::Parse {
+            path: path.to_path_buf(),
+            message: format!("invalid {what}: {message}"),
+        }
     })?;
     let Some((header, records)) = records.split_first() else {
         return Ok(Vec::new());

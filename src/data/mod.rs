@@ -1,8 +1,8 @@
 //! Training and evaluation data: user files, the embedded data sets, prompt rendering and
 //! tokenisation with prompt masking, and the harmful fine-tuning attack mix.
 //!
-//! - **User files** ([`load_rows`]): JSONL, JSON (an array, or JSON Lines saved as `.json`) and
-//!   CSV with a header. Each row's shape is detected from its keys:
+//! - **User files** ([`load_rows`]): JSONL, JSON (an array, or JSON Lines saved as `.json`),
+//!   CSV with a header (after any leading `# ` comment lines) and TSV. Each row's shape is detected from its keys:
 //!
 //!   | shape | keys | becomes |
 //!   |---|---|---|

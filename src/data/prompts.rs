@@ -1,5 +1,5 @@
 //! Prompt sets and task items from benchmark files as they are distributed: prompt-only JSONL
-//! or JSON rows, CSV files with any header, and plain text, one prompt per line.
+//! or JSON rows, CSV or TSV files with any header, and plain text, one prompt per line.
 //!
 //! A prompt is found in each record ([`load_prompts`]):
 //!
@@ -16,7 +16,7 @@
 //!    turns, of which the first is taken: a later turn answers a reply, so it is no prompt on
 //!    its own).
 //!
-//! A CSV file of one column whose first line is not a recognised name but reads as a sentence
+//! A CSV or TSV file of one column whose first line is not a recognised name but reads as a sentence
 //! (four words or more, as in HEx-PHI's `category_N.csv`) has no header: every line, the first
 //! included, is a prompt. Rows can be filtered first ([`load_prompts_where`], `realign eval
 //! --where`, see [`RowFilter`]).
@@ -111,7 +111,7 @@ pub fn load_prompts_where(
 /// The prompts of a one-column CSV without a header (see the [module documentation](self)):
 /// the header's cell and every record's, in file order; `None` when the file is not one.
 fn headerless_prompts(records: &Records) -> Option<Vec<Prompt>> {
-    if records.format != FileFormat::Csv {
+    if !matches!(records.format, FileFormat::Csv | FileFormat::Tsv) {
         return None;
     }
     // Every CSV record has the header's names as its keys: the first record says it all.
@@ -244,7 +244,7 @@ pub fn load_task_items_where(
 }
 
 fn cells_of(format: FileFormat) -> Cells {
-    if format == FileFormat::Csv {
+    if matches!(format, FileFormat::Csv | FileFormat::Tsv) {
         Cells::Csv
     } else {
         Cells::Json

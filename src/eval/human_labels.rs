@@ -167,17 +167,8 @@ pub fn load_file(path: &Path, set: LabelSet) -> crate::Result<Vec<LabeledRow>> {
 fn parse(path: &Path, text: &str, set: LabelSet) -> Result<Vec<LabeledRow>, DataError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // Blank out the leading `#` comment lines, so that record lines keep their numbers.
-    let mut kept = String::with_capacity(text.len());
-    let mut in_header = true;
-    for line in text.split_inclusive('\n') {
-        if in_header && line.starts_with('#') {
-            kept.push('\n');
-        } else {
-            in_header = false;
-            kept.push_str(line);
-        }
-    }
-    let records = csv::parse(&kept).map_err(|message| DataError::Parse {
+    let kept = csv::blank_leading_comments(text);
+    let records = csv::parse(&kept, ',').map_err(|message| DataError::Parse {
         path: path.to_path_buf(),
         message: format!("invalid CSV: {message}"),
     })?;
