@@ -3,7 +3,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use realign::model::{LoadOptions, LoadedModel};
-use realign::train::{train, trainer::Progress, StepLog, TrainConfig};
+use realign::train::{
+    train_with, trainer::Progress, StepLog, TrainConfig, TrainError, TrainOptions,
+};
 
 /// Flags of `realign train`.
 #[derive(clap::Args, Debug)]
@@ -13,9 +15,14 @@ pub struct Args {
     #[arg(long)]
     config: PathBuf,
     /// Continue from the newest checkpoint in the output folder (same data order, optimizer
-    /// state and schedule)
+    /// state and schedule); a folder with a checkpoint is taken without --overwrite
     #[arg(long)]
     resume: bool,
+    /// Replace the output folder if it exists (default: off, an output folder that holds an
+    /// adapter, checkpoints or any other file is refused and left untouched). The old folder
+    /// is replaced only when the new run's folder is complete, or at its first checkpoint
+    #[arg(long)]
+    overwrite: bool,
     /// Device: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -40,8 +47,14 @@ impl Progress for Bar {
     }
 }
 
+/// Runs `realign train`: the run file is checked whole, then the output folder (refused if it
+/// exists, unless `--overwrite`, or `--resume` with a checkpoint in it), then the model's
+/// modules against `lora.target_modules`, before anything is trained. A new run is written
+/// into a hidden folder beside the output and renamed into place at the end (or at its first
+/// checkpoint), so an interrupted or failed run leaves no output folder.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = TrainConfig::from_file(&a.config)?;
+    realign::train::check_output(&cfg.output, a.overwrite, a.resume)?;
     let path = super::model_path(cfg.model.clone())?;
     let loaded = LoadedModel::load(
         &path,
@@ -51,6 +64,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading model {}", path.display()))?;
+    let continued = cfg.init_adapter.is_some()
+        || (a.resume && realign::train::trainer::latest_checkpoint(&cfg.output)?.is_some());
+    if !continued {
+        cfg.lora
+            .check_targets(&loaded.model, &path.display().to_string())
+            .map_err(|reason| TrainError::Config {
+                path: a.config.clone(),
+                reason,
+            })?;
+    }
     let rows = realign::data::load_source(&cfg.data.train)
         .with_context(|| format!("loading data {}", cfg.data.train))?;
     let bar = ProgressBar::new(0);
@@ -61,12 +84,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut progress = Bar(bar);
-    let report = train(
+    let options = TrainOptions {
+        resume: a.resume,
+        staged: true,
+    };
+    let report = train_with(
         loaded.model,
         &loaded.tokenizer,
         &rows,
         &cfg,
-        a.resume,
+        options,
         &mut progress,
     )?;
     progress.0.finish();

@@ -237,9 +237,20 @@ const TOP_KEYS: [&str; 8] = [
 ];
 const OBJECTIVE_KEYS: [&str; 5] = ["beta", "lambda", "lambda_d", "lambda_u", "gamma"];
 
+/// A number as a message writes it: plain (`-1`, `0.01`, `NaN`) unless very large or small
+/// (`1e30`, `5e-5`).
+pub(crate) fn fmt_num(v: f64) -> String {
+    if v.is_finite() && v != 0.0 && !(1e-4..1e6).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
 impl TrainConfig {
     /// Reads a TOML file; unknown keys are errors (a typo must not silently fall back to a
-    /// default).
+    /// default), and so are settings that cannot train; every error names the file and the
+    /// key (`run.toml: optim.lr = -1 must be a finite number > 0`).
     pub fn from_file(path: &Path) -> crate::Result<Self> {
         let text = crate::fsutil::read_to_string(path)?;
         Self::from_toml(&text).map_err(|reason| {
@@ -251,7 +262,9 @@ impl TrainConfig {
         })
     }
 
-    /// Parses TOML text; the error is a sentence naming the key.
+    /// Parses TOML text and [validates](Self::validate) it; the error is a sentence naming the
+    /// key. An objective parameter of another method (`beta` on an SFT run, `lambda` on DPO)
+    /// is an error naming the methods it belongs to.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let raw: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
         for key in raw.keys() {
@@ -259,57 +272,92 @@ impl TrainConfig {
                 return Err(format!("unknown key {key:?} (expected one of {TOP_KEYS:?} or an objective parameter {OBJECTIVE_KEYS:?})"));
             }
         }
+        let given: Vec<(String, toml::Value)> = OBJECTIVE_KEYS
+            .iter()
+            .filter_map(|k| raw.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
         let cfg: TrainConfig = toml::Value::Table(raw)
             .try_into()
             .map_err(|e: toml::de::Error| e.to_string())?;
+        let method = cfg.objective.method();
+        let own: Vec<&str> = cfg.objective.parameters().iter().map(|(k, _)| *k).collect();
+        if let Some((key, value)) = given.iter().find(|(k, _)| !own.contains(&k.as_str())) {
+            let owners: Vec<String> = super::objectives::METHOD_PARAMETERS
+                .iter()
+                .filter(|(_, keys)| keys.contains(&key.as_str()))
+                .map(|(m, _)| format!("{m:?}"))
+                .collect();
+            let owners = match owners.split_last() {
+                Some((last, [])) => last.clone(),
+                Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+                None => "no method".into(),
+            };
+            return Err(format!(
+                "{key} = {value} is a parameter of method {owners}, not of method {method:?} (its parameters: {})",
+                if own.is_empty() {
+                    "none".to_string()
+                } else {
+                    own.join(", ")
+                }
+            ));
+        }
         cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks every setting that could not train, or would train nothing or the wrong way:
+    /// the counts (`optim.epochs`, `optim.batch_size`, `optim.grad_accum`, `lora.r`) at least
+    /// 1, `optim.lr` and `lora.alpha` finite and > 0, the objective's parameters as
+    /// [`Objective::validate`](super::Objective::validate) says, `optim.weight_decay` and
+    /// `optim.max_grad_norm` finite and ≥ 0, `optim.warmup_ratio` within [0, 1],
+    /// `data.max_length` at least 2. The error names the key and its value
+    /// (`optim.lr = -1 must be a finite number > 0`); [`from_file`](Self::from_file) puts the
+    /// file's name before it. For a configuration built in code (an experiment's stage) as
+    /// well as for a run file.
+    pub fn validate(&self) -> Result<(), String> {
         let o = &self.optim;
-        if o.batch_size == 0 || o.grad_accum == 0 || o.epochs == 0 {
-            return Err(
-                "optim.batch_size, optim.grad_accum and optim.epochs must be at least 1".into(),
-            );
+        for (key, v) in [
+            ("optim.epochs", o.epochs),
+            ("optim.batch_size", o.batch_size),
+            ("optim.grad_accum", o.grad_accum),
+        ] {
+            if v == 0 {
+                return Err(format!("{key} = 0 must be at least 1"));
+            }
         }
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            return Err(format!(
-                "optim.lr must be a finite number > 0 (got {})",
-                o.lr
-            ));
+        for (key, v) in [("optim.lr", o.lr), ("lora.alpha", self.lora.alpha)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!(
+                    "{key} = {} must be a finite number > 0",
+                    fmt_num(v)
+                ));
+            }
         }
         for (key, v) in [
             ("optim.weight_decay", o.weight_decay),
             ("optim.max_grad_norm", o.max_grad_norm),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("{key} must be a finite number ≥ 0 (got {v})"));
+                return Err(format!(
+                    "{key} = {} must be a finite number ≥ 0",
+                    fmt_num(v)
+                ));
             }
         }
         if !(0.0..=1.0).contains(&o.warmup_ratio) {
             return Err(format!(
-                "optim.warmup_ratio must be within [0, 1] (got {})",
-                o.warmup_ratio
+                "optim.warmup_ratio = {} must be within [0, 1]",
+                fmt_num(o.warmup_ratio)
             ));
         }
         if self.lora.r == 0 || self.lora.r > super::MAX_LORA_RANK {
             return Err(format!(
-                "lora.r must be 1 to {} (got {})",
-                super::MAX_LORA_RANK,
-                self.lora.r
+                "lora.r = {} must be 1 to {}",
+                self.lora.r,
+                super::MAX_LORA_RANK
             ));
         }
-        if !self.lora.alpha.is_finite() {
-            return Err(format!(
-                "lora.alpha must be a finite number (got {})",
-                self.lora.alpha
-            ));
-        }
-        let params = self.objective.parameters();
-        if let Some((key, v)) = params.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(format!("{key} must be a finite number (got {v})"));
-        }
+        self.objective.validate()?;
         if self.lora.dropout != 0.0 {
             return Err("lora.dropout > 0 is not supported yet: set it to 0".into());
         }
@@ -320,7 +368,50 @@ impl TrainConfig {
             ));
         }
         if self.data.max_length < 2 {
-            return Err("data.max_length must be at least 2".into());
+            return Err(format!(
+                "data.max_length = {} must be at least 2",
+                self.data.max_length
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LoraSettings {
+    /// Checks, before anything is trained, that every name of `target_modules` selects a linear
+    /// module of `model` (peft's list semantics: the module's path or its last segments), so
+    /// that a typo or an empty list is refused at once rather than ending in an adapter with no
+    /// or fewer modules. `model_name` is how the message names the model. The error names the
+    /// key and lists the model's module names
+    /// (`lora.target_modules ["x"] matches no linear module of M (its modules: q_proj, ...)`).
+    pub fn check_targets(
+        &self,
+        model: &crate::model::Model,
+        model_name: &str,
+    ) -> Result<(), String> {
+        let paths: Vec<String> = model.linears().map(|l| l.name.clone()).collect();
+        let mut names: Vec<&str> = Vec::new();
+        for p in &paths {
+            let last = p.rsplit('.').next().unwrap_or(p);
+            if !names.contains(&last) {
+                names.push(last);
+            }
+        }
+        let matches = |targets: Vec<String>| {
+            let c = crate::adapters::LoraConfig::new(self.r, self.alpha, targets);
+            paths.iter().any(|p| c.targets(p))
+        };
+        let listed = &self.target_modules;
+        let modules = names.join(", ");
+        if !matches(listed.clone()) {
+            return Err(format!(
+                "lora.target_modules {listed:?} matches no linear module of {model_name} (its modules: {modules})"
+            ));
+        }
+        if let Some(t) = listed.iter().find(|t| !matches(vec![(*t).clone()])) {
+            return Err(format!(
+                "lora.target_modules {listed:?}: {t:?} matches no linear module of {model_name} (its modules: {modules})"
+            ));
         }
         Ok(())
     }
@@ -370,54 +461,237 @@ mod tests {
 
     #[test]
     fn numbers_that_cannot_train_are_named_errors() {
-        let head = "method = \"dpo\"\noutput = \"o\"\n";
         let cases = [
-            ("beta = nan\n", "", "beta must be a finite number (got NaN)"),
-            ("", "[lora]\nr = 0\n", "lora.r must be 1 to 65536 (got 0)"),
             (
+                "dpo",
+                "beta = nan\n",
+                "",
+                "beta = NaN must be a finite number > 0",
+            ),
+            (
+                "dpo",
+                "beta = -1\n",
+                "",
+                "beta = -1 must be a finite number > 0",
+            ),
+            (
+                "dpo",
+                "beta = 0\n",
+                "",
+                "beta = 0 must be a finite number > 0",
+            ),
+            (
+                "simpo",
+                "beta = 0\n",
+                "",
+                "beta = 0 must be a finite number > 0",
+            ),
+            (
+                "simpo",
+                "gamma = inf\n",
+                "",
+                "gamma = inf must be a finite number ≥ 0",
+            ),
+            (
+                "simpo",
+                "gamma = -0.5\n",
+                "",
+                "gamma = -0.5 must be a finite number ≥ 0",
+            ),
+            (
+                "orpo",
+                "lambda = -0.1\n",
+                "",
+                "lambda = -0.1 must be a finite number ≥ 0",
+            ),
+            (
+                "orpo",
+                "lambda = inf\n",
+                "",
+                "lambda = inf must be a finite number ≥ 0",
+            ),
+            (
+                "kto",
+                "lambda_d = 0\n",
+                "",
+                "lambda_d = 0 must be a finite number > 0",
+            ),
+            (
+                "kto",
+                "lambda_u = -2\n",
+                "",
+                "lambda_u = -2 must be a finite number > 0",
+            ),
+            (
+                "kto",
+                "beta = -0.1\n",
+                "",
+                "beta = -0.1 must be a finite number > 0",
+            ),
+            (
+                "dpo",
+                "",
+                "[lora]\nr = 0\n",
+                "lora.r = 0 must be 1 to 65536",
+            ),
+            (
+                "dpo",
                 "",
                 "[lora]\nr = 9223372036854775807\n",
-                "lora.r must be 1 to 65536 (got 9223372036854775807)",
+                "lora.r = 9223372036854775807 must be 1 to 65536",
             ),
             (
+                "dpo",
                 "",
                 "[lora]\nalpha = inf\n",
-                "lora.alpha must be a finite number (got inf)",
+                "lora.alpha = inf must be a finite number > 0",
             ),
             (
+                "sft",
+                "",
+                "[lora]\nalpha = 0\n",
+                "lora.alpha = 0 must be a finite number > 0",
+            ),
+            (
+                "sft",
+                "",
+                "[lora]\nalpha = -16\n",
+                "lora.alpha = -16 must be a finite number > 0",
+            ),
+            (
+                "dpo",
                 "",
                 "[optim]\nlr = inf\n",
-                "optim.lr must be a finite number > 0 (got inf)",
+                "optim.lr = inf must be a finite number > 0",
             ),
             (
+                "dpo",
                 "",
                 "[optim]\nlr = 0.0\n",
-                "optim.lr must be a finite number > 0 (got 0)",
+                "optim.lr = 0 must be a finite number > 0",
             ),
             (
+                "sft",
+                "",
+                "[optim]\nlr = -1\n",
+                "optim.lr = -1 must be a finite number > 0",
+            ),
+            (
+                "sft",
+                "",
+                "[optim]\nlr = -1e30\n",
+                "optim.lr = -1e30 must be a finite number > 0",
+            ),
+            (
+                "sft",
+                "",
+                "[optim]\nepochs = 0\n",
+                "optim.epochs = 0 must be at least 1",
+            ),
+            (
+                "sft",
+                "",
+                "[optim]\nepochs = 0\nmax_steps = 0\n",
+                "optim.epochs = 0 must be at least 1",
+            ),
+            (
+                "sft",
+                "",
+                "[optim]\nbatch_size = 0\n",
+                "optim.batch_size = 0 must be at least 1",
+            ),
+            (
+                "sft",
+                "",
+                "[optim]\ngrad_accum = 0\n",
+                "optim.grad_accum = 0 must be at least 1",
+            ),
+            (
+                "sft",
+                "",
+                "[data]\ntrain = \"x\"\nmax_length = 0\n",
+                "data.max_length = 0 must be at least 2",
+            ),
+            (
+                "dpo",
                 "",
                 "[optim]\nweight_decay = nan\n",
-                "optim.weight_decay must be a finite number ≥ 0 (got NaN)",
+                "optim.weight_decay = NaN must be a finite number ≥ 0",
             ),
             (
+                "dpo",
                 "",
                 "[optim]\nmax_grad_norm = -1.0\n",
-                "optim.max_grad_norm must be a finite number ≥ 0 (got -1)",
+                "optim.max_grad_norm = -1 must be a finite number ≥ 0",
             ),
             (
+                "dpo",
                 "",
                 "[optim]\nwarmup_ratio = 1.5\n",
-                "optim.warmup_ratio must be within [0, 1] (got 1.5)",
+                "optim.warmup_ratio = 1.5 must be within [0, 1]",
             ),
         ];
-        for (top, section, want) in cases {
-            let text = format!("{head}{top}[data]\ntrain = \"x\"\n{section}");
+        for (method, top, section, want) in cases {
+            let data = if section.starts_with("[data]") {
+                ""
+            } else {
+                "[data]\ntrain = \"x\"\n"
+            };
+            let text = format!("method = \"{method}\"\noutput = \"o\"\n{top}{section}{data}");
             assert_eq!(TrainConfig::from_toml(&text).unwrap_err(), want, "{text}");
         }
-        let e = TrainConfig::from_toml(
-            "method = \"simpo\"\ngamma = inf\noutput = \"o\"\n[data]\ntrain = \"x\"\n",
-        )
-        .unwrap_err();
-        assert_eq!(e, "gamma must be a finite number (got inf)");
+        // Zero is allowed where it turns a term off without reversing anything.
+        for (method, top) in [("orpo", "lambda = 0\n"), ("simpo", "gamma = 0\n")] {
+            let text =
+                format!("method = \"{method}\"\n{top}output = \"o\"\n[data]\ntrain = \"x\"\n");
+            assert!(TrainConfig::from_toml(&text).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_parameter_of_another_method_is_an_error_naming_its_methods() {
+        let parse = |method: &str, top: &str| {
+            TrainConfig::from_toml(&format!(
+                "method = \"{method}\"\n{top}\noutput = \"o\"\n[data]\ntrain = \"x\"\n"
+            ))
+        };
+        assert_eq!(
+            parse("sft", "beta = 0.1").unwrap_err(),
+            "beta = 0.1 is a parameter of method \"dpo\", \"kto\" or \"simpo\", not of method \"sft\" (its parameters: none)"
+        );
+        assert_eq!(
+            parse("dpo", "lambda = 0.5").unwrap_err(),
+            "lambda = 0.5 is a parameter of method \"orpo\", not of method \"dpo\" (its parameters: beta)"
+        );
+        assert_eq!(
+            parse("orpo", "lambda_u = 2.0").unwrap_err(),
+            "lambda_u = 2.0 is a parameter of method \"kto\", not of method \"orpo\" (its parameters: lambda)"
+        );
+        assert_eq!(
+            parse("kto", "gamma = 1").unwrap_err(),
+            "gamma = 1 is a parameter of method \"simpo\", not of method \"kto\" (its parameters: beta, lambda_d, lambda_u)"
+        );
+        // its own parameters are read
+        assert_eq!(
+            parse("kto", "beta = 0.2\nlambda_d = 2.0")
+                .unwrap()
+                .objective,
+            Objective::Kto {
+                beta: 0.2,
+                lambda_d: 2.0,
+                lambda_u: 1.0
+            }
+        );
+    }
+
+    #[test]
+    fn numbers_in_messages_are_short() {
+        assert_eq!(fmt_num(1e30), "1e30");
+        assert_eq!(fmt_num(5e-5), "5e-5");
+        assert_eq!(fmt_num(-1.0), "-1");
+        assert_eq!(fmt_num(0.01), "0.01");
+        assert_eq!(fmt_num(0.0), "0");
+        assert_eq!(fmt_num(f64::NAN), "NaN");
+        assert_eq!(fmt_num(f64::NEG_INFINITY), "-inf");
     }
 }

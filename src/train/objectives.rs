@@ -68,7 +68,46 @@ fn one() -> f64 {
     1.0
 }
 
+/// Every method of a run file (`method = "..."`) with the run-file keys of its parameters.
+pub const METHOD_PARAMETERS: [(&str, &[&str]); 5] = [
+    ("sft", &[]),
+    ("dpo", &["beta"]),
+    ("orpo", &["lambda"]),
+    ("kto", &["beta", "lambda_d", "lambda_u"]),
+    ("simpo", &["beta", "gamma"]),
+];
+
 impl Objective {
+    /// The method's name as a run file writes it (`method = "dpo"`).
+    pub fn method(&self) -> &'static str {
+        match self {
+            Objective::Sft => "sft",
+            Objective::Dpo { .. } => "dpo",
+            Objective::Orpo { .. } => "orpo",
+            Objective::Kto { .. } => "kto",
+            Objective::Simpo { .. } => "simpo",
+        }
+    }
+
+    /// Checks the parameters' values: every one finite; DPO's, KTO's and SimPO's `beta` and
+    /// KTO's `lambda_d` and `lambda_u` > 0 (0 turns the objective off, a negative value
+    /// reverses it); ORPO's `lambda` and SimPO's `gamma` ≥ 0 (0: no odds-ratio term, no
+    /// margin). The error names the key and its value (`beta = -1 must be a finite number > 0`).
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, v) in self.parameters() {
+            let zero_ok = matches!(key, "lambda" | "gamma");
+            let ok = v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0));
+            if !ok {
+                let want = if zero_ok { "≥ 0" } else { "> 0" };
+                return Err(format!(
+                    "{key} = {} must be a finite number {want}",
+                    super::config::fmt_num(v)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the objective compares with a frozen reference model.
     pub fn needs_reference(&self) -> bool {
         matches!(self, Objective::Dpo { .. } | Objective::Kto { .. })

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use super::adamw::{accumulate, clip_grad_norm, collect_grads, AdamW, AdamWParams, Grads};
-use super::config::TrainConfig;
+use super::config::{fmt_num, TrainConfig};
 use super::loss::LabelLogprobs;
 use super::objectives::{self, Objective};
 use super::schedule::lr_at;
@@ -115,39 +115,103 @@ impl Progress for Quiet {
     fn step(&mut self, _: &StepLog) {}
 }
 
+/// How [`train_with`] treats the output folder.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in the output folder, if it holds one.
+    pub resume: bool,
+    /// Write a new run into a hidden `.OUT.partial-PID` folder beside the output
+    /// ([`crate::fsutil::StagedDir`]) and rename it into place at the end, or at the run's
+    /// first checkpoint (`optim.save_every`; from then on the run writes into the output folder
+    /// itself, so that a resumed run finds the checkpoint there). A run that fails or is
+    /// interrupted before that leaves no output folder. An existing output folder is replaced
+    /// when the staged one is renamed into place: whether it may be is the caller's decision
+    /// ([`check_output`], as `realign train` does). A resumed run writes into the output
+    /// folder itself.
+    ///
+    /// Off (what [`train`] and `realign experiment` do): the run writes into the output folder
+    /// from the start, and removes it on failure if it created it and saved no checkpoint.
+    pub staged: bool,
+}
+
 /// Runs a whole training: `model` (frozen base, as loaded), its tokenizer, the rows, the
 /// config. With `resume`, continues from the newest checkpoint in the output folder.
 ///
 /// The output folder is the run's working folder (the step log, checkpoints to resume from, then
 /// the adapter). A run that fails before it saved a checkpoint removes the folder it created, so
-/// a failed run leaves no partial output.
+/// a failed run leaves no partial output. [`train_with`] with [`TrainOptions::staged`] writes
+/// a new run beside the output folder instead.
 pub fn train(
-    mut model: Model,
+    model: Model,
     tok: &Tokenizer,
     rows: &[Row],
     cfg: &TrainConfig,
     resume: bool,
     progress: &mut dyn Progress,
 ) -> crate::Result<TrainReport> {
+    let options = TrainOptions {
+        resume,
+        staged: false,
+    };
+    train_with(model, tok, rows, cfg, options, progress)
+}
+
+/// [`train`] with the output folder handled as `options` says. Before anything is trained,
+/// a new adapter's `lora.target_modules` must each select a linear module of the model
+/// ([`TrainError::Targets`]); a step whose loss or gradient norm is NaN or infinite stops the
+/// run before its update ([`TrainError::Diverged`]), and so do adapter weights that are not
+/// finite after the last update: no adapter is written.
+pub fn train_with(
+    mut model: Model,
+    tok: &Tokenizer,
+    rows: &[Row],
+    cfg: &TrainConfig,
+    options: TrainOptions,
+    progress: &mut dyn Progress,
+) -> crate::Result<TrainReport> {
     let started = Instant::now();
     let out = &cfg.output;
-    let mut cleanup = RemoveIfFailed {
-        out,
-        created: !out.exists(),
-        succeeded: false,
+    // The adapter being trained: continued, resumed, or new.
+    let checkpoint = if options.resume {
+        latest_checkpoint(out)?
+    } else {
+        None
     };
-    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    if checkpoint.is_none() && cfg.init_adapter.is_none() {
+        let name = cfg.model.as_ref().map_or_else(
+            || "the default model".to_string(),
+            |p| p.display().to_string(),
+        );
+        cfg.lora
+            .check_targets(&model, &name)
+            .map_err(|reason| TrainError::Targets { reason })?;
+    }
+    let mut work = if options.staged && checkpoint.is_none() {
+        Workdir {
+            staged: Some(crate::fsutil::StagedDir::new(out, true)?),
+            in_place: RemoveIfFailed {
+                out,
+                created: false,
+                succeeded: false,
+            },
+        }
+    } else {
+        let created = !out.exists();
+        std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+        Workdir {
+            staged: None,
+            in_place: RemoveIfFailed {
+                out,
+                created,
+                succeeded: false,
+            },
+        }
+    };
     let (examples, dropped) = encode_rows(tok, rows, cfg)?;
     if examples.is_empty() {
         return Err(TrainError::NoExamples { dropped }.into());
     }
 
-    // The adapter being trained: continued, resumed, or new.
-    let checkpoint = if resume {
-        latest_checkpoint(out)?
-    } else {
-        None
-    };
     let lora = match (&checkpoint, &cfg.init_adapter) {
         (Some((_, dir)), _) => TrainableLora::from_adapter(&Adapter::load(dir, model.device())?)?,
         (None, Some(dir)) => TrainableLora::from_adapter(&Adapter::load(dir, model.device())?)?,
@@ -200,7 +264,7 @@ pub fn train(
     }
     let warmup = (o.warmup_ratio * total_steps as f64).ceil() as usize;
     let mut step = 0;
-    let log_path = out.join("train_log.jsonl");
+    let log_path = |work: &Workdir| work.path().join("train_log.jsonl");
     let mut logs: Vec<StepLog> = Vec::new();
     if let Some((s, dir)) = &checkpoint {
         step = *s;
@@ -210,12 +274,12 @@ pub fn train(
             crate::model::storage::StorageDtype::F32,
         )?;
         opt.load_state(&state, step);
-        logs = read_log(&log_path)?
+        logs = read_log(&log_path(&work))?
             .into_iter()
             .filter(|l| l.step <= step)
             .collect();
     }
-    rewrite_log(&log_path, &logs)?;
+    rewrite_log(&log_path(&work), &logs)?;
     let first_step_this_run = step;
     progress.start(total_steps);
     let pad = tok.pad_token_id().unwrap_or(0);
@@ -264,6 +328,23 @@ pub fn train(
             } else {
                 clip_grad_norm(&mut grads, f64::INFINITY)?
             };
+            // A NaN or infinite loss or gradient would poison every weight it updates:
+            // stop before the update, naming the step and the learning rate.
+            let diverged = if !loss_sum.is_finite() {
+                Some(format!("loss {}", fmt_num(loss_sum)))
+            } else if !grad_norm.is_finite() {
+                Some(format!("gradient norm {}", fmt_num(grad_norm)))
+            } else {
+                None
+            };
+            if let Some(what) = diverged {
+                return Err(TrainError::Diverged {
+                    step: step + 1,
+                    what,
+                    lr: fmt_num(o.lr),
+                }
+                .into());
+            }
             let lr = lr_at(o.schedule, o.lr, step, warmup, total_steps);
             opt.params.lr = lr;
             opt.step(&grads)?;
@@ -277,17 +358,30 @@ pub fn train(
                 grad_norm,
                 tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64(),
             };
-            append_log(&log_path, &log)?;
+            append_log(&log_path(&work), &log)?;
             progress.step(&log);
             logs.push(log);
             if o.save_every > 0 && step % o.save_every == 0 && step < total_steps {
-                save_checkpoint(out, step, &lora, &opt)?;
+                save_checkpoint(work.path(), step, &lora, &opt)?;
+                // A staged run moves into place now, so that `--resume` finds the checkpoint.
+                work.commit()?;
             }
         }
     }
 
     let adapter = lora.to_adapter()?;
-    adapter.save(out)?;
+    // The last update may have made weights infinite although its loss was finite.
+    for (name, m) in &adapter.modules {
+        if !(all_finite(&m.a)? && all_finite(&m.b)?) {
+            return Err(TrainError::Diverged {
+                step,
+                what: format!("{name} has NaN or infinite weights after the update"),
+                lr: fmt_num(o.lr),
+            }
+            .into());
+        }
+    }
+    adapter.save(work.path())?;
     let seconds = started.elapsed().as_secs_f64();
     let report = TrainReport {
         config: cfg.clone(),
@@ -305,9 +399,80 @@ pub fn train(
         path: out.join("train_report.json"),
         source: e,
     })?;
-    crate::fsutil::write_atomic(&out.join("train_report.json"), &json)?;
-    cleanup.succeeded = true;
+    crate::fsutil::write_atomic(&work.path().join("train_report.json"), &json)?;
+    work.commit()?;
+    work.in_place.succeeded = true;
     Ok(report)
+}
+
+/// Whether every value of `t` is finite (`x - x` is 0 exactly for finite `x`).
+fn all_finite(t: &Tensor) -> crate::Result<bool> {
+    let flat = t.flatten_all()?.to_dtype(DType::F32)?;
+    let probe = flat.sub(&flat)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(probe == 0.0)
+}
+
+/// What `realign train` refuses before it loads anything, as every other command refuses an
+/// existing output without `--overwrite` (`realign experiment`, whose stage folders are its
+/// cache, does not call it): an output folder that holds a trained adapter
+/// (`OUT/adapter_model.safetensors` in [`crate::Error::OutputExists`]), one that holds
+/// checkpoints of an unfinished run ([`TrainError::Unfinished`]) and any other existing path
+/// but an empty folder ([`crate::Error::OutputExists`]). Allowed regardless: `overwrite`, and
+/// `resume` when the folder holds a checkpoint to continue.
+pub fn check_output(out: &Path, overwrite: bool, resume: bool) -> crate::Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(out) else {
+        return Ok(());
+    };
+    let checkpoint = if meta.is_dir() {
+        latest_checkpoint(out)?
+    } else {
+        None
+    };
+    if overwrite || (resume && checkpoint.is_some()) {
+        return Ok(());
+    }
+    if meta.is_dir() {
+        let adapter = out.join(crate::adapters::WEIGHTS_FILE);
+        if std::fs::symlink_metadata(&adapter).is_ok() {
+            return Err(crate::Error::OutputExists { path: adapter });
+        }
+        if let Some((step, _)) = checkpoint {
+            return Err(TrainError::Unfinished {
+                path: out.to_path_buf(),
+                step,
+            }
+            .into());
+        }
+        let mut entries = std::fs::read_dir(out).map_err(|e| crate::Error::io(out, e))?;
+        if entries.next().is_none() {
+            return Ok(());
+        }
+    }
+    Err(crate::Error::OutputExists {
+        path: out.to_path_buf(),
+    })
+}
+
+/// The folder a run writes into: a staged folder beside the output until it is committed,
+/// else the output folder itself.
+struct Workdir<'a> {
+    staged: Option<crate::fsutil::StagedDir>,
+    in_place: RemoveIfFailed<'a>,
+}
+
+impl Workdir<'_> {
+    fn path(&self) -> &Path {
+        self.staged.as_ref().map_or(self.in_place.out, |s| s.path())
+    }
+
+    /// Renames a staged folder into place (replacing the output folder); from then on the run
+    /// writes into the output folder. Nothing to do for a run written in place.
+    fn commit(&mut self) -> crate::Result<()> {
+        match self.staged.take() {
+            Some(s) => s.commit(),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Removes the output folder a run created when the run ends (by an error or a panic) before
@@ -765,6 +930,52 @@ mod tests {
         let dpo = passes(&ex, &batch, &Objective::Dpo { beta: 0.1 }, 12);
         let w: Vec<f64> = dpo.iter().map(|x| x.1).collect();
         assert_eq!(w, vec![0.5, 0.25, 0.25]);
+    }
+
+    #[test]
+    fn check_output_refuses_what_a_run_would_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        // absent, or an empty folder: taken
+        check_output(&out, false, false).unwrap();
+        std::fs::create_dir(&out).unwrap();
+        check_output(&out, false, false).unwrap();
+        // a finished adapter: refused naming the file, unless --overwrite
+        std::fs::write(out.join("adapter_model.safetensors"), b"x").unwrap();
+        let e = check_output(&out, false, false).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}/adapter_model.safetensors already exists: pass --overwrite to replace it (nothing was written)",
+                out.display()
+            )
+        );
+        // --resume without a checkpoint has nothing to continue: still refused
+        assert!(check_output(&out, false, true).is_err());
+        check_output(&out, true, false).unwrap();
+        // checkpoints of an unfinished run: refused without --resume, taken with it
+        std::fs::remove_file(out.join("adapter_model.safetensors")).unwrap();
+        std::fs::create_dir(out.join("checkpoint-4")).unwrap();
+        std::fs::write(out.join("checkpoint-4/trainer_state.json"), b"{}").unwrap();
+        let e = check_output(&out, false, false).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{} holds checkpoint-4 of an unfinished run: pass --resume to continue it or --overwrite to start again (nothing was written)",
+                out.display()
+            )
+        );
+        check_output(&out, false, true).unwrap();
+        check_output(&out, true, false).unwrap();
+        // anything else (a file, a folder of other files): refused
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let e = check_output(&file, false, false).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{} already exists", file.display())),
+            "{e}"
+        );
+        assert!(check_output(dir.path(), false, false).is_err());
     }
 
     #[test]
