@@ -64,8 +64,8 @@ pub struct Args {
     /// Benign-but-edgy prompts of the probe (over-refusal)
     #[arg(long, default_value = realign::diagnose::PROBE_BENIGN)]
     probe_benign: String,
-    /// New tokens per probe reply
-    #[arg(long, default_value_t = 32)]
+    /// New tokens per probe reply (at least 1)
+    #[arg(long, default_value_t = 32, value_parser = super::eval::at_least_one)]
     probe_max_new_tokens: usize,
     /// Print diagnose_report.json on stdout instead of the summary lines
     #[arg(long)]

@@ -72,20 +72,22 @@ pub struct Args {
     /// one that finished)
     #[arg(long, default_value_t = realign::eval::DEFAULT_BATCH_SIZE)]
     batch: usize,
-    /// New tokens per reply, every set [default: 64 harmful and over-refusal; 256 GSM8K, 64
-    /// classification]
-    #[arg(long)]
+    /// New tokens per reply (at least 1), every set [default: 64 harmful and over-refusal;
+    /// 256 GSM8K, 64 classification]; a reply also stops where its prompt and it fill the
+    /// model's positions (counted as `context_limited` in summary.json)
+    #[arg(long, value_parser = at_least_one)]
     max_new_tokens: Option<usize>,
     /// New tokens per harmful reply (overrides --max-new-tokens)
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     harmful_max_new_tokens: Option<usize>,
     /// New tokens per task reply (overrides --max-new-tokens)
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     task_max_new_tokens: Option<usize>,
     /// New tokens per benign (over-refusal) reply [default: as the harmful replies]
     #[arg(
         long = "benign-max-new-tokens",
-        visible_alias = "overrefusal-max-new-tokens"
+        visible_alias = "overrefusal-max-new-tokens",
+        value_parser = at_least_one
     )]
     benign_max_new_tokens: Option<usize>,
     /// Evaluate a seeded random sample of N rows of each set (see --sample-seed), not its first
@@ -123,28 +125,132 @@ pub struct Args {
 
 /// `none` (any case) means "skip this set".
 fn source(spec: &str) -> Option<String> {
-    (!spec.eq_ignore_ascii_case("none")).then(|| spec.to_string())
+    used(spec).map(String::from)
+}
+
+/// `spec`, or `None` for `none` (any case).
+fn used(spec: &str) -> Option<&str> {
+    (!spec.eq_ignore_ascii_case("none")).then_some(spec)
+}
+
+/// A value of at least 1 (`--max-new-tokens` and the like: 0 new tokens would score empty
+/// replies).
+pub(super) fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 new tokens gives empty replies)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a whole number of at least 1, got {s:?}")),
+    }
+}
+
+/// A seed: a whole number from 0 to 2^64 - 1 (a negative one reaches this check, not clap's
+/// "unexpected argument").
+pub(super) fn seed_value(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("expected a whole number from 0 to {}, got {s:?}", u64::MAX))
+}
+
+/// The sets `--prompt-column SET=NAME` and `--where SET:KEY=VALUE` name.
+const SET_NAMES: &str = "harmful, task or benign";
+
+/// The data source of each set (`None`: skipped), by the names the flags use.
+struct Sources<'a> {
+    harmful: Option<&'a str>,
+    task: Option<&'a str>,
+    benign: Option<&'a str>,
+}
+
+impl Sources<'_> {
+    /// The source of set `name` (`harmful`, `task`, `benign` or `overrefusal`); `Err` for an
+    /// unknown name.
+    fn of(&self, name: &str) -> Result<Option<&str>, ()> {
+        match name {
+            "harmful" => Ok(self.harmful),
+            "task" => Ok(self.task),
+            "benign" | "overrefusal" => Ok(self.benign),
+            _ => Err(()),
+        }
+    }
+
+    /// An error when set `name` is embedded: `flag` (a column or filter) applies to files.
+    fn check_file(&self, flag: &str, name: &str) -> anyhow::Result<()> {
+        let set = if name == "overrefusal" {
+            "benign"
+        } else {
+            name
+        };
+        match self.of(name) {
+            Ok(Some(src)) if src.starts_with("embedded:") => anyhow::bail!(
+                "{flag} applies to files; the {set} set is {src}, which has no columns"
+            ),
+            Ok(_) => Ok(()),
+            Err(()) => anyhow::bail!("{flag}: unknown set {name:?} (expected {SET_NAMES})"),
+        }
+    }
+
+    /// An error when `flag` (a column or filter for every set) meets no data file: every set
+    /// is embedded or skipped, and at least one is embedded.
+    fn check_some_file(&self, flag: &str) -> anyhow::Result<()> {
+        let sets = [
+            ("harmful", self.harmful),
+            ("task", self.task),
+            ("benign", self.benign),
+        ];
+        let embedded: Vec<String> = sets
+            .iter()
+            .filter_map(|(n, s)| {
+                s.filter(|s| s.starts_with("embedded:"))
+                    .map(|s| format!("{n} {s}"))
+            })
+            .collect();
+        let files = sets
+            .iter()
+            .filter(|(_, s)| s.is_some_and(|s| !s.starts_with("embedded:")))
+            .count();
+        if files == 0 && !embedded.is_empty() {
+            anyhow::bail!(
+                "{flag} applies to files; every set evaluated is embedded ({}), which have no \
+                 columns",
+                embedded.join(", ")
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `--prompt-column` values (`NAME` for every set, `SET=NAME` for one), `--label-column` and
 /// `--where` values (`KEY=VALUE` for every set, `SET:KEY=VALUE` for one) as [`EvalColumns`].
+///
+/// Errors: an unknown SET; a column or filter for one set when that set is embedded (its rows
+/// have no columns), or for every set when none is a file; `--label-column` with an embedded
+/// task set.
 fn columns(
     specs: &[String],
     label: Option<String>,
     filters: &[String],
+    sources: &Sources,
 ) -> anyhow::Result<EvalColumns> {
+    if let Some(l) = &label {
+        sources.check_file(&format!("--label-column {l}"), "task")?;
+    }
     let mut c = EvalColumns {
         task_label: label,
         ..Default::default()
     };
     for spec in filters {
+        // `SET:` is the text before the first ':' when no '=' comes before it (a value may
+        // hold ':', as in `url=http://…`).
         let (set, text) = match spec.split_once(':') {
-            Some((set, rest)) if ["harmful", "task", "benign", "overrefusal"].contains(&set) => {
-                (Some(set), rest)
-            }
+            Some((set, rest)) if !set.contains('=') => (Some(set), rest),
             _ => (None, spec.as_str()),
         };
         let filter: RowFilter = text.parse()?;
+        let flag = format!("--where {spec}");
+        match set {
+            Some(set) => sources.check_file(&flag, set)?,
+            None => sources.check_some_file(&flag)?,
+        }
         let all = [
             &mut c.harmful_where,
             &mut c.task_where,
@@ -162,20 +268,20 @@ fn columns(
         }
     }
     for spec in specs {
+        let flag = format!("--prompt-column {spec}");
         match spec.split_once('=') {
             None => {
+                sources.check_some_file(&flag)?;
                 c.harmful_prompt = Some(spec.clone());
                 c.task_prompt = Some(spec.clone());
                 c.overrefusal_prompt = Some(spec.clone());
             }
             Some((set, name)) => {
+                sources.check_file(&flag, set)?;
                 let slot = match set {
                     "harmful" => &mut c.harmful_prompt,
                     "task" => &mut c.task_prompt,
-                    "benign" | "overrefusal" => &mut c.overrefusal_prompt,
-                    other => anyhow::bail!(
-                        "--prompt-column {spec}: unknown set {other:?} (expected harmful, task or benign)"
-                    ),
+                    _ => &mut c.overrefusal_prompt,
                 };
                 *slot = Some(name.to_string());
             }
@@ -205,7 +311,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         case_insensitive: a.case_insensitive,
         adapters: a.adapters.clone(),
         merged: (a.merge || !a.unmerged) && !a.adapters.is_empty(),
-        columns: columns(&a.prompt_columns, a.label_column.clone(), &a.filters)?,
+        columns: columns(
+            &a.prompt_columns,
+            a.label_column.clone(),
+            &a.filters,
+            &Sources {
+                harmful: used(&a.harmful),
+                task: used(&a.task),
+                benign: used(&a.benign),
+            },
+        )?,
     };
     let path = super::model_path(a.model.clone())?;
     let mut m = LoadedModel::load(

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use realign::adapters::Adapter;
+use realign::model::generate::max_positions;
 use realign::model::{generate, AdapterMode, GenerationConfig, LoadOptions, LoadedModel, Sampling};
 use realign::tokenizer::ChatMessage;
 
@@ -34,20 +35,27 @@ pub struct Args {
     /// System message for --chat (without it, the template's default system prompt, if any)
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// Maximum number of new tokens
-    #[arg(long, default_value_t = 128)]
+    /// Maximum number of new tokens (at least 1); a reply also stops where the prompt and it
+    /// fill the model's positions (max_position_embeddings), with a warning
+    #[arg(long, default_value_t = 128, value_parser = super::eval::at_least_one)]
     max_new_tokens: usize,
     /// Greedy decoding (the default unless --temperature is given)
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "seed"])]
     greedy: bool,
-    /// Sample with this temperature (> 0) instead of greedy decoding
-    #[arg(long)]
+    /// Sample with this temperature (a finite number > 0) instead of greedy decoding
+    #[arg(long, allow_hyphen_values = true)]
     temperature: Option<f64>,
     /// Nucleus sampling mass, with --temperature
     #[arg(long, default_value_t = 1.0, requires = "temperature")]
     top_p: f64,
-    /// Seed of the sampler, with --temperature
-    #[arg(long, default_value_t = 42, requires = "temperature")]
+    /// Seed of the sampler, with --temperature (a whole number from 0 to 2^64 - 1)
+    #[arg(
+        long,
+        default_value_t = 42,
+        requires = "temperature",
+        allow_negative_numbers = true,
+        value_parser = super::eval::seed_value
+    )]
     seed: u64,
     /// Print one JSON object: prompt_text, input_ids, output_ids, text
     #[arg(long)]
@@ -95,7 +103,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --prompt or --chat"),
     };
     let sampling = match a.temperature {
-        Some(t) if t <= 0.0 => anyhow::bail!("--temperature must be > 0 (got {t}); use --greedy"),
+        Some(t) if !(t.is_finite() && t > 0.0) => {
+            anyhow::bail!(
+                "--temperature must be a finite number > 0 (got {t}); use --greedy for greedy \
+                 decoding"
+            )
+        }
         Some(_) if !(a.top_p > 0.0 && a.top_p <= 1.0) => {
             anyhow::bail!("--top-p must be in (0, 1] (got {})", a.top_p)
         }
@@ -112,7 +125,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         stop_ids: tokenizer.stop_token_ids(),
         pad_id: tokenizer.pad_token_id().unwrap_or(0),
     };
+    let limit = max_positions(&model);
+    if input_ids.len() >= limit {
+        anyhow::bail!(
+            "the prompt has {} tokens, but the model's max_position_embeddings is {limit}: no \
+             room for a reply (--max-new-tokens {}); shorten the prompt",
+            input_ids.len(),
+            a.max_new_tokens
+        );
+    }
     let output_ids = generate(&model, std::slice::from_ref(&input_ids), &cfg)?.remove(0);
+    let stopped_by_context = output_ids.len() < a.max_new_tokens
+        && input_ids.len() + output_ids.len() >= limit
+        && output_ids.last().is_none_or(|t| !cfg.stop_ids.contains(t));
+    if stopped_by_context {
+        eprintln!(
+            "warning: generation stopped at the model's max_position_embeddings ({limit}): the \
+             prompt's {} tokens + {} new tokens (--max-new-tokens {} asked for more); the reply \
+             is kept",
+            input_ids.len(),
+            output_ids.len(),
+            a.max_new_tokens
+        );
+    }
     let text = tokenizer.decode(&output_ids, true)?;
     if a.json {
         let obj = serde_json::json!({

@@ -78,7 +78,7 @@ pub struct DeactivateArgs {
     limit: usize,
     /// New tokens per reply [default: 64 for harmfulness and a classification task, 256 for
     /// GSM8K]
-    #[arg(long)]
+    #[arg(long, value_parser = super::eval::at_least_one)]
     max_new_tokens: Option<usize>,
     /// Prompts per generation batch
     #[arg(long, default_value_t = 16)]

@@ -19,10 +19,11 @@ use super::degenerate::{degenerate, Degenerate};
 use super::harmfulness::{percent, DEFAULT_MAX_NEW_TOKENS};
 use super::judge::{is_harmful_keyword_with, refusal_match};
 use super::model_judge::{judge_with_model, ModelVerdict, JUDGE_MAX_NEW_TOKENS};
-use super::replies::{chat_replies, EvalConfig, DEFAULT_BATCH_SIZE};
+use super::replies::{chat_replies, render_prompt, EvalConfig, DEFAULT_BATCH_SIZE};
 use super::stats::Rate;
 use super::EvalError;
 use crate::data::{load_prompts_where, load_task_items_where, RowFilter};
+use crate::model::generate::max_positions;
 use crate::model::{LoadOptions, LoadedModel};
 
 /// The harmful set used when none is given: 200 held-out AdvBench + Do-Not-Answer prompts.
@@ -334,6 +335,9 @@ pub struct OverRefusalSummary {
     pub rate: Rate,
     /// New tokens per reply.
     pub max_new_tokens: usize,
+    /// Prompts whose chat text leaves fewer than `max_new_tokens` of the model's positions
+    /// (`max_position_embeddings`): their replies stop where the positions end.
+    pub context_limited: usize,
     /// Wall time of generation, in seconds.
     pub seconds: f64,
 }
@@ -370,6 +374,9 @@ pub struct HarmfulSummary {
     pub nondegenerate_rate: Rate,
     /// New tokens per reply.
     pub max_new_tokens: usize,
+    /// Prompts whose chat text leaves fewer than `max_new_tokens` of the model's positions
+    /// (`max_position_embeddings`): their replies stop where the positions end.
+    pub context_limited: usize,
     /// Wall time of generation and judging, in seconds.
     pub seconds: f64,
 }
@@ -401,6 +408,9 @@ pub struct TaskSummary {
     pub no_answer: usize,
     /// New tokens per reply.
     pub max_new_tokens: usize,
+    /// Prompts whose chat text leaves fewer than `max_new_tokens` of the model's positions
+    /// (`max_position_embeddings`): their replies stop where the positions end.
+    pub context_limited: usize,
     /// Wall time of generation, in seconds.
     pub seconds: f64,
 }
@@ -561,6 +571,7 @@ pub fn evaluate_judged(
     if let Some(old) = out.summary.harmful.take() {
         let mut s = summarize_harmful(&old.data, &out.harmful, old.max_new_tokens, t);
         s.seconds += old.seconds;
+        s.context_limited = old.context_limited;
         out.harmfulness = Some(s.harmfulness_percent);
         out.summary.harmfulness_percent = Some(s.harmfulness_percent);
         out.summary.harmful = Some(s);
@@ -602,6 +613,21 @@ pub fn evaluate_with_judge(
         })?),
         _ => None,
     };
+    for (flag, n) in [
+        ("harmful_max_new_tokens", opts.harmful_max_new_tokens),
+        ("task_max_new_tokens", opts.task_max_new_tokens),
+        (
+            "overrefusal_max_new_tokens",
+            opts.overrefusal_max_new_tokens,
+        ),
+    ] {
+        if n == Some(0) {
+            return Err(EvalError::Config(format!(
+                "{flag} must be at least 1 (0 new tokens gives empty replies)"
+            ))
+            .into());
+        }
+    }
     let harmful_prompts = opts
         .harmful
         .as_deref()
@@ -620,9 +646,9 @@ pub fn evaluate_with_judge(
         .as_deref()
         .map(|spec| task_items(spec, &opts.columns, opts.limit, opts.sample_seed))
         .transpose()?;
-    let (task_items, all_golds) = match task_sample {
-        Some((items, golds)) => (Some(items), golds),
-        None => (None, Vec::new()),
+    let (task_items, task_rows, all_golds) = match task_sample {
+        Some((items, rows, golds)) => (Some(items), rows, golds),
+        None => (None, Vec::new(), Vec::new()),
     };
     let overrefusal_prompts = opts
         .overrefusal
@@ -649,33 +675,95 @@ pub fn evaluate_with_judge(
             kind.check_gold(i, gold)?;
         }
     }
+    let harmful_max_new = opts
+        .harmful_max_new_tokens
+        .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+    let task_max_new = kind.as_ref().map_or(0, |k| {
+        opts.task_max_new_tokens
+            .unwrap_or(k.default_max_new_tokens())
+    });
+    let overrefusal_max_new = opts
+        .overrefusal_max_new_tokens
+        .or(opts.harmful_max_new_tokens)
+        .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+
+    // Every prompt must leave room for a reply in the model's positions: checked for every set
+    // before anything is generated, so that a long row fails the run at once, by its name.
+    let fits =
+        |set: &str, spec: &str, filtered: bool, prompts: &[String], rows: &[usize], max_new| {
+            context_fit(
+                model,
+                &PromptSet {
+                    set,
+                    spec,
+                    filtered: filtered && !spec.starts_with("embedded:"),
+                    prompts,
+                    rows,
+                },
+                max_new,
+                opts.system.as_deref(),
+            )
+        };
+    let harmful_limited = match (&opts.harmful, &harmful_prompts) {
+        (Some(spec), Some((prompts, rows))) => fits(
+            "harmful",
+            spec,
+            !opts.columns.harmful_where.is_empty(),
+            prompts,
+            rows,
+            harmful_max_new,
+        )?,
+        _ => 0,
+    };
+    let task_prompts: Vec<String> = task_items
+        .iter()
+        .flatten()
+        .map(|(p, _)| p.clone())
+        .collect();
+    let task_limited = match (&opts.task, &task_items) {
+        (Some(spec), Some(_)) => fits(
+            "task",
+            spec,
+            !opts.columns.task_where.is_empty(),
+            &task_prompts,
+            &task_rows,
+            task_max_new,
+        )?,
+        _ => 0,
+    };
+    let overrefusal_limited = match (&opts.overrefusal, &overrefusal_prompts) {
+        (Some(spec), Some((prompts, rows))) => fits(
+            "benign",
+            spec,
+            !opts.columns.overrefusal_where.is_empty(),
+            prompts,
+            rows,
+            overrefusal_max_new,
+        )?,
+        _ => 0,
+    };
 
     let mut harmful = Vec::new();
     let mut harmful_summary = None;
-    if let (Some(spec), Some(prompts)) = (&opts.harmful, &harmful_prompts) {
+    if let (Some(spec), Some((prompts, _))) = (&opts.harmful, &harmful_prompts) {
         let t = Instant::now();
-        let max_new = opts
-            .harmful_max_new_tokens
-            .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-        let cfg = opts.generation(Some(max_new));
+        let cfg = opts.generation(Some(harmful_max_new));
         harmful = harmful_records(model, prompts, judge, &cfg)?;
-        harmful_summary = Some(summarize_harmful(spec, &harmful, max_new, t));
+        let mut s = summarize_harmful(spec, &harmful, harmful_max_new, t);
+        s.context_limited = harmful_limited;
+        harmful_summary = Some(s);
     }
 
     let mut task = Vec::new();
     let mut task_summary = None;
     if let (Some(spec), Some(items), Some(kind)) = (&opts.task, &task_items, &kind) {
         let t = Instant::now();
-        let max_new = opts
-            .task_max_new_tokens
-            .unwrap_or(kind.default_max_new_tokens());
-        let cfg = opts.generation(Some(max_new));
-        let prompts: Vec<String> = items.iter().map(|i| i.0.clone()).collect();
+        let cfg = opts.generation(Some(task_max_new));
         let replies = chat_replies(
             &model.model,
             &model.tokenizer,
-            &prompts,
-            max_new,
+            &task_prompts,
+            task_max_new,
             &cfg,
             kind.name(),
         )?;
@@ -684,23 +772,21 @@ pub fn evaluate_with_judge(
             .zip(&replies)
             .map(|((p, g), r)| ItemResult::judge(kind, p, g, r))
             .collect();
-        task_summary = Some(summarize_task(spec, kind, &task, max_new, t));
+        let mut s = summarize_task(spec, kind, &task, task_max_new, t);
+        s.context_limited = task_limited;
+        task_summary = Some(s);
     }
 
     let mut overrefusal = Vec::new();
     let mut overrefusal_summary = None;
-    if let (Some(spec), Some(prompts)) = (&opts.overrefusal, &overrefusal_prompts) {
+    if let (Some(spec), Some((prompts, _))) = (&opts.overrefusal, &overrefusal_prompts) {
         let t = Instant::now();
-        let max_new = opts
-            .overrefusal_max_new_tokens
-            .or(opts.harmful_max_new_tokens)
-            .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-        let cfg = opts.generation(Some(max_new));
+        let cfg = opts.generation(Some(overrefusal_max_new));
         let replies = chat_replies(
             &model.model,
             &model.tokenizer,
             prompts,
-            max_new,
+            overrefusal_max_new,
             &cfg,
             "over-refusal",
         )?;
@@ -716,7 +802,8 @@ pub fn evaluate_with_judge(
             n,
             refused,
             rate: Rate::new(refused, n),
-            max_new_tokens: max_new,
+            max_new_tokens: overrefusal_max_new,
+            context_limited: overrefusal_limited,
             seconds: t.elapsed().as_secs_f64(),
         });
     }
@@ -859,6 +946,7 @@ fn summarize_harmful(
         keyword_rate: Rate::new(keyword_harmful, n),
         nondegenerate_rate: Rate::new(nondegenerate_harmful, n),
         max_new_tokens,
+        context_limited: 0,
         seconds: t.elapsed().as_secs_f64(),
     }
 }
@@ -887,26 +975,30 @@ fn summarize_task(
         strict_rate: r.strict_correct.map(|k| Rate::new(k, r.n)),
         no_answer: items.iter().filter(|i| i.extracted.is_none()).count(),
         max_new_tokens,
+        context_limited: 0,
         seconds: t.elapsed().as_secs_f64(),
     }
 }
 
 /// The prompts of a set (any row shape, or a prompt-only benchmark file: see
-/// [`load_prompts_where`]; the prompt's text), sampled by [`sample_rows`].
+/// [`load_prompts_where`]; the prompt's text), sampled by [`sample_rows`], and the index of
+/// each among the rows read (from 0).
 fn prompts_of(
     spec: &str,
     column: Option<&str>,
     filters: &[RowFilter],
     limit: usize,
     seed: u64,
-) -> crate::Result<Vec<String>> {
-    let prompts = sample_rows(load_prompts_where(spec, column, filters)?, limit, seed);
-    Ok(prompts.iter().map(|p| p.plain_text()).collect())
+) -> crate::Result<(Vec<String>, Vec<usize>)> {
+    let all = load_prompts_where(spec, column, filters)?;
+    let sample = sample_rows(all.into_iter().enumerate().collect(), limit, seed);
+    Ok(sample.into_iter().map(|(i, p)| (p.plain_text(), i)).unzip())
 }
 
-/// The task items of `spec` as `(prompt, gold)` ([`load_task_items_where`]): the seeded sample, and
-/// every gold answer of the whole set (the task kind is told from all of them, so that a small
-/// sample whose golds happen to be one label is still read as classification).
+/// The task items of `spec` as `(prompt, gold)` ([`load_task_items_where`]): the seeded sample,
+/// the index of each sampled item among the rows read (from 0), and every gold answer of the
+/// whole set (the task kind is told from all of them, so that a small sample whose golds
+/// happen to be one label is still read as classification).
 fn task_items(
     spec: &str,
     columns: &EvalColumns,
@@ -920,11 +1012,65 @@ fn task_items(
         &columns.task_where,
     )?;
     let golds = all.iter().map(|(_, g)| g.clone()).collect();
-    Ok((sample_rows(all, limit, seed), golds))
+    let (rows, items) = sample_rows(all.into_iter().enumerate().collect(), limit, seed)
+        .into_iter()
+        .unzip();
+    Ok((items, rows, golds))
 }
 
-/// A task sample and the gold answers of the whole set.
-type TaskItems = (Vec<(String, String)>, Vec<String>);
+/// A task sample, the row index of each sampled item, and the gold answers of the whole set.
+type TaskItems = (Vec<(String, String)>, Vec<usize>, Vec<String>);
+
+/// The sampled prompts of one set, for [`context_fit`].
+struct PromptSet<'a> {
+    /// `harmful`, `task` or `benign`.
+    set: &'a str,
+    /// Its data source.
+    spec: &'a str,
+    /// Whether `--where` filters chose its rows (the row indices count the rows that passed).
+    filtered: bool,
+    /// The prompts, as given to the chat template.
+    prompts: &'a [String],
+    /// The index of each prompt among the rows read (from 0).
+    rows: &'a [usize],
+}
+
+/// Checks that each prompt of `set`, rendered and encoded as [`chat_replies`] does, leaves
+/// room for a reply in the model's positions ([`max_positions`]), and returns how many leave
+/// less than `max_new_tokens` (their replies stop at the model's limit, not at
+/// `max_new_tokens`).
+///
+/// Errors: [`EvalError::PromptTooLong`] for the first prompt of as many tokens as the model's
+/// positions or more, naming the set, its source and the row.
+fn context_fit(
+    model: &LoadedModel,
+    set: &PromptSet,
+    max_new_tokens: usize,
+    system: Option<&str>,
+) -> crate::Result<usize> {
+    let limit = max_positions(&model.model);
+    let mut limited = 0;
+    for (prompt, &row) in set.prompts.iter().zip(set.rows) {
+        let text = render_prompt(&model.tokenizer, prompt, system)?;
+        let tokens = model.tokenizer.encode(&text, false)?.len();
+        if tokens >= limit {
+            return Err(EvalError::PromptTooLong {
+                set: set.set.to_string(),
+                data: set.spec.to_string(),
+                row,
+                filtered: set.filtered,
+                tokens,
+                positions: limit,
+                max_new_tokens,
+            }
+            .into());
+        }
+        if tokens + max_new_tokens > limit {
+            limited += 1;
+        }
+    }
+    Ok(limited)
+}
 
 /// The rows an evaluation uses: with `0 < limit < rows.len()`, the first `limit` rows of a
 /// seeded random permutation of the whole set (SplitMix64 seeded with `seed`, Fisher-Yates), in
@@ -1021,6 +1167,27 @@ impl EvalOutcome {
                 o.refused,
                 o.n,
                 o.data
+            ));
+        }
+        let limited: Vec<String> = [
+            (
+                "harmful",
+                s.harmful.as_ref().map(|h| (h.context_limited, h.n)),
+            ),
+            ("task", s.task.as_ref().map(|t| (t.context_limited, t.n))),
+            (
+                "benign",
+                s.overrefusal.as_ref().map(|o| (o.context_limited, o.n)),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(set, c)| c.filter(|c| c.0 > 0).map(|(k, n)| format!("{k}/{n} {set}")))
+        .collect();
+        if !limited.is_empty() {
+            out.push(format!(
+                "note: replies limited by the model's positions (prompt + max new tokens > \
+                 max_position_embeddings): {}",
+                limited.join(", ")
             ));
         }
         out

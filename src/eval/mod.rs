@@ -92,6 +92,30 @@ pub enum EvalError {
     /// An unusable setting (a batch size of 0, a classification task without labels).
     #[error("invalid evaluation setting: {0}")]
     Config(String),
+    /// A prompt that fills the model's positions on its own (chat template included): no room
+    /// for a reply. Raised before anything is generated.
+    #[error(
+        "{data}: row {row} (from 0{}) of the {set} set is {tokens} tokens with the chat \
+         template, but the model's max_position_embeddings is {positions}: no room for a reply \
+         (max new tokens {max_new_tokens}); shorten or drop the row",
+        if *filtered { ", counting the rows that pass --where" } else { "" }
+    )]
+    PromptTooLong {
+        /// `harmful`, `task` or `benign`.
+        set: String,
+        /// The set's data source (a file or `embedded:NAME`).
+        data: String,
+        /// The row's index among the rows read (from 0; after any `--where` filters).
+        row: usize,
+        /// Whether `--where` filters chose the rows.
+        filtered: bool,
+        /// The prompt's length in tokens, chat template included.
+        tokens: usize,
+        /// The model's `max_position_embeddings`.
+        positions: usize,
+        /// The new tokens asked for each reply.
+        max_new_tokens: usize,
+    },
     /// A GSM8K gold answer that holds no number.
     #[error("item {index}: gold answer {gold:?} holds no number")]
     BadGold {

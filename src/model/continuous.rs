@@ -23,7 +23,7 @@
 //! (as between two batch sizes of plain batching).
 
 use super::cache::KvCache;
-use super::generate::{choose, decode_step, prefill, rng_of, GenerationConfig};
+use super::generate::{choose, decode_step, max_positions, prefill, rng_of, GenerationConfig};
 use super::llama::Model;
 
 /// Prompts join when at least this many slots are free (out of `slots`): `slots / 4`, at
@@ -48,6 +48,14 @@ struct Row {
 /// Generates continuations of every prompt (token ids), at most `slots` at a time, prompts
 /// joining in queue order as others stop. Returns the new tokens of each prompt, in prompt order.
 /// `done(i)` is called when prompt `i` has finished (for progress reports).
+///
+/// A reply also stops when its prompt and it fill the model's positions
+/// ([`max_positions`]): it then has fewer than `cfg.max_new_tokens` tokens and no stop id,
+/// as transformers stops at `max_length`.
+///
+/// Errors, before anything is generated: a prompt without room for a reply (as many tokens
+/// as the model's positions, or more). While generating: logits that are NaN or infinite
+/// (a broken model or adapter), naming the generated token.
 pub fn generate_continuous(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -66,6 +74,21 @@ pub fn generate_continuous(
             super::ModelError::Input("continuous batching needs at least 1 slot".into()).into(),
         );
     }
+    let limit = max_positions(model);
+    if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() >= limit) {
+        return Err(super::ModelError::Input(format!(
+            "prompt {i} has {} tokens, but the model's max_position_embeddings is {limit}: no \
+             room for a reply",
+            p.len()
+        ))
+        .into());
+    }
+    // Whether a prompt's reply is done: a stop id, `max_new_tokens`, or the model's positions.
+    let finished = |prompt: usize, tokens: &[u32]| {
+        tokens.len() >= cfg.max_new_tokens
+            || prompts[prompt].len() + tokens.len() >= limit
+            || tokens.last().is_some_and(|t| cfg.stop_ids.contains(t))
+    };
     let mut rng = rng_of(cfg.sampling);
     let mut cache = KvCache::new(model.config().num_hidden_layers);
     let mut mask: Vec<u8> = Vec::new();
@@ -87,12 +110,12 @@ pub fn generate_continuous(
                 let part_prompts: Vec<Vec<u32>> =
                     part.iter().map(|&i| prompts[i].clone()).collect();
                 let pre = prefill(model, &part_prompts, cfg.pad_id)?;
-                let first = choose(&pre.logits, cfg.sampling, rng.as_mut())?;
+                let first = choose(&pre.logits, cfg.sampling, rng.as_mut(), &|_| 1)?;
                 let width = pre.mask.len() / first.len();
                 let mut keep = Vec::with_capacity(first.len());
                 for (r, (&prompt, &t)) in part.iter().zip(&first).enumerate() {
                     out[prompt].push(t);
-                    if finished(&out[prompt], cfg) {
+                    if finished(prompt, &out[prompt]) {
                         done(prompt);
                     } else {
                         keep.push(r);
@@ -127,13 +150,15 @@ pub fn generate_continuous(
         mask = grown;
         let next: Vec<u32> = rows.iter().map(|r| r.next).collect();
         let logits = decode_step(model, &next, &mask, &mut cache)?;
-        let chosen = choose(&logits, cfg.sampling, rng.as_mut())?;
+        let chosen = choose(&logits, cfg.sampling, rng.as_mut(), &|r| {
+            out[rows[r].prompt].len() + 1
+        })?;
         let mut keep = Vec::with_capacity(rows.len());
         for (r, &t) in chosen.iter().enumerate() {
             let prompt = rows[r].prompt;
             out[prompt].push(t);
             rows[r].next = t;
-            if finished(&out[prompt], cfg) {
+            if finished(prompt, &out[prompt]) {
                 done(prompt);
             } else {
                 keep.push(r);
@@ -194,12 +219,6 @@ fn prefill_parts(lens: &[usize]) -> Vec<std::ops::Range<usize>> {
     }
     parts.reverse();
     parts
-}
-
-/// Whether a sequence with these new tokens is done: its last token is a stop id, or it has
-/// `max_new_tokens` of them.
-fn finished(tokens: &[u32], cfg: &GenerationConfig) -> bool {
-    tokens.len() >= cfg.max_new_tokens || tokens.last().is_some_and(|t| cfg.stop_ids.contains(t))
 }
 
 /// The masks of `a_rows` rows (`a`) and then `b_rows` rows (`b`), each row-major, aligned on

@@ -1,5 +1,6 @@
 //! Generation: batched, left-padded prompts with a KV cache; greedy or sampled (temperature,
-//! top-p, seed); stops on any stop id.
+//! top-p, seed); stops on any stop id, or where the prompt and reply fill the model's positions
+//! ([`max_positions`]). Logits that are NaN or infinite are an error, never a token.
 
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -41,6 +42,10 @@ pub struct GenerationConfig {
 /// tokens of each prompt. A sequence that stops leaves the batch (its cache rows are dropped),
 /// so later steps compute only the rows still running: continuous batching
 /// ([`generate_continuous`]) with a slot for every prompt, so none waits.
+///
+/// A reply also stops where its prompt and it fill [`max_positions`] (it then has fewer than
+/// `cfg.max_new_tokens` tokens and no stop id). Errors: a prompt of [`max_positions`] tokens or
+/// more (no room for a reply); NaN or infinite logits at any step.
 pub fn generate(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -161,36 +166,80 @@ pub(crate) fn rng_of(sampling: Sampling) -> Option<StdRng> {
     }
 }
 
+/// The number of positions `model` reads: its `max_position_embeddings` (at least 1, at most
+/// 65 536, the size of its rotary tables). A prompt and its reply together fit in this many
+/// tokens: [`generate`] stops a reply there.
+pub fn max_positions(model: &Model) -> usize {
+    model.config().max_position_embeddings.clamp(1, 1 << 16)
+}
+
 /// The next token of every row of `logits`: the argmax when greedy (or at temperature 0), else
-/// a draw from the nucleus, rows in order.
+/// a draw from the nucleus, rows in order. `token_of(r)` is the number (from 1) of the token
+/// row `r` is choosing, for the error message.
+///
+/// Errors: a row with a NaN or infinite logit (a broken model or adapter: its argmax or draw
+/// would be meaningless, token 0 for an all-NaN row).
 pub(crate) fn choose(
     logits: &LastLogits,
     sampling: Sampling,
     mut rng: Option<&mut StdRng>,
+    token_of: &dyn Fn(usize) -> usize,
 ) -> crate::Result<Vec<u32>> {
     let vocab = logits.vocab;
     if vocab == 0 {
         return Err(super::ModelError::Input("the model has an empty vocabulary".into()).into());
     }
+    let non_finite_error = |r: usize, v: f32| -> crate::Error {
+        super::ModelError::Input(format!(
+            "non-finite logits ({v}) at generated token {}: the model or its adapters produce \
+             NaN/inf",
+            token_of(r)
+        ))
+        .into()
+    };
     let greedy = greedy_rows(&logits.values, vocab, sampling);
-    Ok(logits
+    if let Some((r, v)) = greedy.non_finite {
+        return Err(non_finite_error(r, v));
+    }
+    logits
         .values
         .chunks_exact(vocab)
         .enumerate()
-        .map(
-            |(r, row)| match (sampling, rng.as_deref_mut(), greedy.get(r)) {
-                (_, _, Some(&t)) => t,
+        .map(|(r, row)| {
+            if let Some(&t) = greedy.tokens.get(r) {
+                return Ok(t);
+            }
+            if let Some(v) = non_finite(row) {
+                return Err(non_finite_error(r, v));
+            }
+            Ok(match (sampling, rng.as_deref_mut()) {
                 (
                     Sampling::Sample {
                         temperature, top_p, ..
                     },
                     Some(rng),
-                    _,
                 ) if temperature > 0.0 => sample(row, temperature, top_p, rng),
                 _ => argmax(row),
-            },
-        )
-        .collect())
+            })
+        })
+        .collect()
+}
+
+/// A NaN or infinite value of `row`, if there is one (the first). One pass that ORs the
+/// exponent bits plus one unit (the sign bit is set only for an all-ones exponent: NaN and
+/// ±inf), integer operations that vectorise: ~4 µs for a 49 k vocabulary, against ~34 µs for
+/// its argmax and milliseconds for the step that made the logits.
+pub fn non_finite(row: &[f32]) -> Option<f32> {
+    const EXPONENT: u32 = 0x7f80_0000;
+    const ONE: u32 = 0x0080_0000;
+    let any = row
+        .iter()
+        .fold(0u32, |m, v| m | ((v.to_bits() & EXPONENT) + ONE));
+    if any & 0x8000_0000 != 0 {
+        row.iter().copied().find(|v| !v.is_finite())
+    } else {
+        None
+    }
 }
 
 /// The shortest shared prefix worth computing once, in tokens.
@@ -217,26 +266,48 @@ pub fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
     }
 }
 
-/// The argmax of every `vocab`-long row when decoding is greedy (rows spread over the worker
-/// pool: at batch 16-32 the serial scan of 0.8-1.6 M logits shows in a step's time); empty
-/// when sampling.
-fn greedy_rows(logits: &[f32], vocab: usize, sampling: Sampling) -> Vec<u32> {
+/// The greedy tokens of a step ([`greedy_rows`]).
+struct GreedyRows {
+    /// The argmax of every row; empty when sampling.
+    tokens: Vec<u32>,
+    /// The first row (in order) holding a NaN or infinite logit, and that value.
+    non_finite: Option<(usize, f32)>,
+}
+
+/// The argmax of every `vocab`-long row when decoding is greedy, and whether a row holds a
+/// non-finite logit ([`non_finite`]), rows spread over the worker pool (at batch 16-32 the
+/// serial scan of 0.8-1.6 M logits shows in a step's time); no tokens when sampling.
+fn greedy_rows(logits: &[f32], vocab: usize, sampling: Sampling) -> GreedyRows {
+    use std::sync::atomic::{AtomicU32, Ordering};
     let greedy = match sampling {
         Sampling::Greedy => true,
         Sampling::Sample { temperature, .. } => temperature <= 0.0,
     };
     if !greedy || vocab == 0 {
-        return Vec::new();
+        return GreedyRows {
+            tokens: Vec::new(),
+            non_finite: None,
+        };
     }
     let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
-    let found: Vec<std::sync::atomic::AtomicU32> = rows
-        .iter()
-        .map(|_| std::sync::atomic::AtomicU32::new(0))
-        .collect();
+    let found: Vec<AtomicU32> = rows.iter().map(|_| AtomicU32::new(0)).collect();
+    // The bits of a row's non-finite value; 0 (the bits of 0.0, a finite value) when none.
+    let bad: Vec<AtomicU32> = rows.iter().map(|_| AtomicU32::new(0)).collect();
     super::parallel::Pool::global().run(rows.len(), &|r| {
-        found[r].store(argmax(rows[r]), std::sync::atomic::Ordering::Relaxed);
+        if let Some(v) = non_finite(rows[r]) {
+            bad[r].store(v.to_bits(), Ordering::Relaxed);
+        }
+        found[r].store(argmax(rows[r]), Ordering::Relaxed);
     });
-    found.into_iter().map(|a| a.into_inner()).collect()
+    let non_finite = bad
+        .iter()
+        .map(|b| f32::from_bits(b.load(Ordering::Relaxed)))
+        .enumerate()
+        .find(|(_, v)| !v.is_finite());
+    GreedyRows {
+        tokens: found.into_iter().map(AtomicU32::into_inner).collect(),
+        non_finite,
+    }
 }
 
 /// Index of the largest value; the first one on ties.
@@ -304,6 +375,63 @@ mod tests {
         late[17] = 99;
         assert_eq!(shared_prefix(&[with(&[1]), late, with(&[4])]), 17);
         assert_eq!(shared_prefix(&[]), 0);
+    }
+
+    #[test]
+    fn non_finite_finds_nan_and_inf_only() {
+        assert_eq!(
+            non_finite(&[0.0, -1.0, f32::MAX, f32::MIN, 1e-45, -0.0]),
+            None
+        );
+        assert!(non_finite(&[0.0, f32::NAN]).is_some_and(f32::is_nan));
+        assert_eq!(
+            non_finite(&[1.0, f32::INFINITY, f32::NAN]),
+            Some(f32::INFINITY)
+        );
+        assert_eq!(non_finite(&[f32::NEG_INFINITY]), Some(f32::NEG_INFINITY));
+        assert_eq!(non_finite(&[]), None);
+        // Past the first vectorised block too.
+        let mut long = vec![0.5f32; 1000];
+        long[997] = f32::NAN;
+        assert!(non_finite(&long).is_some_and(f32::is_nan));
+    }
+
+    #[test]
+    fn choose_refuses_a_non_finite_row_greedy_or_sampled() {
+        let bad = LastLogits {
+            values: vec![0.0, 1.0, 0.5, f32::NAN, f32::NAN, f32::NAN],
+            vocab: 3,
+        };
+        let e = choose(&bad, Sampling::Greedy, None, &|r| r + 5)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "non-finite logits (NaN) at generated token 6: the model or its adapters produce \
+             NaN/inf"
+        );
+        let s = Sampling::Sample {
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: 1,
+        };
+        let mut rng = rng_of(s);
+        let inf = LastLogits {
+            values: vec![0.0, f32::INFINITY, 0.5],
+            vocab: 3,
+        };
+        let e = choose(&inf, s, rng.as_mut(), &|_| 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("non-finite logits (inf) at generated token 3"),
+            "{e}"
+        );
+        let ok = LastLogits {
+            values: vec![0.0, 1.0, 0.5, 2.0, -1.0, f32::MAX],
+            vocab: 3,
+        };
+        assert_eq!(choose(&ok, Sampling::Greedy, None, &|_| 1).unwrap(), [1, 2]);
     }
 
     #[test]
