@@ -76,6 +76,16 @@ pub enum Error {
         /// How many of its values are not finite.
         count: usize,
     },
+    /// A JSON file whose value at a key is missing or of the wrong type.
+    #[error("{path}: key `{key}`: {message}")]
+    JsonValue {
+        /// The file.
+        path: PathBuf,
+        /// The key, as a path from the top (`rope_scaling.factor`, `target_modules[2]`).
+        key: String,
+        /// What serde said.
+        message: String,
+    },
     /// A JSON file that does not parse.
     #[error("{path}: invalid JSON: {source}")]
     Json {

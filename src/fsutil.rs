@@ -1,8 +1,14 @@
 //! Small file helpers shared by every writer: reading JSON with the file named in errors, and
 //! atomic writes (temporary file + rename) so that no command ever leaves a partial output.
+//!
+//! A temporary file or folder is registered while it is being written; Ctrl-C or `kill`
+//! (after [`remove_partial_outputs_on_interrupt`]) removes what is registered before the
+//! process exits, and a partial folder left by a process that was killed outright (`kill -9`)
+//! is removed by the next writer of the same output.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::{Error, Result};
 
@@ -19,10 +25,26 @@ pub fn read_to_string(path: &Path) -> Result<String> {
 /// Parses a JSON file into `T`, naming the file in the error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = read_to_string(path)?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let json_error = |source| Error::Json {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let key = e.path().to_string();
+        let source = e.into_inner();
+        if source.is_data() && key != "." {
+            Error::JsonValue {
+                path: path.to_path_buf(),
+                key,
+                message: source.to_string(),
+            }
+        } else {
+            json_error(source)
+        }
+    })?;
+    de.end().map_err(json_error)?;
+    Ok(value)
 }
 
 /// The temporary path used while `path` is being written: same folder (so that the rename is
@@ -35,8 +57,95 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename.
-/// On error the temporary file is removed and `path` is untouched.
+/// The temporary files and folders being written now (removed on an interrupt).
+static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Registers a temporary output, to be removed if the process is interrupted before it is
+/// renamed into place.
+fn register(path: &Path) {
+    if let Ok(mut list) = IN_PROGRESS.lock() {
+        list.push(path.to_path_buf());
+    }
+}
+
+/// Forgets a temporary output (renamed into place, or removed).
+fn unregister(path: &Path) {
+    if let Ok(mut list) = IN_PROGRESS.lock() {
+        list.retain(|p| p != path);
+    }
+}
+
+/// Installs a handler for Ctrl-C, `SIGTERM` and `SIGHUP` that removes every temporary output
+/// still being written (a `.NAME.partial-PID` folder, a `.NAME.PID.tmp` file), says so on
+/// standard error, and exits with status 130, as a shell reports an interrupted command. The
+/// outputs already in place are untouched. Call it once, at the start of a command-line
+/// program; a second call (or another handler installed first) is an error.
+pub fn remove_partial_outputs_on_interrupt() -> std::result::Result<(), String> {
+    ctrlc::set_handler(|| {
+        // Take the list and keep the lock: no new registration can start after this point.
+        let mut guard = match IN_PROGRESS.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for path in guard.drain(..) {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if removed.is_ok() {
+                eprintln!("interrupted: removed the partial output {}", path.display());
+            }
+        }
+        eprintln!("interrupted");
+        std::process::exit(130);
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Whether the process `pid` is running (on systems without `kill(2)`, always `true`).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes the `.NAME.partial-PID` folders beside the output `NAME` whose process is gone
+/// (killed before it could clean up): the only trace an output of this module can leave.
+fn remove_stale_partials(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename; the
+/// parent folders are created when missing. On error the temporary file is removed and `path`
+/// is untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }
@@ -47,7 +156,11 @@ pub fn write_atomic_with(
     fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temp_path(path);
+    register(&tmp);
     let result = (|| {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
         let file = std::fs::File::create(&tmp)?;
         let mut w = std::io::BufWriter::new(file);
         fill(&mut w)?;
@@ -55,6 +168,7 @@ pub fn write_atomic_with(
         file.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
+    unregister(&tmp);
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
@@ -165,7 +279,9 @@ impl DirLock {
 /// An output folder written as a whole: every file goes into a hidden `.NAME.partial-PID`
 /// folder beside the target, and [`commit`](Self::commit) renames it into place (replacing an
 /// existing target only after the new folder is complete). Dropped without `commit` (an error,
-/// a panic), the partial folder is removed, so the target is never left half written.
+/// a panic), the partial folder is removed, so the target is never left half written; so is it
+/// on Ctrl-C (see [`remove_partial_outputs_on_interrupt`]), and a partial folder of a process
+/// killed outright is removed when the next `StagedDir` for the same target starts.
 #[derive(Debug)]
 pub struct StagedDir {
     target: PathBuf,
@@ -195,9 +311,11 @@ impl StagedDir {
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        remove_stale_partials(&parent, &name);
         let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir(&partial).map_err(|e| Error::io(&partial, e))?;
+        register(&partial);
         Ok(StagedDir {
             target: target.to_path_buf(),
             partial,
@@ -229,6 +347,7 @@ impl Drop for StagedDir {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.partial);
         }
+        unregister(&self.partial);
     }
 }
 

@@ -6,6 +6,10 @@ use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
+    // Ctrl-C or `kill` leaves no half-written output folder or file behind.
+    if let Err(e) = realign::fsutil::remove_partial_outputs_on_interrupt() {
+        eprintln!("warning: no interrupt handler ({e}): an interrupted run may leave a hidden partial output");
+    }
     if let Err(err) = cli::run(args) {
         eprintln!("error: {err}");
         for cause in err.chain().skip(1) {

@@ -294,6 +294,13 @@ pub fn safe_lora(
         }
         _ => {}
     }
+    let mut zero = true;
+    for path in finetuned.modules.keys() {
+        zero &= alignment[path].norm()? == 0.0;
+    }
+    if zero && n > 0 {
+        return Err(NlsrError::ZeroAlignment { modules: n }.into());
+    }
     let mut rows = Vec::with_capacity(n);
     let mut projections = Vec::with_capacity(n);
     for (path, m) in &finetuned.modules {
@@ -438,6 +445,49 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    #[test]
+    fn a_zero_alignment_update_is_an_error_not_an_erased_fine_tune() {
+        let path = "model.layers.0.self_attn.q_proj";
+        let zero_b = LoraModule {
+            a: t(2, 5, 0.3),
+            b: Tensor::zeros((6, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+            scale: 1.5,
+        };
+        let tuned = LoraModule {
+            a: t(3, 5, 0.5),
+            b: t(6, 3, 1.7),
+            scale: 0.75,
+        };
+        let aligned = adapter(&[(path, zero_b)], 2, 3.0);
+        let finetuned = adapter(&[(path, tuned)], 3, 2.25);
+        let err = safe_lora(
+            &alignment_from_adapter(&aligned),
+            &finetuned,
+            SafeLoraSelection::Threshold(0.5),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("the alignment update V is zero in all 1 modules"),
+            "{err}"
+        );
+        // A non-zero alignment update projects.
+        let v = LoraModule {
+            a: t(2, 5, 0.3),
+            b: t(6, 2, 0.9),
+            scale: 1.5,
+        };
+        let aligned = adapter(&[(path, v)], 2, 3.0);
+        let (_, report) = safe_lora(
+            &alignment_from_adapter(&aligned),
+            &finetuned,
+            SafeLoraSelection::Threshold(0.5),
+        )
+        .unwrap();
+        assert_eq!(report.modules.len(), 1);
+        assert!(report.modules[0].norm_v > 0.0);
     }
 
     #[test]

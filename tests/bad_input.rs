@@ -552,6 +552,32 @@ fn model_cases() -> Vec<(&'static str, Make)> {
             }),
         ),
         (
+            "config.json value of the wrong type",
+            m(|e, d| {
+                let p = copy(e, d);
+                let mut v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap())
+                        .unwrap();
+                v["hidden_size"] = serde_json::json!("64");
+                std::fs::write(p.join("config.json"), v.to_string()).unwrap();
+                (
+                    s(&p),
+                    vec!["config.json".into(), "key `hidden_size`".into()],
+                )
+            }),
+        ),
+        (
+            "config.json that is not an object",
+            m(|e, d| {
+                let p = copy(e, d);
+                std::fs::write(p.join("config.json"), "[1, 2]").unwrap();
+                (
+                    s(&p),
+                    vec!["config.json".into(), "expected a JSON object".into()],
+                )
+            }),
+        ),
+        (
             "wrong model_type",
             m(|e, d| {
                 let p = copy(e, d);
@@ -562,6 +588,26 @@ fn model_cases() -> Vec<(&'static str, Make)> {
                 )
                 .unwrap();
                 (s(&p), vec!["config.json".into(), "gpt2".into()])
+            }),
+        ),
+        (
+            "shard index naming a file outside the folder",
+            m(|e, d| {
+                let p = copy(e, d);
+                std::fs::remove_file(p.join("model.safetensors")).unwrap();
+                std::fs::write(
+                    p.join("model.safetensors.index.json"),
+                    r#"{"weight_map": {"model.embed_tokens.weight": "../../etc/passwd"}}"#,
+                )
+                .unwrap();
+                (
+                    s(&p),
+                    vec![
+                        "model.safetensors.index.json".into(),
+                        "../../etc/passwd".into(),
+                        "expected the file name of a shard".into(),
+                    ],
+                )
             }),
         ),
         (
@@ -621,6 +667,31 @@ fn adapter_cases() -> Vec<(&'static str, Make)> {
                 let p = copy(e, d);
                 std::fs::write(p.join("adapter_config.json"), "{\"r\": 8,").unwrap();
                 (s(&p), vec!["adapter_config.json".into()])
+            }),
+        ),
+        (
+            "adapter_config.json value of the wrong type",
+            a(|e, d| {
+                let p = copy(e, d);
+                let text = std::fs::read_to_string(p.join("adapter_config.json")).unwrap();
+                let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v["r"] = serde_json::json!("8");
+                std::fs::write(p.join("adapter_config.json"), v.to_string()).unwrap();
+                (s(&p), vec!["adapter_config.json".into(), "key `r`".into()])
+            }),
+        ),
+        (
+            "adapter with lora_alpha 0",
+            a(|e, d| {
+                let p = copy(e, d);
+                let text = std::fs::read_to_string(p.join("adapter_config.json")).unwrap();
+                let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v["lora_alpha"] = serde_json::json!(0);
+                std::fs::write(p.join("adapter_config.json"), v.to_string()).unwrap();
+                (
+                    s(&p),
+                    vec!["adapter_config.json".into(), "lora_alpha is 0".into()],
+                )
             }),
         ),
         (

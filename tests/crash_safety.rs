@@ -257,3 +257,92 @@ fn a_second_run_on_the_same_folder_stops_at_once() {
     // The hold ended with its holder: the folder can be held again.
     DirLock::acquire(&out).unwrap();
 }
+
+/// The hidden partial folders beside `out`.
+fn partials(out: &Path) -> Vec<String> {
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".{name}.partial-")))
+        .collect()
+}
+
+/// A long `realign eval` into `out`, started, and waited for until its partial folder exists.
+fn eval_until_partial(out: &Path) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_realign"))
+        .args([
+            "eval",
+            "--model",
+            fixtures().join("tiny-llama").to_str().unwrap(),
+            "--limit",
+            "200",
+            "--max-new-tokens",
+            "400",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while partials(out).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no partial folder"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Ctrl-C (SIGINT) in the middle of an output removes its partial folder and exits with 130;
+/// a run killed outright (SIGKILL) leaves its partial folder, which the next writer of the same
+/// output removes.
+#[test]
+fn an_interrupted_command_leaves_no_partial_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ev");
+    let child = eval_until_partial(&out);
+    // SAFETY: sends a signal to the child this test spawned.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted: removed the partial output"),
+        "{err}"
+    );
+    assert!(partials(&out).is_empty(), "{:?}", partials(&out));
+    assert!(!out.exists());
+
+    let mut child = eval_until_partial(&out);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stale = partials(&out);
+    assert_eq!(stale.len(), 1, "{stale:?}");
+    // The next writer of `ev` removes the dead process's folder (and finishes its own).
+    let o = Command::new(env!("CARGO_BIN_EXE_realign"))
+        .args([
+            "eval",
+            "--model",
+            fixtures().join("tiny-llama").to_str().unwrap(),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(partials(&out).is_empty(), "{:?}", partials(&out));
+    assert!(out.join("summary.json").exists());
+}

@@ -197,6 +197,20 @@ fn written_rows_read_back_the_same() {
     let p = dir.path().join("out.jsonl");
     data::write_jsonl(&p, &rows).unwrap();
     assert_eq!(load_rows(&p).unwrap(), rows);
+    // A name of another format, or of a compressed file, is refused and nothing is written;
+    // missing folders are created.
+    for name in ["out.csv", "out.json", "out.jsonl.gz", "out.txt"] {
+        let p = dir.path().join(name);
+        let err = data::write_jsonl(&p, &rows).unwrap_err().to_string();
+        assert!(
+            err.contains(name) && err.contains("name the output .jsonl"),
+            "{err}"
+        );
+        assert!(!p.exists());
+    }
+    let nested = dir.path().join("a").join("b").join("rows.jsonl");
+    data::write_jsonl(&nested, &rows).unwrap();
+    assert_eq!(load_rows(&nested).unwrap(), rows);
 }
 
 /// The error's text, checking that it is a [`DataError`] and names the file.

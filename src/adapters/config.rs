@@ -410,6 +410,19 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(invalid("r must be positive".into()));
         }
+        let scales = std::iter::once(("lora_alpha".to_string(), self.lora_alpha)).chain(
+            self.alpha_pattern
+                .iter()
+                .map(|(k, v)| (format!("alpha_pattern[{k:?}]"), *v)),
+        );
+        for (key, alpha) in scales {
+            if !(alpha.is_finite() && alpha > 0.0) {
+                return Err(invalid(format!(
+                    "{key} is {alpha}; expected a positive number (the update is scaled by \
+                     lora_alpha / r: 0 switches the adapter off, a negative value reverses it)"
+                )));
+            }
+        }
         if let Some((key, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
             return Err(invalid(format!("rank_pattern[{key:?}] must be positive")));
         }
@@ -625,6 +638,18 @@ mod tests {
             (r#""modules_to_save": ["lm_head"]"#, "modules_to_save"),
             (r#""init_lora_weights": "pissa_niter_4""#, "pissa"),
             (r#""r": 0"#, "r must be positive"),
+            (
+                r#""lora_alpha": 0"#,
+                "lora_alpha is 0; expected a positive number",
+            ),
+            (
+                r#""lora_alpha": -16"#,
+                "lora_alpha is -16; expected a positive number",
+            ),
+            (
+                r#""alpha_pattern": {"q_proj": -1}"#,
+                "alpha_pattern[\"q_proj\"] is -1",
+            ),
             (r#""rank_pattern": {"(": 2}"#, "rank_pattern"),
             (
                 r#""target_modules": "q_proj", "layers_to_transform": 1"#,

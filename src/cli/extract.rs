@@ -32,9 +32,10 @@ pub struct Args {
     /// Extra sketch columns of the randomized SVD
     #[arg(long, default_value_t = 16)]
     oversample: usize,
-    /// Power iterations of the randomized SVD (more: more accurate on slowly decaying spectra)
-    #[arg(long, default_value_t = 2)]
-    power_iterations: usize,
+    /// Power iterations of the randomized SVD (more: more accurate on slowly decaying spectra;
+    /// 0 to 100)
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=100))]
+    power_iterations: u16,
     /// Seed of the randomized sketches (mixed with each module's name)
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -60,7 +61,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         targets: a.targets,
         method: a.svd,
         oversample: a.oversample,
-        power_iterations: a.power_iterations,
+        power_iterations: a.power_iterations.into(),
         seed: a.seed,
     };
     let (adapter, report) = extract(&a.base, &a.finetuned, &cfg)?;

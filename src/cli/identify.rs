@@ -137,10 +137,15 @@ fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("realign identify needs --adapter W_e and -o MASKS");
     };
     let report_path = identify::report_path(&output);
-    if report_path == output {
+    if output
+        .extension()
+        .is_some_and(|e| e.to_str() != Some("safetensors"))
+    {
         anyhow::bail!(
-            "the masks file {} would be overwritten by its JSON report: use a .safetensors name",
-            output.display()
+            "the masks file {} must be named .safetensors (or have no extension): its report is \
+             written beside it as {}, which another extension could collide with",
+            output.display(),
+            report_path.display()
         );
     }
     let method = match a.method {

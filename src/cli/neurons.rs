@@ -290,6 +290,15 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         detect::detect(&loaded.model, &loaded.tokenizer, &rows, &cfg, &mut progress)
             .with_context(|| format!("detecting neurons on {}", a.corpus))?;
     bar.finish_and_clear();
+    if report.counts.neurons == 0 {
+        anyhow::bail!(
+            "no neuron passes {} on {} prompts of {}: the set would be empty, so nothing was \
+             written; lower --epsilon, or rank with --top-k-attn / --top-k-ffn",
+            report.rule,
+            report.prompts,
+            a.corpus
+        );
+    }
     // the four files are one output: on an error, those already written are removed again
     let outputs = detect::save(&set, &report, &a.output).inspect_err(|_| {
         for p in &outputs {

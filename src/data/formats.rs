@@ -768,8 +768,18 @@ impl Row {
 }
 
 /// Writes rows as JSON Lines (one [`Row::to_json`] object per line, keys in that order),
-/// atomically.
+/// atomically. A path named as another format (`.csv`, `.json`, `.parquet`, `.txt`, `.tsv`)
+/// or compressed (`.gz`, `.xz`, `.zst`) is an error, not a JSONL file under a misleading name.
 pub fn write_jsonl(path: &Path, rows: &[Row]) -> crate::Result<()> {
+    let (compression, ext) = layers(path);
+    if compression != Compression::None
+        || matches!(ext.as_str(), "csv" | "tsv" | "json" | "parquet" | "txt")
+    {
+        return Err(format_error(
+            path,
+            "rows are written as uncompressed JSON Lines: name the output .jsonl (or .ndjson)",
+        ));
+    }
     fsutil::write_atomic_with(path, |w| {
         for row in rows {
             serde_json::to_writer(&mut *w, &RowOut::from(row))?;

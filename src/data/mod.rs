@@ -68,6 +68,7 @@ pub use encode::{
     encode_pair, encode_row, end_token_id, render_prompt, Encoded, EncodedRow, PromptTemplate,
     ALPACA_PREAMBLE,
 };
+pub(crate) use formats::json_type;
 pub use formats::{detect_format, load_rows, read_text, write_jsonl, Compression, FileFormat};
 pub use mix::{
     meta_path, mix, mix_sources, write_mix, MixConfig, MixMeta, MixPick, MixSourceMeta, Mixed,

@@ -132,7 +132,16 @@ impl Config {
 
     /// Settles a parsed `config.json`. The error is a human sentence naming the key.
     pub fn from_hf_json(raw: &Value) -> Result<Self, String> {
-        let hf: HfConfig = serde_json::from_value(raw.clone()).map_err(|e| e.to_string())?;
+        if !raw.is_object() {
+            return Err(format!(
+                "expected a JSON object of settings, got {}",
+                crate::data::json_type(raw)
+            ));
+        }
+        let hf: HfConfig = serde_path_to_error::deserialize(raw.clone()).map_err(|e| {
+            let key = e.path().to_string();
+            format!("key `{key}`: {}", e.into_inner())
+        })?;
         let model_type = hf.model_type.clone().unwrap_or_default();
         let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
             format!("unsupported model_type {model_type:?} (supported: llama, mistral, qwen2)")
@@ -214,6 +223,13 @@ impl Config {
             if v == 0 || v > max {
                 return Err(format!("{key} is {v}; expected 1 to {max}"));
             }
+        }
+        if self.max_position_embeddings == 0 {
+            return Err(
+                "max_position_embeddings is 0; expected the number of positions the model reads \
+                 (at least 1)"
+                    .into(),
+            );
         }
         if self.head_dim % 2 != 0 {
             return Err(format!(

@@ -167,14 +167,9 @@ pub fn export_hf_with(
     dir: &Path,
     extra: &[(&str, Vec<u8>)],
 ) -> crate::Result<()> {
-    let tmp = crate::fsutil::temp_path(dir);
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result =
-        write_folder(model, tok, &tmp, extra).and_then(|()| crate::fsutil::replace_dir(&tmp, dir));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    let staged = crate::fsutil::StagedDir::new(dir, true)?;
+    write_folder(model, tok, staged.path(), extra)?;
+    staged.commit()
 }
 
 fn write_folder(

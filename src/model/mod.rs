@@ -226,12 +226,12 @@ impl LoadedModel {
             }
             let cfg = Config::from_hf_file(&cfg_path)?;
             let weights = weights::Weights::from_hf_dir_as(path, dev, opts.dtype)?;
-            let first = if path.join("model.safetensors").is_file() {
-                path.join("model.safetensors")
-            } else {
-                first_shard(path)?
-            };
-            let dtype = weights::safetensors_dtype(&first)?;
+            let shards = weights::shard_files(path)?;
+            let first = shards.first().ok_or_else(|| ModelError::MissingFile {
+                path: path.join("model.safetensors"),
+                what: "model weights".into(),
+            })?;
+            let dtype = weights::safetensors_dtype(first)?;
             let model = Model::new(cfg, weights, dev)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
             Ok(Self {
@@ -266,29 +266,16 @@ impl LoadedModel {
         } else if !path.exists() {
             Err(crate::Error::io(
                 path,
-                std::io::Error::from(std::io::ErrorKind::NotFound),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or folder (expected a Hugging Face model folder with \
+                     config.json, or a .gguf file)",
+                ),
             ))
         } else {
             Err(ModelError::NotAModel(path.into()).into())
         }
     }
-}
-
-fn first_shard(dir: &Path) -> crate::Result<PathBuf> {
-    let idx: serde_json::Value =
-        crate::fsutil::read_json(&dir.join("model.safetensors.index.json"))?;
-    idx.get("weight_map")
-        .and_then(|m| m.as_object())
-        .and_then(|m| m.values().next())
-        .and_then(|v| v.as_str())
-        .map(|f| dir.join(f))
-        .ok_or_else(|| {
-            ModelError::BadWeights {
-                path: dir.join("model.safetensors.index.json"),
-                reason: "empty weight_map".into(),
-            }
-            .into()
-        })
 }
 
 /// How an adapter is put into the model.

@@ -119,11 +119,35 @@ pub fn shard_files(dir: &Path) -> crate::Result<Vec<PathBuf>> {
             path: index.clone(),
             reason: "no \"weight_map\" object".into(),
         })?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|v| v.as_str())
-        .map(|f| dir.join(f))
-        .collect();
+    let mut files = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        // A shard is a file of the folder itself: a plain name, no folder, no `..`.
+        let name = file.as_str().filter(|f| {
+            let mut parts = Path::new(f).components();
+            matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            )
+        });
+        let Some(name) = name else {
+            return Err(ModelError::BadWeights {
+                path: index.clone(),
+                reason: format!(
+                    "weight_map[{tensor:?}] is {file}; expected the file name of a shard in \
+                     the model folder (\"model-00001-of-00002.safetensors\")"
+                ),
+            }
+            .into());
+        };
+        files.push(dir.join(name));
+    }
+    if files.is_empty() {
+        return Err(ModelError::BadWeights {
+            path: index,
+            reason: "empty weight_map".into(),
+        }
+        .into());
+    }
     files.sort();
     files.dedup();
     Ok(files)

@@ -121,6 +121,18 @@ pub enum NlsrError {
         /// The accepted range.
         reason: String,
     },
+    /// Safe LoRA's alignment update is zero in every module: there is no subspace to project
+    /// onto, and every module would be projected to zero.
+    #[error(
+        "the alignment update V is zero in all {modules} modules: the aligned weights equal the \
+         base's, so Safe LoRA has no alignment subspace to project onto (check that --aligned \
+         names the aligned adapter and its lora_B is not all zeros, or that --base and \
+         --aligned-model are different models)"
+    )]
+    ZeroAlignment {
+        /// The number of modules.
+        modules: usize,
+    },
     /// A value that is not finite where a number is needed (a NaN similarity).
     #[error("module {module}: {what} is not finite ({value})")]
     NotFinite {
