@@ -17,9 +17,33 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
-/// Reads a whole UTF-8 file, naming it in the error.
+/// Reads a whole UTF-8 file, naming it in the error; text that is not UTF-8 is an error naming
+/// the line and byte where it stops being UTF-8.
 pub fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+    let bytes = read(path)?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        let column = at
+            - bytes[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+        Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "not UTF-8 text: byte {} (line {line}, byte {} of the line) is 0x{:02x}; \
+                     save the file as UTF-8",
+                    at + 1,
+                    column + 1,
+                    bytes[at]
+                ),
+            ),
+        )
+    })
 }
 
 /// Parses a JSON file into `T`, naming the file in the error.

@@ -430,3 +430,87 @@ fn experiment_model_flag_replaces_the_base_model_only() {
         from_file.replacen("/models/from-file", "/models/qwen2.5-0.5b", 1)
     );
 }
+
+/// A flag that only one mode reads is an error under another mode, not silently ignored; a
+/// missing model path says so in words.
+#[test]
+fn flags_of_another_mode_and_missing_paths_are_named() {
+    let f = fixtures();
+    let aligned = f.join("tiny-llama-adapters/aligned");
+    let finetuned = f.join("tiny-llama-adapters/finetuned");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("patched");
+    let masks = dir.path().join("masks.safetensors");
+    let (a, t, m, o) = (
+        aligned.to_str().unwrap(),
+        finetuned.to_str().unwrap(),
+        masks.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let err = fails(&[
+        "patch",
+        "--reference",
+        a,
+        "--finetuned",
+        t,
+        "--masks",
+        m,
+        "--tau",
+        "0.5",
+        "-o",
+        o,
+    ]);
+    assert!(
+        err.contains("--tau is the threshold of --mode threshold; this run's mode is Adaptive"),
+        "{err}"
+    );
+    let err = fails(&[
+        "patch",
+        "--reference",
+        a,
+        "--finetuned",
+        t,
+        "--masks",
+        m,
+        "--mode",
+        "threshold",
+        "--tau",
+        "0.5",
+        "--k",
+        "3",
+        "-o",
+        o,
+    ]);
+    assert!(
+        err.contains("--k is the module count of --mode topk"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // diagnose reads --model only for its probe
+    let out = Command::new(env!("CARGO_BIN_EXE_realign"))
+        .args([
+            "diagnose",
+            "--aligned",
+            a,
+            "--finetuned",
+            t,
+            "--model",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("required arguments were not provided") && err.contains("--probe <N>"),
+        "{err}"
+    );
+    assert!(!err.contains("--aligned <ALIGNED>\n"), "{err}");
+    let err = fails(&["inspect", "/nonexistent/model"]);
+    assert!(
+        err.contains(
+            "/nonexistent/model: no such file or folder (expected a Hugging Face model folder"
+        ),
+        "{err}"
+    );
+}

@@ -249,7 +249,22 @@ fn malformed_rows_name_the_file_and_the_line() {
     );
     let msg = data_error(&p);
     assert!(
-        msg.contains("line 2") && msg.contains("invalid JSON"),
+        msg.contains("line 2: invalid JSON at column 2: key must be a string")
+            && !msg.contains("line 1"),
+        "{msg}"
+    );
+
+    // Text that is not UTF-8 (Latin-1 "é") names the line and the byte.
+    let p = d.join("latin1.jsonl");
+    std::fs::write(
+        &p,
+        b"{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"caf\xe9\"}\n",
+    )
+    .unwrap();
+    let msg = load_rows(&p).unwrap_err().to_string();
+    assert!(
+        msg.contains("latin1.jsonl")
+            && msg.contains("not UTF-8 text: byte 51 (line 2, byte 16 of the line) is 0xe9"),
         "{msg}"
     );
 

@@ -55,7 +55,7 @@ pub struct Args {
     probe: Option<usize>,
     /// The base model the adapters apply to (for `--probe`) [default: the embedded
     /// SmolLM2-135M-Instruct]
-    #[arg(long)]
+    #[arg(long, requires = "probe")]
     model: Option<PathBuf>,
     /// Harmful prompts of the probe (any file `realign eval --harmful` reads, or
     /// `embedded:NAME`)

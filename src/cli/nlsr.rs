@@ -172,6 +172,12 @@ pub struct PatchArgs {
 
 /// Runs `realign patch`.
 pub fn patch_cmd(a: PatchArgs) -> anyhow::Result<()> {
+    if a.tau.is_some() && a.mode != SelectKind::Threshold {
+        anyhow::bail!("--tau is the threshold of --mode threshold; this run's mode is {:?}: add --mode threshold, or drop --tau", a.mode);
+    }
+    if a.k.is_some() && a.mode != SelectKind::Topk {
+        anyhow::bail!("--k is the module count of --mode topk; this run's mode is {:?}: add --mode topk, or drop --k", a.mode);
+    }
     let selection = match a.mode {
         SelectKind::Adaptive => Selection::Adaptive,
         SelectKind::Threshold => {

@@ -270,8 +270,18 @@ fn jsonl_values(path: &Path, text: &str) -> Result<Vec<(Location, Json)>, DataEr
             continue;
         }
         let location = Location::Line(i + 1);
-        let value: Json = serde_json::from_str(line)
-            .map_err(|e| row_error(path, location, format!("invalid JSON: {e}")))?;
+        let value: Json = serde_json::from_str(line).map_err(|e| {
+            // serde counts lines within the one line it was given: name the column only.
+            let what = e.to_string();
+            let what = what
+                .strip_suffix(&format!(" at line {} column {}", e.line(), e.column()))
+                .unwrap_or(&what);
+            row_error(
+                path,
+                location,
+                format!("invalid JSON at column {}: {what}", e.column()),
+            )
+        })?;
         values.push((location, value));
     }
     Ok(values)

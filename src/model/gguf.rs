@@ -181,7 +181,11 @@ pub fn load_weights(
 ) -> crate::Result<Weights> {
     let mut f = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
     let mut tensors = HashMap::new();
-    for name in c.tensor_infos.keys() {
+    // In file order: reads are sequential, and a truncated file's error names the first
+    // tensor that does not fit, the same one on every run.
+    let mut names: Vec<&String> = c.tensor_infos.keys().collect();
+    names.sort_by_key(|n| (c.tensor_infos[*n].offset, *n));
+    for name in names {
         let Some(hf) = hf_name(name) else { continue };
         let q = c
             .tensor(&mut f, name, device)
