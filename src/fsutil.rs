@@ -338,7 +338,8 @@ impl StagedDir {
         remove_stale_partials(&parent, &name);
         let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir(&partial).map_err(|e| Error::io(&partial, e))?;
+        // The folder that refuses is the output's parent: name it, not the hidden folder.
+        std::fs::create_dir(&partial).map_err(|e| Error::io(&parent, e))?;
         register(&partial);
         Ok(StagedDir {
             target: target.to_path_buf(),

@@ -171,7 +171,15 @@ fn unknown_chat_template_variable() {
         "--max-new-tokens",
         "1",
     ]);
-    assert!(err.contains("unknown variable: undefined_thing"), "{err}");
+    // The message names the template's file, then the variable.
+    let jinja = dir.path().join("chat_template.jinja");
+    assert!(
+        err.contains(&format!(
+            "unknown variable: {}: undefined_thing",
+            jinja.display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]

@@ -248,7 +248,12 @@ pub(super) fn tokenizer_from_gguf(
         inner.with_post_processor(Some(post_processor(bos.as_ref(), eos.as_ref(), path)?));
     }
 
-    let template = meta.string("tokenizer.chat_template")?.map(str::to_string);
+    let template = meta.string("tokenizer.chat_template")?.map(|t| {
+        (
+            t.to_string(),
+            format!("{} (tokenizer.chat_template)", path.display()),
+        )
+    });
     Ok(Tokenizer::from_parts(
         inner,
         special,

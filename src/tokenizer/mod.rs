@@ -148,6 +148,20 @@ impl ChatMessage {
     }
 }
 
+impl TokenizerError {
+    /// The error with the template's origin (a file, or a key of one) before its message.
+    fn in_template(self, origin: &str) -> Self {
+        let at = |m: String| format!("{origin}: {m}");
+        match self {
+            TokenizerError::TemplateSyntax(m) => TokenizerError::TemplateSyntax(at(m)),
+            TokenizerError::Template(m) => TokenizerError::Template(at(m)),
+            TokenizerError::TemplateException(m) => TokenizerError::TemplateException(at(m)),
+            TokenizerError::UnknownVariable(m) => TokenizerError::UnknownVariable(at(m)),
+            other => other,
+        }
+    }
+}
+
 /// The special tokens' strings, as chat templates see them (`bos_token`, …).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SpecialTokenStrings {
@@ -166,6 +180,8 @@ pub struct Tokenizer {
     eos_ids: Vec<u32>,
     pad_id: Option<u32>,
     template: Option<ChatTemplate>,
+    /// Where the chat template was read (a file, or a key of one), for errors.
+    template_origin: Option<String>,
 }
 
 /// Chat templates' usual end-of-turn tokens, looked for by [`Tokenizer::stop_token_ids`].
@@ -215,11 +231,15 @@ impl Tokenizer {
             special.eos = token_string(cfg, "eos_token", &config_path)?;
             special.pad = token_string(cfg, "pad_token", &config_path)?;
             special.unk = token_string(cfg, "unk_token", &config_path)?;
-            template = chat_template_of_config(cfg, &config_path)?;
+            template = chat_template_of_config(cfg, &config_path)?
+                .map(|t| (t, format!("{} (chat_template)", config_path.display())));
         }
         let jinja_path = dir.join("chat_template.jinja");
         if jinja_path.is_file() {
-            template = Some(fsutil::read_to_string(&jinja_path)?);
+            template = Some((
+                fsutil::read_to_string(&jinja_path)?,
+                jinja_path.display().to_string(),
+            ));
         }
 
         // Ids: the tokenizer config's strings first, then generation_config.json, config.json.
@@ -277,7 +297,7 @@ impl Tokenizer {
         bos_id: Option<u32>,
         eos_ids: Vec<u32>,
         pad_id: Option<u32>,
-        template: Option<String>,
+        template: Option<(String, String)>,
     ) -> Self {
         let known = |id: &u32| inner.id_to_token(*id).is_some();
         let bos_id = bos_id.filter(known);
@@ -288,7 +308,10 @@ impl Tokenizer {
                 eos.push(id);
             }
         }
-        let template = template.map(ChatTemplate::new);
+        let (template, template_origin) = match template {
+            Some((source, origin)) => (Some(ChatTemplate::new(source)), Some(origin)),
+            None => (None, None),
+        };
         Tokenizer {
             inner,
             special,
@@ -296,6 +319,7 @@ impl Tokenizer {
             eos_ids: eos,
             pad_id,
             template,
+            template_origin,
         }
     }
 
@@ -352,7 +376,13 @@ impl Tokenizer {
             .template
             .as_ref()
             .ok_or(TokenizerError::NoChatTemplate)?;
-        Ok(template.render(messages, add_generation_prompt, &self.special)?)
+        let origin = self
+            .template_origin
+            .as_deref()
+            .unwrap_or("the chat template");
+        Ok(template
+            .render(messages, add_generation_prompt, &self.special)
+            .map_err(|e| e.in_template(origin))?)
     }
 
     /// The beginning-of-sequence token id, if the tokenizer has one.
