@@ -6,22 +6,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{copy_dir, fixtures};
+use common::{copy_dir, fixtures, realign};
 use realign::eval::{evaluate, EvalOptions};
 use realign::model::{generate, GenerationConfig, LoadOptions, LoadedModel, Sampling};
 
 fn tiny() -> PathBuf {
     fixtures().join("tiny-llama")
-}
-
-/// `realign ARGS`.
-fn realign(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_realign"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn stderr(o: &Output) -> String {

@@ -7,20 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use common::fixtures;
+use common::{fixtures, realign};
 
 fn model() -> PathBuf {
     fixtures().join("tiny-llama")
-}
-
-/// Runs `realign ARGS`.
-fn realign(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_realign"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// Runs `realign train --config CONFIG EXTRA...`, expecting exit code 1; returns stderr.

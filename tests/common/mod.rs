@@ -47,6 +47,14 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
 }
 
 /// Copies the files of folder `from` into `to` (created), one level deep: a fixture folder.
+/// Runs the `realign` binary with `args` and returns what it did.
+pub fn realign(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_realign"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
