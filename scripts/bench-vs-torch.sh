@@ -83,7 +83,8 @@ run_torch() { # name, torch --only, round
 run_realign() { # name, realign bench, round
     echo "== $1 (round $3): realign" >&2
     local model_args=()
-    [ "$MODEL" != "$REPO_ROOT/.cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf" ] && model_args=(--model "$MODEL")
+    # `bench gemm` loads no model (it takes SmolLM2's shapes) and refuses --model
+    [ "$2" != gemm ] && [ "$MODEL" != "$REPO_ROOT/.cache/realign/models/SmolLM2-135M-Instruct.Q4_1.gguf" ] && model_args=(--model "$MODEL")
     "$REALIGN" bench "$2" --repeats "$REPEATS" "${model_args[@]}" | tee "$TMP/realign-$1-$3.jsonl" >&2
 }
 

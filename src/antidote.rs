@@ -149,8 +149,8 @@ pub fn prune_update(
 /// `rows` (harmful prompt + harmful answer; the answer's tokens are used) through
 /// `base + W_t`, then the pruned update on top of `W_a`, and its report.
 ///
-/// Errors: `density` outside `[0, 1]`; adapters over different modules or shapes; no usable
-/// realignment row.
+/// Errors: `density` outside `[0, 1]`, `max_samples` or `batch_size` 0; adapters over
+/// different modules or shapes; no usable realignment row.
 pub fn antidote(
     base: &Model,
     tok: &Tokenizer,
@@ -172,6 +172,20 @@ pub fn antidote(
             "density",
             cfg.density.to_string(),
             "must be in [0, 1] (the fraction of the update pruned)",
+        ));
+    }
+    if cfg.max_samples == Some(0) {
+        return Err(option(
+            "max-samples",
+            "0".into(),
+            "must be at least 1 (the rows scored)",
+        ));
+    }
+    if cfg.batch_size == 0 {
+        return Err(option(
+            "batch-size",
+            "0".into(),
+            "must be at least 1 (sequences per forward pass)",
         ));
     }
     let (al, tl) = check_same_updates(aligned, finetuned)?;

@@ -63,16 +63,9 @@ pub struct RestaReport {
 /// RESTA: `W_t + γ (W_aligned − W_base)` as a PEFT adapter (see the
 /// [module documentation](self)), and its report.
 ///
-/// Errors: a `γ` that is not finite; adapters over different modules or `[out, in]`.
+/// Errors: a `γ` refused by [`check_gamma`]; adapters over different modules or `[out, in]`.
 pub fn resta(aligned: &Adapter, finetuned: &Adapter, gamma: f64) -> Result<(Adapter, RestaReport)> {
-    if !gamma.is_finite() {
-        return Err(NlsrError::Option {
-            name: "gamma".into(),
-            value: gamma.to_string(),
-            reason: "must be a finite number".into(),
-        }
-        .into());
-    }
+    check_gamma(gamma)?;
     let out = stacked_sum(aligned, finetuned, gamma)?;
     let report = RestaReport {
         aligned: label(aligned, "aligned adapter"),
@@ -87,11 +80,33 @@ pub fn resta(aligned: &Adapter, finetuned: &Adapter, gamma: f64) -> Result<(Adap
     Ok((out, report))
 }
 
+/// The largest `|γ|` RESTA takes. The RESTA paper adds the safety vector once (γ = 1) and
+/// sweeps small scales; a scale of hundreds swamps the fine-tune, and past ~1e30 the merged
+/// weights (or the logits they produce) are no longer finite in f32.
+pub const MAX_GAMMA: f64 = 100.0;
+
+/// Checks RESTA's scale: finite, not 0 (the output would be the fine-tuned adapter), at most
+/// [`MAX_GAMMA`] in magnitude. The error names `gamma` and the range.
+pub fn check_gamma(gamma: f64) -> Result<()> {
+    if gamma.is_finite() && gamma != 0.0 && gamma.abs() <= MAX_GAMMA {
+        return Ok(());
+    }
+    Err(NlsrError::Option {
+        name: "gamma".into(),
+        value: gamma.to_string(),
+        reason: format!(
+            "must be a finite number, not 0 (that adds nothing), with |gamma| <= {MAX_GAMMA} \
+             (the RESTA paper uses 1)"
+        ),
+    }
+    .into())
+}
+
 /// RESTA with DARE: `W_t + γ DARE_q(W_a − W_base)`, each entry of the safety vector dropped
 /// with probability `q` and the rest scaled by `1/(1−q)` (seeded; modules in path order), as
 /// an exact PEFT adapter (see the [module documentation](self)), and its report.
 ///
-/// Errors: `γ` not finite, `q` outside `[0, 1)`; adapters over different modules or
+/// Errors: `γ` refused by [`check_gamma`], `q` outside `[0, 1)`; adapters over different modules or
 /// `[out, in]`.
 pub fn resta_dare(
     aligned: &Adapter,

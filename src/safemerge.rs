@@ -73,7 +73,7 @@ pub struct SafeMergeReport {
 /// SafeMERGE of a fine-tuned adapter with the aligned one (see the
 /// [module documentation](self)), and its report.
 ///
-/// Errors: `τ` not finite, `α` outside `[0, 1]`; adapters over different modules or
+/// Errors: `τ` outside `[-1, 1]`, `α` outside `[0, 1]`; adapters over different modules or
 /// `[out, in]`.
 pub fn safemerge(
     aligned: &Adapter,
@@ -86,6 +86,16 @@ pub fn safemerge(
             name: "alpha".into(),
             value: alpha.to_string(),
             reason: "must be in [0, 1] (the weight of the fine-tuned model)".into(),
+        }
+        .into());
+    }
+    if !(-1.0..=1.0).contains(&threshold) {
+        return Err(NlsrError::Option {
+            name: "threshold".into(),
+            value: threshold.to_string(),
+            reason: "must be in [-1, 1]: it is compared with a cosine (below -1 no module is \
+                     merged, above 1 every one is)"
+                .into(),
         }
         .into());
     }

@@ -522,3 +522,134 @@ fn flags_of_another_mode_and_missing_paths_are_named() {
         "{err}"
     );
 }
+
+/// Settings that switch a repair off, make it meaningless or overflow f32 are refused before
+/// anything is written, and flags a command does not read are errors.
+#[test]
+fn coefficients_out_of_range_and_unread_flags_are_refused() {
+    let f = fixtures();
+    let aligned = f.join("tiny-llama-adapters/aligned");
+    let finetuned = f.join("tiny-llama-adapters/finetuned");
+    let model = f.join("tiny-llama");
+    let (a, t, m) = (
+        aligned.to_str().unwrap(),
+        finetuned.to_str().unwrap(),
+        model.to_str().unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let judge = format!("model:{a}");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["resta", "--aligned", a, "--finetuned", t, "--gamma", "0", "-o", o],
+            "invalid gamma = 0: must be a finite number, not 0 (that adds nothing), with |gamma| <= 100",
+        ),
+        (
+            vec!["resta", "--aligned", a, "--finetuned", t, "--gamma=1e30", "-o", o],
+            "invalid gamma = 1000000000000000000000000000000",
+        ),
+        (
+            vec![
+                "safemerge",
+                "--aligned",
+                a,
+                "--finetuned",
+                t,
+                "--threshold",
+                "2",
+                "-o",
+                o,
+            ],
+            "invalid threshold = 2: must be in [-1, 1]",
+        ),
+        (
+            vec![
+                "amplify", "--aligned", a, "--weak", t, "--beta=1e30", "-o", o,
+            ],
+            "invalid beta = 1000000000000000000000000000000: must be a number from 0 to 100",
+        ),
+        (
+            vec![
+                "amplify", "--aligned", a, "--mode", "code", "--weak", t, "-o", o,
+            ],
+            "--mode code scales every tensor of W_a by 2*alpha and uses no W_0",
+        ),
+        (
+            vec![
+                "antidote",
+                "--model",
+                m,
+                "--aligned",
+                a,
+                "--finetuned",
+                t,
+                "--batch-size",
+                "0",
+                "-o",
+                o,
+            ],
+            "invalid batch-size = 0: must be at least 1",
+        ),
+        (
+            vec![
+                "eval", "--model", m, "--harmful", "none", "--task", "none", "--benign", "none",
+                "-o", o,
+            ],
+            "nothing to evaluate: --harmful, --task and --benign are all none",
+        ),
+        (
+            vec!["eval", "--model", m, "--judge", &judge, "-o", o],
+            "this folder holds a PEFT adapter (adapter_config.json), not a model",
+        ),
+        (
+            vec!["judge-eval", "--data", "/nonexistent", "-o", o],
+            "--data /nonexistent: no such folder",
+        ),
+        (
+            vec!["bench", "gemm", "--model", m],
+            "--model is not used by `realign bench gemm`",
+        ),
+        (
+            vec!["bench", "forward", "--model", m, "--prompts", "3"],
+            "--prompts is not used by `realign bench forward`",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = fails(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {o}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{args:?}"
+        );
+    }
+    // clap refuses a zero count before anything runs
+    let o2 = Command::new(env!("CARGO_BIN_EXE_realign"))
+        .args(["bench", "gemm", "--repeats", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(o2.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o2.stderr).contains("--repeats"));
+}
+
+/// Output piped into a reader that has gone (`realign data list | head -1`) ends the process
+/// by SIGPIPE, quietly, as other command-line tools do: no panic message.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_realign"))
+        .args(["data", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader is gone before the first line is written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{err}");
+}

@@ -35,9 +35,9 @@ fn safemerge_merges_exactly_the_modules_below_the_threshold() {
     let fx = fixtures().join("tiny-llama-adapters");
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("merged");
-    // τ = 1.01 merges every module (every cosine is at most 1): α W_t + (1 − α) W_a.
+    // τ = 1 merges every module (every cosine is below 1 here): α W_t + (1 − α) W_a.
     let o = run(
-        &["safemerge", "--threshold", "1.01", "--alpha", "0.25"],
+        &["safemerge", "--threshold", "1", "--alpha", "0.25"],
         &[
             ("--aligned", fx.join("aligned")),
             ("--finetuned", fx.join("finetuned")),
@@ -56,10 +56,10 @@ fn safemerge_merges_exactly_the_modules_below_the_threshold() {
         let diff = max_abs_diff(m, &want);
         assert!(diff <= 1e-5, "{path}: {diff}");
     }
-    // τ = -1.01 merges none: the output is W_t.
+    // τ = -1 merges none (no cosine is below -1): the output is W_t.
     let none = d.path().join("none");
     let o = run(
-        &["safemerge", "--threshold", "-1.01"],
+        &["safemerge", "--threshold", "-1"],
         &[
             ("--aligned", fx.join("aligned")),
             ("--finetuned", fx.join("finetuned")),

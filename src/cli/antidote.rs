@@ -57,6 +57,12 @@ pub struct Args {
 
 /// Runs `realign antidote`.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.density == 0.0 {
+        eprintln!(
+            "warning: --density 0 prunes nothing: the output is the fine-tuned adapter itself \
+             (a control, not a repair)"
+        );
+    }
     let cfg = AntidoteConfig {
         density: a.density,
         max_samples: Some(a.max_samples),

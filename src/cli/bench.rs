@@ -27,26 +27,44 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = realign::model::StorageDtype::Auto)]
     dtype: realign::model::StorageDtype,
     /// Repetitions of each measurement; the best is reported
-    #[arg(long, default_value_t = 3)]
-    repeats: usize,
-    /// identify: rows of embedded:safety_sft used
-    #[arg(long, default_value_t = 500)]
-    max_samples: usize,
-    /// neurons: prompts of embedded:safety_sft used for detect_seconds
-    #[arg(long, default_value_t = 200)]
-    prompts: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    repeats: u32,
+    /// identify only: rows of embedded:safety_sft used (at least 1) [default: 500]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_samples: Option<u32>,
+    /// neurons only: prompts of embedded:safety_sft used for detect_seconds (at least 1)
+    /// [default: 200]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    prompts: Option<u32>,
 }
+
+/// The benchmarks that load no model (`--model`, `--dtype` do not apply).
+const NO_MODEL: [&str; 3] = ["patch", "diagnose", "gemm"];
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let print = |f: Figure| println!("{}", serde_json::to_string(&f).unwrap_or_default());
+    // A flag the chosen benchmark does not read is an error, not silently ignored.
+    let name = a.name.as_str();
+    let unused = [
+        ("--model", a.model.is_some() && NO_MODEL.contains(&name)),
+        (
+            "--max-samples",
+            a.max_samples.is_some() && name != "identify",
+        ),
+        ("--prompts", a.prompts.is_some() && name != "neurons"),
+    ];
+    if let Some((flag, _)) = unused.iter().find(|(_, bad)| *bad) {
+        anyhow::bail!("{flag} is not used by `realign bench {name}`");
+    }
+    let repeats = a.repeats as usize;
     if a.name == "patch" {
-        return Ok(bench::patch(a.repeats.max(1), print)?);
+        return Ok(bench::patch(repeats, print)?);
     }
     if a.name == "diagnose" {
-        return Ok(bench::diagnose(a.repeats.max(1), print)?);
+        return Ok(bench::diagnose(repeats, print)?);
     }
     if a.name == "gemm" {
-        return Ok(bench::gemm(a.repeats.max(1), print)?);
+        return Ok(bench::gemm(repeats, print)?);
     }
     let path = super::model_path(a.model)?;
     let loaded = LoadedModel::load(
@@ -58,10 +76,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )
     .with_context(|| format!("loading {}", path.display()))?;
     match a.name.as_str() {
-        "forward" => bench::forward(&loaded.model, a.repeats.max(1), print)?,
-        "train" => bench::train(&loaded.model, a.repeats.max(1), print)?,
-        "identify" => super::identify::bench(&loaded, a.max_samples.max(1))?,
-        "neurons" => super::neurons::bench(&loaded, a.prompts.max(1))?,
+        "forward" => bench::forward(&loaded.model, repeats, print)?,
+        "train" => bench::train(&loaded.model, repeats, print)?,
+        "identify" => super::identify::bench(&loaded, a.max_samples.unwrap_or(500) as usize)?,
+        "neurons" => super::neurons::bench(&loaded, a.prompts.unwrap_or(200) as usize)?,
         other => anyhow::bail!("unknown benchmark {other:?}"),
     }
     Ok(())

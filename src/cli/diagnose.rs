@@ -119,7 +119,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let path = super::model_path(a.model.clone())?;
         let mut m = LoadedModel::load(&path, &LoadOptions::default())
             .with_context(|| format!("loading model {}", path.display()))?;
-        m.model.apply_adapter(&finetuned, AdapterMode::Merged)?;
+        m.model
+            .apply_adapter(&finetuned, AdapterMode::Merged)
+            .with_context(|| format!("applying the adapter {}", a.finetuned.display()))?;
         d.probe = Some(realign::diagnose::probe(
             &m,
             &path.display().to_string(),

@@ -291,6 +291,14 @@ fn columns(
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if [&a.harmful, &a.task, &a.benign]
+        .iter()
+        .all(|s| used(s).is_none())
+    {
+        anyhow::bail!(
+            "nothing to evaluate: --harmful, --task and --benign are all none (name at least one set)"
+        );
+    }
     let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let judge: JudgeSpec = a.judge.parse()?;
     let mut opts = EvalOptions {
@@ -339,7 +347,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for dir in &a.adapters {
         let ad = Adapter::load(dir, m.model.device())
             .with_context(|| format!("loading adapter {}", dir.display()))?;
-        m.model.apply_adapter(&ad, mode)?;
+        m.model
+            .apply_adapter(&ad, mode)
+            .with_context(|| format!("applying adapter {}", dir.display()))?;
     }
     // A bf16/f16 model keeps its adapters unmerged (see `AdapterMode::Merged`): say what ran.
     opts.merged = opts.merged && m.model.linears().all(|l| l.loras.is_empty());

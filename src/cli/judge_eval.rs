@@ -64,6 +64,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         vec![a.set.parse()?]
     };
     let split: Split = a.split.parse()?;
+    if let Some(d) = &a.data {
+        if !d.is_dir() {
+            anyhow::bail!(
+                "--data {}: {} (expected the folder holding refusal_scorer/, harm/ and objective/)",
+                d.display(),
+                if d.exists() {
+                    "not a folder"
+                } else {
+                    "no such folder"
+                }
+            );
+        }
+    }
     let dir = a.data.clone().unwrap_or_else(human_labels::default_dir);
     let mut loaded = Vec::with_capacity(sets.len());
     for set in sets {

@@ -47,12 +47,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for p in &a.adapter {
         loaded
             .model
-            .apply_adapter(&load(p)?, AdapterMode::Unmerged)?;
+            .apply_adapter(&load(p)?, AdapterMode::Unmerged)
+            .with_context(|| format!("applying the adapter {}", p.display()))?;
     }
     for p in &a.subtract {
         loaded
             .model
-            .apply_adapter(&load(p)?.negated(), AdapterMode::Unmerged)?;
+            .apply_adapter(&load(p)?.negated(), AdapterMode::Unmerged)
+            .with_context(|| format!("subtracting the adapter {}", p.display()))?;
     }
     let names = |v: &[PathBuf]| {
         v.iter()

@@ -34,9 +34,10 @@ pub struct AmplifyArgs {
     /// The weak safety adapter W_0 (SFT); needed by --mode paper
     #[arg(long)]
     weak: Option<PathBuf>,
-    /// Pre-amplification coefficient of Eq. 2: W_e = (1+beta) W_a - beta W_0
-    #[arg(long, default_value_t = 0.9, conflicts_with = "alpha")]
-    beta: f64,
+    /// Pre-amplification coefficient of Eq. 2: W_e = (1+beta) W_a - beta W_0 (--mode paper;
+    /// 0 to 100) [default: 0.9]
+    #[arg(long, conflicts_with = "alpha")]
+    beta: Option<f64>,
     /// Eq. 1 interpolation alpha W_a + (1-alpha) W_0 instead of Eq. 2; with --mode code, the
     /// factor 2*alpha
     #[arg(long)]
@@ -58,12 +59,20 @@ pub struct AmplifyArgs {
 pub fn amplify(a: AmplifyArgs) -> anyhow::Result<()> {
     let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let aligned = load(&a.aligned, "aligned")?;
+    if a.mode == AmplifyKind::Code && (a.weak.is_some() || a.beta.is_some()) {
+        anyhow::bail!(
+            "--mode code scales every tensor of W_a by 2*alpha and uses no W_0: drop --weak and \
+             --beta, or use --mode paper"
+        );
+    }
     let mode = match (a.mode, a.alpha) {
         (AmplifyKind::Code, alpha) => AmplifyMode::Code {
             alpha: alpha.unwrap_or(0.9),
         },
         (AmplifyKind::Paper, Some(alpha)) => AmplifyMode::Interpolate { alpha },
-        (AmplifyKind::Paper, None) => AmplifyMode::Extrapolate { beta: a.beta },
+        (AmplifyKind::Paper, None) => AmplifyMode::Extrapolate {
+            beta: a.beta.unwrap_or(0.9),
+        },
     };
     let weak = match (&a.weak, a.mode) {
         (Some(p), AmplifyKind::Paper) => Some(load(p, "weak")?),

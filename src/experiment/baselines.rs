@@ -94,10 +94,11 @@ impl BaselineSettings {
                 return Err(format!("baselines.methods: {m:?} is listed twice"));
             }
         }
-        if !self.resta_gamma.is_finite() {
+        if crate::resta::check_gamma(self.resta_gamma).is_err() {
             return Err(format!(
-                "baselines.resta_gamma = {} is not finite",
-                self.resta_gamma
+                "baselines.resta_gamma = {} must be a finite number, not 0, with |gamma| <= {}",
+                self.resta_gamma,
+                crate::resta::MAX_GAMMA
             ));
         }
         if !(0.0..1.0).contains(&self.resta_dare_drop) {
@@ -112,13 +113,17 @@ impl BaselineSettings {
                 self.safemerge_threshold
             ));
         }
-        for (name, v) in [
-            ("baselines.safemerge_alpha", self.safemerge_alpha),
-            ("baselines.antidote_density", self.antidote_density),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(format!("{name} = {v} is outside [0, 1]"));
-            }
+        if !(0.0..=1.0).contains(&self.safemerge_alpha) {
+            return Err(format!(
+                "baselines.safemerge_alpha = {} is outside [0, 1]",
+                self.safemerge_alpha
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.antidote_density) {
+            return Err(format!(
+                "baselines.antidote_density = {} is outside [0, 1]",
+                self.antidote_density
+            ));
         }
         if self.antidote_samples == 0 && self.methods.iter().any(|m| m == "antidote") {
             return Err("baselines.antidote_samples = 0: give at least 1".into());

@@ -218,9 +218,16 @@ impl LoadedModel {
         if path.is_dir() {
             let cfg_path = path.join("config.json");
             if !cfg_path.is_file() {
+                let what = if path.join("adapter_config.json").is_file() {
+                    "model configuration: this folder holds a PEFT adapter \
+                     (adapter_config.json), not a model; give the base model as the model \
+                     and the folder as an adapter (--adapter)"
+                } else {
+                    "model configuration"
+                };
                 return Err(ModelError::MissingFile {
                     path: cfg_path,
-                    what: "model configuration".into(),
+                    what: what.into(),
                 }
                 .into());
             }

@@ -43,14 +43,23 @@ impl AmplifyMode {
     }
 }
 
+/// The largest pre-amplification coefficient taken (β of Eq. 2, α of the authors' code): the
+/// paper's β are below 1; coefficients of thousands make `W_e` a scaled copy of `W_a` whose
+/// products overflow f32 in the model.
+pub const MAX_COEFFICIENT: f64 = 100.0;
+
 /// Paper Eq. 2 (section "Construction of a Safety Reference Model"): LoRA extrapolation,
 /// `W_e = (1 + β) W_a - β W_0`, per tensor (A and B separately), β ∈ [0, ∞).
 ///
 /// # Shapes
 /// - every module of both adapters: A `[r, in]`, B `[out, r]`, the same in both -> the same.
 pub fn amplify(aligned: &Adapter, weak: &Adapter, beta: f64) -> Result<Adapter> {
-    if !(beta.is_finite() && beta >= 0.0) {
-        return Err(option("beta", beta, "must be a finite number >= 0"));
+    if !(beta.is_finite() && (0.0..=MAX_COEFFICIENT).contains(&beta)) {
+        return Err(option(
+            "beta",
+            beta,
+            &format!("must be a number from 0 to {MAX_COEFFICIENT} (the paper's are below 1)"),
+        ));
     }
     combine(aligned, Some(weak), AmplifyMode::Extrapolate { beta })
 }
@@ -73,8 +82,12 @@ pub fn interpolate(strong: &Adapter, weak: &Adapter, alpha: f64) -> Result<Adapt
 /// # Shapes
 /// - A `[r, in]`, B `[out, r]` -> the same.
 pub fn amplify_code(aligned: &Adapter, alpha: f64) -> Result<Adapter> {
-    if !(alpha.is_finite() && alpha > 0.0) {
-        return Err(option("alpha", alpha, "must be a finite number > 0"));
+    if !(alpha.is_finite() && alpha > 0.0 && alpha <= MAX_COEFFICIENT) {
+        return Err(option(
+            "alpha",
+            alpha,
+            &format!("must be a number > 0 and at most {MAX_COEFFICIENT} (the code uses 0.9)"),
+        ));
     }
     combine(aligned, None, AmplifyMode::Code { alpha })
 }
