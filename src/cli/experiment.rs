@@ -123,6 +123,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, true) => ExperimentConfig::quick(),
         (None, false) => ExperimentConfig::default(),
     };
+    let output_flag = a.output.is_some();
+    let model_flag = a.model.is_some();
     if let Some(o) = a.output {
         cfg.output = o;
     }
@@ -158,6 +160,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // where a key's value came from: the file, else the built-in run
+    let origin = match (&a.config, a.quick) {
+        (Some(f), _) => f.display().to_string(),
+        (None, true) => "the --quick run".to_string(),
+        (None, false) => "the embedded default".to_string(),
+    };
+    check_before_run(&cfg, &origin, output_flag, model_flag)?;
     std::fs::create_dir_all(&cfg.output)
         .with_context(|| format!("creating {}", cfg.output.display()))?;
     let log_path = cfg.output.join("experiment.log");
@@ -204,6 +213,47 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             cfg.output.join("report/index.md").display(),
             log_path.display()
         );
+    }
+    Ok(())
+}
+
+/// Everything refused before the output folder is created, naming the flag or the key and
+/// `origin` (the experiment file, or the built-in run) it came from: the configuration
+/// ([`ExperimentConfig::validate`]), the model ([`ExperimentConfig::check_model`]), and an
+/// output path that is a file or lies under one (`-o afile is a file, not a folder`).
+fn check_before_run(
+    cfg: &ExperimentConfig,
+    origin: &str,
+    output_flag: bool,
+    model_flag: bool,
+) -> anyhow::Result<()> {
+    cfg.validate()
+        .map_err(|what| anyhow::anyhow!("{origin}: {what}"))?;
+    if let Err(what) = cfg.check_model() {
+        match (&cfg.model, model_flag) {
+            (Some(m), true) => {
+                anyhow::bail!("--model {}: no such model folder or GGUF file", m.display())
+            }
+            _ => anyhow::bail!("{origin}: {what}"),
+        }
+    }
+    let out = &cfg.output;
+    // the output itself or the first folder above it that exists must be a folder
+    if let Some(blocker) = out
+        .ancestors()
+        .filter(|p| !p.as_os_str().is_empty())
+        .find(|p| p.exists())
+        .filter(|p| !p.is_dir())
+    {
+        let named = if output_flag {
+            format!("-o {}", out.display())
+        } else {
+            format!("{origin}: output = {:?}", out.display().to_string())
+        };
+        if blocker == out.as_path() {
+            anyhow::bail!("{named} is a file, not a folder");
+        }
+        anyhow::bail!("{named}: {} is a file, not a folder", blocker.display());
     }
     Ok(())
 }

@@ -97,7 +97,7 @@ impl BaselineSettings {
         if crate::resta::check_gamma(self.resta_gamma).is_err() {
             return Err(format!(
                 "baselines.resta_gamma = {} must be a finite number, not 0, with |gamma| <= {}",
-                self.resta_gamma,
+                crate::train::config::fmt_num(self.resta_gamma),
                 crate::resta::MAX_GAMMA
             ));
         }

@@ -96,7 +96,9 @@ pub struct StageTrain {
     /// Warmup fraction of the cosine schedule.
     #[serde(default)]
     pub warmup_ratio: f64,
-    /// Tokens per sequence.
+    /// Tokens per sequence (at least 2). A stage whose every row's prompt alone is longer has
+    /// nothing to train on: the stage's error names this key
+    /// ([`ExperimentConfig::explain_train_error`]).
     #[serde(default = "default_max_length")]
     pub max_length: usize,
     /// Use N rows drawn by a seeded shuffle of the set (0: all of it, in order).
@@ -142,8 +144,8 @@ pub struct AttackSettings {
     pub harmful: String,
     /// Rows in the fine-tuning set.
     pub n: usize,
-    /// Harmful fractions; one attacked adapter per value. The first is the main setting (the
-    /// sweeps and the safety-neuron robustness check use it).
+    /// Harmful fractions, each in [0, 1] and listed once; one attacked adapter per value. The
+    /// first is the main setting (the sweeps and the safety-neuron robustness check use it).
     pub ps: Vec<f64>,
     /// The fine-tuning run (continues `W_a`).
     pub train: StageTrain,
@@ -153,25 +155,31 @@ pub struct AttackSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NlsrSettings {
-    /// Identification methods (`low-rank`, `wanda`, `snip`, `preference-snip`, `random`); each
-    /// gives one NLSR variant per `p`.
+    /// Identification methods (`low-rank`, `wanda`, `snip`, `preference-snip`, `random`), at
+    /// least one, each listed once; each gives one NLSR variant per `p`.
     pub methods: Vec<String>,
-    /// Pre-amplification strengths; the first is the main setting, the others a sweep (the
-    /// paper's figure on pre-amplification). `0` means no pre-amplification (`W_e = W_a`).
+    /// Pre-amplification strengths β of `W_e = (1 + β) W_a − β W_0`
+    /// ([`crate::nlsr::amplify::amplify`]), each in [0, [`MAX_COEFFICIENT`]] and listed once;
+    /// the first is the main setting, the others a sweep (the paper's figure on
+    /// pre-amplification). `0` means no pre-amplification (`W_e = W_a`). The paper's β are below
+    /// 1; β of thousands make `W_e` a scaled copy of `W_a` whose products overflow f32.
+    ///
+    /// [`MAX_COEFFICIENT`]: crate::nlsr::amplify::MAX_COEFFICIENT
     pub betas: Vec<f64>,
     /// Also run the first method without pre-amplification (the ablation row).
     pub without_amplification: bool,
-    /// Sparsity (fraction of entries *not* kept); first = main, others a sweep (each swept
-    /// value with the first method and, when `random` is among `methods`, with random masks of
-    /// the same density).
+    /// Sparsity (fraction of entries *not* kept), each in [0, 1) (1 would keep nothing) and
+    /// listed once; first = main, others a sweep (each swept value with the first method and,
+    /// when `random` is among `methods`, with random masks of the same density).
     pub sparsities: Vec<f64>,
-    /// Layer-pruning rate `P_L`; first = main, others a sweep.
+    /// Layer-pruning rate `P_L`, each in [0, 1] and listed once; first = main, others a sweep.
     pub layer_prunes: Vec<f64>,
     /// `ε` of the adaptive layer pruning.
     pub epsilon: f64,
     /// Rows of the safety corpus used for identification.
     pub identify_samples: usize,
-    /// The safety corpus for identification.
+    /// The safety corpus for identification (`embedded:NAME` or a data file; checked to exist
+    /// when the configuration is validated, unless every method is `random`).
     pub identify_data: String,
     /// Also evaluate the `shrink` control at the main `p` and seed (`realign patch --transplant
     /// shrink`): the first method's repaired modules, each LoRA factor moved toward the
@@ -185,8 +193,9 @@ pub struct NlsrSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SafeLoraSettings {
-    /// Cosine thresholds τ: a module whose `cos(C ΔW, ΔW) < τ` is projected. The first is the
-    /// main setting (one Safe LoRA row per `p`); the others a sweep at the main `p`.
+    /// Cosine thresholds τ, each in [-1, 1] and listed once: a module whose `cos(C ΔW, ΔW) < τ`
+    /// is projected. The first is the main setting (one Safe LoRA row per `p`); the others a
+    /// sweep at the main `p`.
     pub thresholds: Vec<f64>,
 }
 
@@ -225,9 +234,10 @@ pub struct NeuronSettings {
     /// Rows of plain task data for the robustness check (base, SN-Tune and RSN-Tune models
     /// fine-tuned on it); 0: `attack.n`.
     pub finetune_rows: usize,
-    /// Draws of the Deact-R control (seeds `seed`, `seed + 1`, …; 0 counts as 1), an
-    /// evaluation each; with more than one the report places Deact-SN among them (mean,
-    /// range, Monte Carlo p-value, [`crate::neurons::random_draws`]).
+    /// Draws of the Deact-R control (seeds `seed`, `seed + 1`, …), 1 to
+    /// [`MAX_RANDOM_DRAWS`] as `realign sn-tune --random-draws`, an evaluation each; with more
+    /// than one the report places Deact-SN among them (mean, range, Monte Carlo p-value,
+    /// [`crate::neurons::random_draws`]).
     pub random_draws: usize,
 }
 
@@ -243,9 +253,9 @@ pub struct EvalSettings {
     pub harmful_limit: usize,
     /// Task items used (0: all).
     pub task_limit: usize,
-    /// New tokens per harmful reply.
+    /// New tokens per harmful reply (at least 1).
     pub harmful_max_new_tokens: usize,
-    /// New tokens per task reply.
+    /// New tokens per task reply (at least 1).
     pub task_max_new_tokens: usize,
     /// Prompts generated together: the slots of continuous batching (a prompt joins as another
     /// finishes). Default 32: on 2 cores, ~18 % less evaluation time than 16, with the same
@@ -255,7 +265,8 @@ pub struct EvalSettings {
     /// The harmfulness judge: `keyword` (GCG's refusal prefixes), `model:PATH` (a chat model
     /// prompted Llama-Guard style), or any judge of the registry (`realign judge-eval --help`:
     /// `keyword+coherence`, `qwen` after `scripts/fetch-judge-model.sh`, `rubric:PATH`, …); the
-    /// keyword and non-degenerate scores are reported beside it.
+    /// keyword and non-degenerate scores are reported beside it. A judge's model (`model:PATH`,
+    /// `rubric:PATH`, …, `qwen`'s download) must be there when the configuration is validated.
     pub judge: String,
     /// Also evaluate the intermediate models `W_0` (SFT) and `W_e` (amplified), which no repair
     /// row needs.
@@ -264,7 +275,7 @@ pub struct EvalSettings {
     pub overrefusal: String,
     /// Over-refusal prompts used (0: all).
     pub overrefusal_limit: usize,
-    /// New tokens per over-refusal reply.
+    /// New tokens per over-refusal reply (at least 1).
     pub overrefusal_max_new_tokens: usize,
     /// Where each set's file holds its prompts and which of its rows count, as `realign eval`'s
     /// `--prompt-column`, `--label-column` and `--where` (`[eval.columns]`: `harmful_prompt`,
@@ -529,19 +540,26 @@ impl StageTrain {
     }
 
     /// Checks the training settings of the stage `name` (`align.sft`, ...): every count at
-    /// least 1, the learning rate and the objective's parameters finite and positive (SimPO's
-    /// margin may be 0), no parameter of another objective, the warmup a fraction.
+    /// least 1, `max_length` at least 2, the learning rate and the objective's parameters
+    /// finite and positive (SimPO's margin may be 0), no parameter of another objective, the
+    /// warmup a fraction.
     fn validate(&self, name: &str) -> Result<(), String> {
         for (key, v) in [
             ("r", self.r),
             ("epochs", self.epochs),
             ("batch_size", self.batch_size),
             ("grad_accum", self.grad_accum),
-            ("max_length", self.max_length),
         ] {
             if v == 0 {
                 return Err(format!("{name}.{key} = 0: give at least 1"));
             }
+        }
+        // a prompt token and a response token (`realign train`'s `data.max_length` rule)
+        if self.max_length < 2 {
+            return Err(format!(
+                "{name}.max_length = {}: give at least 2",
+                self.max_length
+            ));
         }
         if self.r > crate::train::MAX_LORA_RANK {
             return Err(format!(
@@ -721,11 +739,38 @@ impl ExperimentConfig {
         toml::to_string_pretty(self).expect("an experiment config serialises")
     }
 
-    /// Checks ranges: non-empty sweeps, fractions in range, known methods.
+    /// Checks the whole configuration before anything runs, so that a bad value is refused
+    /// when the experiment starts rather than after hours of training. The error names the key
+    /// and its value (`nlsr.sparsities = 1 is outside [0, 1)`); [`Self::from_file`] puts the
+    /// file's name before it. Checked:
+    ///
+    /// - sweeps: non-empty, each value listed once (a repeated value would give the report a
+    ///   repeated row), fractions in range (`attack.ps`, `nlsr.layer_prunes` in [0, 1],
+    ///   `nlsr.sparsities` in [0, 1), `safelora.thresholds` in [-1, 1]), `nlsr.betas` in
+    ///   [0, [`crate::nlsr::amplify::MAX_COEFFICIENT`]] (what amplification takes), known
+    ///   `nlsr.methods` (at least one: an empty list is not a way to switch NLSR off);
+    /// - the training stages ([`StageTrain`]'s counts, rates and objective parameters);
+    /// - the peers' settings ([`super::baselines::BaselineSettings::validate`]: RESTA's
+    ///   `|resta_gamma|` at most [`crate::resta::MAX_GAMMA`], beyond which the merged weights
+    ///   swamp the fine-tune and, far beyond, are no longer finite);
+    /// - evaluation: `eval.*_max_new_tokens` and `eval.batch_size` at least 1, a known
+    ///   `eval.judge` whose model (`model:PATH`, `rubric:PATH`, …, or the fetched `qwen`
+    ///   model) is there;
+    /// - every data source a stage will read (`align.*.data`, `attack.task`, `attack.harmful`,
+    ///   `nlsr.identify_data`, `baselines.antidote_data` with `antidote`, the `neurons` sets
+    ///   when enabled, `eval.harmful`, `eval.task`, `eval.overrefusal`): `embedded:NAME` must
+    ///   name an embedded set ([`crate::data::EMBEDDED_SETS`]), anything else an existing file
+    ///   (relative paths from the working folder, as the stages read them);
+    /// - `neurons.random_draws` from 1 to [`MAX_RANDOM_DRAWS`] (as `realign sn-tune`).
+    ///
+    /// `model` is not checked here (a file may name a model still to be fetched, and
+    /// `--print-config` prints it): [`Self::check_model`] is, by `realign experiment` before
+    /// the run, and the runner refuses a missing model before any stage.
     pub fn validate(&self) -> Result<(), String> {
+        use crate::train::config::fmt_num;
         let frac = |name: &str, v: f64, lo: f64, hi: f64| {
             if !(lo..=hi).contains(&v) || v.is_nan() {
-                Err(format!("{name} = {v} is outside [{lo}, {hi}]"))
+                Err(format!("{name} = {} is outside [{lo}, {hi}]", fmt_num(v)))
             } else {
                 Ok(())
             }
@@ -733,6 +778,7 @@ impl ExperimentConfig {
         if let Err(e) = self.eval.judge.parse::<crate::eval::JudgeSpec>() {
             return Err(format!("eval.judge: {e}"));
         }
+        check_judge(&self.eval.judge)?;
         if self.attack.ps.is_empty() {
             return Err("attack.ps is empty: give at least one harmful fraction".into());
         }
@@ -750,14 +796,25 @@ impl ExperimentConfig {
             }
         }
         for &s in &self.nlsr.sparsities {
-            frac("nlsr.sparsities", s, 0.0, 1.0)?;
+            // identification keeps a fraction 1 - s of the entries: 1 keeps none
+            if !(0.0..1.0).contains(&s) {
+                return Err(format!(
+                    "nlsr.sparsities = {} is outside [0, 1)",
+                    fmt_num(s)
+                ));
+            }
         }
         for &t in &self.safelora.thresholds {
             frac("safelora.thresholds", t, -1.0, 1.0)?;
         }
+        let max_beta = crate::nlsr::amplify::MAX_COEFFICIENT;
         for &b in &self.nlsr.betas {
-            if !b.is_finite() || b < 0.0 {
-                return Err(format!("nlsr.betas: {b} is not a finite number >= 0"));
+            if !(b.is_finite() && (0.0..=max_beta).contains(&b)) {
+                return Err(format!(
+                    "nlsr.betas = {} is outside [0, {max_beta}] (W_e = (1 + beta) W_a - beta W_0; \
+                     the paper's betas are below 1)",
+                    fmt_num(b)
+                ));
             }
         }
         if self.eval.batch_size == 0 {
@@ -772,14 +829,32 @@ impl ExperimentConfig {
         for &s in &self.nlsr.layer_prunes {
             frac("nlsr.layer_prunes", s, 0.0, 1.0)?;
         }
+        for (name, v) in [
+            ("attack.ps", &self.attack.ps),
+            ("nlsr.betas", &self.nlsr.betas),
+            ("nlsr.sparsities", &self.nlsr.sparsities),
+            ("nlsr.layer_prunes", &self.nlsr.layer_prunes),
+            ("safelora.thresholds", &self.safelora.thresholds),
+        ] {
+            listed_once(name, v, |x| fmt_num(*x))?;
+        }
         self.baselines.validate()?;
+        const NLSR_METHODS: [&str; 5] = ["low-rank", "wanda", "snip", "preference-snip", "random"];
+        if self.nlsr.methods.is_empty() {
+            return Err(format!(
+                "nlsr.methods is empty: give at least one method ({})",
+                NLSR_METHODS.join(", ")
+            ));
+        }
         for m in &self.nlsr.methods {
-            if !["low-rank", "wanda", "snip", "preference-snip", "random"].contains(&m.as_str()) {
+            if !NLSR_METHODS.contains(&m.as_str()) {
                 return Err(format!(
-                    "nlsr.methods: unknown method {m:?} (low-rank, wanda, snip, preference-snip, random)"
+                    "nlsr.methods: unknown method {m:?} ({})",
+                    NLSR_METHODS.join(", ")
                 ));
             }
         }
+        listed_once("nlsr.methods", &self.nlsr.methods, |m| format!("{m:?}"))?;
         // The attack trains on its mix (prompt/response rows) and `W_0` on refusals; `W_a` may
         // use any objective of `realign train` on its preference pairs.
         for (name, t, allowed) in [
@@ -804,6 +879,19 @@ impl ExperimentConfig {
             }
         };
         positive("attack.n", self.attack.n)?;
+        for (name, v) in [
+            (
+                "eval.harmful_max_new_tokens",
+                self.eval.harmful_max_new_tokens,
+            ),
+            ("eval.task_max_new_tokens", self.eval.task_max_new_tokens),
+            (
+                "eval.overrefusal_max_new_tokens",
+                self.eval.overrefusal_max_new_tokens,
+            ),
+        ] {
+            positive(name, v)?;
+        }
         if !self.nlsr.epsilon.is_finite() || !(0.0..=0.5).contains(&self.nlsr.epsilon) {
             return Err(format!(
                 "nlsr.epsilon = {} is outside [0, 0.5]",
@@ -823,8 +911,191 @@ impl ExperimentConfig {
                     self.neurons.tune_lr
                 ));
             }
+            if !(1..=MAX_RANDOM_DRAWS).contains(&self.neurons.random_draws) {
+                return Err(format!(
+                    "neurons.random_draws = {} is outside [1, {MAX_RANDOM_DRAWS}]",
+                    self.neurons.random_draws
+                ));
+            }
+        }
+        for (key, source) in self.data_sources() {
+            check_source(key, source)?;
         }
         Ok(())
+    }
+
+    /// Every data source a stage of this configuration reads, with its key: the ones
+    /// [`Self::validate`] checks.
+    fn data_sources(&self) -> Vec<(&'static str, &str)> {
+        let mut out = vec![
+            ("align.sft.data", self.align.sft.data.as_str()),
+            ("align.dpo.data", self.align.dpo.data.as_str()),
+            ("attack.task", self.attack.task.as_str()),
+            ("attack.harmful", self.attack.harmful.as_str()),
+            ("eval.harmful", self.eval.harmful.as_str()),
+            ("eval.task", self.eval.task.as_str()),
+        ];
+        // `""` is documented as "not measured"
+        if !self.eval.overrefusal.is_empty() {
+            out.push(("eval.overrefusal", self.eval.overrefusal.as_str()));
+        }
+        // the plan reads the corpus only for methods that score entries
+        if self.nlsr.methods.iter().any(|m| m != "random") {
+            out.push(("nlsr.identify_data", self.nlsr.identify_data.as_str()));
+        }
+        if self.baselines.methods.iter().any(|m| m == "antidote") {
+            out.push((
+                "baselines.antidote_data",
+                self.baselines.antidote_data.as_str(),
+            ));
+        }
+        if self.neurons.enabled {
+            out.push(("neurons.corpus", self.neurons.corpus.as_str()));
+            out.push(("neurons.general", self.neurons.general.as_str()));
+            out.push(("neurons.tune_data", self.neurons.tune_data.as_str()));
+        }
+        out
+    }
+
+    /// Checks `model`, when given: a model folder or a GGUF file must be there. Not part of
+    /// [`Self::validate`] (see there); `realign experiment` runs it before it creates the
+    /// output folder. The error names the key (`model = "/m": no such model folder or GGUF
+    /// file`).
+    pub fn check_model(&self) -> Result<(), String> {
+        match &self.model {
+            Some(m) if !m.exists() => Err(format!(
+                "model = {:?}: no such model folder or GGUF file",
+                m.display().to_string()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The key of the experiment file whose settings a training stage runs: `attack.train` for
+    /// a stage that trains on a mix (the attacks and the safety-neuron robustness fine-tunes),
+    /// else `align.sft` or `align.dpo` (the stage whose settings equal `settings`).
+    pub fn train_key(&self, settings: &StageTrain, mix: bool) -> Option<&'static str> {
+        if mix {
+            Some("attack.train")
+        } else if *settings == self.align.sft {
+            Some("align.sft")
+        } else if *settings == self.align.dpo {
+            Some("align.dpo")
+        } else {
+            None
+        }
+    }
+
+    /// The message of a training stage's error that names a key of `realign train`'s file
+    /// rather than the experiment's: [`crate::train::TrainError::NoExamples`] (every row's
+    /// prompt alone exceeds `data.max_length`, which the experiment calls
+    /// `KEY.max_length`, `KEY` from [`Self::train_key`]). `None` for every other error.
+    pub fn explain_train_error(
+        &self,
+        err: &crate::Error,
+        settings: &StageTrain,
+        mix: bool,
+    ) -> Option<String> {
+        match err {
+            crate::Error::Train(crate::train::TrainError::NoExamples { dropped }) => {
+                let key = self.train_key(settings, mix).unwrap_or("the stage's");
+                Some(format!(
+                    "{key}.max_length = {}: the prompt alone is longer in every row \
+                     ({dropped} rows dropped), so nothing is left to train on; raise \
+                     {key}.max_length",
+                    settings.max_length
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The most draws of the Deact-R control (`neurons.random_draws`), as `realign sn-tune
+/// --random-draws` allows.
+pub const MAX_RANDOM_DRAWS: usize = 1000;
+
+/// Errors when an item of `items` (the list `key`) equals an earlier one
+/// (`attack.ps: 0.2 is listed twice`): each item is a row of the report.
+fn listed_once<T: PartialEq>(
+    key: &str,
+    items: &[T],
+    show: impl Fn(&T) -> String,
+) -> Result<(), String> {
+    for (i, x) in items.iter().enumerate() {
+        if items[..i].contains(x) {
+            return Err(format!("{key}: {} is listed twice", show(x)));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the data source `source` of `key` without reading it: `embedded:NAME` must name an
+/// embedded set, anything else an existing file. The stages read these sources through
+/// [`crate::data::load_source`] and digest them ([`super::stages::Inputs::data_digest`]) when
+/// the run's plan is built; this refuses a missing one before, naming the key.
+fn check_source(key: &str, source: &str) -> Result<(), String> {
+    if source.is_empty() {
+        return Err(format!(
+            "{key} is empty: give a data source (embedded:NAME or a data file)"
+        ));
+    }
+    if let Some(name) = source.strip_prefix("embedded:") {
+        let sets = crate::data::EMBEDDED_SETS;
+        if !sets.iter().any(|s| s.name == name) {
+            return Err(format!(
+                "{key} = {source:?}: no embedded set {name:?} (known: {})",
+                sets.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        return Ok(());
+    }
+    let path = Path::new(source);
+    if path.is_dir() {
+        Err(format!("{key} = {source:?} is a folder, not a data file"))
+    } else if !path.exists() {
+        Err(format!("{key} = {source:?}: no such file"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks what `eval.judge` (already parsed) needs besides its name: the model of
+/// `model:PATH`, `rubric:PATH`, `refusal:PATH` and `ensemble:PATH` must be there
+/// (`eval.judge = "model:/m": no such model folder`), those judges need their `PATH`, the
+/// others take none, and `qwen` needs its fetched model ([`crate::eval::judges::qwen`]).
+fn check_judge(judge: &str) -> Result<(), String> {
+    use crate::eval::judges::{qwen, JUDGES};
+    let (name, arg) = match judge.split_once(':') {
+        Some((n, a)) => (n, Some(a)),
+        None => (judge, None),
+    };
+    let Some(info) = JUDGES.iter().find(|j| j.name == name) else {
+        // `keyword` and unknown names: the parse before this decides.
+        return Ok(());
+    };
+    let takes_path = info.usage.strip_prefix(info.name) == Some(":PATH");
+    match (takes_path, arg) {
+        (true, Some(p)) if !p.is_empty() => {
+            if Path::new(p).exists() {
+                Ok(())
+            } else {
+                Err(format!("eval.judge = {judge:?}: no such model folder"))
+            }
+        }
+        (true, _) => Err(format!(
+            "eval.judge = {judge:?}: give the judge's model ({})",
+            info.usage
+        )),
+        (false, Some(_)) => Err(format!(
+            "eval.judge = {judge:?}: judge {name} takes no argument"
+        )),
+        (false, None) if name == qwen::NAME && !qwen::model_path().is_file() => Err(format!(
+            "eval.judge = {judge:?} needs {} (an optional download): run \
+             scripts/fetch-judge-model.sh",
+            qwen::model_path().display()
+        )),
+        (false, None) => Ok(()),
     }
 }
 
@@ -884,7 +1155,10 @@ mod tests {
     fn the_aligned_stage_takes_any_preference_objective_with_its_parameters() {
         use crate::train::objectives::Objective;
         let parse = |method_and_keys: &str| -> ExperimentConfig {
-            toml::from_str(&format!("[align.dpo]\nlr = 1e-4\n{method_and_keys}\n")).unwrap()
+            toml::from_str(&format!(
+                "[align.dpo]\ndata = \"embedded:align_pref\"\nlr = 1e-4\n{method_and_keys}\n"
+            ))
+            .unwrap()
         };
         // given parameters are used; missing ones take the paper's defaults
         for (keys, objective, name) in [
@@ -1027,6 +1301,226 @@ mod tests {
         );
     }
 
+    /// Each value here passed validation once and failed only when its stage ran (or ran in a
+    /// silently wrong way): every one is now refused by `validate`, naming its key.
+    #[test]
+    fn values_that_failed_mid_run_are_refused_naming_their_key() {
+        let default = ExperimentConfig::default();
+        for (text, message) in [
+            (
+                "[nlsr]\nsparsities = [1.0]\n",
+                "nlsr.sparsities = 1 is outside [0, 1)",
+            ),
+            (
+                "[nlsr]\nsparsities = [0.2, -0.1]\n",
+                "nlsr.sparsities = -0.1 is outside [0, 1)",
+            ),
+            (
+                "[eval]\nharmful_max_new_tokens = 0\n",
+                "eval.harmful_max_new_tokens = 0: give at least 1",
+            ),
+            (
+                "[eval]\ntask_max_new_tokens = 0\n",
+                "eval.task_max_new_tokens = 0: give at least 1",
+            ),
+            (
+                "[eval]\noverrefusal_max_new_tokens = 0\n",
+                "eval.overrefusal_max_new_tokens = 0: give at least 1",
+            ),
+            (
+                "[nlsr]\nbetas = [1e30]\n",
+                "nlsr.betas = 1e30 is outside [0, 100] (W_e = (1 + beta) W_a - beta W_0; \
+                 the paper's betas are below 1)",
+            ),
+            (
+                "[attack]\nps = [0.2, 0.2]\n",
+                "attack.ps: 0.2 is listed twice",
+            ),
+            (
+                "[nlsr]\nmethods = [\"low-rank\", \"low-rank\"]\n",
+                "nlsr.methods: \"low-rank\" is listed twice",
+            ),
+            (
+                "[nlsr]\nmethods = []\n",
+                "nlsr.methods is empty: give at least one method \
+                 (low-rank, wanda, snip, preference-snip, random)",
+            ),
+            (
+                "[nlsr]\nsparsities = [0.2, 0.8, 0.2]\n",
+                "nlsr.sparsities: 0.2 is listed twice",
+            ),
+            (
+                "[nlsr]\nbetas = [0, 0.0]\n",
+                "nlsr.betas: 0 is listed twice",
+            ),
+            (
+                "[nlsr]\nlayer_prunes = [0.5, 0.5]\n",
+                "nlsr.layer_prunes: 0.5 is listed twice",
+            ),
+            (
+                "[safelora]\nthresholds = [0.5, 0.35, 0.5]\n",
+                "safelora.thresholds: 0.5 is listed twice",
+            ),
+            (
+                "[neurons]\nrandom_draws = 0\n",
+                "neurons.random_draws = 0 is outside [1, 1000]",
+            ),
+            (
+                "[neurons]\nrandom_draws = 1001\n",
+                "neurons.random_draws = 1001 is outside [1, 1000]",
+            ),
+            (
+                "[attack.train]\nmax_length = 1\n",
+                "attack.train.max_length = 1: give at least 2",
+            ),
+            (
+                "[eval]\njudge = \"model:/nonexistent\"\n",
+                "eval.judge = \"model:/nonexistent\": no such model folder",
+            ),
+            (
+                "[eval]\njudge = \"rubric:/nonexistent\"\n",
+                "eval.judge = \"rubric:/nonexistent\": no such model folder",
+            ),
+            (
+                "[eval]\njudge = \"rubric\"\n",
+                "eval.judge = \"rubric\": give the judge's model (rubric:PATH)",
+            ),
+            (
+                "[eval]\njudge = \"keyword+coherence:x\"\n",
+                "eval.judge = \"keyword+coherence:x\": judge keyword+coherence takes no argument",
+            ),
+        ] {
+            assert_eq!(
+                ExperimentConfig::from_toml_over(text, &default),
+                Err(message.to_string()),
+                "{text}"
+            );
+        }
+        // values next to the refused ones still pass
+        for text in [
+            "[nlsr]\nsparsities = [0.0, 0.99]\n",
+            "[nlsr]\nbetas = [100, 0]\n",
+            "[neurons]\nrandom_draws = 1000\n",
+            "[attack.train]\nmax_length = 2\n",
+            "[eval]\njudge = \"keyword+coherence\"\n",
+            // RSN-Tune's draws are not read with the neurons half off
+            "[neurons]\nenabled = false\nrandom_draws = 0\n",
+        ] {
+            assert!(
+                ExperimentConfig::from_toml_over(text, &default).is_ok(),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_data_source_is_checked_before_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rows.jsonl");
+        std::fs::write(&file, "{\"prompt\": \"p\", \"response\": \"r\"}\n").unwrap();
+        let file = file.display().to_string();
+        let folder = dir.path().display().to_string();
+        let missing = dir.path().join("nope.jsonl").display().to_string();
+        let with = |keys: &str, value: &str| -> Result<ExperimentConfig, String> {
+            let text = keys.replace("VALUE", &format!("{value:?}"));
+            ExperimentConfig::from_toml_over(&text, &ExperimentConfig::default())
+        };
+        for (keys, key) in [
+            ("[align.sft]\ndata = VALUE\n", "align.sft.data"),
+            ("[align.dpo]\ndata = VALUE\n", "align.dpo.data"),
+            ("[attack]\ntask = VALUE\n", "attack.task"),
+            ("[attack]\nharmful = VALUE\n", "attack.harmful"),
+            ("[nlsr]\nidentify_data = VALUE\n", "nlsr.identify_data"),
+            (
+                "[baselines]\nmethods = [\"antidote\"]\nantidote_data = VALUE\n",
+                "baselines.antidote_data",
+            ),
+            ("[neurons]\ncorpus = VALUE\n", "neurons.corpus"),
+            ("[neurons]\ngeneral = VALUE\n", "neurons.general"),
+            ("[neurons]\ntune_data = VALUE\n", "neurons.tune_data"),
+            ("[eval]\nharmful = VALUE\n", "eval.harmful"),
+            ("[eval]\ntask = VALUE\n", "eval.task"),
+            ("[eval]\noverrefusal = VALUE\n", "eval.overrefusal"),
+        ] {
+            assert!(with(keys, &file).is_ok(), "{key}");
+            assert!(with(keys, "embedded:safety_sft").is_ok(), "{key}");
+            assert_eq!(
+                with(keys, &missing).unwrap_err(),
+                format!("{key} = {missing:?}: no such file")
+            );
+            assert_eq!(
+                with(keys, &folder).unwrap_err(),
+                format!("{key} = {folder:?} is a folder, not a data file")
+            );
+            let e = with(keys, "embedded:nope").unwrap_err();
+            assert!(
+                e.starts_with(&format!(
+                    "{key} = \"embedded:nope\": no embedded set \"nope\" (known: safety_sft, "
+                )),
+                "{e}"
+            );
+        }
+        // sources no stage reads are not checked: `""` over-refusal is "not measured", the
+        // antidote set without antidote, the identification corpus with random masks only,
+        // the neuron sets with the neurons half off
+        for text in [
+            "[eval]\noverrefusal = \"\"\n",
+            "[baselines]\nmethods = [\"resta\"]\nantidote_data = \"/nope.jsonl\"\n",
+            "[nlsr]\nmethods = [\"random\"]\nidentify_data = \"/nope.jsonl\"\n",
+            "[neurons]\nenabled = false\ncorpus = \"/nope.jsonl\"\n",
+        ] {
+            assert!(
+                ExperimentConfig::from_toml_over(text, &ExperimentConfig::default()).is_ok(),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            with("[eval]\ntask = VALUE\n", "").unwrap_err(),
+            "eval.task is empty: give a data source (embedded:NAME or a data file)"
+        );
+    }
+
+    #[test]
+    fn the_model_key_is_checked_apart_from_validate() {
+        let mut cfg = ExperimentConfig::default();
+        assert_eq!(cfg.check_model(), Ok(()));
+        cfg.model = Some(PathBuf::from("/nonexistent/model"));
+        // a file may name a model still to be fetched: --print-config prints it
+        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(
+            cfg.check_model(),
+            Err("model = \"/nonexistent/model\": no such model folder or GGUF file".into())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        cfg.model = Some(dir.path().to_path_buf());
+        assert_eq!(cfg.check_model(), Ok(()));
+    }
+
+    #[test]
+    fn a_training_error_names_the_experiment_key_not_realign_trains() {
+        let mut cfg = ExperimentConfig::default();
+        cfg.attack.train.max_length = 64;
+        let none_left = crate::Error::Train(crate::train::TrainError::NoExamples { dropped: 200 });
+        assert_eq!(
+            cfg.explain_train_error(&none_left, &cfg.attack.train, true),
+            Some(
+                "attack.train.max_length = 64: the prompt alone is longer in every row (200 \
+                 rows dropped), so nothing is left to train on; raise attack.train.max_length"
+                    .into()
+            )
+        );
+        let sft = cfg.align.sft.clone();
+        let e = cfg.explain_train_error(&none_left, &sft, false).unwrap();
+        assert!(e.starts_with("align.sft.max_length = 192: "), "{e}");
+        assert!(!e.contains("data.max_length"), "{e}");
+        let dpo = cfg.align.dpo.clone();
+        let e = cfg.explain_train_error(&none_left, &dpo, false).unwrap();
+        assert!(e.starts_with("align.dpo.max_length = 192: "), "{e}");
+        // every other error is left as it is
+        let other = crate::Error::Train(crate::train::TrainError::NoReference);
+        assert_eq!(cfg.explain_train_error(&other, &sft, false), None);
+    }
+
     #[test]
     fn partial_file_takes_defaults_and_unknown_keys_fail() {
         let cfg: ExperimentConfig = toml::from_str("seed = 7\n[attack]\nps = [0.3]\n").unwrap();
@@ -1042,10 +1536,21 @@ mod tests {
     #[test]
     fn eval_columns_name_the_prompt_and_filter_the_rows() {
         let default = ExperimentConfig::default();
-        let text = "[eval]\nharmful = \"harmbench_behaviors_text_test.csv\"\n\
-                    [eval.columns]\nharmful_prompt = \"Behavior\"\n\
-                    harmful_where = [\"FunctionalCategory=standard\", \"Tags!=context\"]\n";
-        let cfg = ExperimentConfig::from_toml_over(text, &default).unwrap();
+        // the benchmark file must be there (validation checks every data source)
+        let dir = tempfile::tempdir().unwrap();
+        let harmbench = dir.path().join("harmbench_behaviors_text_test.csv");
+        std::fs::write(
+            &harmbench,
+            "Behavior,FunctionalCategory,Tags\nb,standard,\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[eval]\nharmful = {:?}\n\
+             [eval.columns]\nharmful_prompt = \"Behavior\"\n\
+             harmful_where = [\"FunctionalCategory=standard\", \"Tags!=context\"]\n",
+            harmbench.display().to_string()
+        );
+        let cfg = ExperimentConfig::from_toml_over(&text, &default).unwrap();
         let c = &cfg.eval.columns;
         assert_eq!(c.harmful_prompt.as_deref(), Some("Behavior"));
         let shown: Vec<String> = c.harmful_where.iter().map(ToString::to_string).collect();

@@ -353,7 +353,13 @@ impl Runner {
                 let tc = train_config(settings, init_dir, &data, out, stage.seed)?;
                 let rows = load_source(&data)?;
                 let mut bar = Bar { obs, total: 0 };
-                let r = train(model, &self.base.tokenizer, &rows, &tc, false, &mut bar)?;
+                // `realign train`'s errors name its own file's keys (`data.max_length`)
+                let r = train(model, &self.base.tokenizer, &rows, &tc, false, &mut bar).map_err(
+                    |e| match self.cfg.explain_train_error(&e, settings, *mix) {
+                        Some(what) => stage_err(&stage.name, what),
+                        None => e,
+                    },
+                )?;
                 Ok(serde_json::json!({"steps": r.steps, "examples": r.examples,
                     "first_loss": r.first_loss, "last_loss": r.last_loss,
                     "tokens_per_s": r.tokens_per_s}))
