@@ -169,8 +169,10 @@ struct CombineArgs {
 
 fn combine_cmd(a: CombineArgs) -> anyhow::Result<()> {
     realign::fsutil::refuse_existing(&a.output, a.overwrite)?;
+    // An empty input makes the operation a copy or an empty set: refused, as a typo'd path is.
     let load = |p: &Path| {
-        NeuronSet::load(p).with_context(|| format!("loading the neuron set {}", p.display()))
+        NeuronSet::load_nonempty(p)
+            .with_context(|| format!("loading the neuron set {}", p.display()))
     };
     let (first, second) = (load(&a.first)?, load(&a.second)?);
     let (mut out, op) = match a.op {
@@ -178,6 +180,17 @@ fn combine_cmd(a: CombineArgs) -> anyhow::Result<()> {
         SetOp::Intersection => (first.intersection(&second)?, "intersection"),
         SetOp::Union => (first.union(&second)?, "union"),
     };
+    if out.is_empty() {
+        anyhow::bail!(
+            "the {op} of {} ({} neurons) and {} ({} neurons) is empty: no set file written to {} \
+             (`neurons deactivate` and `sn-tune` would refuse it)",
+            a.first.display(),
+            first.len(),
+            a.second.display(),
+            second.len(),
+            a.output.display()
+        );
+    }
     out.meta = serde_json::json!({
         "op": op,
         "a": a.first.display().to_string(),
@@ -219,7 +232,13 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
             ImportanceArg::Exact => ImportanceKind::Exact,
             ImportanceArg::Proxy => ImportanceKind::Proxy,
         },
-        selection: Selection::Epsilon(0.0),
+        // ε and the pooled k are checked before the model is loaded; the per-kind rule
+        // needs the model's widths (a placeholder until then).
+        selection: match (a.top_k, a.epsilon) {
+            (_, Some(e)) => Selection::Epsilon(e),
+            (Some(k), None) => Selection::TopK(k),
+            (None, None) => Selection::Epsilon(0.0),
+        },
         tokens: match a.tokens {
             TokensArg::All => TokenScope::All,
             TokensArg::Content => TokenScope::Content,
@@ -272,7 +291,8 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
             a.top_k_ffn,
         ),
     };
-    cfg.validate()?;
+    // k is checked against the model's widths: a k at or above them would keep everything.
+    cfg.validate_for(mc)?;
     let rows = realign::data::load_source(&a.corpus)
         .with_context(|| format!("loading the corpus {}", a.corpus))?;
     let bar = ProgressBar::new(0);
@@ -344,10 +364,23 @@ fn overlap_cmd(a: OverlapArgs) -> anyhow::Result<()> {
         "|A∩B|/|B|",
         "|A∩B|/|A|"
     );
+    // A ratio over an empty set (NaN in the report) is not a number: n/a, not 0 or NaN.
+    let ratio = |r: f64| {
+        if r.is_finite() {
+            format!("{r:.4}")
+        } else {
+            "n/a".to_string()
+        }
+    };
     for e in report.kinds.iter().chain([&report.overall]) {
         println!(
-            "{:<10} {:>8} {:>8} {:>8} {:>10.4} {:>10.4}",
-            e.kind, e.a, e.b, e.intersection, e.ratio_of_b, e.ratio_of_a
+            "{:<10} {:>8} {:>8} {:>8} {:>10} {:>10}",
+            e.kind,
+            e.a,
+            e.b,
+            e.intersection,
+            ratio(e.ratio_of_b),
+            ratio(e.ratio_of_a)
         );
     }
     Ok(())

@@ -127,7 +127,7 @@ fn load(
 }
 
 fn rows(spec: &str, limit: usize) -> anyhow::Result<Vec<Row>> {
-    if spec.is_empty() || spec == "none" {
+    if is_none(spec) {
         return Ok(Vec::new());
     }
     let mut rows = load_source(spec).with_context(|| format!("loading {spec}"))?;
@@ -137,17 +137,33 @@ fn rows(spec: &str, limit: usize) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Whether a source flag (`--harmful`, `--task`, `--ppl-text`) is switched off.
+fn is_none(spec: &str) -> bool {
+    spec.is_empty() || spec == "none"
+}
+
+/// Runs `realign neurons deactivate`: the flags and the set file are checked before the model
+/// is loaded.
 pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
+    // Without -o, --write alone writes the model and measures nothing; otherwise the check runs.
+    let evaluates = a.write.is_none() || a.output.is_some();
+    if evaluates && is_none(&a.harmful) && is_none(&a.task) && is_none(&a.ppl_text) {
+        anyhow::bail!(
+            "nothing to measure: --harmful, --task and --ppl-text are all none (give one, or \
+             --write DIR without -o to only write the deactivated model)"
+        );
+    }
     for p in a.output.iter().chain(&a.write) {
         realign::fsutil::refuse_existing(p, a.overwrite)?;
     }
+    // An empty set would write an unchanged copy or a Table 1 of 0 neurons.
+    let set = NeuronSet::load_nonempty(&a.set)?;
     let (
         path,
         LoadedModel {
             model, tokenizer, ..
         },
     ) = load(a.model, &a.adapters, &a.device, a.dtype)?;
-    let set = NeuronSet::load(&a.set)?;
     if let Some(dir) = &a.write {
         let chosen = if a.random_like {
             random_like(&set, a.seed)
@@ -219,7 +235,7 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
         .take(a.ppl_rows)
         .map(|r| r.prompt().plain_text())
         .collect();
-    if !a.ppl_text.is_empty() && a.ppl_text != "none" && a.ppl_rows > 0 && ppl_texts.is_empty() {
+    if !is_none(&a.ppl_text) && a.ppl_rows > 0 && ppl_texts.is_empty() {
         anyhow::bail!(
             "--ppl-text {}: no row at --ppl-offset {}",
             a.ppl_text,
@@ -398,23 +414,9 @@ pub struct SnTuneArgs {
     dtype: realign::model::StorageDtype,
 }
 
+/// Runs `realign sn-tune`: the settings and the set files are checked before the model is
+/// loaded, and a run that diverges writes nothing.
 pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
-    realign::fsutil::refuse_existing(&a.output, a.overwrite)?;
-    let (
-        path,
-        LoadedModel {
-            model, tokenizer, ..
-        },
-    ) = load(a.model, &a.adapters, &a.device, a.dtype)?;
-    let safety = NeuronSet::load(&a.set)?;
-    let (set, excluded) = match &a.exclude {
-        Some(p) => {
-            let foundation = NeuronSet::load(p)?;
-            (rsn_tune_set(&safety, &foundation)?, Some(foundation.len()))
-        }
-        None => (safety.clone(), None),
-    };
-    let docs = rows(&a.data, 0)?;
     let cfg = SnTuneConfig {
         epochs: a.epochs,
         lr: a.lr,
@@ -427,6 +429,30 @@ pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
         max_steps: a.max_steps,
         ..Default::default()
     };
+    cfg.validate()?;
+    realign::fsutil::refuse_existing(&a.output, a.overwrite)?;
+    let safety = NeuronSet::load_nonempty(&a.set)?;
+    let foundation = a.exclude.as_deref().map(NeuronSet::load).transpose()?;
+    let (set, excluded) = match &foundation {
+        Some(foundation) => (rsn_tune_set(&safety, foundation)?, Some(foundation.len())),
+        None => (safety.clone(), None),
+    };
+    if set.is_empty() {
+        anyhow::bail!(
+            "every neuron of {} is in --exclude {}: RSN-Tune would train nothing",
+            a.set.display(),
+            a.exclude
+                .as_deref()
+                .map_or(String::new(), |p| p.display().to_string())
+        );
+    }
+    let (
+        path,
+        LoadedModel {
+            model, tokenizer, ..
+        },
+    ) = load(a.model, &a.adapters, &a.device, a.dtype)?;
+    let docs = rows(&a.data, 0)?;
     let outcome = sn_tune(model, &tokenizer, &set, &docs, &cfg)?;
     let extra = serde_json::json!({
         "method": if excluded.is_some() { "rsn-tune" } else { "sn-tune" },

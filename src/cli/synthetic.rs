@@ -23,7 +23,8 @@ pub struct Args {
     /// Largest safetensors shard, in GB (10^9 bytes)
     #[arg(long, default_value_t = 5.0)]
     shard_size_gb: f64,
-    /// Rank of the LoRA adapter on all seven linear modules (alpha = 2 r); 0 for none
+    /// Rank of the LoRA adapter on all seven linear modules (alpha = 2 r); 0 for none; at
+    /// most min(out, in) of the smallest module (32 for tiny, 1024 for llama3-8b)
     #[arg(long, default_value_t = 16)]
     adapter_rank: usize,
     /// Model (folder or GGUF) whose tokenizer the checkpoint gets [default: the embedded
@@ -44,15 +45,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.shard_size_gb
         );
     }
-    let tok_path = super::model_path(a.tokenizer)?;
-    let tokenizer = super::data::load_tokenizer(&tok_path)
-        .with_context(|| format!("loading the tokenizer of {}", tok_path.display()))?;
     let opts = SyntheticConfig {
         shape: a.shape,
         seed: a.seed,
         shard_bytes: (a.shard_size_gb * 1e9) as u64,
         adapter_rank: a.adapter_rank,
     };
+    // The sizes first: a rank of 10^8 would allocate tens of GB before anything is written.
+    opts.validate()?;
+    let tok_path = super::model_path(a.tokenizer)?;
+    let tokenizer = super::data::load_tokenizer(&tok_path)
+        .with_context(|| format!("loading the tokenizer of {}", tok_path.display()))?;
     let bar =
         indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     bar.set_style(

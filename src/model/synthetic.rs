@@ -30,6 +30,43 @@ pub enum SyntheticShape {
 }
 
 impl SyntheticShape {
+    /// The shape's name on the command line (`llama3-8b`, `tiny`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama3_8b => "llama3-8b",
+            Self::Tiny => "tiny",
+        }
+    }
+
+    /// The largest LoRA rank that means something on every adapted matrix of the shape:
+    /// `min(out, in)` of the smallest (k_proj and v_proj; 32 for `tiny`, 1024 for
+    /// `llama3-8b`), with the module and its `[out, in]`.
+    pub fn max_adapter_rank(self) -> crate::Result<(usize, &'static str, (usize, usize))> {
+        let cfg = self.parsed_config(0)?;
+        let mut best = (usize::MAX, "", (0, 0));
+        for m in super::LINEAR_MODULES {
+            if let Some((o, i)) = cfg.linear_shape(m) {
+                if o.min(i) < best.0 {
+                    best = (o.min(i), m, (o, i));
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    /// The parsed [`config`](Self::config) of the shape for a tokenizer of `tok_vocab` ids.
+    fn parsed_config(self, tok_vocab: usize) -> crate::Result<super::Config> {
+        // The vocabulary does not change the linear shapes; a placeholder keeps it parseable.
+        let vocab = tok_vocab.max(1);
+        super::Config::from_hf_json(&self.config(vocab)).map_err(|reason| {
+            super::ModelError::BadConfig {
+                path: format!("<synthetic {} config.json>", self.name()).into(),
+                reason,
+            }
+            .into()
+        })
+    }
+
     /// `config.json` of the shape (without token ids), for a tokenizer of `tok_vocab` ids.
     fn config(self, tok_vocab: usize) -> Value {
         let (h, mlp, layers, heads, kv, vocab, pos, theta) = match self {
@@ -69,6 +106,26 @@ pub struct SyntheticConfig {
     pub shard_bytes: u64,
     /// Rank of the adapter (alpha = 2 r); 0 writes none.
     pub adapter_rank: usize,
+}
+
+impl SyntheticConfig {
+    /// Checks the sizes before anything is allocated or written: `adapter_rank` 0 (no
+    /// adapter) or 1 to the shape's [`max_adapter_rank`](SyntheticShape::max_adapter_rank)
+    /// (`--adapter-rank 100000000: must be 0 (no adapter) or 1 to 32 for shape tiny …`).
+    pub fn validate(&self) -> crate::Result<()> {
+        let (max, module, (o, i)) = self.shape.max_adapter_rank()?;
+        if self.adapter_rank > max {
+            return Err(super::ModelError::Input(format!(
+                "--adapter-rank {}: must be 0 (no adapter) or 1 to {max} for shape {} (its \
+                 smallest adapted matrix, {module}, is {o} x {i}; a LoRA rank above \
+                 min(out, in) adds nothing)",
+                self.adapter_rank,
+                self.shape.name()
+            ))
+            .into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for SyntheticConfig {
@@ -137,6 +194,7 @@ pub fn write(
     mut progress: impl FnMut(u64, u64),
 ) -> crate::Result<SyntheticReport> {
     let start = std::time::Instant::now();
+    opts.validate()?;
     let mut config = opts.shape.config(tokenizer.vocab_size());
     if let Some(id) = tokenizer.bos_token_id() {
         config["bos_token_id"] = json!(id);
@@ -168,6 +226,19 @@ pub fn write(
         }
         used += bytes;
     }
+
+    // The adapter: A [r, in] and B [out, r] in f32 for every linear module of every layer.
+    let adapter_bytes: u64 = if opts.adapter_rank > 0 {
+        let per_layer: u64 = super::LINEAR_MODULES
+            .iter()
+            .filter_map(|m| cfg.linear_shape(m))
+            .map(|(o, i)| (o + i) as u64)
+            .sum();
+        4 * opts.adapter_rank as u64 * per_layer * cfg.num_hidden_layers as u64
+    } else {
+        0
+    };
+    check_free_space(dir, total, adapter_bytes)?;
 
     let staged = crate::fsutil::StagedDir::new(dir, overwrite)?;
     let model_dir = staged.path().join("model");
@@ -274,6 +345,65 @@ pub fn write(
     Ok(report)
 }
 
+/// Refuses, before anything is written, an output whose model (`model_bytes`) and adapter
+/// (`adapter_bytes`), plus 64 MiB for the tokenizer and the JSON files, do not fit in the free
+/// space of the filesystem `dir` would be on (its nearest existing ancestor's). Where the free
+/// space cannot be read, nothing is refused.
+fn check_free_space(dir: &Path, model_bytes: u64, adapter_bytes: u64) -> crate::Result<()> {
+    const SLACK: u64 = 64 << 20;
+    let need = model_bytes + adapter_bytes + SLACK;
+    let Some((at, free)) = free_space(dir) else {
+        return Ok(());
+    };
+    if need <= free {
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    Err(crate::Error::io(
+        dir,
+        std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "needs about {:.2} GB (model {:.2} GB, adapter {:.2} GB, 0.07 GB of tokenizer \
+                 and JSON) but {} has only {:.2} GB free (nothing was written)",
+                gb(need),
+                gb(model_bytes),
+                gb(adapter_bytes),
+                at.display(),
+                gb(free)
+            ),
+        ),
+    ))
+}
+
+/// The bytes an unprivileged user may still write on the filesystem of `path`'s nearest
+/// existing ancestor (`statvfs`: `f_bavail · f_frsize`), and that ancestor.
+#[cfg(unix)]
+fn free_space(path: &Path) -> Option<(PathBuf, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let abs = std::path::absolute(path).ok()?;
+    let at = abs.ancestors().find(|p| p.exists())?.to_path_buf();
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs; the struct is read
+    // only when the call reports success (it is then fully written).
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    Some((at, free))
+}
+
+/// Free space is not checked off Unix.
+#[cfg(not(unix))]
+fn free_space(_: &Path) -> Option<(PathBuf, u64)> {
+    None
+}
+
 /// `count` bf16 values: 1.0 for a norm, else uniform in ±0.02·√3 (standard deviation 0.02).
 fn write_bf16_values(
     out: &mut impl Write,
@@ -353,4 +483,57 @@ fn adapter_for(cfg: &super::Config, r: usize, seed: u64) -> crate::Result<Adapte
         modules,
         source: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_space_refuses_what_does_not_fit_with_the_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("not/yet/sy");
+        // the nearest existing ancestor is measured; a small output fits
+        let (at, free) = free_space(&out).unwrap();
+        assert_eq!(at, std::path::absolute(dir.path()).unwrap());
+        assert!(free > 0);
+        check_free_space(&out, 1000, 1000).unwrap();
+        let e = check_free_space(&out, free, 4_000_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("{}: needs about ", out.display())),
+            "{e}"
+        );
+        assert!(
+            e.contains(", adapter 4.00 GB,") && e.contains("GB free"),
+            "{e}"
+        );
+        assert!(!out.exists() && !dir.path().join("not").exists());
+    }
+
+    #[test]
+    fn adapter_rank_is_bounded_by_the_smallest_matrix() {
+        assert_eq!(
+            SyntheticShape::Tiny.max_adapter_rank().unwrap(),
+            (32, "self_attn.k_proj", (32, 64))
+        );
+        assert_eq!(
+            SyntheticShape::Llama3_8b.max_adapter_rank().unwrap().0,
+            1024
+        );
+        let cfg = |adapter_rank| SyntheticConfig {
+            shape: SyntheticShape::Tiny,
+            adapter_rank,
+            ..Default::default()
+        };
+        for ok in [0, 1, 32] {
+            cfg(ok).validate().unwrap();
+        }
+        let e = cfg(33).validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("--adapter-rank 33: must be 0 (no adapter) or 1 to 32 for shape tiny"),
+            "{e}"
+        );
+    }
 }

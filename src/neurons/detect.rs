@@ -171,9 +171,11 @@ impl DetectConfig {
     /// Checks the ranges of the settings.
     pub fn validate(&self) -> Result<(), NeuronError> {
         match self.selection {
-            Selection::Epsilon(e) if !e.is_finite() => {
+            // Importances are norms (>= 0): a negative ε would select every neuron.
+            Selection::Epsilon(e) if !(e.is_finite() && e >= 0.0) => {
                 return Err(NeuronError::Invalid(format!(
-                    "--epsilon {e}: must be a finite number"
+                    "--epsilon {}: must be a finite number >= 0",
+                    crate::train::config::fmt_num(e)
                 )))
             }
             Selection::TopK(0) => {
@@ -198,6 +200,61 @@ impl DetectConfig {
             return Err(NeuronError::Invalid(
                 "--max-length 0: must be at least 1".into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// [`validate`](Self::validate), and that a top-k rule keeps fewer neurons than the
+    /// model's layers have to rank (a k at or above the width would select every neuron of
+    /// every prompt): `--top-k` below the neurons of a layer (q, k, v, o and FFN units),
+    /// `--top-k-attn` below q_proj's rows, `--top-k-ffn` below the FFN's units.
+    pub fn validate_for(&self, model: &crate::model::Config) -> Result<(), NeuronError> {
+        self.validate()?;
+        let len = |local: &str| {
+            let (out, inp) = model.linear_shape(local).unwrap_or((0, 0));
+            match Axis::for_module(local) {
+                Axis::Row => out,
+                Axis::Column => inp,
+            }
+        };
+        let too_big = |flag: &str, k: usize, what: String| {
+            Err(NeuronError::Invalid(format!(
+                "{flag} {k}: {what}; k must be below that"
+            )))
+        };
+        let ffn = len("mlp.gate_proj");
+        match self.selection {
+            Selection::TopK(k) => {
+                let layer = LINEAR_MODULES[..4].iter().map(|m| len(m)).sum::<usize>() + ffn;
+                if k >= layer {
+                    return too_big(
+                        "--top-k",
+                        k,
+                        format!(
+                            "a layer of the model has {layer} neurons to rank (q, k, v, o \
+                             and FFN units)"
+                        ),
+                    );
+                }
+            }
+            Selection::PerKind { attn, ffn: k } => {
+                let q = len("self_attn.q_proj");
+                if attn >= q {
+                    return too_big(
+                        "--top-k-attn",
+                        attn,
+                        format!("the model's q_proj has {q} rows per layer"),
+                    );
+                }
+                if k >= ffn {
+                    return too_big(
+                        "--top-k-ffn",
+                        k,
+                        format!("the model's FFN has {ffn} units per layer"),
+                    );
+                }
+            }
+            Selection::Epsilon(_) => {}
         }
         Ok(())
     }
@@ -577,7 +634,7 @@ pub fn detect(
     cfg: &DetectConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> crate::Result<(NeuronSet, DetectReport)> {
-    cfg.validate()?;
+    cfg.validate_for(model.config())?;
     let start = Instant::now();
     let imp = NeuronImportance::new(model, cfg.importance)?;
     let rows = &rows[..cfg.limit.map_or(rows.len(), |n| n.min(rows.len()))];
@@ -736,9 +793,10 @@ pub struct OverlapEntry {
     pub b: usize,
     /// `|A ∩ B|`.
     pub intersection: usize,
-    /// The paper's ratio `|A ∩ B| / |B|` (§2.3; 0 when B is empty).
+    /// The paper's ratio `|A ∩ B| / |B|` (§2.3); NaN (JSON `null`) when B is empty: there
+    /// is no ratio over nothing.
     pub ratio_of_b: f64,
-    /// `|A ∩ B| / |A|` (0 when A is empty).
+    /// `|A ∩ B| / |A|`; NaN (JSON `null`) when A is empty.
     pub ratio_of_a: f64,
 }
 
@@ -765,8 +823,16 @@ pub fn overlap(a: &NeuronSet, b: &NeuronSet) -> Result<OverlapReport, NeuronErro
         a,
         b,
         intersection: i,
-        ratio_of_b: if b == 0 { 0.0 } else { i as f64 / b as f64 },
-        ratio_of_a: if a == 0 { 0.0 } else { i as f64 / a as f64 },
+        ratio_of_b: if b == 0 {
+            f64::NAN
+        } else {
+            i as f64 / b as f64
+        },
+        ratio_of_a: if a == 0 {
+            f64::NAN
+        } else {
+            i as f64 / a as f64
+        },
     };
     let kinds = ca
         .pairs()

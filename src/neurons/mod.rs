@@ -68,4 +68,24 @@ pub enum NeuronError {
     /// A bad option value.
     #[error("{0}")]
     Invalid(String),
+    /// A well-formed set file that cannot be used: empty where neurons are needed, or listing
+    /// a module twice.
+    #[error("{path}: {what}")]
+    BadSet {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (`the set is empty`, `module … is listed twice`).
+        what: String,
+    },
+    /// SN-Tune's loss or gradient norm became NaN or infinite (or its deltas did): the run
+    /// stops and writes no model.
+    #[error("SN-Tune diverged at step {step} ({what}); lower --lr ({lr})")]
+    Diverged {
+        /// The optimizer step (1-based).
+        step: usize,
+        /// What is not finite, with its value (`loss NaN`, `gradient norm inf`).
+        what: String,
+        /// The run's peak learning rate, as a message writes it.
+        lr: String,
+    },
 }

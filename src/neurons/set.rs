@@ -33,6 +33,14 @@ pub enum Axis {
 }
 
 impl Axis {
+    /// `row` or `column`, as the set file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Axis::Row => "row",
+            Axis::Column => "column",
+        }
+    }
+
     /// The axis the paper uses for a module's neurons: columns for `o_proj` and `down_proj`
     /// (their input is the unit that is switched off), rows for the others.
     pub fn for_module(module: &str) -> Axis {
@@ -245,7 +253,19 @@ impl NeuronSet {
                 ),
             });
         }
+        let mut seen = std::collections::BTreeSet::new();
         for m in &file.set.modules {
+            // A module listed twice would be counted twice by every count, overlap and check.
+            if !seen.insert((m.module.as_str(), m.axis)) {
+                return Err(NeuronError::BadSet {
+                    path: path.to_path_buf(),
+                    what: format!(
+                        "module {} (axis {}) is listed twice",
+                        m.module,
+                        m.axis.name()
+                    ),
+                });
+            }
             if let Some(&bad) = m.indices.iter().find(|&&i| i as usize >= m.axis_len()) {
                 return Err(NeuronError::Format {
                     path: path.to_path_buf(),
@@ -257,6 +277,20 @@ impl NeuronSet {
             }
         }
         Ok(NeuronSet::new(file.set.meta, file.set.modules))
+    }
+
+    /// [`load`](Self::load), refusing a set with no neuron (`S.json: the set is empty`): for
+    /// the commands that zero, train or combine neurons, where an empty set would silently do
+    /// nothing.
+    pub fn load_nonempty(path: &Path) -> Result<NeuronSet, NeuronError> {
+        let set = Self::load(path)?;
+        if set.is_empty() {
+            return Err(NeuronError::BadSet {
+                path: path.to_path_buf(),
+                what: "the set is empty".into(),
+            });
+        }
+        Ok(set)
     }
 
     /// The bytes of the set file (pretty JSON; equal sets give equal bytes).
@@ -333,6 +367,35 @@ mod tests {
         assert_eq!(a.difference(&b).unwrap().modules[0].indices, vec![0, 1]);
         assert!((a.overlap(&b).unwrap() - 0.5).abs() < 1e-12);
         assert!((b.overlap(&a).unwrap() - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_module_listed_twice_and_an_empty_set_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dupmod.json");
+        let mut set = NeuronSet::new(
+            serde_json::Value::Null,
+            vec![m("model.layers.0.mlp.down_proj", &[1])],
+        );
+        set.modules.push(m("model.layers.0.mlp.down_proj", &[2]));
+        std::fs::write(&p, set.to_json()).unwrap();
+        let e = NeuronSet::load(&p).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "dupmod.json: module model.layers.0.mlp.down_proj (axis column) is listed twice"
+            ),
+            "{e}"
+        );
+        // the same module on the other axis is a different entry
+        set.modules[1].axis = Axis::Row;
+        std::fs::write(&p, set.to_json()).unwrap();
+        assert_eq!(NeuronSet::load(&p).unwrap().len(), 2);
+
+        let empty = dir.path().join("S.json");
+        NeuronSet::default().save(&empty).unwrap();
+        assert!(NeuronSet::load(&empty).unwrap().is_empty());
+        let e = NeuronSet::load_nonempty(&empty).unwrap_err().to_string();
+        assert!(e.ends_with("S.json: the set is empty"), "{e}");
     }
 
     #[test]

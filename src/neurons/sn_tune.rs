@@ -29,6 +29,7 @@ use crate::adapters::LoraModule;
 use crate::data::{encode_pair, render_prompt, Encoded, PromptTemplate, Row};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
+use crate::train::config::fmt_num;
 use crate::train::trainer::forward_logprobs;
 use crate::train::{clip_grad_norm, collect_grads, lr_at, AdamW, AdamWParams, Schedule, StepLog};
 
@@ -83,6 +84,54 @@ impl Default for SnTuneConfig {
     }
 }
 
+impl SnTuneConfig {
+    /// Checks every setting that could not train, or would write an untrained or broken
+    /// model: `epochs`, `batch_size` at least 1, `lr` a finite number > 0, `max_grad_norm` and
+    /// `weight_decay` finite and >= 0 (a clip of 0 is no clipping), `warmup_ratio` in [0, 1],
+    /// `max_length` at least 2. The message names the `realign sn-tune` flag and the value
+    /// (`--lr must be a finite number > 0 (got -1)`). [`sn_tune`] calls it first.
+    pub fn validate(&self) -> Result<(), NeuronError> {
+        let bad = |m: String| Err(NeuronError::Invalid(m));
+        if self.epochs == 0 {
+            return bad("--epochs must be at least 1 (got 0)".into());
+        }
+        if self.batch_size == 0 {
+            return bad("--batch-size must be at least 1 (got 0)".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!(
+                "--lr must be a finite number > 0 (got {})",
+                fmt_num(self.lr)
+            ));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad(format!(
+                "--max-grad-norm must be a finite number >= 0, 0 for no clipping (got {})",
+                fmt_num(self.max_grad_norm)
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "weight_decay must be a finite number >= 0 (got {})",
+                fmt_num(self.weight_decay)
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad(format!(
+                "--warmup-ratio must be in [0, 1] (got {})",
+                fmt_num(self.warmup_ratio)
+            ));
+        }
+        if self.max_length < 2 {
+            return bad(format!(
+                "--max-length must be at least 2 (got {})",
+                self.max_length
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One selected module's trainable delta.
 #[derive(Debug, Clone)]
 pub struct NeuronDelta {
@@ -101,11 +150,7 @@ pub struct NeuronDelta {
 impl NeuronDelta {
     /// The optimizer's name for the delta: `{module}.sn_delta.{row|column}`.
     pub fn var_name(&self) -> String {
-        let axis = match self.axis {
-            Axis::Row => "row",
-            Axis::Column => "column",
-        };
-        format!("{}.sn_delta.{axis}", self.module)
+        format!("{}.sn_delta.{}", self.module, self.axis.name())
     }
 
     /// The delta as an unmerged LoRA pair (`A [k, in]`, `B [out, k]`, scale 1).
@@ -330,9 +375,7 @@ pub fn sn_tune(
     cfg: &SnTuneConfig,
 ) -> crate::Result<SnTuneOutcome> {
     let started = Instant::now();
-    if cfg.batch_size == 0 {
-        return Err(NeuronError::Invalid("batch_size must be at least 1".into()).into());
-    }
+    cfg.validate()?;
     if set.is_empty() {
         return Err(
             NeuronError::Invalid("the neuron set is empty: nothing to train".into()).into(),
@@ -378,6 +421,16 @@ pub fn sn_tune(
             let t0 = Instant::now();
             let seqs: Vec<&Encoded> = batch.iter().map(|&i| &examples[i]).collect();
             let (loss, tokens) = sft_loss(&train_model, &seqs, pad)?;
+            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // A NaN or infinite loss or gradient would poison every delta it updates: stop
+            // before the update, naming the step and the learning rate.
+            if !loss_value.is_finite() {
+                return Err(diverged(
+                    step + 1,
+                    format!("loss {}", fmt_num(loss_value)),
+                    cfg,
+                ));
+            }
             let mut grads = collect_grads(&loss.backward()?, &vars);
             let limit = if cfg.max_grad_norm > 0.0 {
                 cfg.max_grad_norm
@@ -385,6 +438,13 @@ pub fn sn_tune(
                 f64::INFINITY
             };
             let grad_norm = clip_grad_norm(&mut grads, limit)?;
+            if !grad_norm.is_finite() {
+                return Err(diverged(
+                    step + 1,
+                    format!("gradient norm {}", fmt_num(grad_norm)),
+                    cfg,
+                ));
+            }
             let lr = lr_at(cfg.schedule, cfg.lr, step, warmup, total);
             opt.params.lr = lr;
             opt.step(&grads)?;
@@ -392,7 +452,7 @@ pub fn sn_tune(
             log.push(StepLog {
                 step,
                 epoch,
-                loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                loss: loss_value,
                 lr,
                 grad_norm,
                 tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64(),
@@ -400,6 +460,25 @@ pub fn sn_tune(
         }
     }
     drop(train_model);
+    // The last update may have made a delta infinite although its loss was finite.
+    for d in &deltas.modules {
+        let t = d.delta.as_tensor();
+        let finite = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite());
+        if !finite {
+            return Err(diverged(
+                step,
+                format!(
+                    "{} has NaN or infinite values after the update",
+                    d.var_name()
+                ),
+                cfg,
+            ));
+        }
+    }
     deltas.merge_into(&mut model)?;
     let report = SnTuneReport {
         config: cfg.clone(),
@@ -418,6 +497,16 @@ pub fn sn_tune(
         deltas,
         report,
     })
+}
+
+/// The divergence error of step `step` (1-based).
+fn diverged(step: usize, what: String, cfg: &SnTuneConfig) -> crate::Error {
+    NeuronError::Diverged {
+        step,
+        what,
+        lr: fmt_num(cfg.lr),
+    }
+    .into()
 }
 
 /// Writes the tuned model as a Hugging Face folder at `dir` ([`crate::model::export_hf_with`])
