@@ -469,9 +469,19 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
     );
     let imp = NeuronImportance::new(&loaded.model, ImportanceKind::Exact)?;
     let vocab = loaded.model.config().vocab_size as u32;
+    let positions = loaded.model.config().max_position_embeddings;
     for len in [64usize, 256, 1024] {
+        if len > positions {
+            eprintln!(
+                "bench neurons: no {len}-token prompt (the model reads {positions} positions)"
+            );
+            continue;
+        }
         let ids: Vec<u32> = (0..len as u32)
-            .map(|i| 100 + (i.wrapping_mul(2_654_435_761) % (vocab - 100)))
+            .map(|i| {
+                100.min(vocab - 1)
+                    + (i.wrapping_mul(2_654_435_761) % vocab.saturating_sub(100).max(1))
+            })
             .collect();
         // The forward pass alone first: its [heads, l, l] attention tensors are the part of
         // the peak that grows with l^2 and is not the importance computation's.
