@@ -540,9 +540,11 @@ impl StageTrain {
     }
 
     /// Checks the training settings of the stage `name` (`align.sft`, ...): every count at
-    /// least 1, `max_length` at least 2, the learning rate and the objective's parameters
-    /// finite and positive (SimPO's margin may be 0), no parameter of another objective, the
-    /// warmup a fraction.
+    /// least 1, `max_length` at least 2, the learning rate finite and positive, the
+    /// objective's parameters by `realign train`'s rule
+    /// ([`Objective::validate`](crate::train::objectives::Objective::validate): ORPO's λ and
+    /// SimPO's margin may be 0), no parameter of another objective (but `beta`, which the
+    /// default stages carry and SFT/ORPO ignore), the warmup a fraction.
     fn validate(&self, name: &str) -> Result<(), String> {
         for (key, v) in [
             ("r", self.r),
@@ -597,17 +599,13 @@ impl StageTrain {
                     }
                 ));
             }
-            // SimPO's margin may be 0 (no margin); every other parameter is a weight or a
-            // temperature.
-            let ok = v.is_finite() && (v > 0.0 || (key == "gamma" && v == 0.0));
-            if !ok {
-                return Err(format!(
-                    "{name}.{key} = {v} is not a finite number > 0{}",
-                    if key == "gamma" { " (or 0)" } else { "" }
-                ));
-            }
         }
-        self.objective().map_err(|e| format!("{name}: {e}"))?;
+        // The parameters' values by the rule `realign train` applies (one rule, in
+        // `Objective::validate`): ORPO's λ and SimPO's γ ≥ 0, every other one > 0.
+        self.objective()
+            .map_err(|e| format!("{name}: {e}"))?
+            .validate()
+            .map_err(|e| format!("{name}.{e}"))?;
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return Err(format!(
                 "{name}.warmup_ratio = {} is outside [0, 1]",
@@ -1217,12 +1215,16 @@ mod tests {
                 "align.dpo.gamma = 1 is not a parameter of method \"orpo\" (its parameters: lambda)",
             ),
             (
-                "method = \"orpo\"\nlambda = 0",
-                "align.dpo.lambda = 0 is not a finite number > 0",
+                "method = \"orpo\"\nlambda = -0.5",
+                "align.dpo.lambda = -0.5 must be a finite number ≥ 0",
             ),
             (
                 "method = \"simpo\"\ngamma = -1",
-                "align.dpo.gamma = -1 is not a finite number > 0 (or 0)",
+                "align.dpo.gamma = -1 must be a finite number ≥ 0",
+            ),
+            (
+                "method = \"kto\"\nlambda_d = 0",
+                "align.dpo.lambda_d = 0 must be a finite number > 0",
             ),
             (
                 "method = \"ipo\"",
