@@ -126,7 +126,7 @@ pub fn forward(model: &Model, repeats: usize, mut out: impl FnMut(Figure)) -> cr
 
     // A long prompt: attention's share grows with the length (each query sees its earlier
     // keys only, which `model::prefill_attention` exploits). At most the model's positions.
-    let (lb, ls) = (2, 1024.min(model.config().max_position_embeddings));
+    let (lb, ls) = (2, 1024.min(model.config().positions()));
     let long = Tensor::from_vec(random_ids(&mut rng, lb * ls, vocab), (lb, ls), dev)?;
     let secs = last_logits(&long)?;
     out(figure(

@@ -128,9 +128,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let limit = max_positions(&model);
     if input_ids.len() >= limit {
         anyhow::bail!(
-            "the prompt has {} tokens, but the model's max_position_embeddings is {limit}: no \
-             room for a reply (--max-new-tokens {}); shorten the prompt",
+            "the prompt has {} tokens, but the model's {}: no room for a reply \
+             (--max-new-tokens {}); shorten the prompt",
             input_ids.len(),
+            model.config().positions_limit(),
             a.max_new_tokens
         );
     }
@@ -139,8 +140,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         && input_ids.len() + output_ids.len() >= limit
         && output_ids.last().is_none_or(|t| !cfg.stop_ids.contains(t));
     if stopped_by_context {
+        let bound = if model
+            .config()
+            .sliding_window
+            .as_ref()
+            .is_some_and(|w| w.size == limit)
+        {
+            "sliding_window"
+        } else {
+            "max_position_embeddings"
+        };
         eprintln!(
-            "warning: generation stopped at the model's max_position_embeddings ({limit}): the \
+            "warning: generation stopped at the model's {bound} ({limit}): the \
              prompt's {} tokens + {} new tokens (--max-new-tokens {} asked for more); the reply \
              is kept",
             input_ids.len(),

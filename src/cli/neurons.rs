@@ -469,7 +469,7 @@ pub fn bench(loaded: &LoadedModel, prompts: usize) -> anyhow::Result<()> {
     );
     let imp = NeuronImportance::new(&loaded.model, ImportanceKind::Exact)?;
     let vocab = loaded.model.config().vocab_size as u32;
-    let positions = loaded.model.config().max_position_embeddings;
+    let positions = loaded.model.config().positions();
     for len in [64usize, 256, 1024] {
         if len > positions {
             eprintln!(

@@ -15,7 +15,8 @@ use super::ModelError;
 pub enum Architecture {
     /// Llama 1/2/3, SmolLM2, TinyLlama.
     Llama,
-    /// Mistral (sliding window ignored: full causal attention).
+    /// Mistral (its sliding window, 4096 when `config.json` does not set one, bounds the
+    /// positions read: see [`Config::sliding_window`]).
     Mistral,
     /// Qwen2 / Qwen2.5: bias on q, k and v.
     Qwen2,
@@ -115,6 +116,22 @@ pub struct Config {
     pub mlp_bias: bool,
     /// Longest position the model was trained for.
     pub max_position_embeddings: usize,
+    /// Sliding-window attention, as transformers applies it (`None`: full causal attention in
+    /// every layer). The runtime computes full causal attention, which equals sliding-window
+    /// attention while every position is below the window; [`Config::positions`] therefore stops
+    /// at the window, so that a longer sequence is refused instead of computed differently.
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+/// Sliding-window attention: a query at position `q` attends to the keys at `k` with
+/// `q - size < k ≤ q`, in the layers listed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SlidingWindow {
+    /// Number of positions a query sees, itself included.
+    pub size: usize,
+    /// The layers (indices from 0, ascending) that use the window; the others attend to every
+    /// earlier position.
+    pub layers: Vec<usize>,
 }
 
 impl Config {
@@ -147,8 +164,11 @@ impl Config {
             format!("unsupported model_type {model_type:?} (supported: llama, mistral, qwen2)")
         })?;
         if let Some(act) = hf.hidden_act.as_deref() {
-            if act != "silu" {
-                return Err(format!("unsupported hidden_act {act:?} (only silu)"));
+            // transformers maps both names to the same SiLU.
+            if act != "silu" && act != "swish" {
+                return Err(format!(
+                    "unsupported hidden_act {act:?} (only silu, also named swish)"
+                ));
             }
         }
         let num_attention_heads = hf.num_attention_heads;
@@ -176,8 +196,11 @@ impl Config {
             Some(s) => rope_scaling_from_json(s)?,
         };
         let (qkv_bias, o_bias, mlp_bias) = match architecture {
+            // transformers' Qwen2 and Mistral layers fix their biases, whatever
+            // `attention_bias` / `mlp_bias` say.
             Architecture::Qwen2 => (true, false, false),
-            _ => {
+            Architecture::Mistral => (false, false, false),
+            Architecture::Llama => {
                 let b = hf.attention_bias.unwrap_or(false);
                 (b, b, hf.mlp_bias.unwrap_or(false))
             }
@@ -199,6 +222,7 @@ impl Config {
             o_bias,
             mlp_bias,
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
+            sliding_window: sliding_window_from_json(raw, architecture, hf.num_hidden_layers)?,
         };
         cfg.check()?;
         Ok(cfg)
@@ -257,6 +281,11 @@ impl Config {
             ));
         }
         positive("rope_theta", self.rope_theta)?;
+        if let Some(w) = &self.sliding_window {
+            if w.size == 0 {
+                return Err("sliding_window is 0; expected at least 1 position (or null)".into());
+            }
+        }
         match self.rope_scaling {
             RopeScaling::Default => {}
             RopeScaling::Linear { factor } => positive("rope scaling factor", factor)?,
@@ -276,6 +305,33 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The number of positions the runtime reads: `max_position_embeddings`, or the sliding
+    /// window when that is smaller (past it transformers would attend to a window only, and the
+    /// runtime's full causal attention would differ), at least 1 and at most 65 536 (the size of
+    /// the rotary tables).
+    pub fn positions(&self) -> usize {
+        let window = self.sliding_window.as_ref().map_or(usize::MAX, |w| w.size);
+        self.max_position_embeddings.min(window).clamp(1, 1 << 16)
+    }
+
+    /// Why [`Config::positions`] is what it is, for error messages: `max_position_embeddings is
+    /// N`, or the sliding window's sentence when the window is the bound.
+    pub fn positions_limit(&self) -> String {
+        match &self.sliding_window {
+            Some(w) if w.size < self.max_position_embeddings => format!(
+                "sliding_window is {}: attention past the window is not implemented, so at most \
+                 {} positions are read (max_position_embeddings is {})",
+                w.size,
+                self.positions(),
+                self.max_position_embeddings
+            ),
+            _ => format!(
+                "max_position_embeddings is {}",
+                self.max_position_embeddings
+            ),
+        }
     }
 
     /// Number of query heads sharing one key/value head.
@@ -336,6 +392,90 @@ pub const LINEAR_MODULES: [&str; 7] = [
     "mlp.up_proj",
     "mlp.down_proj",
 ];
+
+/// The sliding window transformers applies to `raw`'s model, with its defaults: Mistral slides
+/// in every layer, over `sliding_window` positions (4096 when the key is absent, none when it is
+/// `null`); Qwen2 only with `use_sliding_window: true` (default false), in the layers that
+/// `layer_types` marks `sliding_attention`, or else from layer `max_window_layers` (default 28)
+/// on. Llama has none.
+fn sliding_window_from_json(
+    raw: &Value,
+    architecture: Architecture,
+    num_layers: usize,
+) -> Result<Option<SlidingWindow>, String> {
+    let size = |default: Option<u64>| -> Result<Option<usize>, String> {
+        match raw.get("sliding_window") {
+            None => Ok(default.map(|d| d as usize)),
+            Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    format!("key `sliding_window`: expected a whole number of positions or null, got {v}")
+                }),
+        }
+    };
+    match architecture {
+        Architecture::Llama => Ok(None),
+        Architecture::Mistral => Ok(size(Some(4096))?.map(|size| SlidingWindow {
+            size,
+            layers: (0..num_layers).collect(),
+        })),
+        Architecture::Qwen2 => {
+            let used = match raw.get("use_sliding_window") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(format!(
+                        "key `use_sliding_window`: expected true or false, got {v}"
+                    ))
+                }
+            };
+            let Some(size) = size(Some(4096))?.filter(|_| used) else {
+                return Ok(None);
+            };
+            let layers: Vec<usize> = match raw.get("layer_types") {
+                Some(Value::Array(types)) => {
+                    if types.len() != num_layers {
+                        return Err(format!(
+                            "key `layer_types`: {} entries for {num_layers} layers",
+                            types.len()
+                        ));
+                    }
+                    let mut layers = Vec::new();
+                    for (i, t) in types.iter().enumerate() {
+                        match t.as_str() {
+                            Some("sliding_attention") => layers.push(i),
+                            Some("full_attention") => {}
+                            _ => {
+                                return Err(format!(
+                                    "key `layer_types[{i}]`: expected \"full_attention\" or \"sliding_attention\", got {t}"
+                                ))
+                            }
+                        }
+                    }
+                    layers
+                }
+                None | Some(Value::Null) => {
+                    let first = match raw.get("max_window_layers") {
+                        None | Some(Value::Null) => 28,
+                        Some(v) => v.as_u64().map_or(Err(format!(
+                            "key `max_window_layers`: expected a whole number of layers, got {v}"
+                        )), |n| Ok(usize::try_from(n).unwrap_or(usize::MAX)))?,
+                    };
+                    (first..num_layers).collect()
+                }
+                Some(v) => {
+                    return Err(format!(
+                        "key `layer_types`: expected a list of \"full_attention\" / \"sliding_attention\", got {v}"
+                    ))
+                }
+            };
+            Ok((!layers.is_empty()).then_some(SlidingWindow { size, layers }))
+        }
+    }
+}
 
 fn rope_scaling_from_json(s: &Value) -> Result<RopeScaling, String> {
     let kind = s

@@ -77,9 +77,9 @@ pub fn generate_continuous(
     let limit = max_positions(model);
     if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() >= limit) {
         return Err(super::ModelError::Input(format!(
-            "prompt {i} has {} tokens, but the model's max_position_embeddings is {limit}: no \
-             room for a reply",
-            p.len()
+            "prompt {i} has {} tokens, but the model's {}: no room for a reply",
+            p.len(),
+            model.config().positions_limit()
         ))
         .into());
     }

@@ -65,6 +65,31 @@ pub fn hf_config_json(cfg: &Config, tok: &Tokenizer, tied: bool) -> Value {
         c["attention_bias"] = json!(cfg.qkv_bias);
         c["mlp_bias"] = json!(cfg.mlp_bias);
     }
+    // Written explicitly: transformers' defaults (Mistral 4096, Qwen2 off) would otherwise give
+    // the folder a window its source did not have, or drop the one it had.
+    match (cfg.architecture, &cfg.sliding_window) {
+        (Architecture::Llama, _) => {}
+        (Architecture::Mistral, w) => c["sliding_window"] = json!(w.as_ref().map(|w| w.size)),
+        (Architecture::Qwen2, None) => {
+            c["use_sliding_window"] = json!(false);
+            c["sliding_window"] = Value::Null;
+        }
+        (Architecture::Qwen2, Some(w)) => {
+            c["use_sliding_window"] = json!(true);
+            c["sliding_window"] = json!(w.size);
+            c["max_window_layers"] = json!(w.layers.first().copied().unwrap_or(0));
+            let types: Vec<&str> = (0..cfg.num_hidden_layers)
+                .map(|i| {
+                    if w.layers.contains(&i) {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            c["layer_types"] = json!(types);
+        }
+    }
     if let Some(id) = tok.bos_token_id() {
         c["bos_token_id"] = json!(id);
     }

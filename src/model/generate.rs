@@ -166,11 +166,12 @@ pub(crate) fn rng_of(sampling: Sampling) -> Option<StdRng> {
     }
 }
 
-/// The number of positions `model` reads: its `max_position_embeddings` (at least 1, at most
-/// 65 536, the size of its rotary tables). A prompt and its reply together fit in this many
-/// tokens: [`generate`] stops a reply there.
+/// The number of positions `model` reads: its `max_position_embeddings`, or its sliding window
+/// when smaller (at least 1, at most 65 536, the size of its rotary tables; see
+/// [`Config::positions`](super::config::Config::positions)). A prompt and its reply together fit
+/// in this many tokens: [`generate`] stops a reply there.
 pub fn max_positions(model: &Model) -> usize {
-    model.config().max_position_embeddings.clamp(1, 1 << 16)
+    model.config().positions()
 }
 
 /// The next token of every row of `logits`: the argmax when greedy (or at temperature 0), else

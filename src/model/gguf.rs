@@ -111,6 +111,8 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> crate::Result<Config> {
         o_bias: false,
         mlp_bias: false,
         max_position_embeddings: meta_usize(c, path, &k("context_length")).unwrap_or(4096),
+        // llama.cpp's llama and qwen2 graphs attend to every earlier position.
+        sliding_window: None,
     };
     cfg.check().map_err(|reason| bad(path, reason))?;
     Ok(cfg)

@@ -413,7 +413,7 @@ impl Model {
         } else {
             linear(&mut w, "lm_head".into(), v, h, false)?
         };
-        let positions = cfg.max_position_embeddings.clamp(1, 1 << 16);
+        let positions = cfg.positions();
         let rope = Rope::new(&cfg, positions, device)?;
         Ok(Self {
             cfg,
@@ -589,8 +589,9 @@ impl Model {
         let max_pos = positions.max_all()?.to_scalar::<u32>()? as usize;
         if max_pos >= self.rope.max_positions() {
             return Err(super::ModelError::Input(format!(
-                "position {max_pos} is past the model's {} positions",
-                self.rope.max_positions()
+                "position {max_pos} is past the model's {} positions: {}",
+                self.rope.max_positions(),
+                self.cfg.positions_limit()
             ))
             .into());
         }

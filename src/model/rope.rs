@@ -206,6 +206,7 @@ mod tests {
             o_bias: false,
             mlp_bias: false,
             max_position_embeddings: 16,
+            sliding_window: None,
         }
     }
 
