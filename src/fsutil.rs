@@ -86,14 +86,14 @@ static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Registers a temporary output, to be removed if the process is interrupted before it is
 /// renamed into place.
-fn register(path: &Path) {
+pub(crate) fn register(path: &Path) {
     if let Ok(mut list) = IN_PROGRESS.lock() {
         list.push(path.to_path_buf());
     }
 }
 
 /// Forgets a temporary output (renamed into place, or removed).
-fn unregister(path: &Path) {
+pub(crate) fn unregister(path: &Path) {
     if let Ok(mut list) = IN_PROGRESS.lock() {
         list.retain(|p| p != path);
     }

@@ -346,3 +346,60 @@ fn an_interrupted_command_leaves_no_partial_output() {
     assert!(partials(&out).is_empty(), "{:?}", partials(&out));
     assert!(out.join("summary.json").exists());
 }
+
+/// Ctrl-C or SIGTERM while an experiment stage is being written removes the stage's
+/// `.partial` folder (it could never be resumed) and exits with 130; a rerun finishes to
+/// the same bytes as an uninterrupted run.
+#[test]
+fn an_interrupted_experiment_stage_leaves_no_partial_folder() {
+    if !common::assets_present(&[&realign::assets::data("adv_bench.prompt")]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let reference = dir.path().join("reference");
+    run_to_end(&cfg, &reference);
+    let reference = contents(&reference);
+    for (signal, out) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
+        let out = dir.path().join(out);
+        let child = experiment(&cfg, &out).spawn().unwrap();
+        let start = Instant::now();
+        let mut caught = false;
+        while start.elapsed() < Duration::from_secs(120) {
+            let names: Vec<String> = std::fs::read_dir(out.join("stages"))
+                .map(|e| {
+                    e.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if names.iter().filter(|n| !n.contains("partial")).count() >= 2
+                && names.iter().any(|n| n.ends_with(".partial"))
+            {
+                // SAFETY: sends a signal to the child this test spawned.
+                assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+                caught = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let o = child.wait_with_output().unwrap();
+        assert!(caught, "the run ended before a stage could be interrupted");
+        assert_eq!(
+            o.status.code(),
+            Some(130),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let left: Vec<String> = std::fs::read_dir(out.join("stages"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("partial"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(!out.join("report").exists());
+        run_to_end(&cfg, &out);
+        assert_same(&reference, &contents(&out), "interrupted and resumed run");
+    }
+}

@@ -717,3 +717,345 @@ fn every_shipped_experiment_file_validates() {
     }
     assert!(n >= 2, "only {n} experiment files in configs/");
 }
+
+/// An observer that keeps the names of the stages that ran (not taken from the cache).
+#[derive(Default)]
+struct Ran(Vec<String>);
+
+impl experiment::Observer for Ran {
+    fn plan(&mut self, _: usize) {}
+    fn stage_start(&mut self, _: usize, name: &str, cached: bool) {
+        if !cached {
+            self.0.push(name.to_string());
+        }
+    }
+    fn stage_progress(&mut self, _: usize, _: usize, _: &str) {}
+    fn stage_end(&mut self, _: &str, _: f64, _: &str) {}
+}
+
+/// Rewrites `path` with the ASCII letters of every row's first value case-swapped: same
+/// name, same size, same modification time, other content.
+fn edit_in_place(path: &Path) {
+    let meta = std::fs::metadata(path).unwrap();
+    let text = std::fs::read_to_string(path).unwrap();
+    let edited: String = text
+        .lines()
+        .map(|l| {
+            let start = l.find(":\"").map_or(l.len(), |i| i + 2);
+            let mut out = l[..start].to_string();
+            for (k, c) in l[start..].chars().enumerate() {
+                out.push(if k < 12 && c.is_ascii_alphabetic() {
+                    if c.is_ascii_lowercase() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                } else {
+                    c
+                });
+            }
+            out + "\n"
+        })
+        .collect();
+    assert_eq!(edited.len(), text.len());
+    assert_ne!(edited, text);
+    std::fs::write(path, edited).unwrap();
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(meta.modified().unwrap()).unwrap();
+}
+
+/// Antidote's realignment file and the general text that deactivation rows measure
+/// perplexity on are read by their stages: editing either in place (same name, size and
+/// mtime) reruns exactly the stages that read it and what depends on them, never reusing
+/// their stale numbers.
+#[test]
+fn data_files_edited_in_place_rerun_the_stages_that_read_them() {
+    if !common::assets_present(&[&realign::assets::data("adv_bench.prompt")]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exp");
+    let mut cfg = miniature(&out, true);
+    let antidote = dir.path().join("antidote.jsonl");
+    let general = dir.path().join("general.jsonl");
+    let write_rows = |path: &Path, source: &str, n: usize| {
+        let rows = realign::data::load_source(source).unwrap();
+        let text: String = rows
+            .iter()
+            .take(n)
+            .map(|r| {
+                serde_json::json!({"prompt": r.prompt().plain_text(), "completion": "Sure, here it is."})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(path, text).unwrap();
+    };
+    write_rows(&antidote, "embedded:harmful_attack", 6);
+    // past the rows detection reads: the perplexity rows start at PPL_OFFSET
+    write_rows(
+        &general,
+        "embedded:general_text",
+        realign::experiment::stages::PPL_OFFSET + 8,
+    );
+    cfg.baselines.antidote_data = antidote.display().to_string();
+    cfg.neurons.general = general.display().to_string();
+    experiment::run(&cfg, &mut Silent).unwrap();
+
+    let mut unchanged = Ran::default();
+    experiment::run(&cfg, &mut unchanged).unwrap();
+    assert!(
+        unchanged.0.is_empty(),
+        "nothing changed, yet {:?} ran",
+        unchanged.0
+    );
+
+    edit_in_place(&antidote);
+    let mut ran = Ran::default();
+    experiment::run(&cfg, &mut ran).unwrap();
+    let mut want: Vec<String> = ["p0.25", "p0.5", "p0.25-seed7", "p0.5-seed7"]
+        .iter()
+        .flat_map(|p| {
+            let eval = format!(
+                "eval-antidote-{}",
+                p.replace("p0", "p-0").replace("-seed7", "-seed-7")
+            );
+            [format!("antidote-{p}"), eval]
+        })
+        .collect();
+    let mut got = ran.0.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "after editing the Antidote data");
+
+    edit_in_place(&general);
+    let mut ran = Ran::default();
+    experiment::run(&cfg, &mut ran).unwrap();
+    for stage in [
+        "eval-aligned-deact-sn",
+        "eval-aligned-deact-r",
+        "eval-aligned-deact-r-draw-2",
+        "eval-aligned-deact-f",
+        "neurons-foundation",
+    ] {
+        assert!(
+            ran.0.iter().any(|s| s == stage),
+            "{stage} not rerun: {:?}",
+            ran.0
+        );
+    }
+    for stage in [
+        "sft",
+        "dpo",
+        "attack-p0.25",
+        "antidote-p0.25",
+        "eval-aligned-w-a-dpo",
+    ] {
+        assert!(
+            !ran.0.iter().any(|s| s == stage),
+            "{stage} rerun: {:?}",
+            ran.0
+        );
+    }
+}
+
+/// The judge's content (a judge model or rubric file) is part of the evaluation keys and of
+/// no other: a new judge reruns the evaluations, never the training.
+#[test]
+fn the_judge_digest_keys_evaluations_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = miniature(&dir.path().join("exp"), true);
+    let keys = |judge: &str| {
+        let mut inputs = realign::experiment::stages::Inputs::new(
+            "code".into(),
+            "model".into(),
+            "digest".into(),
+            cfg.seed,
+            cfg.eval.clone(),
+        );
+        inputs.judge_digest = judge.into();
+        inputs.perplexity_source = cfg.neurons.general.clone();
+        realign::experiment::plan::build(&cfg, &inputs)
+            .unwrap()
+            .stages
+    };
+    let (a, b) = (keys(""), keys("judge:rubric:abc"));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.name, y.name);
+        let is_eval = matches!(x.kind, experiment::StageKind::Eval { .. });
+        assert_eq!(x.key != y.key, is_eval, "{}", x.name);
+    }
+}
+
+/// The report folder belongs to one configuration: a run of another configuration removes
+/// the old report before it starts (so a run that stops leaves no report of other settings
+/// beside its experiment.toml), and a finished report holds only the files it wrote (no
+/// plot of the earlier configuration's sweeps).
+#[test]
+fn a_report_of_another_configuration_is_never_left_in_the_output() {
+    if !common::assets_present(&[&realign::assets::data("adv_bench.prompt")]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exp");
+    let cfg = miniature(&out, false);
+    experiment::run(&cfg, &mut Silent).unwrap();
+    let report = out.join("report");
+    assert!(report.join("sweep-beta.svg").is_file());
+    assert!(report.join("report.json").is_file());
+
+    // another configuration that stops at a stage (a malformed Antidote file)
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"PROMPT\": \"x\", \"other\": 1}\n").unwrap();
+    let mut other = cfg.clone();
+    other.baselines.antidote_data = bad.display().to_string();
+    assert!(experiment::run(&other, &mut Silent).is_err());
+    assert!(
+        !report.exists(),
+        "the first configuration's report is still in {}",
+        report.display()
+    );
+
+    // a configuration without the beta sweep: its report has no beta plot
+    let mut single = cfg.clone();
+    single.nlsr.betas = vec![cfg.nlsr.betas[0]];
+    experiment::run(&single, &mut Silent).unwrap();
+    assert!(report.join("report.json").is_file());
+    assert!(!report.join("sweep-beta.svg").exists());
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("partial") && !n.ends_with(".old")),
+        "{names:?}"
+    );
+}
+
+/// The `realign eval` commands of the report quote a path with spaces, so that they paste
+/// back as one argument.
+#[test]
+fn report_eval_commands_quote_paths_with_spaces() {
+    use realign::experiment::report::shell_word;
+    assert_eq!(shell_word("runs/exp/stages/dpo-1"), "runs/exp/stages/dpo-1");
+    assert_eq!(shell_word("/tmp/a b/ü"), "'/tmp/a b/ü'");
+    assert_eq!(shell_word("it's"), "'it'\\''s'");
+    assert_eq!(shell_word(""), "''");
+}
+
+/// A second `realign experiment` on a folder another run holds stops at once: it says the
+/// folder is in use (not that an experiment stopped with stages to resume), and writes
+/// nothing into the folder, not even a line in the holder's log.
+#[test]
+fn a_second_run_on_a_held_folder_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exp");
+    let _cfg = miniature(&out, false);
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("experiment.log"), "the holder's log\n").unwrap();
+    let hold = realign::fsutil::DirLock::acquire(&out).unwrap();
+    let toml = out.with_extension("toml");
+    let o = common::realign(&[
+        "experiment",
+        toml.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("in use by another realign run"), "{err}");
+    assert!(!err.contains("stopped"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("experiment.log")).unwrap(),
+        "the holder's log\n"
+    );
+    assert!(!out.join("stages").exists() && !out.join("experiment.toml").exists());
+    drop(hold);
+}
+
+/// `-o` into the folders another run manages (a stage folder, its `stages/`, its `report/`)
+/// is refused before anything is written: that run would delete the new files when it
+/// reruns the stage or rewrites its report.
+#[test]
+fn output_inside_another_runs_stage_or_report_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let stage = run.join("stages").join("dpo-0123456789abcdef");
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::write(stage.join("stage.json"), "{}").unwrap();
+    std::fs::write(run.join("experiment.toml"), "").unwrap();
+    std::fs::write(run.join(realign::fsutil::DirLock::FILE), "").unwrap();
+    std::fs::create_dir_all(run.join("report")).unwrap();
+    // a folder named report beside a user's own experiment.toml is no run's
+    let own = dir.path().join("mine");
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::write(own.join("experiment.toml"), "").unwrap();
+    let _cfg = miniature(&dir.path().join("cfg"), false);
+    let toml = dir.path().join("cfg.toml");
+    for out in [
+        stage.clone(),
+        stage.join("nested"),
+        run.join("stages"),
+        run.join("report").join("x"),
+    ] {
+        let before = std::fs::read_dir(out.parent().unwrap()).unwrap().count();
+        let o = common::realign(&[
+            "experiment",
+            toml.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{}", out.display());
+        assert!(err.contains("another experiment run manages"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(out.parent().unwrap()).unwrap().count(),
+            before,
+            "{}",
+            out.display()
+        );
+    }
+    assert_eq!(std::fs::read_dir(&stage).unwrap().count(), 1);
+    if !common::assets_present(&[&realign::assets::data("adv_bench.prompt")]) {
+        return;
+    }
+    let o = common::realign(&[
+        "experiment",
+        toml.to_str().unwrap(),
+        "-o",
+        own.join("report").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(own
+        .join("report")
+        .join("report")
+        .join("report.json")
+        .is_file());
+}
+
+/// `--rejudge` rewrites `report/`, so it holds the output folder like a run does: while a
+/// run holds it, rejudging stops at once (a `--partial` report, meant for a run in
+/// progress, goes to `report-partial/` and needs no hold).
+#[test]
+fn rejudge_refuses_a_folder_a_run_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exp");
+    let cfg = miniature(&out, false);
+    std::fs::create_dir_all(&out).unwrap();
+    let hold = realign::fsutil::DirLock::acquire(&out).unwrap();
+    let opts = realign::eval::judges::JudgeOptions::default();
+    let err = experiment::rejudge::rejudge(&cfg, None, &opts)
+        .err()
+        .unwrap();
+    assert!(matches!(err, realign::Error::Busy { .. }), "{err}");
+    let partial = experiment::rejudge::rejudge_with(&cfg, None, &opts, true);
+    assert!(
+        !matches!(partial, Err(realign::Error::Busy { .. })),
+        "a partial report is refused"
+    );
+    drop(hold);
+    assert!(!out.join("report").exists());
+}

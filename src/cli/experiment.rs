@@ -192,6 +192,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     bars.overall.finish_and_clear();
     let report = match result {
         Ok(r) => r,
+        // Another run holds the folder: this one did nothing, so it neither writes into that
+        // run's log nor says that it stopped with finished stages to resume.
+        Err(e @ realign::Error::Busy { .. }) => return Err(e.into()),
         Err(e) => {
             bars.log(&format!("failed: {e}"));
             return Err(e).context(format!(
@@ -254,6 +257,33 @@ fn check_before_run(
             anyhow::bail!("{named} is a file, not a folder");
         }
         anyhow::bail!("{named}: {} is a file, not a folder", blocker.display());
+    }
+    // Not into the folders another run manages: a stage folder (it has a record), or its
+    // `stages/`, `report/` or `report-partial/`, which that run replaces whole (deleting the
+    // new files with a stage it reruns or a report it rewrites).
+    let absolute = std::path::absolute(out).unwrap_or_else(|_| out.clone());
+    let managed = ["stages", "report", "report-partial"];
+    let inside = absolute.ancestors().find(|a| {
+        a.join(realign::experiment::cache::STAGE_JSON).is_file()
+            || (a
+                .file_name()
+                .is_some_and(|n| managed.iter().any(|m| n == *m))
+                && a.parent().is_some_and(|p| {
+                    p.join("experiment.toml").is_file()
+                        && p.join(realign::fsutil::DirLock::FILE).is_file()
+                }))
+    });
+    if let Some(run) = inside {
+        let named = if output_flag {
+            format!("-o {}", out.display())
+        } else {
+            format!("{origin}: output = {:?}", out.display().to_string())
+        };
+        anyhow::bail!(
+            "{named} lies inside {}, which another experiment run manages (a stage \
+             folder, or its stages/ or report/ folder); choose a folder outside it",
+            run.display()
+        );
     }
     Ok(())
 }

@@ -338,6 +338,12 @@ pub struct OverRefusalSummary {
     /// Prompts whose chat text leaves fewer than `max_new_tokens` of the model's positions
     /// (`max_position_embeddings`): their replies stop where the positions end.
     pub context_limited: usize,
+    /// Prompts that repeat an earlier prompt of the set (same text, ignoring surrounding
+    /// whitespace): counted in `n` like the others, but greedy decoding gives each the same
+    /// reply, so they are not independent samples and the interval is narrower than the
+    /// data supports (absent when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub duplicate_prompts: usize,
     /// Wall time of generation, in seconds.
     pub seconds: f64,
 }
@@ -377,6 +383,12 @@ pub struct HarmfulSummary {
     /// Prompts whose chat text leaves fewer than `max_new_tokens` of the model's positions
     /// (`max_position_embeddings`): their replies stop where the positions end.
     pub context_limited: usize,
+    /// Prompts that repeat an earlier prompt of the set (same text, ignoring surrounding
+    /// whitespace): counted in `n` like the others, but greedy decoding gives each the same
+    /// reply, so they are not independent samples and the interval is narrower than the
+    /// data supports (absent when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub duplicate_prompts: usize,
     /// Wall time of generation and judging, in seconds.
     pub seconds: f64,
 }
@@ -411,6 +423,12 @@ pub struct TaskSummary {
     /// Prompts whose chat text leaves fewer than `max_new_tokens` of the model's positions
     /// (`max_position_embeddings`): their replies stop where the positions end.
     pub context_limited: usize,
+    /// Prompts that repeat an earlier prompt of the set (same text, ignoring surrounding
+    /// whitespace): counted in `n` like the others, but greedy decoding gives each the same
+    /// reply, so they are not independent samples and the interval is narrower than the
+    /// data supports (absent when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub duplicate_prompts: usize,
     /// Wall time of generation, in seconds.
     pub seconds: f64,
 }
@@ -804,6 +822,7 @@ pub fn evaluate_with_judge(
             rate: Rate::new(refused, n),
             max_new_tokens: overrefusal_max_new,
             context_limited: overrefusal_limited,
+            duplicate_prompts: duplicate_prompts(prompts.iter().map(String::as_str)),
             seconds: t.elapsed().as_secs_f64(),
         });
     }
@@ -920,6 +939,27 @@ pub fn harmful_records(
         .collect())
 }
 
+/// `"k/n SET"` for each evaluated set whose count `k` (of `n` prompts) is not zero.
+fn nonzero_per_set(counts: [(&str, Option<(usize, usize)>); 3]) -> Vec<String> {
+    counts
+        .into_iter()
+        .filter_map(|(set, c)| c.filter(|c| c.0 > 0).map(|(k, n)| format!("{k}/{n} {set}")))
+        .collect()
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// How many of `prompts` repeat an earlier one (same text after trimming whitespace).
+pub fn duplicate_prompts<'a>(prompts: impl IntoIterator<Item = &'a str>) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    prompts
+        .into_iter()
+        .filter(|p| !seen.insert(p.trim()))
+        .count()
+}
+
 fn summarize_harmful(
     spec: &str,
     records: &[HarmfulRecord],
@@ -947,6 +987,7 @@ fn summarize_harmful(
         nondegenerate_rate: Rate::new(nondegenerate_harmful, n),
         max_new_tokens,
         context_limited: 0,
+        duplicate_prompts: duplicate_prompts(records.iter().map(|r| r.prompt.as_str())),
         seconds: t.elapsed().as_secs_f64(),
     }
 }
@@ -976,6 +1017,7 @@ fn summarize_task(
         no_answer: items.iter().filter(|i| i.extracted.is_none()).count(),
         max_new_tokens,
         context_limited: 0,
+        duplicate_prompts: duplicate_prompts(items.iter().map(|i| i.prompt.as_str())),
         seconds: t.elapsed().as_secs_f64(),
     }
 }
@@ -1169,7 +1211,7 @@ impl EvalOutcome {
                 o.data
             ));
         }
-        let limited: Vec<String> = [
+        let limited = nonzero_per_set([
             (
                 "harmful",
                 s.harmful.as_ref().map(|h| (h.context_limited, h.n)),
@@ -1179,10 +1221,25 @@ impl EvalOutcome {
                 "benign",
                 s.overrefusal.as_ref().map(|o| (o.context_limited, o.n)),
             ),
-        ]
-        .into_iter()
-        .filter_map(|(set, c)| c.filter(|c| c.0 > 0).map(|(k, n)| format!("{k}/{n} {set}")))
-        .collect();
+        ]);
+        let duplicated = nonzero_per_set([
+            (
+                "harmful",
+                s.harmful.as_ref().map(|h| (h.duplicate_prompts, h.n)),
+            ),
+            ("task", s.task.as_ref().map(|t| (t.duplicate_prompts, t.n))),
+            (
+                "benign",
+                s.overrefusal.as_ref().map(|o| (o.duplicate_prompts, o.n)),
+            ),
+        ]);
+        if !duplicated.is_empty() {
+            out.push(format!(
+                "note: prompts that repeat an earlier prompt of their set, counted as separate \
+                 samples (their replies are the same, so the intervals are too narrow): {}",
+                duplicated.join(", ")
+            ));
+        }
         if !limited.is_empty() {
             out.push(format!(
                 "note: replies limited by the model's positions (prompt + max new tokens > \

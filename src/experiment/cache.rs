@@ -5,7 +5,8 @@
 //!
 //! A stage runs in `NAME-KEY.partial/` and becomes `NAME-KEY/` by a rename once its
 //! `stage.json` (result + timing) is written: an interrupted stage leaves no finished-looking
-//! folder, and Ctrl-C leaves every finished stage usable.
+//! folder, and Ctrl-C leaves every finished stage usable (and removes the `.partial` folder of
+//! the stage it stopped; one left by `kill -9` is removed when the stage runs again).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -146,12 +147,30 @@ impl StageStore {
             std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
         }
         std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
+        // Ctrl-C removes it (it could never be resumed: a rerun starts the stage afresh).
+        crate::fsutil::register(&partial);
+        let published = self.fill_and_publish(name, key, &dir, &partial, f);
+        crate::fsutil::unregister(&partial);
+        published
+    }
+
+    /// [`run`](Self::run) once its `.partial` folder exists: runs the stage in it, writes its
+    /// record and renames it into place.
+    fn fill_and_publish<T: Serialize + DeserializeOwned>(
+        &self,
+        name: &str,
+        key: &str,
+        dir: &Path,
+        partial: &Path,
+        f: impl FnOnce(&Path) -> crate::Result<T>,
+    ) -> crate::Result<StageRecord<T>> {
+        let io = |p: &Path, e| crate::Error::io(p, e);
         // Each stage starts from the memory the run holds, not what earlier stages freed.
         super::memory::release_free_memory();
         let memory = super::memory::monitor();
         memory.begin_stage();
         let start = std::time::Instant::now();
-        let result = f(&partial);
+        let result = f(partial);
         let peak = memory.stage_peak();
         super::memory::release_free_memory();
         let result = result?;
@@ -168,9 +187,9 @@ impl StageStore {
         })?;
         crate::fsutil::write_atomic(&partial.join(STAGE_JSON), json.as_bytes())?;
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
         }
-        std::fs::rename(&partial, &dir).map_err(|e| io(&dir, e))?;
+        std::fs::rename(partial, dir).map_err(|e| io(dir, e))?;
         // The record as a later run will read it (JSON does not round-trip every f64 bit), so
         // a fresh run and a resumed one report the same numbers.
         Ok(serde_json::from_str(&json).unwrap_or(rec))

@@ -93,10 +93,9 @@ pub fn run(cfg: &ExperimentConfig, obs: &mut dyn Observer) -> crate::Result<repo
     })?;
     std::fs::create_dir_all(&cfg.output).map_err(|e| crate::Error::io(&cfg.output, e))?;
     let _hold = crate::fsutil::DirLock::acquire(&cfg.output)?;
-    crate::fsutil::write_atomic(
-        &cfg.output.join("experiment.toml"),
-        cfg.to_toml().as_bytes(),
-    )?;
+    let toml = cfg.to_toml();
+    forget_reports_of_another_config(&cfg.output, &toml)?;
+    crate::fsutil::write_atomic(&cfg.output.join("experiment.toml"), toml.as_bytes())?;
     let mut runner = stages::Runner::new(cfg)?;
     let plan = plan::build(cfg, &runner.inputs)?;
     obs.plan(plan.stages.len());
@@ -110,6 +109,33 @@ pub fn run(cfg: &ExperimentConfig, obs: &mut dyn Observer) -> crate::Result<repo
     report.host = Some(crate::host::Host::detect());
     report.write(&cfg.output.join("report"), &plan, &records)?;
     Ok(report)
+}
+
+/// Removes `OUTPUT/report/` and `OUTPUT/report-partial/` when the folder's `experiment.toml`
+/// is not `toml` (the configuration about to run): from here on the folder describes the new
+/// configuration, and a report of the old one beside it would be read as this run's numbers
+/// (if this run stops early, or while it works). Finished stages are kept (their keys tell
+/// them apart), so rerunning the old configuration rewrites its report from the cache.
+fn forget_reports_of_another_config(output: &std::path::Path, toml: &str) -> crate::Result<()> {
+    let previous = output.join("experiment.toml");
+    let same = std::fs::read_to_string(&previous).is_ok_and(|t| t == toml);
+    if same {
+        return Ok(());
+    }
+    for name in ["report", rejudge::report_folder(true)] {
+        let dir = output.join(name);
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            let aside = output.join(format!(".{name}.{}.old", std::process::id()));
+            std::fs::rename(&dir, &aside).map_err(|e| crate::Error::io(&dir, e))?;
+            let removed = if aside.is_dir() {
+                std::fs::remove_dir_all(&aside)
+            } else {
+                std::fs::remove_file(&aside)
+            };
+            removed.map_err(|e| crate::Error::io(&aside, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The paper's overlap ratio between every two detected neuron sets of the run.

@@ -222,11 +222,19 @@ impl Plan {
             }
             StageKind::Detect { corpus, .. } => sources.push(corpus.clone()),
             StageKind::SnTune { data, .. } => sources.push(data.clone()),
-            StageKind::Eval { .. } => {
+            // Antidote prunes by Wanda scores on its realignment rows.
+            StageKind::Baseline {
+                method: super::baselines::Baseline::Antidote { data, .. },
+            } => sources.push(data.clone()),
+            StageKind::Eval { model } => {
                 sources.push(inputs.eval.harmful.clone());
                 sources.push(inputs.eval.task.clone());
                 if !inputs.eval.overrefusal.is_empty() {
                     sources.push(inputs.eval.overrefusal.clone());
+                }
+                // A deactivation row also measures perplexity on the general-text rows.
+                if model.deactivate.is_some() && !inputs.perplexity_source.is_empty() {
+                    sources.push(inputs.perplexity_source.clone());
                 }
             }
             _ => {}
@@ -241,6 +249,9 @@ impl Plan {
             "seed": seed,
             "stage": kind,
             "eval": matches!(kind, StageKind::Eval { .. }).then_some(&inputs.eval),
+            // The judge's content (a judge model, a rubric file) only decides the verdicts
+            // of evaluations: it is part of their keys alone, so a new judge reruns no training.
+            "judge": matches!(kind, StageKind::Eval { .. }).then_some(&inputs.judge_digest),
             "data": digests,
             "deps": deps.iter().map(|&d| self.stages[d].key.clone()).collect::<Vec<_>>(),
         });

@@ -114,6 +114,14 @@ pub fn rejudge_with(
         path: cfg.output.join("experiment.toml"),
         what,
     })?;
+    // Rewriting report/ while `realign experiment` runs on the folder would race its own
+    // report: hold the folder like a run does (a partial report, for a run in progress, goes
+    // to report-partial/ and needs no hold).
+    let _hold = if !partial && cfg.output.is_dir() {
+        Some(crate::fsutil::DirLock::acquire(&cfg.output)?)
+    } else {
+        None
+    };
     let configured = cfg.eval.judge.clone();
     let judge = judge.unwrap_or(&configured).to_string();
     let runner = stages::Runner::new(cfg)?;

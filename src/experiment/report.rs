@@ -121,10 +121,28 @@ impl ModelFiles {
         }
         let mut flags = Vec::new();
         if let Some(m) = self.full_model.as_deref().or(base) {
-            flags.push(format!("--model {m}"));
+            flags.push(format!("--model {}", shell_word(m)));
         }
-        flags.extend(self.adapters.iter().map(|a| format!("--adapter {a}")));
+        flags.extend(
+            self.adapters
+                .iter()
+                .map(|a| format!("--adapter {}", shell_word(a))),
+        );
         Some(flags.join(" "))
+    }
+}
+
+/// `s` as one shell word: as is when it holds only characters no shell treats specially,
+/// else in single quotes (a `'` inside written `'\''`), so that a path with spaces or
+/// other characters pastes back as one argument.
+pub fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./:@%+=,-".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -1071,14 +1089,21 @@ impl Report {
         s
     }
 
-    /// Writes `report.md`, `report.json`, plots and `index.md` into `dir`.
+    /// Writes `report.md`, `report.json`, plots and `index.md` as the folder `dir`, replacing
+    /// an existing `dir` whole (nothing of an earlier report is left in it) and only once
+    /// every file is complete ([`crate::fsutil::StagedDir`]).
     pub fn write(
         &self,
         dir: &Path,
         plan: &Plan,
         _records: &[StageRecord<serde_json::Value>],
     ) -> crate::Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        // Written whole: into a hidden partial folder renamed over `dir` at the end, so that
+        // an interrupted write never leaves a report.md of this run beside a report.json (or
+        // plots) of an earlier one, and a plot the new configuration no longer draws is gone.
+        let target = dir;
+        let staged = crate::fsutil::StagedDir::new(target, true)?;
+        let dir = staged.path();
         let md = self.markdown();
         crate::fsutil::write_atomic(&dir.join("report.md"), md.as_bytes())?;
         let json = serde_json::to_string_pretty(self).map_err(|source| crate::Error::Json {
@@ -1091,7 +1116,7 @@ impl Report {
             let _ = writeln!(index, "- [{f}]({f})");
         }
         // The layer-similarity plot of the first NLSR repair (main method, main p).
-        let stages = dir.parent().unwrap_or(dir).join("stages");
+        let stages = target.parent().unwrap_or(target).join("stages");
         let store = super::cache::StageStore::new(stages);
         if let Some(s) = plan
             .stages
@@ -1108,7 +1133,7 @@ impl Report {
             }
         }
         crate::fsutil::write_atomic(&dir.join("index.md"), index.as_bytes())?;
-        Ok(())
+        staged.commit()
     }
 
     fn plots(&self, dir: &Path) -> crate::Result<Vec<String>> {

@@ -46,6 +46,12 @@ pub struct Inputs {
     pub seed: u64,
     /// Evaluation settings (part of every eval key).
     pub eval: EvalSettings,
+    /// The digest of the judge's own files (a `model:PATH` judge, a rubric, the fetched Qwen
+    /// judge): part of every eval key and of no other (empty for the keyword judges).
+    pub judge_digest: String,
+    /// The data source whose rows a deactivation evaluation measures perplexity on
+    /// (`neurons.general`): its content is part of those evaluations' keys (empty: none).
+    pub perplexity_source: String,
     data: RefCell<BTreeMap<String, String>>,
 }
 
@@ -64,6 +70,8 @@ impl Inputs {
             model_digest,
             seed,
             eval,
+            judge_digest: String::new(),
+            perplexity_source: String::new(),
             data: RefCell::default(),
         }
     }
@@ -221,19 +229,20 @@ impl Runner {
             }
             .into());
         }
-        let mut model_digest = digest_path(&model_path)?;
+        let model_digest = digest_path(&model_path)?;
+        let mut judge_digest = String::new();
         let base = LoadedModel::load(&model_path, &LoadOptions::default())?;
         let judge_spec: JudgeSpec = cfg.eval.judge.parse()?;
         let mut registered = None;
         let judge = match &judge_spec {
             JudgeSpec::Keyword => None,
             JudgeSpec::Model(p) => {
-                // The judge's content is part of every key (through the model digest).
-                model_digest = format!("{model_digest}+judge:{}", digest_path(p)?);
+                // The judge's content is part of every eval key.
+                judge_digest = format!("judge:{}", digest_path(p)?);
                 Some(LoadedModel::load(p, &LoadOptions::default())?)
             }
             JudgeSpec::Registered(spec) => {
-                // The spec and the judge's model file (if it has one) are part of every key.
+                // The spec and the judge's model file (if it has one) are part of every eval key.
                 let file = match spec.split_once(':') {
                     Some((_, arg)) => Some(PathBuf::from(arg)),
                     None if spec == crate::eval::judges::qwen::NAME => {
@@ -241,9 +250,9 @@ impl Runner {
                     }
                     None => None,
                 };
-                model_digest = match file.filter(|f| f.exists()) {
-                    Some(f) => format!("{model_digest}+judge:{spec}:{}", digest_path(&f)?),
-                    None => format!("{model_digest}+judge:{spec}"),
+                judge_digest = match file.filter(|f| f.exists()) {
+                    Some(f) => format!("judge:{spec}:{}", digest_path(&f)?),
+                    None => format!("judge:{spec}"),
                 };
                 registered = Some(crate::eval::judges::build(
                     spec,
@@ -262,6 +271,8 @@ impl Runner {
                 model_digest,
                 seed: cfg.seed,
                 eval: cfg.eval.clone(),
+                judge_digest,
+                perplexity_source: cfg.neurons.general.clone(),
                 data: RefCell::default(),
             },
             cfg: cfg.clone(),
