@@ -643,7 +643,7 @@ pub fn report_markdown(d: &Diagnosis) -> String {
 /// the drift and the update drift, mean `1 − c_j`, per layer) into `dir`,
 /// each atomically; creates `dir`.
 pub fn write_diagnosis(dir: &Path, d: &Diagnosis) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::fsutil::create_dir_all(dir)?;
     let json_path = dir.join(REPORT_JSON);
     let json = serde_json::to_string_pretty(d).map_err(|source| Error::Json {
         path: json_path.clone(),

@@ -84,12 +84,31 @@ pub fn temp_path(path: &Path) -> PathBuf {
 /// The temporary files and folders being written now (removed on an interrupt).
 static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// Registers a temporary output, to be removed if the process is interrupted before it is
-/// renamed into place.
-pub(crate) fn register(path: &Path) {
-    if let Ok(mut list) = IN_PROGRESS.lock() {
-        list.push(path.to_path_buf());
-    }
+/// Creates the folder `path` and its missing parents, as `std::fs::create_dir_all`, but not
+/// after an interrupt: the interrupt handler holds the same lock while it removes the
+/// partial outputs, so a stage cannot recreate a folder it has just removed.
+pub fn create_dir_all(path: &Path) -> Result<()> {
+    let _list = IN_PROGRESS.lock().map_err(|_| {
+        Error::io(
+            path,
+            std::io::Error::other("the output registry is poisoned"),
+        )
+    })?;
+    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
+}
+
+/// Creates the folder `path` (and its parents) and registers it as a partial output in one
+/// step, so an interrupt sees either both or neither.
+pub(crate) fn create_registered_dir(path: &Path) -> Result<()> {
+    let mut list = IN_PROGRESS.lock().map_err(|_| {
+        Error::io(
+            path,
+            std::io::Error::other("the output registry is poisoned"),
+        )
+    })?;
+    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+    list.push(path.to_path_buf());
+    Ok(())
 }
 
 /// Forgets a temporary output (renamed into place, or removed).
@@ -111,20 +130,43 @@ pub fn remove_partial_outputs_on_interrupt() -> std::result::Result<(), String> 
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        for path in guard.drain(..) {
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            if removed.is_ok() {
-                eprintln!("interrupted: removed the partial output {}", path.display());
-            }
-        }
+        let paths: Vec<PathBuf> = guard.drain(..).collect();
+        remove_until_gone(&paths);
         eprintln!("interrupted");
         std::process::exit(130);
     })
     .map_err(|e| e.to_string())
+}
+
+/// Removes each of `paths` (newest first: a temporary file before the folder it sits in) and
+/// repeats until a pass finds none of them, for at most about two seconds. Another thread may
+/// still be writing: a stage that is creating a file in a folder just removed recreates the
+/// folder, so one pass is not enough. Once the interrupt handler holds the registration lock,
+/// a writer stops at its next registration, so the passes end.
+fn remove_until_gone(paths: &[PathBuf]) {
+    let mut said = vec![false; paths.len()];
+    for _ in 0..100 {
+        let mut found = false;
+        for (i, path) in paths.iter().enumerate().rev() {
+            let Ok(meta) = std::fs::symlink_metadata(path) else {
+                continue;
+            };
+            found = true;
+            let removed = if meta.is_dir() {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            };
+            if removed.is_ok() && !said[i] {
+                said[i] = true;
+                eprintln!("interrupted: removed the partial output {}", path.display());
+            }
+        }
+        if !found {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Whether the process `pid` is running (on systems without `kill(2)`, always `true`).
@@ -180,12 +222,19 @@ pub fn write_atomic_with(
     fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temp_path(path);
-    register(&tmp);
     let result = (|| {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
-        }
-        let file = std::fs::File::create(&tmp)?;
+        // Created and registered under the lock that the interrupt handler takes: after an
+        // interrupt no writer creates a file or recreates a removed folder.
+        let file = {
+            let mut list = IN_PROGRESS
+                .lock()
+                .map_err(|_| std::io::Error::other("lock"))?;
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)?;
+            }
+            list.push(tmp.clone());
+            std::fs::File::create(&tmp)?
+        };
         let mut w = std::io::BufWriter::new(file);
         fill(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
@@ -339,8 +388,17 @@ impl StagedDir {
         let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&partial);
         // The folder that refuses is the output's parent: name it, not the hidden folder.
-        std::fs::create_dir(&partial).map_err(|e| Error::io(&parent, e))?;
-        register(&partial);
+        {
+            // Created and registered in one step under the interrupt handler's lock.
+            let mut list = IN_PROGRESS.lock().map_err(|_| {
+                Error::io(
+                    &parent,
+                    std::io::Error::other("the output registry is poisoned"),
+                )
+            })?;
+            std::fs::create_dir(&partial).map_err(|e| Error::io(&parent, e))?;
+            list.push(partial.clone());
+        }
         Ok(StagedDir {
             target: target.to_path_buf(),
             partial,
@@ -442,6 +500,43 @@ impl Mapped {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While the interrupt handler holds the registry, a stage can neither create a folder nor
+    /// start a file; it goes on once the lock is released (in the handler's case, never).
+    #[test]
+    fn no_folder_or_file_is_created_while_the_handler_holds_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("stage.partial").join("model");
+        let file = dir.path().join("other").join("out.json");
+        let guard = IN_PROGRESS.lock().unwrap();
+        let (s, f) = (sub.clone(), file.clone());
+        let writer = std::thread::spawn(move || {
+            create_dir_all(&s).unwrap();
+            write_atomic(&f, b"1").unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!dir.path().join("stage.partial").exists());
+        assert!(!dir.path().join("other").exists());
+        drop(guard);
+        writer.join().unwrap();
+        assert!(sub.is_dir());
+        assert_eq!(std::fs::read(&file).unwrap(), b"1");
+    }
+
+    /// The handler's removal takes a registered folder with a registered file inside it.
+    #[test]
+    fn removal_takes_registered_files_and_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join(".x.partial-1");
+        std::fs::create_dir_all(partial.join("a")).unwrap();
+        let tmp = partial.join("a").join(".f.1.tmp");
+        std::fs::write(&tmp, b"half").unwrap();
+        let kept = dir.path().join("kept.json");
+        std::fs::write(&kept, b"{}").unwrap();
+        remove_until_gone(&[partial.clone(), tmp]);
+        assert!(!partial.exists());
+        assert!(kept.exists());
+    }
 
     #[test]
     fn atomic_write_leaves_no_temporary_file() {

@@ -93,7 +93,7 @@ impl Adapter {
         for (path, m) in &self.modules {
             check_module(&weights_path, &self.config, path, m)?;
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::fsutil::create_dir_all(dir)?;
         let shapes: Vec<_> = self
             .modules
             .iter()

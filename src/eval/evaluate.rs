@@ -1144,7 +1144,7 @@ impl EvalOutcome {
     /// line, for the parts that ran) and `dir/summary.json`, each atomically; creates `dir` if
     /// needed.
     pub fn write(&self, dir: &Path) -> crate::Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        crate::fsutil::create_dir_all(dir)?;
         if self.summary.harmful.is_some() {
             write_jsonl(&dir.join("harmful.jsonl"), &self.harmful)?;
         }

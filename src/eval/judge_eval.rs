@@ -352,7 +352,7 @@ impl JudgeEvalReport {
     /// Writes `dir/judge-eval.json`, `dir/judge-eval.md` and `dir/verdicts.jsonl`, each
     /// atomically; creates `dir` if needed.
     pub fn write(&self, dir: &Path) -> crate::Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        crate::fsutil::create_dir_all(dir)?;
         let json_path = dir.join("judge-eval.json");
         let json = serde_json::to_vec_pretty(self).map_err(|e| crate::Error::Json {
             path: json_path.clone(),

@@ -146,9 +146,8 @@ impl StageStore {
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
         }
-        std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
         // Ctrl-C removes it (it could never be resumed: a rerun starts the stage afresh).
-        crate::fsutil::register(&partial);
+        crate::fsutil::create_registered_dir(&partial)?;
         let published = self.fill_and_publish(name, key, &dir, &partial, f);
         crate::fsutil::unregister(&partial);
         published

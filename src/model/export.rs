@@ -203,7 +203,7 @@ fn write_folder(
     dir: &Path,
     extra: &[(&str, Vec<u8>)],
 ) -> crate::Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    crate::fsutil::create_dir_all(dir)?;
     let cfg = model.config();
     let tied = model.lm_head_is_tied();
     let write = |name: &str, bytes: &[u8]| -> crate::Result<()> {

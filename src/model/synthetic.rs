@@ -242,7 +242,7 @@ pub fn write(
 
     let staged = crate::fsutil::StagedDir::new(dir, overwrite)?;
     let model_dir = staged.path().join("model");
-    std::fs::create_dir_all(&model_dir).map_err(|e| crate::Error::io(&model_dir, e))?;
+    crate::fsutil::create_dir_all(&model_dir)?;
     let write_file = |p: PathBuf, bytes: &[u8]| -> crate::Result<()> {
         std::fs::write(&p, bytes).map_err(|e| crate::Error::io(&p, e))
     };

@@ -766,7 +766,7 @@ pub fn save(set: &NeuronSet, report: &DetectReport, output: &Path) -> crate::Res
         .into());
     }
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        crate::fsutil::create_dir_all(dir)?;
     }
     set.save(&paths[0])?;
     let json = serde_json::to_string_pretty(report).map_err(|e| {

@@ -197,7 +197,7 @@ pub fn train_with(
         }
     } else {
         let created = !out.exists();
-        std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+        crate::fsutil::create_dir_all(out)?;
         Workdir {
             staged: None,
             in_place: RemoveIfFailed {
