@@ -154,6 +154,8 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         "Aligned, Deact-F",
         "SN-Tune",
         "RSN-Tune + task fine-tuning",
+        "SN-Tune, random set (control)",
+        "SN-Tune, foundation set (control)",
     ] {
         assert!(labels.contains(&want), "{want} missing from {labels:?}");
     }
@@ -172,6 +174,20 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         let nd = r.hs_nondegenerate_rate.expect("non-degenerate HS");
         assert!(nd.k <= r.hs_keyword_rate.unwrap().k);
     }
+    // SN-Tune's controls train as many neurons as the safety set; RSN-Tune no more (S \ F).
+    let trained = |stage: &str| {
+        let r = &report.sn_tune[stage];
+        (
+            r["neurons"].as_u64().unwrap(),
+            r["safety_neurons"].as_u64().unwrap(),
+        )
+    };
+    let (sn_n, safety_n) = trained("sn-tune");
+    assert_eq!(sn_n, safety_n);
+    assert_eq!(trained("sn-tune-random"), (safety_n, safety_n));
+    assert_eq!(trained("sn-tune-foundation"), (safety_n, safety_n));
+    assert!(trained("rsn-tune").0 <= safety_n);
+
     // Deact-SN placed among the three Deact-R draws (seeds 42, 43, 44), by the rows' counts.
     assert_eq!(
         report.against_random.len(),

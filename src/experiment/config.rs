@@ -229,6 +229,13 @@ pub struct NeuronSettings {
     pub tune_docs: usize,
     /// SN-Tune learning rate.
     pub tune_lr: f64,
+    /// RSN-Tune learning rate; 0: `tune_lr`. RSN-Tune trains a smaller set (S \ F), which
+    /// at SN-Tune's rate moves the model less.
+    pub rsn_tune_lr: f64,
+    /// Add two SN-Tune controls trained on the same documents at the same rate: a random set
+    /// of the safety set's structure, and as many of the most important foundation neurons
+    /// outside it.
+    pub tune_controls: bool,
     /// SN-Tune epochs.
     pub tune_epochs: usize,
     /// Rows of plain task data for the robustness check (base, SN-Tune and RSN-Tune models
@@ -404,6 +411,17 @@ impl Default for SafeLoraSettings {
     }
 }
 
+impl NeuronSettings {
+    /// RSN-Tune's learning rate: `rsn_tune_lr`, or `tune_lr` when that is 0.
+    pub fn rsn_tune_lr(&self) -> f64 {
+        if self.rsn_tune_lr > 0.0 {
+            self.rsn_tune_lr
+        } else {
+            self.tune_lr
+        }
+    }
+}
+
 impl Default for NeuronSettings {
     fn default() -> Self {
         Self {
@@ -415,12 +433,19 @@ impl Default for NeuronSettings {
             top_k_attn: 0,
             top_k_ffn: 0,
             tokens: crate::neurons::TokenScope::Content,
-            tune_data: "embedded:safety_sft".into(),
-            tune_docs: 50,
-            // The paper's 1e-6 (for 7B models) leaves SmolLM2-135M unchanged after 1 epoch of
-            // 50 documents (HS 93.8 before and after on the quick run); 1e-4 for 2 epochs
-            // brings it to 6.3 on the same prompts. `realign sn-tune` keeps the paper's default.
-            tune_lr: 1e-4,
+            // Chosen on the validation slices (docs/neurons.md, "SN-Tune on the alignment
+            // data"): refusals alone teach SmolLM2-135M's important neurons to open every
+            // reply with an apology (FA 31.2 -> 7.8 at 5e-5); the alignment SFT data, which
+            // also answers benign requests and classifies sentiment of another domain, cuts HS
+            // 82.8 -> 14.1 with FA and perplexity kept. The paper's 1e-6 (for 7B models)
+            // leaves the 135M model unchanged; `realign sn-tune` keeps the paper's default.
+            tune_data: "embedded:align_sft".into(),
+            tune_docs: 150,
+            tune_lr: 5e-5,
+            // Validation: RSN-Tune's 1,017 neurons at 5e-5 leave HS at 70.3; at 2e-4 it is
+            // 40.6 with FA 37.5, and after task fine-tuning 12.5 (SN-Tune 18.8).
+            rsn_tune_lr: 2e-4,
+            tune_controls: true,
             tune_epochs: 2,
             finetune_rows: 200,
             random_draws: 1,
@@ -907,6 +932,12 @@ impl ExperimentConfig {
                 return Err(format!(
                     "neurons.tune_lr = {} is not a finite number > 0",
                     self.neurons.tune_lr
+                ));
+            }
+            if !self.neurons.rsn_tune_lr.is_finite() || self.neurons.rsn_tune_lr < 0.0 {
+                return Err(format!(
+                    "neurons.rsn_tune_lr = {} is not a finite number >= 0 (0: tune_lr)",
+                    self.neurons.rsn_tune_lr
                 ));
             }
             if !(1..=MAX_RANDOM_DRAWS).contains(&self.neurons.random_draws) {

@@ -8,6 +8,23 @@ use super::config::{ExperimentConfig, StageTrain};
 use super::stages::Inputs;
 use crate::nlsr::transplant::TransplantMode;
 
+/// The neurons an SN-Tune stage trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TunedSet {
+    /// The safety set S (SN-Tune).
+    Safety,
+    /// S \ F, the safety neurons that are not foundation neurons (RSN-Tune).
+    SafetyMinusFoundation,
+    /// Control: a random set of S's structure ([`crate::neurons::random_like`], the run's
+    /// seed): are the detected neurons better to train than any as many?
+    RandomLike,
+    /// Control: as many of the most important foundation neurons outside S
+    /// ([`crate::neurons::deactivate::foundation_like`]): are they better to train than
+    /// equally important neurons that are not safety neurons?
+    FoundationLike,
+}
+
 /// What a stage does. Stage inputs are the plan's `deps`, in the order documented per kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -99,7 +116,9 @@ pub enum StageKind {
         /// Which tokens count.
         tokens: crate::neurons::TokenScope,
     },
-    /// SN-Tune (deps `[set]`) or RSN-Tune (deps `[set, exclude]`) of the base model.
+    /// SN-Tune of the base model on the set that `set` names: deps `[safety]`, or
+    /// `[safety, foundation]` for [`TunedSet::SafetyMinusFoundation`] (RSN-Tune) and
+    /// [`TunedSet::FoundationLike`].
     SnTune {
         /// Refusal documents.
         data: String,
@@ -109,8 +128,8 @@ pub enum StageKind {
         lr: f64,
         /// Epochs.
         epochs: usize,
-        /// Whether the second dep is subtracted (RSN-Tune).
-        exclude: bool,
+        /// Which neurons are trained.
+        set: TunedSet,
     },
     /// Evaluation of one model. deps: `[full model?] adapters... [neuron set?]`. Variants
     /// that name the same model share one evaluation.
@@ -332,6 +351,10 @@ fn eval_variant(
 pub const DEACT_SN: &str = "Aligned, Deact-SN";
 /// The label of the random control's first draw; later draws add " (draw N)".
 pub const DEACT_R: &str = "Aligned, Deact-R";
+/// The SN-Tune control trained on a random set of the safety set's structure.
+pub const SN_TUNE_RANDOM: &str = "SN-Tune, random set (control)";
+/// The SN-Tune control trained on as many important foundation neurons outside the set.
+pub const SN_TUNE_FOUNDATION: &str = "SN-Tune, foundation set (control)";
 
 /// A file-name-safe form of a label.
 pub fn slug(label: &str) -> String {
@@ -858,18 +881,23 @@ fn plan_neurons(
         v,
         vec![aligned, aligned_safety, aligned_foundation],
     )?;
-    let tune = |exclude: bool| StageKind::SnTune {
+    let tune = |set: TunedSet, lr: f64| StageKind::SnTune {
         data: n.tune_data.clone(),
         docs: n.tune_docs,
-        lr: n.tune_lr,
+        lr,
         epochs: n.tune_epochs,
-        exclude,
+        set,
     };
-    let sn = plan.add(inputs, "sn-tune".into(), tune(false), vec![safety])?;
+    let sn = plan.add(
+        inputs,
+        "sn-tune".into(),
+        tune(TunedSet::Safety, n.tune_lr),
+        vec![safety],
+    )?;
     let rsn = plan.add(
         inputs,
         "rsn-tune".into(),
-        tune(true),
+        tune(TunedSet::SafetyMinusFoundation, n.rsn_tune_lr()),
         vec![safety, foundation],
     )?;
     eval_variant(
@@ -884,6 +912,26 @@ fn plan_neurons(
         neuron_variant("RSN-Tune", true, None),
         vec![rsn],
     )?;
+    if n.tune_controls {
+        // The same documents and rate on sets of S's size that are not S's choice.
+        for (label, name, set, deps) in [
+            (
+                SN_TUNE_RANDOM,
+                "sn-tune-random",
+                TunedSet::RandomLike,
+                vec![safety],
+            ),
+            (
+                SN_TUNE_FOUNDATION,
+                "sn-tune-foundation",
+                TunedSet::FoundationLike,
+                vec![safety, foundation],
+            ),
+        ] {
+            let stage = plan.add(inputs, name.into(), tune(set, n.tune_lr), deps)?;
+            eval_variant(plan, inputs, neuron_variant(label, true, None), vec![stage])?;
+        }
+    }
 
     // Robustness (the paper's Table 4): fine-tune each model on plain task data (p = 0).
     // Its own name: the attack's `mix-p0` (n = attack.n) is another stage when p = 0 is in

@@ -559,6 +559,64 @@ impl Report {
                 }
             }
         }
+        out.extend(self.compare_neurons());
+        out
+    }
+
+    /// The safety-neuron comparisons (issue 12): SN-Tune against the base model and against
+    /// its two controls (a random set of its structure, equally important foundation
+    /// neurons), and RSN-Tune against SN-Tune after plain task fine-tuning (the paper's
+    /// Table 4).
+    fn compare_neurons(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let hs = |r: &Row| r.hs_rate;
+        let fa = |r: &Row| r.fa_rate;
+        let Some(sn) = self.find("SN-Tune") else {
+            return out;
+        };
+        if let Some(base) = self.find("Non-aligned") {
+            out.push(compare_rows(
+                "SN-Tune",
+                sn,
+                "non-aligned",
+                base,
+                "HS",
+                hs,
+                true,
+            ));
+            out.push(format!(
+                "SN-Tune FA − non-aligned FA = {:+.1} points (goal: unchanged within the intervals)",
+                sn.fa - base.fa
+            ));
+            out.push(compare_rows(
+                "SN-Tune",
+                sn,
+                "non-aligned",
+                base,
+                "FA",
+                fa,
+                false,
+            ));
+        }
+        for control in [super::plan::SN_TUNE_RANDOM, super::plan::SN_TUNE_FOUNDATION] {
+            if let Some(c) = self.find(control) {
+                out.push(compare_rows("SN-Tune", sn, control, c, "HS", hs, true));
+            }
+        }
+        if let (Some(s), Some(r)) = (
+            self.find("SN-Tune + task fine-tuning"),
+            self.find("RSN-Tune + task fine-tuning"),
+        ) {
+            out.push(compare_rows(
+                "RSN-Tune + task fine-tuning",
+                r,
+                "SN-Tune + task fine-tuning",
+                s,
+                "HS",
+                hs,
+                true,
+            ));
+        }
         out
     }
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cache::{digest_path, StageRecord, StageStore};
 use super::config::{EvalSettings, ExperimentConfig, StageTrain};
-use super::plan::{EvalModel, Plan, Stage, StageKind};
+use super::plan::{EvalModel, Plan, Stage, StageKind, TunedSet};
 use super::{ExperimentError, Observer};
 use crate::adapters::Adapter;
 use crate::data::load_source;
@@ -668,14 +668,21 @@ impl Runner {
                 docs,
                 lr,
                 epochs,
-                exclude,
+                set,
             } => {
                 let safety = NeuronSet::load(&deps[0].join(SET_JSON))?;
-                let set = if *exclude {
-                    let foundation = NeuronSet::load(&deps[1].join(SET_JSON))?;
-                    crate::neurons::rsn_tune_set(&safety, &foundation)?
-                } else {
-                    safety.clone()
+                let set = match set {
+                    TunedSet::Safety => safety.clone(),
+                    TunedSet::SafetyMinusFoundation => {
+                        let foundation = NeuronSet::load(&deps[1].join(SET_JSON))?;
+                        crate::neurons::rsn_tune_set(&safety, &foundation)?
+                    }
+                    TunedSet::RandomLike => random_like(&safety, self.cfg.seed),
+                    TunedSet::FoundationLike => {
+                        let paths = crate::neurons::detect::output_paths(&deps[1].join(SET_JSON));
+                        let ranking = crate::neurons::NeuronRanking::load(&paths[4])?;
+                        crate::neurons::deactivate::foundation_like(&safety, &ranking)?
+                    }
                 };
                 let rows = load_source(data)?;
                 let cfg = SnTuneConfig {
