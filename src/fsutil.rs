@@ -141,23 +141,18 @@ pub fn remove_partial_outputs_on_interrupt() -> std::result::Result<(), String> 
 /// Removes each of `paths` (newest first: a temporary file before the folder it sits in) and
 /// repeats until a pass finds none of them, for at most about two seconds. Another thread may
 /// still be writing: a stage that is creating a file in a folder just removed recreates the
-/// folder, so one pass is not enough. Once the interrupt handler holds the registration lock,
-/// a writer stops at its next registration, so the passes end.
+/// folder, so one pass is not enough. Once the interrupt handler holds the registry's lock, no
+/// writer can create a file or folder through this module, so the passes end.
 fn remove_until_gone(paths: &[PathBuf]) {
     let mut said = vec![false; paths.len()];
     for _ in 0..100 {
         let mut found = false;
         for (i, path) in paths.iter().enumerate().rev() {
-            let Ok(meta) = std::fs::symlink_metadata(path) else {
+            if std::fs::symlink_metadata(path).is_err() {
                 continue;
-            };
+            }
             found = true;
-            let removed = if meta.is_dir() {
-                std::fs::remove_dir_all(path)
-            } else {
-                std::fs::remove_file(path)
-            };
-            if removed.is_ok() && !said[i] {
+            if remove_path(path).is_ok() && !said[i] {
                 said[i] = true;
                 eprintln!("interrupted: removed the partial output {}", path.display());
             }
@@ -450,13 +445,19 @@ pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
     };
     std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
     if let Some(old) = old {
-        if old.is_dir() {
-            let _ = std::fs::remove_dir_all(old);
-        } else {
-            let _ = std::fs::remove_file(old);
-        }
+        let _ = remove_path(&old);
     }
     Ok(())
+}
+
+/// Removes `path`: a folder with everything in it, or a file or link (a link is removed, not
+/// what it points to).
+pub fn remove_path(path: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    }
 }
 
 /// A read-only memory map of a file: inputs read in place, a tensor at a time, so that memory

@@ -112,6 +112,30 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     let mut log = Recorder::default();
     let report = experiment::run(&cfg, &mut log).unwrap();
 
+    // Stages are written in `NAME-KEY.partial/` and renamed: no record names that folder, and
+    // a training stage's report names the adapter where it is.
+    let mut trained = 0;
+    for stage in std::fs::read_dir(out.join("stages")).unwrap().flatten() {
+        for file in std::fs::read_dir(stage.path()).unwrap().flatten() {
+            let p = file.path();
+            if p.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                assert!(!text.contains(".partial"), "{}", p.display());
+            }
+            if p.file_name().is_some_and(|n| n == "train_report.json") {
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+                assert_eq!(
+                    v["adapter"].as_str().unwrap(),
+                    stage.path().to_str().unwrap()
+                );
+                assert_eq!(v["config"]["output"], v["adapter"]);
+                trained += 1;
+            }
+        }
+    }
+    assert!(trained >= 4, "{trained} training stages");
+
     // Memory: every stage's log line ends with its peak resident size and the process's, and
     // report.json carries both (read from /proc, so on Linux only).
     if cfg!(target_os = "linux") {

@@ -136,12 +136,7 @@ impl StageStore {
         f: impl FnOnce(&Path) -> crate::Result<T>,
     ) -> crate::Result<StageRecord<T>> {
         let dir = self.dir(name, key);
-        // not `with_extension`: stage names hold dots (`attack-p0.5-KEY`)
-        let partial = dir.with_file_name(format!(
-            "{}.partial",
-            dir.file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-        ));
+        let partial = partial_dir(&dir);
         let io = |p: &Path, e| crate::Error::io(p, e);
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
@@ -195,9 +190,43 @@ impl StageStore {
     }
 }
 
+/// The folder a stage is written in before it is renamed to `dir`: `dir` with `.partial`
+/// appended (not `with_extension`: stage names hold dots, `attack-p0.5-KEY`).
+pub fn partial_dir(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    dir.with_file_name(format!("{name}.partial"))
+}
+
+/// The folder a stage written in `partial` will have once published: the inverse of
+/// [`partial_dir`] (a path without the suffix is returned as it is).
+pub fn published_dir(partial: &Path) -> PathBuf {
+    match partial
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".partial"))
+    {
+        Some(name) => partial.with_file_name(name),
+        None => partial.to_path_buf(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_and_published_names_are_inverse() {
+        let dir = Path::new("runs/x/stages/attack-p0.5-0123abcd");
+        let partial = partial_dir(dir);
+        assert_eq!(
+            partial,
+            Path::new("runs/x/stages/attack-p0.5-0123abcd.partial")
+        );
+        assert_eq!(published_dir(&partial), dir);
+        assert_eq!(published_dir(dir), dir);
+    }
 
     #[test]
     fn keys_change_with_any_input() {

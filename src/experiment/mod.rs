@@ -127,12 +127,7 @@ fn forget_reports_of_another_config(output: &std::path::Path, toml: &str) -> cra
         if std::fs::symlink_metadata(&dir).is_ok() {
             let aside = output.join(format!(".{name}.{}.old", std::process::id()));
             std::fs::rename(&dir, &aside).map_err(|e| crate::Error::io(&dir, e))?;
-            let removed = if aside.is_dir() {
-                std::fs::remove_dir_all(&aside)
-            } else {
-                std::fs::remove_file(&aside)
-            };
-            removed.map_err(|e| crate::Error::io(&aside, e))?;
+            crate::fsutil::remove_path(&aside).map_err(|e| crate::Error::io(&aside, e))?;
         }
     }
     Ok(())

@@ -361,7 +361,7 @@ impl Runner {
                 } else {
                     self.base.model.clone()
                 };
-                let tc = train_config(settings, init_dir, &data, out, stage.seed)?;
+                let mut tc = train_config(settings, init_dir, &data, out, stage.seed)?;
                 let rows = load_source(&data)?;
                 let mut bar = Bar { obs, total: 0 };
                 // `realign train`'s errors name its own file's keys (`data.max_length`)
@@ -371,6 +371,21 @@ impl Runner {
                         None => e,
                     },
                 )?;
+                // train_report.json names the folder the stage will have once published,
+                // not the `.partial` one it is written in.
+                let published = super::cache::published_dir(out);
+                tc.output = published.clone();
+                let report = crate::train::TrainReport {
+                    config: tc,
+                    adapter: published,
+                    ..r.clone()
+                };
+                let json =
+                    serde_json::to_vec_pretty(&report).map_err(|source| crate::Error::Json {
+                        path: out.join("train_report.json"),
+                        source,
+                    })?;
+                crate::fsutil::write_atomic(&out.join("train_report.json"), &json)?;
                 Ok(serde_json::json!({"steps": r.steps, "examples": r.examples,
                     "first_loss": r.first_loss, "last_loss": r.last_loss,
                     "tokens_per_s": r.tokens_per_s}))
