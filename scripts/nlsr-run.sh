@@ -10,7 +10,9 @@ R="${REALIGN_BIN:-cargo run --release --quiet --}"
 [ -f runs/attacked/adapter_model.safetensors ] || { echo "run scripts/pipeline.sh first" >&2; exit 1; }
 [ -f runs/reference/adapter_model.safetensors ] || $R amplify --aligned runs/dpo --weak runs/sft --beta 0.9 -o runs/reference
 for m in low-rank wanda random; do
-  [ -f "runs/masks-$m.safetensors" ] || $R identify --adapter runs/reference --method "$m" --max-samples 200 --seed 42 -o "runs/masks-$m.safetensors"
+  # random masks read no data and take a seed; the other methods read 200 harmful samples
+  if [ "$m" = random ]; then how=(--seed 42); else how=(--max-samples 200); fi
+  [ -f "runs/masks-$m.safetensors" ] || $R identify --adapter runs/reference --method "$m" "${how[@]}" -o "runs/masks-$m.safetensors"
   [ -f "runs/nlsr-$m/adapter_model.safetensors" ] || $R patch --reference runs/reference --finetuned runs/attacked --masks "runs/masks-$m.safetensors" --seed 42 -o "runs/nlsr-$m"
 done
 [ -f runs/safelora/adapter_model.safetensors ] || $R safelora --aligned runs/dpo --finetuned runs/attacked --update-from runs/dpo --threshold 0.5 -o runs/safelora

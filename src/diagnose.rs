@@ -297,6 +297,7 @@ pub fn diagnose(
     }
     if let Some(m) = masks {
         m.check_fits(finetuned, "fine-tuned adapter")?;
+        m.check_not_empty()?;
     }
     config.prune.validate(finetuned.modules.len())?;
     for (name, v) in [

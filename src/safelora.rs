@@ -285,6 +285,14 @@ pub fn safe_lora(
                 "must be a finite number",
             ))
         }
+        SafeLoraSelection::NumLayers(0) => {
+            return Err(option(
+                "num-layers",
+                "0".into(),
+                "projects no module: the output would be the fine-tuned adapter itself; give \
+                 at least 1",
+            ))
+        }
         SafeLoraSelection::NumLayers(k) if k > n => {
             return Err(option(
                 "num-layers",

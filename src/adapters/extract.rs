@@ -277,6 +277,7 @@ pub fn extract(
         )
         .into());
     }
+    let mut model_config = None;
     for dir in [base, finetuned] {
         if dir.is_file() {
             return Err(bad(
@@ -286,7 +287,8 @@ pub fn extract(
             .into());
         }
         // Both folders must describe a model realign runs (config.json read and checked).
-        crate::model::Config::from_hf_file(&dir.join("config.json"))?;
+        let c = crate::model::Config::from_hf_file(&dir.join("config.json"))?;
+        model_config.get_or_insert(c);
     }
     let b = MappedCheckpoint::open(base)?;
     let t = MappedCheckpoint::open(finetuned)?;
@@ -341,6 +343,26 @@ pub fn extract(
             ),
         )
         .into());
+    }
+    // Only a decoder layer's linear modules can carry a LoRA here: an embedding (peft's
+    // `lora_embedding_A/B`, transposed) or `lm_head` written as `lora_A/B` would be an adapter
+    // that peft loads with missing keys (a silent no-op) or that realign refuses to apply.
+    if let Some(c) = &model_config {
+        if let Some((name, _)) = selected
+            .iter()
+            .find(|(_, module)| !is_adaptable_linear(c, module))
+        {
+            return Err(bad(
+                finetuned,
+                format!(
+                    "tensor {name:?} matches the targets {:?} but is not a linear module of a decoder layer ({}); \
+                     a LoRA adapter of realign adapts only those: narrow --targets",
+                    cfg.targets,
+                    crate::model::LINEAR_MODULES.join(", ")
+                ),
+            )
+            .into());
+        }
     }
 
     let progress = crate::eval::replies::progress_bar(selected.len(), "extracting modules");
@@ -461,6 +483,16 @@ pub fn extract(
 }
 
 /// `x / y`, 0 when `y` is 0.
+/// Whether `module` (`model.layers.3.self_attn.q_proj`) is a linear module of one of the
+/// model's decoder layers: the modules [`crate::model::Model::apply_adapter`] accepts.
+fn is_adaptable_linear(c: &crate::model::Config, module: &str) -> bool {
+    module
+        .split_once(".layers.")
+        .and_then(|(_, rest)| rest.split_once('.'))
+        .filter(|(i, _)| i.parse::<usize>().is_ok_and(|i| i < c.num_hidden_layers))
+        .is_some_and(|(_, local)| c.linear_shape(local).is_some())
+}
+
 fn ratio(x: f64, y: f64) -> f64 {
     if y > 0.0 {
         x / y

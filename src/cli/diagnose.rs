@@ -59,13 +59,18 @@ pub struct Args {
     model: Option<PathBuf>,
     /// Harmful prompts of the probe (any file `realign eval --harmful` reads, or
     /// `embedded:NAME`)
-    #[arg(long, default_value = realign::diagnose::PROBE_HARMFUL)]
+    #[arg(long, default_value = realign::diagnose::PROBE_HARMFUL, requires = "probe")]
     probe_harmful: String,
     /// Benign-but-edgy prompts of the probe (over-refusal)
-    #[arg(long, default_value = realign::diagnose::PROBE_BENIGN)]
+    #[arg(long, default_value = realign::diagnose::PROBE_BENIGN, requires = "probe")]
     probe_benign: String,
     /// New tokens per probe reply (at least 1)
-    #[arg(long, default_value_t = 32, value_parser = super::eval::at_least_one)]
+    #[arg(
+        long,
+        default_value_t = 32,
+        value_parser = super::eval::at_least_one,
+        requires = "probe"
+    )]
     probe_max_new_tokens: usize,
     /// Print diagnose_report.json on stdout instead of the summary lines
     #[arg(long)]

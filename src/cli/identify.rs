@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::Device;
+use clap::ValueEnum;
 use realign::adapters::Adapter;
 use realign::bench::Figure;
 use realign::model::{LoadOptions, LoadedModel};
@@ -84,15 +85,15 @@ struct RunArgs {
     /// variant of the authors' code)
     #[arg(long)]
     per_row: bool,
-    /// low-rank: singular directions kept, q = round(f * min(rows, cols))
-    #[arg(long, default_value_t = 0.8)]
-    rank_fraction: f64,
+    /// low-rank: singular directions kept, q = round(f * min(rows, cols)) [default: 0.8]
+    #[arg(long)]
+    rank_fraction: Option<f64>,
     /// Use at most this many rows of the corpus
     #[arg(long)]
     max_samples: Option<usize>,
-    /// Seed of --method random
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    /// Seed of --method random [default: 42]
+    #[arg(long)]
+    seed: Option<u64>,
     /// Sequences per forward pass
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -132,7 +133,44 @@ fn overlap(first: &Path, second: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--rank-fraction` when no flag is given (the paper's).
+const DEFAULT_RANK_FRACTION: f64 = 0.8;
+/// `--seed` when no flag is given.
+const DEFAULT_SEED: u64 = 42;
+
+/// Refuses a flag that the chosen method would ignore: `--rank-fraction` without
+/// `--method low-rank`, `--seed` without `--method random`, and the corpus flags (`--data`,
+/// `--max-samples`) with `--method random`, which reads no corpus.
+fn refuse_unused_flags(a: &RunArgs) -> anyhow::Result<()> {
+    let name = a
+        .method
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string());
+    let unused = |flag: &str, used_by: &str| {
+        anyhow::anyhow!(
+            "{flag} is not used by --method {name} (only by {used_by}): drop it or change \
+             the method"
+        )
+    };
+    if a.rank_fraction.is_some() && !matches!(a.method, MethodArg::LowRank) {
+        return Err(unused("--rank-fraction", "--method low-rank"));
+    }
+    if a.seed.is_some() && !matches!(a.method, MethodArg::Random) {
+        return Err(unused("--seed", "--method random"));
+    }
+    if matches!(a.method, MethodArg::Random) {
+        if a.data.is_some() {
+            return Err(unused("--data", "the methods that read a corpus"));
+        }
+        if a.max_samples.is_some() {
+            return Err(unused("--max-samples", "the methods that read a corpus"));
+        }
+    }
+    Ok(())
+}
+
 fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
+    refuse_unused_flags(&a)?;
     let (Some(adapter_path), Some(output)) = (a.adapter, a.output) else {
         anyhow::bail!("realign identify needs --adapter W_e and -o MASKS");
     };
@@ -168,8 +206,8 @@ fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
         } else {
             Scope::PerTensor
         },
-        rank_fraction: a.rank_fraction,
-        seed: a.seed,
+        rank_fraction: a.rank_fraction.unwrap_or(DEFAULT_RANK_FRACTION),
+        seed: a.seed.unwrap_or(DEFAULT_SEED),
         max_samples: a.max_samples,
         batch_size: a.batch_size,
         max_length: a.max_length,

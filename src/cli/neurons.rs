@@ -73,6 +73,10 @@ struct DetectArgs {
     /// user message with the chat template and the generation prompt
     #[arg(long, default_value = "embedded:safety_sft")]
     corpus: String,
+    /// The column (CSV) or key (JSON) of the corpus file holding the prompt, e.g. `Behavior`
+    /// [default: found automatically, as `realign eval --prompt-column` says]
+    #[arg(long, value_name = "NAME")]
+    prompt_column: Option<String>,
     /// Use at most this many rows of the corpus (in order); 0: all
     #[arg(long, default_value_t = 200)]
     limit: usize,
@@ -175,11 +179,19 @@ fn combine_cmd(a: CombineArgs) -> anyhow::Result<()> {
             .with_context(|| format!("loading the neuron set {}", p.display()))
     };
     let (first, second) = (load(&a.first)?, load(&a.second)?);
-    let (mut out, op) = match a.op {
-        SetOp::Difference => (first.difference(&second)?, "difference"),
-        SetOp::Intersection => (first.intersection(&second)?, "intersection"),
-        SetOp::Union => (first.union(&second)?, "union"),
+    let (out, op) = match a.op {
+        SetOp::Difference => (first.difference(&second), "difference"),
+        SetOp::Intersection => (first.intersection(&second), "intersection"),
+        SetOp::Union => (first.union(&second), "union"),
     };
+    // a shape disagreement names the module; the files are named here
+    let mut out = out.with_context(|| {
+        format!(
+            "combining {} (A) and {} (B)",
+            a.first.display(),
+            a.second.display()
+        )
+    })?;
     if out.is_empty() {
         anyhow::bail!(
             "the {op} of {} ({} neurons) and {} ({} neurons) is empty: no set file written to {} \
@@ -191,8 +203,19 @@ fn combine_cmd(a: CombineArgs) -> anyhow::Result<()> {
             a.output.display()
         );
     }
+    // Sets of two architectures make no set of either; the shared one is kept for the
+    // check where the result is applied.
+    let architecture = match (first.architecture(), second.architecture()) {
+        (Some(x), Some(y)) if x != y => anyhow::bail!(
+            "{} was detected on a {x} model, {} on a {y} model: their neurons cannot be combined",
+            a.first.display(),
+            a.second.display()
+        ),
+        (x, y) => x.or(y).map(str::to_string),
+    };
     out.meta = serde_json::json!({
         "op": op,
+        "architecture": architecture,
         "a": a.first.display().to_string(),
         "b": a.second.display().to_string(),
         "a_neurons": first.len(),
@@ -293,8 +316,17 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
     };
     // k is checked against the model's widths: a k at or above them would keep everything.
     cfg.validate_for(mc)?;
-    let rows = realign::data::load_source(&a.corpus)
-        .with_context(|| format!("loading the corpus {}", a.corpus))?;
+    // Only the prompts are used: any prompt set `realign eval --harmful` reads (prompt-only
+    // JSONL, HarmBench CSV, `.txt`) is a corpus, not only training rows with responses.
+    let rows: Vec<realign::data::Row> =
+        realign::data::load_prompts(&a.corpus, a.prompt_column.as_deref())
+            .with_context(|| format!("loading the corpus {}", a.corpus))?
+            .into_iter()
+            .map(|prompt| realign::data::Row::Sft {
+                prompt,
+                response: String::new(),
+            })
+            .collect();
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(

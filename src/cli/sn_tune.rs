@@ -1,6 +1,6 @@
 //! `realign deactivate` (to become `realign neurons deactivate`) and `realign sn-tune`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use realign::adapters::Adapter;
@@ -48,6 +48,11 @@ pub struct DeactivateArgs {
     /// Harmful prompts for the harmfulness score ("none" or "" to skip)
     #[arg(long, default_value = "embedded:harmful_eval")]
     harmful: String,
+    /// The column (CSV) or key (JSON) holding the prompt in the --harmful and --ppl-text files,
+    /// e.g. `Behavior` (HarmBench) [default: found automatically, as `realign eval
+    /// --prompt-column` says]
+    #[arg(long, value_name = "NAME")]
+    prompt_column: Option<String>,
     /// Use a seeded sample of N harmful prompts (--sample-seed) instead of all or the first
     /// --limit (0: no sampling)
     #[arg(long, default_value_t = 0)]
@@ -137,6 +142,20 @@ fn rows(spec: &str, limit: usize) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// The prompts of a prompt set (`--harmful`, `--ppl-text`) as plain text, the first `limit`
+/// (0: all); none for a switched-off flag. Any file `realign eval --harmful` reads.
+fn prompt_texts(spec: &str, column: Option<&str>, limit: usize) -> anyhow::Result<Vec<String>> {
+    if is_none(spec) {
+        return Ok(Vec::new());
+    }
+    let mut prompts =
+        realign::data::load_prompts(spec, column).with_context(|| format!("loading {spec}"))?;
+    if limit > 0 {
+        prompts.truncate(limit);
+    }
+    Ok(prompts.iter().map(|p| p.plain_text()).collect())
+}
+
 /// Whether a source flag (`--harmful`, `--task`, `--ppl-text`) is switched off.
 fn is_none(spec: &str) -> bool {
     spec.is_empty() || spec == "none"
@@ -147,10 +166,17 @@ fn is_none(spec: &str) -> bool {
 pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
     // Without -o, --write alone writes the model and measures nothing; otherwise the check runs.
     let evaluates = a.write.is_none() || a.output.is_some();
-    if evaluates && is_none(&a.harmful) && is_none(&a.task) && is_none(&a.ppl_text) {
+    // --ppl-rows 0 measures no perplexity, as --ppl-text none.
+    let no_ppl = is_none(&a.ppl_text) || a.ppl_rows == 0;
+    if evaluates && is_none(&a.harmful) && is_none(&a.task) && no_ppl {
         anyhow::bail!(
-            "nothing to measure: --harmful, --task and --ppl-text are all none (give one, or \
-             --write DIR without -o to only write the deactivated model)"
+            "nothing to measure: --harmful, --task and --ppl-text are all none{} (give one, or \
+             --write DIR without -o to only write the deactivated model)",
+            if is_none(&a.ppl_text) {
+                ""
+            } else {
+                " (--ppl-rows 0 uses no --ppl-text row)"
+            }
         );
     }
     for p in a.output.iter().chain(&a.write) {
@@ -158,39 +184,18 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
     }
     // An empty set would write an unchanged copy or a Table 1 of 0 neurons.
     let set = NeuronSet::load_nonempty(&a.set)?;
-    let (
-        path,
-        LoadedModel {
-            model, tokenizer, ..
-        },
-    ) = load(a.model, &a.adapters, &a.device, a.dtype)?;
-    if let Some(dir) = &a.write {
-        let chosen = if a.random_like {
-            random_like(&set, a.seed)
-        } else {
-            set.clone()
-        };
-        let mut m = model.clone();
-        let summary = deactivate(&mut m, &chosen)?;
-        realign::model::export_hf(&m, &tokenizer, dir)?;
-        eprintln!(
-            "wrote {} ({} neurons zeroed in {} modules{})",
-            dir.display(),
-            summary.neurons,
-            summary.modules,
-            if a.adapters.is_empty() {
-                String::new()
-            } else {
-                format!("; {} adapter(s) merged first", a.adapters.len())
-            }
-        );
-        if a.output.is_none() {
-            return Ok(());
-        }
-    }
+    // The variants and every data source are read before the model is loaded and --write
+    // writes: a bad --harmful, --task or --ppl-text must not leave a written folder behind.
     let variants: Vec<Variant> = if !a.variants.is_empty() {
-        a.variants
-            .iter()
+        // each column once, in the order first named (`none,none` measured the model twice)
+        let mut named: Vec<&String> = Vec::new();
+        for v in &a.variants {
+            if !named.contains(&v) {
+                named.push(v);
+            }
+        }
+        named
+            .into_iter()
             .map(|v| match v.as_str() {
                 "none" => Variant::None,
                 "deact_sn" => Variant::DeactSn,
@@ -221,19 +226,16 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
     if variants.contains(&Variant::DeactF) && foundation.is_none() {
         anyhow::bail!("deact_f needs --foundation-importance FOUNDATION.importance.json");
     }
-    let mut harmful_rows = rows(&a.harmful, a.limit)?;
+    // Prompt sets are read as `realign eval` reads them (prompt-only files, `.txt`, HarmBench
+    // CSV columns), not as training rows, which need a response.
+    let mut harmful = prompt_texts(&a.harmful, a.prompt_column.as_deref(), a.limit)?;
     if a.sample > 0 {
-        harmful_rows = realign::eval::sample_rows(harmful_rows, a.sample, a.sample_seed);
+        harmful = realign::eval::sample_rows(harmful, a.sample, a.sample_seed);
     }
-    let harmful: Vec<String> = harmful_rows
-        .iter()
-        .map(|r| r.prompt().plain_text())
-        .collect();
-    let ppl_texts: Vec<String> = rows(&a.ppl_text, 0)?
-        .iter()
+    let ppl_texts: Vec<String> = prompt_texts(&a.ppl_text, a.prompt_column.as_deref(), 0)?
+        .into_iter()
         .skip(a.ppl_offset)
         .take(a.ppl_rows)
-        .map(|r| r.prompt().plain_text())
         .collect();
     if !is_none(&a.ppl_text) && a.ppl_rows > 0 && ppl_texts.is_empty() {
         anyhow::bail!(
@@ -244,17 +246,12 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
     }
     // Every row of the task set, so that its kind (GSM8K or classification, and the labels)
     // is read from all its gold answers, as `realign eval` reads it; then the first --limit.
-    let all_task: Vec<(String, String)> = rows(&a.task, 0)?
-        .into_iter()
-        .map(|r| match r {
-            Row::Sft { prompt, response } => Ok((prompt.plain_text(), response)),
-            other => anyhow::bail!(
-                "{}: task rows need a prompt and a gold response, got a {} row",
-                a.task,
-                other.kind()
-            ),
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let all_task: Vec<(String, String)> = if is_none(&a.task) {
+        Vec::new()
+    } else {
+        realign::data::load_task_items(&a.task, None, None)
+            .with_context(|| format!("loading {}", a.task))?
+    };
     let task_kind = if all_task.is_empty() {
         TaskKind::Gsm8k
     } else {
@@ -263,6 +260,38 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
     };
     let keep = if a.limit > 0 { a.limit } else { usize::MAX };
     let task: Vec<(String, String)> = all_task.into_iter().take(keep).collect();
+    let (
+        path,
+        LoadedModel {
+            model, tokenizer, ..
+        },
+    ) = load(a.model, &a.adapters, &a.device, a.dtype)?;
+    set.check_architecture(&a.set, model.config().architecture)?;
+    if let Some(dir) = &a.write {
+        let chosen = if a.random_like {
+            random_like(&set, a.seed)
+        } else {
+            set.clone()
+        };
+        let mut m = model.clone();
+        let summary = deactivate(&mut m, &chosen)
+            .with_context(|| format!("zeroing the neuron set {}", a.set.display()))?;
+        realign::model::export_hf(&m, &tokenizer, dir)?;
+        eprintln!(
+            "wrote {} ({} neurons zeroed in {} modules{})",
+            dir.display(),
+            summary.neurons,
+            summary.modules,
+            if a.adapters.is_empty() {
+                String::new()
+            } else {
+                format!("; {} adapter(s) merged first", a.adapters.len())
+            }
+        );
+        if a.output.is_none() {
+            return Ok(());
+        }
+    }
     let check = DeactivationCheck {
         harmful,
         task,
@@ -279,7 +308,8 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
         perplexity_texts: ppl_texts,
         perplexity_max_tokens: a.ppl_max_tokens,
     };
-    let results = deactivation_check(&model, &tokenizer, &set, &check)?;
+    let results = deactivation_check(&model, &tokenizer, &set, &check)
+        .with_context(|| format!("the deactivation check of {}", a.set.display()))?;
     let comparisons = compare_with_random(&results);
     let summary: Vec<serde_json::Value> = results
         .iter()
@@ -434,7 +464,16 @@ pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
     let safety = NeuronSet::load_nonempty(&a.set)?;
     let foundation = a.exclude.as_deref().map(NeuronSet::load).transpose()?;
     let (set, excluded) = match &foundation {
-        Some(foundation) => (rsn_tune_set(&safety, foundation)?, Some(foundation.len())),
+        Some(foundation) => (
+            rsn_tune_set(&safety, foundation).with_context(|| {
+                format!(
+                    "removing --exclude {} from --set {}",
+                    a.exclude.as_deref().unwrap_or(Path::new("")).display(),
+                    a.set.display()
+                )
+            })?,
+            Some(foundation.len()),
+        ),
         None => (safety.clone(), None),
     };
     if set.is_empty() {
@@ -446,13 +485,18 @@ pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
                 .map_or(String::new(), |p| p.display().to_string())
         );
     }
+    // the documents are read before the model is loaded: a bad --data fails at once
+    let docs = rows(&a.data, 0)?;
     let (
         path,
         LoadedModel {
             model, tokenizer, ..
         },
     ) = load(a.model, &a.adapters, &a.device, a.dtype)?;
-    let docs = rows(&a.data, 0)?;
+    safety.check_architecture(&a.set, model.config().architecture)?;
+    if let (Some(f), Some(p)) = (&foundation, &a.exclude) {
+        f.check_architecture(p, model.config().architecture)?;
+    }
     let outcome = sn_tune(model, &tokenizer, &set, &docs, &cfg)?;
     let extra = serde_json::json!({
         "method": if excluded.is_some() { "rsn-tune" } else { "sn-tune" },

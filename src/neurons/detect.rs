@@ -722,6 +722,8 @@ pub fn detect(
     set.meta = serde_json::json!({
         "kind": "detected neurons (safety-neurons paper, Eq. 3)",
         "model": cfg.model,
+        // checked by `NeuronSet::check_architecture` where the set is applied to a model
+        "architecture": model.config().architecture,
         "corpus": cfg.corpus,
         "prompts": prompts,
         "importance": cfg.importance.name(),

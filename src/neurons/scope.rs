@@ -62,8 +62,14 @@ pub fn user_content(prompt: &Prompt) -> Option<&str> {
 }
 
 /// The tokens of `ids` (with byte `offsets` into the rendered text) that overlap the byte range
-/// `content` (a zero-width token, such as an added special token, never counts).
+/// `content` (a zero-width token, such as an added special token, never counts; an empty
+/// `content` covers none).
 pub fn overlapping_tokens(offsets: &[(usize, usize)], content: Range<usize>) -> Vec<usize> {
+    // An empty content (whitespace the template trimmed away) covers no token, not one that
+    // straddles its position.
+    if content.is_empty() {
+        return Vec::new();
+    }
     offsets
         .iter()
         .enumerate()
@@ -97,10 +103,16 @@ pub fn scoped_prompt(
         TokenScope::Content => {
             let content = user_content(prompt).unwrap_or_default();
             let trimmed = content.trim();
-            let range = [content, trimmed]
-                .into_iter()
-                .filter(|c| !c.is_empty())
-                .find_map(|c| text.rfind(c).map(|s| s..s + c.len()))
+            // Where the template put the content: found by rendering a marker in its place
+            // (a short content such as "assistant" or "t" also occurs in the template's own
+            // text, where a search for it would land); else its last occurrence.
+            let range = marked_content_range(tok, template, prompt, system, &text)
+                .or_else(|| {
+                    [content, trimmed]
+                        .into_iter()
+                        .filter(|c| !c.is_empty())
+                        .find_map(|c| text.rfind(c).map(|s| s..s + c.len()))
+                })
                 .ok_or_else(|| {
                     NeuronError::Invalid(format!(
                         "the user content {:?} is not in the rendered prompt: use --tokens all",
@@ -119,6 +131,39 @@ pub fn scoped_prompt(
         }
     };
     Ok(ScopedPrompt { ids, rows })
+}
+
+/// Stands in for the user content when locating it (private-use characters no prompt holds).
+const CONTENT_MARK: &str = "\u{E000}realign-user-content\u{E001}";
+
+/// The byte range of the last user message's content in `text` (the prompt rendered with
+/// `template`): the prompt is rendered again with [`CONTENT_MARK`] as that content, and the
+/// text before and after the marker must be `text`'s prefix and suffix. `None` when the prompt
+/// has no user message or the template does not keep the marker verbatim, exactly once.
+fn marked_content_range(
+    tok: &Tokenizer,
+    template: PromptTemplate,
+    prompt: &Prompt,
+    system: Option<&str>,
+    text: &str,
+) -> Option<Range<usize>> {
+    let marked = match prompt {
+        Prompt::Text(_) => Prompt::Text(CONTENT_MARK.to_string()),
+        Prompt::Messages(m) => {
+            let mut m = m.clone();
+            let last_user = m.iter_mut().rev().find(|m| m.role == "user")?;
+            last_user.content = CONTENT_MARK.to_string();
+            Prompt::Messages(m)
+        }
+    };
+    let rendered = render_prompt(tok, template, &marked, system).ok()?;
+    let at = rendered.find(CONTENT_MARK)?;
+    let (prefix, suffix) = (&rendered[..at], &rendered[at + CONTENT_MARK.len()..]);
+    if suffix.contains(CONTENT_MARK) || text.len() < prefix.len() + suffix.len() {
+        return None;
+    }
+    (text.starts_with(prefix) && text.ends_with(suffix))
+        .then(|| prefix.len()..text.len() - suffix.len())
 }
 
 fn truncate(s: &str) -> String {

@@ -293,6 +293,37 @@ impl NeuronSet {
         Ok(set)
     }
 
+    /// The architecture the set was detected on (`meta.architecture`: `llama`, `mistral`,
+    /// `qwen2`), if its file records one.
+    pub fn architecture(&self) -> Option<&str> {
+        self.meta.get("architecture").and_then(|a| a.as_str())
+    }
+
+    /// Refuses applying the set (read from `path`) to a model of another architecture than
+    /// the one it was detected on: module names and shapes can agree between, e.g., a Llama
+    /// and a Qwen2 model of the same sizes, and the neurons of one mean nothing in the other.
+    /// A set without `meta.architecture` (hand-written, or older) is not checked.
+    pub fn check_architecture(
+        &self,
+        path: &Path,
+        architecture: crate::model::Architecture,
+    ) -> Result<(), NeuronError> {
+        let model = serde_json::to_value(architecture)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        match self.architecture() {
+            Some(set) if set != model => Err(NeuronError::BadSet {
+                path: path.to_path_buf(),
+                what: format!(
+                    "the set was detected on a {set} model (meta.architecture), this model is \
+                     {model}: its neurons are not this model's"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The bytes of the set file (pretty JSON; equal sets give equal bytes).
     pub fn to_json(&self) -> String {
         let file = SetFile {

@@ -78,6 +78,25 @@ impl Masks {
             .unwrap_or_else(|| "masks".to_string())
     }
 
+    /// Refuses masks that select nothing: every `M_A` and `M_B` all zeros. Eq. 8 would then
+    /// compare empty regions (similarity 1 by convention, so a drift of 0 and a "clean"
+    /// verdict) and the transplant would change no entry, whatever the adapters hold.
+    pub fn check_not_empty(&self) -> Result<()> {
+        let mut entries = 0usize;
+        for mask in self.modules.values() {
+            let (_, _, both) = mask.density()?;
+            if both > 0.0 {
+                return Ok(());
+            }
+            entries += mask.a.elem_count() + mask.b.elem_count();
+        }
+        Err(empty_masks(
+            self.source.as_deref(),
+            entries,
+            self.modules.len(),
+        ))
+    }
+
     /// Checks that the masks were made for `adapter`: the same modules, and `M_A` / `M_B` of the
     /// shapes of `lora_A` / `lora_B`. `adapter_name` names the adapter when it has no folder.
     pub fn check_fits(&self, adapter: &Adapter, adapter_name: &str) -> Result<()> {
@@ -111,6 +130,20 @@ impl Masks {
         }
         Ok(())
     }
+}
+
+/// The error of masks that select nothing (see [`Masks::check_not_empty`]): `entries` zeros
+/// over `modules` modules of `file`.
+pub(crate) fn empty_masks(file: Option<&Path>, entries: usize, modules: usize) -> crate::Error {
+    NlsrError::Masks {
+        file: file.map_or_else(|| PathBuf::from("masks"), Path::to_path_buf),
+        reason: format!(
+            "every mask is all zeros ({entries} entries over {modules} modules): no \
+             safety-critical neuron is selected, so the safety regions are empty (make them with \
+             a lower `realign identify --sparsity`)"
+        ),
+    }
+    .into()
 }
 
 /// Reads a masks file (see the module doc). Values must be exactly 0 or 1; F32, F16, BF16, F64

@@ -60,7 +60,7 @@ pub enum NlsrError {
         got: usize,
     },
     /// Two inputs that must adapt the same modules do not.
-    #[error("{left} and {right} adapt different modules: only in the first: {only_left:?}; only in the second: {only_right:?}")]
+    #[error("{left} and {right} adapt different modules: only in the first ({left_count}): {only_left:?}; only in the second ({right_count}): {only_right:?}{}", if left_count + right_count > only_left.len() + only_right.len() { " (the first 5 of each listed)" } else { "" })]
     ModuleSets {
         /// The first input (a folder or file).
         left: String,
@@ -70,6 +70,10 @@ pub enum NlsrError {
         only_left: Vec<String>,
         /// Modules (at most 5 listed) only the second has.
         only_right: Vec<String>,
+        /// How many modules only the first has.
+        left_count: usize,
+        /// How many modules only the second has.
+        right_count: usize,
     },
     /// A tensor whose shape differs between two inputs (different ranks or layer sizes).
     #[error(
@@ -220,6 +224,8 @@ pub(crate) fn check_module_sets<'a>(
         right: right_name.to_string(),
         only_left: only(&left, &right),
         only_right: only(&right, &left),
+        left_count: left.difference(&right).count(),
+        right_count: right.difference(&left).count(),
     }
     .into())
 }

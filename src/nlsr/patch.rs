@@ -118,6 +118,7 @@ pub fn patch(
         true,
     )?;
     masks.check_fits(finetuned, "fine-tuned adapter")?;
+    masks.check_not_empty()?;
     config.prune.validate(finetuned.modules.len())?;
 
     let paths: Vec<&String> = finetuned.modules.keys().collect();

@@ -148,6 +148,13 @@ pub fn patch_files(
         })
         .collect::<Result<Vec<_>>>()?;
     let (sims, densities): (Vec<f64>, Vec<_>) = sims.into_iter().unzip();
+    if densities.iter().all(|&(_, _, both)| both == 0.0) {
+        let entries = mi
+            .values()
+            .map(|[a, b]| a.shape.iter().product::<usize>() + b.shape.iter().product::<usize>())
+            .sum();
+        return Err(masks::empty_masks(Some(masks_file), entries, mi.len()));
+    }
     let decisions = layer_pruning(&sims, &config.prune)?;
 
     // the output's config and shapes, checked before anything is written

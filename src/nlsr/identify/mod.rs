@@ -300,6 +300,19 @@ pub fn identify(
             modules.insert(name.clone(), ModuleMask { a, b });
         }
     }
+    if ones == 0 && total > 0 {
+        let largest = tensors.iter().map(|t| t.shape[0] * t.shape[1]).max();
+        return Err(NlsrError::Option {
+            name: "sparsity".into(),
+            value: cfg.sparsity.to_string(),
+            reason: format!(
+                "keeps no entry of any tensor (the largest has {} entries): the masks would \
+                 select nothing; lower it",
+                largest.unwrap_or(0)
+            ),
+        }
+        .into());
+    }
     let report = IdentifyReport {
         method: cfg.method.name(),
         config: cfg.clone(),
