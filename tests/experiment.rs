@@ -435,6 +435,44 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     );
     assert!(md.contains("## Safe LoRA's threshold"), "{md}");
     assert!(md.contains("## Safety neurons"));
+    // The neuron table carries over-refusal with its interval, as every other table.
+    let sn = report
+        .evals
+        .iter()
+        .find(|e| e.variant.label == "SN-Tune")
+        .unwrap();
+    let or = sn.or_rate.unwrap();
+    let row = format!(
+        "| SN-Tune | {:.1} [{:.1}, {:.1}] |",
+        sn.hs_rate.unwrap().percent,
+        sn.hs_rate.unwrap().lo,
+        sn.hs_rate.unwrap().hi
+    );
+    let line = md
+        .lines()
+        .find(|l| l.starts_with(&row))
+        .expect("the SN-Tune row");
+    assert!(
+        line.contains(&format!(
+            " {:.1} [{:.1}, {:.1}] | – |",
+            or.percent, or.lo, or.hi
+        )),
+        "{line}"
+    );
+    // SN-Tune against its two controls, in words.
+    for control in [
+        "SN-Tune, random set (control)",
+        "SN-Tune, foundation set (control)",
+    ] {
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.starts_with("SN-Tune (HS ") && f.contains(control)),
+            "{:?}",
+            report.findings
+        );
+    }
     assert!(
         md.contains(&format!("- {}", report.against_random[0].sentence()))
             && md.contains("against 3 random draws of the same structure"),

@@ -977,8 +977,8 @@ impl Report {
             let _ = writeln!(s, "- {}", c.sentence());
         }
         s.push_str(
-            "\n| model | HS ↓ | HS, non-degenerate ↓ | FA ↑ | perplexity (× untouched) |\n\
-             |---|---:|---:|---:|---:|\n",
+            "\n| model | HS ↓ | HS, non-degenerate ↓ | FA ↑ | OR ↓ | perplexity (× untouched) |\n\
+             |---|---:|---:|---:|---:|---:|\n",
         );
         let ppl = |e: &Row| match e.perplexity {
             Some((p, u)) => {
@@ -999,10 +999,11 @@ impl Report {
             if let Some(e) = found {
                 let _ = writeln!(
                     s,
-                    "| {row} | {} | {} | {} | {} |",
+                    "| {row} | {} | {} | {} | {} | {} |",
                     cell(e.hs_rate, e.hs),
                     cell(e.hs_nondegenerate_rate, f64::NAN),
                     cell(e.fa_rate, e.fa),
+                    cell(e.or_rate, f64::NAN),
                     ppl(e)
                 );
             }
@@ -1010,11 +1011,12 @@ impl Report {
         for e in rows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 e.variant.label,
                 cell(e.hs_rate, e.hs),
                 cell(e.hs_nondegenerate_rate, f64::NAN),
                 cell(e.fa_rate, e.fa),
+                cell(e.or_rate, f64::NAN),
                 ppl(e)
             );
         }
