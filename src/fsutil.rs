@@ -84,28 +84,26 @@ pub fn temp_path(path: &Path) -> PathBuf {
 /// The temporary files and folders being written now (removed on an interrupt).
 static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// The registry, locked: what is created while the guard is held is created before any
+/// interrupt's removal starts, or not at all (the handler takes this lock and keeps it).
+fn registry() -> std::io::Result<std::sync::MutexGuard<'static, Vec<PathBuf>>> {
+    IN_PROGRESS
+        .lock()
+        .map_err(|_| std::io::Error::other("the output registry is poisoned"))
+}
+
 /// Creates the folder `path` and its missing parents, as `std::fs::create_dir_all`, but not
 /// after an interrupt: the interrupt handler holds the same lock while it removes the
 /// partial outputs, so a stage cannot recreate a folder it has just removed.
 pub fn create_dir_all(path: &Path) -> Result<()> {
-    let _list = IN_PROGRESS.lock().map_err(|_| {
-        Error::io(
-            path,
-            std::io::Error::other("the output registry is poisoned"),
-        )
-    })?;
+    let _list = registry().map_err(|e| Error::io(path, e))?;
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
 }
 
 /// Creates the folder `path` (and its parents) and registers it as a partial output in one
 /// step, so an interrupt sees either both or neither.
 pub(crate) fn create_registered_dir(path: &Path) -> Result<()> {
-    let mut list = IN_PROGRESS.lock().map_err(|_| {
-        Error::io(
-            path,
-            std::io::Error::other("the output registry is poisoned"),
-        )
-    })?;
+    let mut list = registry().map_err(|e| Error::io(path, e))?;
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
     list.push(path.to_path_buf());
     Ok(())
@@ -221,9 +219,7 @@ pub fn write_atomic_with(
         // Created and registered under the lock that the interrupt handler takes: after an
         // interrupt no writer creates a file or recreates a removed folder.
         let file = {
-            let mut list = IN_PROGRESS
-                .lock()
-                .map_err(|_| std::io::Error::other("lock"))?;
+            let mut list = registry()?;
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent)?;
             }
@@ -385,12 +381,7 @@ impl StagedDir {
         // The folder that refuses is the output's parent: name it, not the hidden folder.
         {
             // Created and registered in one step under the interrupt handler's lock.
-            let mut list = IN_PROGRESS.lock().map_err(|_| {
-                Error::io(
-                    &parent,
-                    std::io::Error::other("the output registry is poisoned"),
-                )
-            })?;
+            let mut list = registry().map_err(|e| Error::io(&parent, e))?;
             std::fs::create_dir(&partial).map_err(|e| Error::io(&parent, e))?;
             list.push(partial.clone());
         }

@@ -170,37 +170,27 @@ fn patch_and_diagnose_refuse_masks_that_select_nothing() {
          --sparsity`)",
         m.display()
     );
-    let out = dir.path().join("patched");
-    let o = realign(&[
-        "patch",
-        "--reference",
-        s(&adapter("aligned")),
-        "--finetuned",
-        s(&adapter("finetuned")),
-        "--masks",
-        s(&m),
-        "-o",
-        s(&out),
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains(&expected), "{}", stderr(&o));
-    assert!(!out.exists());
-
-    let out = dir.path().join("diag");
-    let o = realign(&[
-        "diagnose",
-        "--aligned",
-        s(&adapter("aligned")),
-        "--finetuned",
-        s(&adapter("finetuned")),
-        "--masks",
-        s(&m),
-        "-o",
-        s(&out),
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains(&expected), "{}", stderr(&o));
-    assert!(!out.exists());
+    // `patch` names the aligned adapter --reference, `diagnose` --aligned
+    for (command, aligned_flag, name) in [
+        ("patch", "--reference", "patched"),
+        ("diagnose", "--aligned", "diag"),
+    ] {
+        let out = dir.path().join(name);
+        let o = realign(&[
+            command,
+            aligned_flag,
+            s(&adapter("aligned")),
+            "--finetuned",
+            s(&adapter("finetuned")),
+            "--masks",
+            s(&m),
+            "-o",
+            s(&out),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{command}: {}", stderr(&o));
+        assert!(stderr(&o).contains(&expected), "{command}: {}", stderr(&o));
+        assert!(!out.exists(), "{command}");
+    }
 
     // the library's patch refuses them the same way
     let e = realign::adapters::Adapter::load(&adapter("aligned"), &Device::Cpu).unwrap();
