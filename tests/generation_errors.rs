@@ -491,3 +491,54 @@ fn filters_and_columns_aimed_at_embedded_sets_or_unknown_sets_are_errors() {
     assert_eq!(s["harmful"]["n"], 2);
     assert_eq!(s["overrefusal"]["data"], "embedded:overrefusal_eval");
 }
+
+#[test]
+fn an_unusable_gold_answer_names_its_file_and_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = write(
+        dir.path(),
+        "task.jsonl",
+        "{\"prompt\": \"a\", \"label\": \"positive\"}\n\
+         {\"prompt\": \"b\", \"label\": \"negative\"}\n\
+         {\"prompt\": \"c\", \"label\": \"neutral\"}\n",
+    );
+    let out = dir.path().join("out");
+    let common = ["--harmful", "none", "--benign", "none", "--task", &task];
+    let o = eval(
+        &out,
+        &[&common[..], &["--labels", "positive,negative"]].concat(),
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "{task}: row 2 (from 0) of the task set: gold answer \"neutral\" is not one of the \
+             labels [\"positive\", \"negative\"]"
+        )),
+        "{err}"
+    );
+    // With --where, the row counts the rows that pass it.
+    let o = eval(
+        &out,
+        &[
+            &common[..],
+            &[
+                "--labels",
+                "positive,negative",
+                "--where",
+                "task:label!=positive",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "{task}: row 1 (from 0, counting the rows that pass --where) of the task set: gold \
+             answer \"neutral\" is not one of the labels"
+        )),
+        "{err}"
+    );
+    assert!(!out.exists(), "no output folder after a refused run");
+}

@@ -496,3 +496,47 @@ fn deactivate_with_nothing_to_measure_is_refused() {
     }
     assert_eq!(entries(d.path()), vec!["S.json".to_string()]);
 }
+
+#[test]
+fn sn_tune_names_the_set_file_whose_shapes_are_not_the_models() {
+    let d = tempfile::tempdir().unwrap();
+    let set = d.path().join("other.json");
+    NeuronSet::new(
+        serde_json::json!({"test": true}),
+        vec![module("model.layers.0.mlp.down_proj", [64, 320], &[3])],
+    )
+    .save(&set)
+    .unwrap();
+    let out = d.path().join("tuned");
+    let m = model();
+    let (s, o) = (set.to_str().unwrap(), out.to_str().unwrap());
+    let err = fails(&["sn-tune", "--model", &m, "--set", s, "--docs", "2", "-o", o]);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: {s}: model.layers.0.mlp.down_proj: the set says shape [64, 320], \
+             the model has [64, 160]: it was detected on another model"
+        )
+    );
+    // As --exclude (RSN-Tune's foundation set), the file named is that one.
+    let good = small_set(d.path());
+    let g = good.to_str().unwrap();
+    let err = fails(&[
+        "sn-tune",
+        "--model",
+        &m,
+        "--set",
+        g,
+        "--exclude",
+        s,
+        "--docs",
+        "2",
+        "-o",
+        o,
+    ]);
+    assert!(
+        err.starts_with(&format!("error: {s}: model.layers.0.mlp.down_proj")),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

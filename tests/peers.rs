@@ -97,7 +97,18 @@ fn antidote_prunes_a_fraction_of_the_update_and_keeps_the_alignment() {
                 ("-o", out.clone()),
             ],
         );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        // the two ends are controls, and say so
+        let warned = match density {
+            "0" => Some("warning: --density 0 prunes nothing"),
+            "1" => Some("warning: --density 1 prunes every entry of the fine-tuning update"),
+            _ => None,
+        };
+        match warned {
+            Some(w) => assert!(err.contains(w), "{density}: {err}"),
+            None => assert!(!err.contains("warning"), "{density}: {err}"),
+        }
         out
     };
     let dev = Device::Cpu;

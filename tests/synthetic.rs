@@ -108,3 +108,64 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
     assert!(write(&a, &tok, &opts, false, |_, _| {}).is_err());
     assert!(a.join("synthetic.json").is_file());
 }
+
+#[test]
+fn a_bf16_model_is_written_bf16_and_reads_back_bit_for_bit() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("syn");
+    let report = tiny(&dir, 3);
+    let m = LoadedModel::load(&dir.join("model"), &LoadOptions::default()).unwrap();
+    let out = root.path().join("out");
+    realign::model::export_hf(&m.model, &m.tokenizer, &out).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, view) in st.tensors() {
+        // matrices as the checkpoint has them, norms widened on load and written f32
+        let want = if view.shape().len() == 2 {
+            safetensors::Dtype::BF16
+        } else {
+            safetensors::Dtype::F32
+        };
+        assert_eq!(view.dtype(), want, "{name}");
+    }
+    // about the checkpoint's size (bf16), not twice it (f32): the norms are 4 bytes each
+    assert!(
+        (bytes.len() as u64) < report.model_bytes + 4096,
+        "{}",
+        bytes.len()
+    );
+    let back = LoadedModel::load(&out, &LoadOptions::default()).unwrap();
+    assert_eq!(back.model.dtype(), DType::BF16);
+    let ids = Tensor::new(&[[0u32, 38, 565, 569, 269]], &Device::Cpu).unwrap();
+    let (a, b) = (
+        m.model.forward(&ids).unwrap(),
+        back.model.forward(&ids).unwrap(),
+    );
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
+    // Asked for f32 storage, the same checkpoint is written f32 with the same values.
+    let wide = LoadedModel::load(
+        &dir.join("model"),
+        &LoadOptions {
+            dtype: realign::model::StorageDtype::F32,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let out32 = root.path().join("out32");
+    realign::model::export_hf(&wide.model, &wide.tokenizer, &out32).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out32.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["torch_dtype"], "float32");
+    let back32 = LoadedModel::load(&out32, &LoadOptions::default()).unwrap();
+    assert_eq!(back32.model.dtype(), DType::F32);
+    assert_eq!(
+        common::max_abs_diff(
+            &wide.model.forward(&ids).unwrap(),
+            &back32.model.forward(&ids).unwrap()
+        ),
+        0.0
+    );
+}

@@ -62,6 +62,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "warning: --density 0 prunes nothing: the output is the fine-tuned adapter itself \
              (a control, not a repair)"
         );
+    } else if a.density == 1.0 {
+        eprintln!(
+            "warning: --density 1 prunes every entry of the fine-tuning update: the output is \
+             the aligned adapter W_a itself (discarding the fine-tune, a control, not a repair)"
+        );
     }
     let cfg = AntidoteConfig {
         density: a.density,

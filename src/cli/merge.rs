@@ -1,5 +1,6 @@
 //! `realign merge`: fold adapters into a model and write a Hugging Face folder that
-//! transformers loads (with no adapter: a GGUF or bf16 checkpoint converted to an f32 folder);
+//! transformers loads (with no adapter: a GGUF file converted to an f32 folder, a sharded
+//! checkpoint to one file in its own dtype);
 //! `--subtract` removes an adapter's update, so that a repair made on an
 //! extracted adapter goes back onto the full fine-tune:
 //! `W = W_t + ΔW_repaired − ΔW_extracted` keeps what the truncation did not capture.
@@ -23,7 +24,8 @@ pub struct Args {
     /// made of the full fine-tune that --model is
     #[arg(long)]
     subtract: Vec<PathBuf>,
-    /// Output folder: config.json, model.safetensors (f32), tokenizer files and
+    /// Output folder: config.json, model.safetensors (in the weights' dtype: a bf16/f16
+    /// checkpoint's matrices stay bf16/f16, GGUF and f32 inputs are f32), tokenizer files and
     /// merge_report.json, written whole
     #[arg(short, long)]
     output: PathBuf,

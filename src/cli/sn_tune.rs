@@ -496,7 +496,9 @@ pub fn run_sn_tune(a: SnTuneArgs) -> anyhow::Result<()> {
     safety.check_architecture(&a.set, model.config().architecture)?;
     if let (Some(f), Some(p)) = (&foundation, &a.exclude) {
         f.check_architecture(p, model.config().architecture)?;
+        f.check_model(p, &model)?;
     }
+    safety.check_model(&a.set, &model)?;
     let outcome = sn_tune(model, &tokenizer, &set, &docs, &cfg)?;
     let extra = serde_json::json!({
         "method": if excluded.is_some() { "rsn-tune" } else { "sn-tune" },

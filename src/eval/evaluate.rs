@@ -689,8 +689,16 @@ pub fn evaluate_with_judge(
         _ => None,
     };
     if let (Some(items), Some(kind)) = (&task_items, &kind) {
+        let data = opts.task.as_deref().unwrap_or_default();
         for (i, (_, gold)) in items.iter().enumerate() {
-            kind.check_gold(i, gold)?;
+            kind.check_gold(i, gold).map_err(|e| {
+                gold_in_data(
+                    e,
+                    data,
+                    task_rows.get(i).copied().unwrap_or(i),
+                    !opts.columns.task_where.is_empty(),
+                )
+            })?;
         }
     }
     let harmful_max_new = opts
@@ -1058,6 +1066,32 @@ fn task_items(
         .into_iter()
         .unzip();
     Ok((items, rows, golds))
+}
+
+/// Names the data source and row of an unusable gold answer found by
+/// [`TaskKind::check_gold`]; other errors pass through.
+fn gold_in_data(e: EvalError, data: &str, row: usize, filtered: bool) -> EvalError {
+    let problem = match &e {
+        EvalError::BadGold { .. } => {
+            "holds no number (a GSM8K task needs one; for a classification task give --labels)"
+                .to_string()
+        }
+        EvalError::UnknownLabel { labels, .. } => format!(
+            "is not one of the labels {labels:?} (list every label with --labels, or fix the row)"
+        ),
+        _ => return e,
+    };
+    let gold = match e {
+        EvalError::BadGold { gold, .. } | EvalError::UnknownLabel { gold, .. } => gold,
+        _ => String::new(),
+    };
+    EvalError::TaskGold {
+        data: data.to_string(),
+        row,
+        filtered,
+        gold,
+        problem,
+    }
 }
 
 /// A task sample, the row index of each sampled item, and the gold answers of the whole set.

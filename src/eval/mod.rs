@@ -124,6 +124,25 @@ pub enum EvalError {
         /// The gold answer.
         gold: String,
     },
+    /// A task row of a data file whose gold answer is unusable ([`EvalError::BadGold`] or
+    /// [`EvalError::UnknownLabel`] with the file and row it came from). Raised before anything
+    /// is generated.
+    #[error(
+        "{data}: row {row} (from 0{}) of the task set: gold answer {gold:?} {problem}",
+        if *filtered { ", counting the rows that pass --where" } else { "" }
+    )]
+    TaskGold {
+        /// The task set's data source (a file or `embedded:NAME`).
+        data: String,
+        /// The row's index among the rows read (from 0; after any `--where` filters).
+        row: usize,
+        /// Whether `--where` filters chose the rows.
+        filtered: bool,
+        /// The gold answer.
+        gold: String,
+        /// What is wrong with it, and how to fix it.
+        problem: String,
+    },
     /// A classification gold answer that is not one of the task's labels.
     #[error("item {index}: gold label {gold:?} is not one of the labels {labels:?}")]
     UnknownLabel {

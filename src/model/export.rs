@@ -7,8 +7,11 @@
 //! so the weights are in the Hugging Face layout, and the tokenizer built from the GGUF metadata
 //! serialises to a `tokenizer.json`.
 //!
-//! Every tensor is written as f32. Safetensors inputs in bf16/f16 were widened to f32 exactly
-//! on load, so every entry keeps its value.
+//! Every tensor is written in the dtype the model keeps it in ([`safetensors_bytes`]): a
+//! bf16/f16 checkpoint loaded with `--dtype auto` is written bf16/f16 (as transformers'
+//! `save_pretrained` keeps a model's dtype), one loaded as f32 and a dequantised GGUF file as
+//! f32; `config.json`'s `torch_dtype` says which. No entry changes value: the weights are
+//! written as they are held.
 //!
 //! [`LoadedModel::load`]: super::LoadedModel::load
 
@@ -23,7 +26,8 @@ use super::{Model, ModelError};
 use crate::tokenizer::Tokenizer;
 
 /// The `config.json` transformers needs to build the architecture of `cfg`
-/// (`torch_dtype` `float32`, the tokenizer's special ids).
+/// (`torch_dtype` `float32`, which [`export_hf`] replaces by the weights' own; the tokenizer's
+/// special ids).
 pub fn hf_config_json(cfg: &Config, tok: &Tokenizer, tied: bool) -> Value {
     let (model_type, class) = match cfg.architecture {
         Architecture::Llama => ("llama", "LlamaForCausalLM"),
@@ -147,25 +151,64 @@ pub fn hf_generation_config_json(tok: &Tokenizer) -> Value {
 /// The bytes of a safetensors file holding `tensors` as f32 (metadata `format: pt`, which
 /// transformers checks).
 pub fn safetensors_f32_bytes(tensors: &[(String, Tensor)]) -> crate::Result<Vec<u8>> {
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    serialize(tensors, false)
+}
+
+/// The `model.safetensors` bytes of `tensors`, each in its own dtype when that is bf16 or
+/// f16, else as f32 (the safetensors dtypes transformers reads for a causal LM), with
+/// [`safetensors_f32_bytes`]'s metadata and refusal of non-finite entries.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> crate::Result<Vec<u8>> {
+    serialize(tensors, true)
+}
+
+/// One tensor's safetensors dtype, little-endian bytes and count of non-finite entries.
+fn tensor_bytes(
+    t: &Tensor,
+    keep_narrow: bool,
+) -> crate::Result<(safetensors::Dtype, Vec<u8>, usize)> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::BF16 if keep_narrow => {
+            let v: Vec<half::bf16> = flat.to_vec1()?;
+            let count = v.iter().filter(|x| !x.is_finite()).count();
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (safetensors::Dtype::BF16, bytes, count)
+        }
+        DType::F16 if keep_narrow => {
+            let v: Vec<half::f16> = flat.to_vec1()?;
+            let count = v.iter().filter(|x| !x.is_finite()).count();
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (safetensors::Dtype::F16, bytes, count)
+        }
+        _ => {
+            let v: Vec<f32> = flat.to_dtype(DType::F32)?.to_vec1()?;
+            let count = crate::fsutil::count_nonfinite(&v);
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (safetensors::Dtype::F32, bytes, count)
+        }
+    })
+}
+
+/// Serialises `tensors` (narrow dtypes kept when `keep_narrow`); a non-finite entry is refused
+/// before anything is written (the folder is renamed into place only later).
+fn serialize(tensors: &[(String, Tensor)], keep_narrow: bool) -> crate::Result<Vec<u8>> {
+    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let count = crate::fsutil::count_nonfinite(&v);
+        let (dtype, bytes, count) = tensor_bytes(t, keep_narrow)?;
         if count > 0 {
-            // refused before anything is written (the folder is renamed into place only later)
             return Err(crate::Error::NonFinite {
                 path: "model.safetensors".into(),
                 tensor: name.clone(),
                 count,
             });
         }
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        data.push((name.clone(), t.dims().to_vec(), bytes));
+        data.push((name.clone(), dtype, t.dims().to_vec(), bytes));
     }
     let views = data
         .iter()
-        .map(|(n, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+        .map(|(n, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|v| (n.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
@@ -173,6 +216,23 @@ pub fn safetensors_f32_bytes(tensors: &[(String, Tensor)]) -> crate::Result<Vec<
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     safetensors::tensor::serialize(views, Some(meta))
         .map_err(|e| crate::Error::Model(ModelError::Input(format!("safetensors: {e}"))))
+}
+
+/// `config.json`'s `torch_dtype` for `tensors`: the dtype that holds most of their entries.
+fn torch_dtype(tensors: &[(String, Tensor)]) -> &'static str {
+    let mut counts = [0usize; 3];
+    for (_, t) in tensors {
+        let slot = match t.dtype() {
+            DType::BF16 => 1,
+            DType::F16 => 2,
+            _ => 0,
+        };
+        counts[slot] += t.elem_count();
+    }
+    let most = (0..3)
+        .max_by_key(|&i| (counts[i], usize::from(i == 0)))
+        .unwrap_or(0);
+    ["float32", "bfloat16", "float16"][most]
 }
 
 /// Writes `model` (unmerged adapters folded in) and `tok` as a Hugging Face folder at `dir`.
@@ -215,11 +275,12 @@ fn write_folder(
         s.push('\n');
         s.into_bytes()
     };
-    write("config.json", &pretty(&hf_config_json(cfg, tok, tied)))?;
-    write(
-        "model.safetensors",
-        &safetensors_f32_bytes(&model.named_tensors()?)?,
-    )?;
+    let tensors = model.named_tensors()?;
+    let mut config = hf_config_json(cfg, tok, tied);
+    config["torch_dtype"] = json!(torch_dtype(&tensors));
+    write("config.json", &pretty(&config))?;
+    write("model.safetensors", &safetensors_bytes(&tensors)?)?;
+    drop(tensors);
     let tokenizer_json = tok.inner().to_string(true).map_err(|e| {
         crate::Error::Model(ModelError::Input(format!("serialising the tokenizer: {e}")))
     })?;

@@ -324,6 +324,21 @@ impl NeuronSet {
         }
     }
 
+    /// Refuses applying the set (read from `path`) to `model` when a module it names is not
+    /// the model's, has another shape, or an index is out of range; the error names the file.
+    pub fn check_model(&self, path: &Path, model: &crate::model::Model) -> Result<(), NeuronError> {
+        for m in &self.modules {
+            super::deactivate::check_module(model, m).map_err(|e| match e {
+                NeuronError::Mismatch(what) => NeuronError::BadSet {
+                    path: path.to_path_buf(),
+                    what: format!("{what}: it was detected on another model"),
+                },
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The bytes of the set file (pretty JSON; equal sets give equal bytes).
     pub fn to_json(&self) -> String {
         let file = SetFile {
