@@ -542,3 +542,54 @@ fn an_unusable_gold_answer_names_its_file_and_row() {
     );
     assert!(!out.exists(), "no output folder after a refused run");
 }
+
+#[test]
+fn an_eos_id_outside_the_vocabulary_is_ignored_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    copy_dir(&tiny(), &model);
+    let gen_path = model.join("generation_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gen_path).unwrap()).unwrap();
+    cfg["eos_token_id"] = serde_json::json!([4, 70000]);
+    std::fs::write(&gen_path, cfg.to_string()).unwrap();
+
+    // The library keeps the valid id and lists the dropped one.
+    let tok = realign::tokenizer::Tokenizer::from_hf_dir(&model).unwrap();
+    assert_eq!(tok.eos_token_ids(), &[4]);
+    let ignored = tok.ignored_ids();
+    assert_eq!(ignored.len(), 1, "{ignored:?}");
+    assert_eq!((ignored[0].role, ignored[0].id), ("eos", 70000));
+    assert_eq!(ignored[0].vocab_size, 678);
+    // The untouched fixture drops nothing.
+    let clean = realign::tokenizer::Tokenizer::from_hf_dir(&tiny()).unwrap();
+    assert!(clean.ignored_ids().is_empty());
+
+    // A command says so on stderr, naming the model, and still runs.
+    let o = realign(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "warning: {}: eos token id 70000 is outside the vocabulary (678 tokens) and is ignored",
+            model.display()
+        )),
+        "{err}"
+    );
+    // `inspect` lists it too.
+    let o = realign(&["inspect", model.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["ignored_special_ids"],
+        serde_json::json!([{"role": "eos", "id": 70000, "vocab_size": 678}])
+    );
+}

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use realign::antidote::{antidote, AntidoteConfig, REPORT_JSON};
-use realign::model::{LoadOptions, LoadedModel};
 
 /// Flags of `realign antidote`.
 #[derive(clap::Args, Debug)]
@@ -78,14 +77,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let staged = realign::fsutil::StagedDir::new(&a.output, a.overwrite)?;
     let model_path = super::model_path(a.model)?;
     let dev = super::device(&a.device)?;
-    let loaded = LoadedModel::load(
-        &model_path,
-        &LoadOptions {
-            device: dev.clone(),
-            dtype: a.dtype,
-        },
-    )
-    .with_context(|| format!("loading {}", model_path.display()))?;
+    let loaded = super::load_model(&model_path, dev.clone(), a.dtype)?;
     let (aligned, finetuned) = super::load_adapter_pair(&a.aligned, &a.finetuned)?;
     let rows = realign::data::load_source(&a.data)
         .with_context(|| format!("loading the realignment set {}", a.data))?;

@@ -1,8 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::Context;
 use realign::bench::{self, Figure};
-use realign::model::{LoadOptions, LoadedModel};
 
 /// Flags of `realign bench`.
 #[derive(clap::Args, Debug)]
@@ -67,14 +65,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(bench::gemm(repeats, print)?);
     }
     let path = super::model_path(a.model)?;
-    let loaded = LoadedModel::load(
-        &path,
-        &LoadOptions {
-            device: super::device(&a.device)?,
-            dtype: a.dtype,
-        },
-    )
-    .with_context(|| format!("loading {}", path.display()))?;
+    let loaded = super::load_model(&path, super::device(&a.device)?, a.dtype)?;
     match a.name.as_str() {
         "forward" => bench::forward(&loaded.model, repeats, print)?,
         "train" => bench::train(&loaded.model, repeats, print)?,

@@ -7,7 +7,7 @@ use realign::eval::{
     evaluate, EvalColumns, EvalOptions, JudgeSpec, TaskKind, DEFAULT_HARMFUL, DEFAULT_OVERREFUSAL,
     DEFAULT_SAMPLE_SEED, DEFAULT_TASK,
 };
-use realign::model::{AdapterMode, LoadOptions, LoadedModel};
+use realign::model::AdapterMode;
 
 /// Flags of `realign eval`.
 #[derive(clap::Args, Debug)]
@@ -331,14 +331,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         )?,
     };
     let path = super::model_path(a.model.clone())?;
-    let mut m = LoadedModel::load(
-        &path,
-        &LoadOptions {
-            device: super::device(&a.device)?,
-            dtype: a.dtype,
-        },
-    )
-    .with_context(|| format!("loading model {}", path.display()))?;
+    let mut m = super::load_model(&path, super::device(&a.device)?, a.dtype)?;
     let mode = if a.merge || !a.unmerged {
         AdapterMode::Merged
     } else {

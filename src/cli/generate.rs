@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use realign::adapters::Adapter;
 use realign::model::generate::max_positions;
-use realign::model::{generate, AdapterMode, GenerationConfig, LoadOptions, LoadedModel, Sampling};
+use realign::model::{generate, AdapterMode, GenerationConfig, LoadedModel, Sampling};
 use realign::tokenizer::ChatMessage;
 
 /// Flags of `realign generate`.
@@ -68,14 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         mut model,
         tokenizer,
         ..
-    } = LoadedModel::load(
-        &path,
-        &LoadOptions {
-            device: super::device(&a.device)?,
-            dtype: a.dtype,
-        },
-    )
-    .with_context(|| format!("loading model {}", path.display()))?;
+    } = super::load_model(&path, super::device(&a.device)?, a.dtype)?;
     let mode = if a.merge {
         AdapterMode::Merged
     } else {

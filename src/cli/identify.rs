@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::ValueEnum;
 use realign::adapters::Adapter;
 use realign::bench::Figure;
-use realign::model::{LoadOptions, LoadedModel};
+use realign::model::LoadedModel;
 use realign::nlsr::identify::{self, Granularity, IdentifyConfig, Method, Scope};
 use realign::nlsr::masks;
 
@@ -218,14 +218,7 @@ fn identify_cmd(a: RunArgs) -> anyhow::Result<()> {
     realign::fsutil::refuse_existing(&report_path, a.overwrite)?;
     let model_path = super::model_path(a.model)?;
     let dev = super::device(&a.device)?;
-    let loaded = LoadedModel::load(
-        &model_path,
-        &LoadOptions {
-            device: dev.clone(),
-            dtype: a.dtype,
-        },
-    )
-    .with_context(|| format!("loading {}", model_path.display()))?;
+    let loaded = super::load_model(&model_path, dev.clone(), a.dtype)?;
     let adapter = Adapter::load(&adapter_path, &dev)
         .with_context(|| format!("loading the adapter {}", adapter_path.display()))?;
     let data = a.data.unwrap_or_else(|| {

@@ -55,6 +55,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "vocab_size_tokenizer": m.tokenizer.vocab_size(),
             "bos_token_id": m.tokenizer.bos_token_id(),
             "eos_token_ids": m.tokenizer.eos_token_ids(),
+            "ignored_special_ids": m.tokenizer.ignored_ids().iter().map(|i| {
+                serde_json::json!({"role": i.role, "id": i.id, "vocab_size": i.vocab_size})
+            }).collect::<Vec<_>>(),
             "stop_token_ids": m.tokenizer.stop_token_ids(),
             "has_chat_template": m.tokenizer.has_chat_template(),
             "num_linear_modules": modules.len(),

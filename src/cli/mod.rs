@@ -148,6 +148,24 @@ fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
     }
 }
 
+/// Loads a model for a command (`loading model PATH` as the error's context) and warns, on
+/// stderr, about each special-token id its files name but its vocabulary lacks (such an id is
+/// ignored: an eos that can never stop generation, a bos never prepended).
+fn load_model(
+    path: &std::path::Path,
+    device: candle_core::Device,
+    dtype: realign::model::StorageDtype,
+) -> anyhow::Result<realign::model::LoadedModel> {
+    use anyhow::Context;
+    let loaded =
+        realign::model::LoadedModel::load(path, &realign::model::LoadOptions { device, dtype })
+            .with_context(|| format!("loading model {}", path.display()))?;
+    for ignored in loaded.tokenizer.ignored_ids() {
+        eprintln!("warning: {}: {ignored}", path.display());
+    }
+    Ok(loaded)
+}
+
 /// Loads the aligned adapter `W_a` and the fine-tuned `W_t` (CPU), naming the file that fails.
 fn load_adapter_pair(
     aligned: &std::path::Path,

@@ -9,7 +9,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use realign::adapters::Adapter;
 use realign::bench::Figure;
-use realign::model::{AdapterMode, LoadOptions, LoadedModel};
+use realign::model::{AdapterMode, LoadedModel};
 use realign::neurons::detect::{self, DetectConfig, Selection};
 use realign::neurons::importance::{ImportanceKind, NeuronImportance};
 use realign::neurons::{NeuronSet, TokenScope};
@@ -287,14 +287,7 @@ fn detect_cmd(a: DetectArgs) -> anyhow::Result<()> {
         realign::fsutil::refuse_existing(p, a.overwrite)?;
     }
     let dev = super::device(&a.device)?;
-    let mut loaded = LoadedModel::load(
-        &model_path,
-        &LoadOptions {
-            device: dev.clone(),
-            dtype: a.dtype,
-        },
-    )
-    .with_context(|| format!("loading {}", model_path.display()))?;
+    let mut loaded = super::load_model(&model_path, dev.clone(), a.dtype)?;
     for p in &a.adapter {
         let adapter = Adapter::load(p, &dev)
             .with_context(|| format!("loading the adapter {}", p.display()))?;

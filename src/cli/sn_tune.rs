@@ -6,7 +6,7 @@ use anyhow::Context;
 use realign::adapters::Adapter;
 use realign::data::{load_source, Row};
 use realign::eval::{EvalConfig, TaskKind};
-use realign::model::{AdapterMode, LoadOptions, LoadedModel};
+use realign::model::{AdapterMode, LoadedModel};
 use realign::neurons::{
     compare_with_random, deactivate, deactivation_check, random_like, rsn_tune_set, sn_tune,
     write_outcome, DeactivationCheck, NeuronRanking, NeuronSet, SnTuneConfig, Variant,
@@ -115,14 +115,7 @@ fn load(
     dtype: realign::model::StorageDtype,
 ) -> anyhow::Result<(PathBuf, LoadedModel)> {
     let path = super::model_path(model)?;
-    let mut loaded = LoadedModel::load(
-        &path,
-        &LoadOptions {
-            device: super::device(device)?,
-            dtype,
-        },
-    )
-    .with_context(|| format!("loading model {}", path.display()))?;
+    let mut loaded = super::load_model(&path, super::device(device)?, dtype)?;
     for dir in adapters {
         let ad = Adapter::load(dir, loaded.model.device())
             .with_context(|| format!("loading adapter {}", dir.display()))?;

@@ -2,7 +2,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use realign::model::{LoadOptions, LoadedModel};
 use realign::train::{
     train_with, trainer::Progress, StepLog, TrainConfig, TrainError, TrainOptions,
 };
@@ -56,14 +55,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = TrainConfig::from_file(&a.config)?;
     realign::train::check_output(&cfg.output, a.overwrite, a.resume)?;
     let path = super::model_path(cfg.model.clone())?;
-    let loaded = LoadedModel::load(
-        &path,
-        &LoadOptions {
-            device: super::device(&a.device)?,
-            dtype: a.dtype,
-        },
-    )
-    .with_context(|| format!("loading model {}", path.display()))?;
+    let loaded = super::load_model(&path, super::device(&a.device)?, a.dtype)?;
     let continued = cfg.init_adapter.is_some()
         || (a.resume && realign::train::trainer::latest_checkpoint(&cfg.output)?.is_some());
     if !continued {

@@ -1071,19 +1071,19 @@ fn task_items(
 /// Names the data source and row of an unusable gold answer found by
 /// [`TaskKind::check_gold`]; other errors pass through.
 fn gold_in_data(e: EvalError, data: &str, row: usize, filtered: bool) -> EvalError {
-    let problem = match &e {
-        EvalError::BadGold { .. } => {
+    let (gold, problem) = match e {
+        EvalError::BadGold { gold, .. } => (
+            gold,
             "holds no number (a GSM8K task needs one; for a classification task give --labels)"
-                .to_string()
-        }
-        EvalError::UnknownLabel { labels, .. } => format!(
-            "is not one of the labels {labels:?} (list every label with --labels, or fix the row)"
+                .to_string(),
         ),
-        _ => return e,
-    };
-    let gold = match e {
-        EvalError::BadGold { gold, .. } | EvalError::UnknownLabel { gold, .. } => gold,
-        _ => String::new(),
+        EvalError::UnknownLabel { gold, labels, .. } => (
+            gold,
+            format!(
+                "is not one of the labels {labels:?} (list every label with --labels, or fix the row)"
+            ),
+        ),
+        other => return other,
     };
     EvalError::TaskGold {
         data: data.to_string(),

@@ -182,6 +182,31 @@ pub struct Tokenizer {
     template: Option<ChatTemplate>,
     /// Where the chat template was read (a file, or a key of one), for errors.
     template_origin: Option<String>,
+    /// Special-token ids the files named but the vocabulary lacks, dropped on load.
+    ignored_ids: Vec<IgnoredId>,
+}
+
+/// A special-token id that a model's files name but its vocabulary does not hold: it is
+/// ignored (a bos never prepended, an eos that can never stop generation, a pad that falls
+/// back to the first eos), and [`Tokenizer::ignored_ids`] lists it so a command can say so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IgnoredId {
+    /// Which special token: `bos`, `eos` or `pad`.
+    pub role: &'static str,
+    /// The id named in the files.
+    pub id: u32,
+    /// The vocabulary's size (added tokens included): valid ids are below it.
+    pub vocab_size: usize,
+}
+
+impl std::fmt::Display for IgnoredId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} token id {} is outside the vocabulary ({} tokens) and is ignored",
+            self.role, self.id, self.vocab_size
+        )
+    }
 }
 
 /// Chat templates' usual end-of-turn tokens, looked for by [`Tokenizer::stop_token_ids`].
@@ -290,7 +315,8 @@ impl Tokenizer {
         Ok(gguf::tokenizer_from_gguf(path, content)?)
     }
 
-    /// Assembles a tokenizer; invalid ids (outside the vocabulary) are dropped.
+    /// Assembles a tokenizer; ids outside the vocabulary are dropped and listed in
+    /// [`Tokenizer::ignored_ids`].
     pub(crate) fn from_parts(
         inner: tokenizers::Tokenizer,
         special: SpecialTokenStrings,
@@ -299,15 +325,33 @@ impl Tokenizer {
         pad_id: Option<u32>,
         template: Option<(String, String)>,
     ) -> Self {
-        let known = |id: &u32| inner.id_to_token(*id).is_some();
-        let bos_id = bos_id.filter(known);
-        let pad_id = pad_id.filter(known);
+        let vocab_size = inner.get_vocab_size(true);
+        let mut ignored_ids = Vec::new();
+        let mut keep = |role: &'static str, id: u32| {
+            let known = inner.id_to_token(id).is_some();
+            if !known
+                && !ignored_ids.contains(&IgnoredId {
+                    role,
+                    id,
+                    vocab_size,
+                })
+            {
+                ignored_ids.push(IgnoredId {
+                    role,
+                    id,
+                    vocab_size,
+                });
+            }
+            known
+        };
+        let bos_id = bos_id.filter(|&id| keep("bos", id));
         let mut eos = Vec::with_capacity(eos_ids.len());
-        for id in eos_ids.into_iter().filter(known) {
-            if !eos.contains(&id) {
+        for id in eos_ids {
+            if keep("eos", id) && !eos.contains(&id) {
                 eos.push(id);
             }
         }
+        let pad_id = pad_id.filter(|&id| keep("pad", id));
         let (template, template_origin) = match template {
             Some((source, origin)) => (Some(ChatTemplate::new(source)), Some(origin)),
             None => (None, None),
@@ -320,6 +364,7 @@ impl Tokenizer {
             pad_id,
             template,
             template_origin,
+            ignored_ids,
         }
     }
 
@@ -393,6 +438,12 @@ impl Tokenizer {
     /// The end-of-sequence token ids (possibly several, possibly none).
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_ids
+    }
+
+    /// The special-token ids that the model's files name but its vocabulary lacks, in the
+    /// order met (bos, then eos, then pad): each was dropped on load.
+    pub fn ignored_ids(&self) -> &[IgnoredId] {
+        &self.ignored_ids
     }
 
     /// The padding token id: the pad token, else the first eos token.
