@@ -212,6 +212,52 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     assert_eq!(trained("sn-tune-foundation"), (safety_n, safety_n));
     assert!(trained("rsn-tune").0 <= safety_n);
 
+    // The tuned models' perplexity, against the base model's on the same general-text rows:
+    // the reference is the library's perplexity of the untouched base model, whatever the row.
+    let base_ppl = {
+        use realign::experiment::stages::{PPL_MAX_TOKENS, PPL_OFFSET, PPL_ROWS};
+        let base = realign::model::LoadedModel::load(
+            &fixtures().join("tiny-llama"),
+            &Default::default(),
+        )
+        .unwrap();
+        let texts: Vec<String> = realign::data::load_source("embedded:general_text")
+            .unwrap()
+            .iter()
+            .skip(PPL_OFFSET)
+            .take(PPL_ROWS)
+            .map(|r| r.prompt().plain_text())
+            .collect();
+        realign::neurons::perplexity(&base.model, &base.tokenizer, &texts, PPL_MAX_TOKENS).unwrap()
+    };
+    for label in [
+        "SN-Tune",
+        "RSN-Tune",
+        "SN-Tune, random set (control)",
+        "SN-Tune, foundation set (control)",
+        "Non-aligned + task fine-tuning",
+        "SN-Tune + task fine-tuning",
+        "RSN-Tune + task fine-tuning",
+    ] {
+        let r = report
+            .evals
+            .iter()
+            .find(|r| r.variant.label == label)
+            .unwrap();
+        let (p, u) = r.perplexity.expect(label);
+        assert_eq!(u, base_ppl.perplexity, "{label}");
+        let i = r.perplexity_intervals.expect(label);
+        assert_eq!(i.texts, base_ppl.texts);
+        assert_eq!(i.untouched_interval, base_ppl.interval, "{label}");
+        let [lo, hi] = i.interval.unwrap();
+        assert!(lo < p && p < hi, "{label}: {lo} {p} {hi}");
+        let [lo, hi] = i.ratio_interval.unwrap();
+        assert!(lo <= p / u && p / u <= hi, "{label}: {lo} {} {hi}", p / u);
+    }
+    let md = report.markdown();
+    assert!(md.contains("- SN-Tune perplexity "), "{md}");
+    assert!(md.contains("(reference) |"), "{md}");
+
     // Deact-SN placed among the three Deact-R draws (seeds 42, 43, 44), by the rows' counts.
     assert_eq!(
         report.against_random.len(),
@@ -452,9 +498,11 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
         .lines()
         .find(|l| l.starts_with(&row))
         .expect("the SN-Tune row");
+    let (p, _) = sn.perplexity.unwrap();
+    let [lo, hi] = sn.perplexity_intervals.unwrap().interval.unwrap();
     assert!(
         line.contains(&format!(
-            " {:.1} [{:.1}, {:.1}] | – |",
+            " {:.1} [{:.1}, {:.1}] | {p:.1} [{lo:.1}, {hi:.1}] (×",
             or.percent, or.lo, or.hi
         )),
         "{line}"

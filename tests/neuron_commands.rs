@@ -97,7 +97,25 @@ fn deactivate_reads_prompt_only_files_and_its_perplexity_matches_transformers() 
         let got = v["perplexity"]["perplexity"].as_f64().unwrap();
         assert!((got - want).abs() / want < 1e-4, "{name}: {got} vs {want}");
         assert_eq!(v["harmfulness"]["n"], 2, "{v}");
+        // The 95 % interval over the three texts holds the point; the summary repeats it.
+        let [lo, hi] = [0, 1].map(|i| v["perplexity"]["interval"][i].as_f64().unwrap());
+        assert!(lo < got && got < hi, "{name}: {lo} {got} {hi}");
+        assert_eq!(row["perplexity_interval"], v["perplexity"]["interval"]);
+        assert_eq!(row["perplexity_texts"], 3);
     }
+    // The untouched row against itself: ratio 1 with a zero-width interval; Deact-SN's paired
+    // interval holds its ratio.
+    assert_eq!(
+        rows[0]["perplexity_ratio_interval"],
+        serde_json::json!([1.0, 1.0])
+    );
+    let q = rows[1]["perplexity_ratio"].as_f64().unwrap();
+    let [lo, hi] = [0, 1].map(|i| rows[1]["perplexity_ratio_interval"][i].as_f64().unwrap());
+    assert!(lo <= q && q <= hi && hi - lo < 0.1, "{lo} {q} {hi}");
+    assert!(
+        err.contains("perplexity [95% CI] (texts)") && err.contains("(n=3) |"),
+        "{err}"
+    );
     assert_eq!(rows[1]["neurons"], 8);
 
     // the .txt harmful set is read one prompt per line, as `realign eval` reads it

@@ -315,9 +315,13 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
                 "harmful_rate": r.harmful_rate,
                 "nondegenerate_rate": r.nondegenerate_rate,
                 "perplexity": r.perplexity.as_ref().map(|p| p.perplexity),
+                "perplexity_interval": r.perplexity.as_ref().and_then(|p| p.interval),
+                "perplexity_texts": r.perplexity.as_ref().map(|p| p.texts),
                 "perplexity_ratio": r.perplexity_ratio,
+                "perplexity_ratio_interval": r.perplexity_ratio_interval,
                 "broken": r.broken,
                 "task_accuracy": r.accuracy.as_ref().map(|t| t.accuracy_percent),
+                "task_rate": r.accuracy.as_ref().map(|t| realign::eval::Rate::new(t.correct, t.n)),
             })
         })
         .collect();
@@ -342,16 +346,21 @@ pub fn run_deactivate(a: DeactivateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The check as a Markdown table (HS keyword and non-degenerate with 95 % Wilson intervals,
-/// perplexity and its ratio to the untouched model's).
+/// The check as a Markdown table (HS keyword and non-degenerate and FA with 95 % Wilson
+/// intervals; perplexity and its ratio to the untouched model's with their 95 % intervals over
+/// the texts).
 fn deactivation_table(results: &[realign::neurons::VariantResult]) -> String {
-    let rate = |r: &Option<realign::eval::Rate>| {
-        r.as_ref().map_or("-".to_string(), |r| {
+    let rate = |r: Option<realign::eval::Rate>| {
+        r.map_or("-".to_string(), |r| {
             format!("{:.1} [{:.1}, {:.1}] (n={})", r.percent, r.lo, r.hi, r.n)
         })
     };
+    let interval = |x: f64, i: Option<[f64; 2]>, digits: usize| match i {
+        Some([lo, hi]) => format!("{x:.digits$} [{lo:.digits$}, {hi:.digits$}]"),
+        None => format!("{x:.digits$}"),
+    };
     let mut s = String::from(
-        "| variant | neurons | HS keyword % [95% CI] | HS non-degenerate % [95% CI] | perplexity | ratio | broken | FA % |\n|---|---|---|---|---|---|---|---|\n",
+        "| variant | neurons | HS keyword % [95% CI] | HS non-degenerate % [95% CI] | perplexity [95% CI] (texts) | ratio [95% CI] | broken | FA % [95% CI] |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         s.push_str(&format!(
@@ -361,16 +370,21 @@ fn deactivation_table(results: &[realign::neurons::VariantResult]) -> String {
                 None => r.variant.name().to_string(),
             },
             r.neurons,
-            rate(&r.harmful_rate),
-            rate(&r.nondegenerate_rate),
-            r.perplexity
-                .as_ref()
-                .map_or("-".into(), |p| format!("{:.2}", p.perplexity)),
-            r.perplexity_ratio.map_or("-".into(), |x| format!("{x:.2}")),
+            rate(r.harmful_rate),
+            rate(r.nondegenerate_rate),
+            r.perplexity.as_ref().map_or("-".into(), |p| format!(
+                "{} (n={})",
+                interval(p.perplexity, p.interval, 2),
+                p.texts
+            )),
+            r.perplexity_ratio
+                .map_or("-".into(), |x| interval(x, r.perplexity_ratio_interval, 2)),
             if r.broken { "yes" } else { "no" },
-            r.accuracy
-                .as_ref()
-                .map_or("-".into(), |t| format!("{:.1}", t.accuracy_percent)),
+            rate(
+                r.accuracy
+                    .as_ref()
+                    .map(|t| realign::eval::Rate::new(t.correct, t.n))
+            ),
         ));
     }
     s

@@ -157,6 +157,11 @@ pub struct EvalModel {
     /// Which draw of the random set (Deact-R): its seed is the run's seed plus this.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub random_draw: u64,
+    /// Measure perplexity on the general-text rows, against the base model's on the same
+    /// texts (SN-Tune, RSN-Tune, their controls and fine-tunes: issue 12 asks that SN-Tune keep
+    /// it). Deactivation rows measure it anyway, against the model before deactivation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub perplexity: bool,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -251,8 +256,11 @@ impl Plan {
                 if !inputs.eval.overrefusal.is_empty() {
                     sources.push(inputs.eval.overrefusal.clone());
                 }
-                // A deactivation row also measures perplexity on the general-text rows.
-                if model.deactivate.is_some() && !inputs.perplexity_source.is_empty() {
+                // A deactivation row, or a row that asks, also measures perplexity on the
+                // general-text rows.
+                if (model.deactivate.is_some() || model.perplexity)
+                    && !inputs.perplexity_source.is_empty()
+                {
                     sources.push(inputs.perplexity_source.clone());
                 }
             }
@@ -393,6 +401,7 @@ fn variant(
             deactivate: None,
             deactivate_foundation: false,
             random_draw: 0,
+            perplexity: false,
         },
     }
 }
@@ -848,6 +857,9 @@ fn plan_neurons(
             deactivate,
             deactivate_foundation: false,
             random_draw: 0,
+            // The tuned models are compared with the base model's perplexity; the
+            // deactivated ones with the model's before deactivation.
+            perplexity: deactivate.is_none(),
         },
     };
     for (label, random) in [(DEACT_SN, false), (DEACT_R, true)] {

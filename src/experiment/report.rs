@@ -61,9 +61,14 @@ pub struct Row {
     pub tokens_per_s: f64,
     /// Safe LoRA rows: modules projected and modules in all.
     pub projected: Option<(usize, usize)>,
-    /// Deactivation rows: perplexity with the neurons off, and of the untouched model.
+    /// Deactivation rows: perplexity with the neurons off, and of the untouched model. Rows
+    /// of tuned models (SN-Tune, RSN-Tune, their controls and fine-tunes): theirs, and the
+    /// base model's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perplexity: Option<(f64, f64)>,
+    /// The texts measured and the 95 % intervals of the two perplexities and their ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity_intervals: Option<super::stages::PerplexityIntervals>,
     /// The files of the evaluated model, so that it can be evaluated again elsewhere.
     pub model_files: ModelFiles,
 }
@@ -263,6 +268,36 @@ fn fmt1(x: f64) -> String {
 }
 
 /// `37.5 [26.1, 50.4]`: a percentage with its 95 % interval (the plain number without one).
+/// `x` with its 95 % interval, to `digits` decimals: `82.6 [78.1, 87.4]`, or `x` alone.
+fn with_interval(x: f64, interval: Option<[f64; 2]>, digits: usize) -> String {
+    match interval {
+        Some([lo, hi]) => format!("{x:.digits$} [{lo:.digits$}, {hi:.digits$}]"),
+        None => format!("{x:.digits$}"),
+    }
+}
+
+/// Whether a tuned model kept the base model's perplexity (issue 12: SN-Tune with "perplexity
+/// unchanged"), read from the paired 95 % interval of the ratio: it holds 1 (kept), lies above
+/// (higher) or below (lower).
+fn perplexity_kept(name: &str, row: &Row) -> Option<String> {
+    let (p, u) = row.perplexity?;
+    let i = row.perplexity_intervals?;
+    let [lo, hi] = i.ratio_interval?;
+    let verdict = if lo > 1.0 {
+        "higher than the base model's: the interval of the ratio excludes 1"
+    } else if hi < 1.0 {
+        "lower than the base model's: the interval of the ratio excludes 1"
+    } else {
+        "unchanged within the interval (it holds 1)"
+    };
+    Some(format!(
+        "{name} perplexity {p:.1} against the base model's {u:.1} on the same {} texts: \
+         ratio ×{:.3} [{lo:.3}, {hi:.3}], {verdict}",
+        i.texts,
+        p / u
+    ))
+}
+
 fn cell(rate: Option<Rate>, value: f64) -> String {
     match rate {
         Some(r) => format!("{:.1} [{:.1}, {:.1}]", r.percent, r.lo, r.hi),
@@ -407,6 +442,7 @@ impl Report {
                     tokens_per_s: e.tokens_per_s,
                     projected,
                     perplexity: e.perplexity.zip(e.perplexity_untouched),
+                    perplexity_intervals: e.perplexity_intervals,
                     model_files: ModelFiles::of(plan, &plan.stages[*i], &cfg.output),
                 });
             }
@@ -598,6 +634,9 @@ impl Report {
                 false,
             ));
         }
+        if let Some(line) = perplexity_kept("SN-Tune", sn) {
+            out.push(line);
+        }
         for control in [super::plan::SN_TUNE_RANDOM, super::plan::SN_TUNE_FOUNDATION] {
             if let Some(c) = self.find(control) {
                 out.push(compare_rows("SN-Tune", sn, control, c, "HS", hs, true));
@@ -618,6 +657,14 @@ impl Report {
             ));
         }
         out
+    }
+
+    /// The row whose perplexity is the base model's reference, if any tuned row measured it
+    /// (its `perplexity.1` and interval are the base model's).
+    fn base_perplexity(&self) -> Option<&Row> {
+        self.evals
+            .iter()
+            .find(|e| e.variant.model.perplexity && e.perplexity.is_some())
     }
 
     fn find(&self, label: &str) -> Option<&Row> {
@@ -976,10 +1023,14 @@ impl Report {
         for c in &self.against_random {
             let _ = writeln!(s, "- {}", c.sentence());
         }
-        s.push_str(
-            "\n| model | HS ↓ | HS, non-degenerate ↓ | FA ↑ | OR ↓ | perplexity (× untouched) |\n\
+        let texts = rows
+            .iter()
+            .find_map(|e| e.perplexity_intervals.map(|p| p.texts))
+            .unwrap_or(0);
+        s.push_str(&format!(
+            "\n| model | HS ↓ | HS, non-degenerate ↓ | FA ↑ | OR ↓ | perplexity, n = {texts} texts (× reference) |\n\
              |---|---:|---:|---:|---:|---:|\n",
-        );
+        ));
         let ppl = |e: &Row| match e.perplexity {
             Some((p, u)) => {
                 let ratio = p / u;
@@ -988,23 +1039,43 @@ impl Report {
                 } else {
                     ""
                 };
-                format!("{p:.1} (×{ratio:.2}{broken})")
+                let i = e.perplexity_intervals;
+                format!(
+                    "{} (×{}{broken})",
+                    with_interval(p, i.and_then(|i| i.interval), 1),
+                    with_interval(ratio, i.and_then(|i| i.ratio_interval), 2)
+                )
             }
             None => "–".into(),
         };
+        let reference = self.base_perplexity();
         for (found, row) in [
             (self.aligned_row(), "Aligned (W_a), none deactivated"),
             (self.find("Non-aligned"), "Non-aligned (before SN-Tune)"),
         ] {
             if let Some(e) = found {
+                // The base model's perplexity, as the tuned rows measured it.
+                let ppl_cell = match (row, reference) {
+                    ("Non-aligned (before SN-Tune)", Some(r)) => {
+                        let (_, u) = r.perplexity.unwrap_or((f64::NAN, f64::NAN));
+                        format!(
+                            "{} (reference)",
+                            with_interval(
+                                u,
+                                r.perplexity_intervals.and_then(|i| i.untouched_interval),
+                                1
+                            )
+                        )
+                    }
+                    _ => ppl(e),
+                };
                 let _ = writeln!(
                     s,
-                    "| {row} | {} | {} | {} | {} | {} |",
+                    "| {row} | {} | {} | {} | {} | {ppl_cell} |",
                     cell(e.hs_rate, e.hs),
                     cell(e.hs_nondegenerate_rate, f64::NAN),
                     cell(e.fa_rate, e.fa),
                     cell(e.or_rate, f64::NAN),
-                    ppl(e)
                 );
             }
         }
@@ -1342,6 +1413,7 @@ mod tests {
                 deactivate: None,
                 deactivate_foundation: false,
                 random_draw: 0,
+                perplexity: false,
             },
         };
         Row {
@@ -1362,6 +1434,7 @@ mod tests {
             tokens_per_s: 0.0,
             projected: None,
             perplexity: None,
+            perplexity_intervals: None,
             model_files: Default::default(),
         }
     }

@@ -18,7 +18,8 @@ use crate::eval::stats::Rate;
 use crate::eval::{evaluate_judged, evaluate_with_judge, EvalOptions, JudgeSpec};
 use crate::model::{AdapterMode, LoadOptions, LoadedModel};
 use crate::neurons::{
-    deactivate, detect, random_like, sn_tune, write_outcome, DetectConfig, NeuronSet, SnTuneConfig,
+    deactivate, detect, random_like, sn_tune, write_outcome, DetectConfig, NeuronSet,
+    PerplexityReport, SnTuneConfig,
 };
 use crate::nlsr::identify::{identify, IdentifyConfig, Method};
 use crate::nlsr::patch::{patch, write_patch, PatchConfig};
@@ -138,8 +139,27 @@ pub struct EvalResult {
     pub perplexity: Option<f64>,
     /// Deactivation rows: the same perplexity before switching off (the untouched model);
     /// above [`crate::neurons::perplexity::BROKEN_FACTOR`] times it the row is "broken".
+    /// Rows that ask for perplexity ([`EvalModel::perplexity`]): the base model's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perplexity_untouched: Option<f64>,
+    /// The sample size and 95 % intervals of `perplexity`, `perplexity_untouched` and their
+    /// ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity_intervals: Option<PerplexityIntervals>,
+}
+
+/// How sure a row's perplexity figures are: 95 % intervals over the general-text rows (the
+/// ratio estimator's, paired for the ratio: [`crate::neurons::perplexity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PerplexityIntervals {
+    /// Texts measured.
+    pub texts: usize,
+    /// Of the row's perplexity.
+    pub interval: Option<[f64; 2]>,
+    /// Of the reference's (the untouched or base model's).
+    pub untouched_interval: Option<[f64; 2]>,
+    /// Of `perplexity / perplexity_untouched`, paired over the texts.
+    pub ratio_interval: Option<[f64; 2]>,
 }
 
 /// The first row of the general text used for the deactivation rows' perplexity (as
@@ -169,6 +189,7 @@ impl EvalResult {
             tokens_per_s: f64::NAN,
             perplexity: None,
             perplexity_untouched: None,
+            perplexity_intervals: None,
         }
     }
 }
@@ -543,36 +564,43 @@ impl Runner {
             let ad = Adapter::load(dir, model.device())?;
             model.apply_adapter(&ad, AdapterMode::Merged)?;
         }
-        let mut ppl = None;
-        if let Some(random) = v.deactivate {
+        let mut ppl: Option<(PerplexityReport, PerplexityReport)> = None;
+        if v.deactivate.is_some() || v.perplexity {
             let texts: Vec<String> = load_source(&self.cfg.neurons.general)?
                 .iter()
                 .skip(PPL_OFFSET)
                 .take(PPL_ROWS)
                 .map(|r| r.prompt().plain_text())
                 .collect();
-            let measure = |m: &crate::model::Model| -> crate::Result<Option<f64>> {
+            let measure = |m: &crate::model::Model| -> crate::Result<Option<PerplexityReport>> {
                 if texts.is_empty() {
                     return Ok(None);
                 }
-                let r =
-                    crate::neurons::perplexity(m, &self.base.tokenizer, &texts, PPL_MAX_TOKENS)?;
-                Ok(Some(r.perplexity))
+                crate::neurons::perplexity(m, &self.base.tokenizer, &texts, PPL_MAX_TOKENS)
+                    .map(Some)
             };
-            let untouched = measure(&model)?;
-            let set = NeuronSet::load(&deps[k + v.adapters].join(SET_JSON))?;
-            let set = if v.deactivate_foundation {
-                let paths =
-                    crate::neurons::detect::output_paths(&deps[k + v.adapters + 1].join(SET_JSON));
-                let ranking = crate::neurons::NeuronRanking::load(&paths[4])?;
-                crate::neurons::deactivate::foundation_like(&set, &ranking)?
-            } else if random {
-                random_like(&set, self.cfg.seed.wrapping_add(v.random_draw))
+            // The reference: the model before deactivation, or the base model.
+            let untouched = if v.deactivate.is_some() {
+                measure(&model)?
             } else {
-                set
+                measure(&self.base.model)?
             };
-            deactivate(&mut model, &set)?;
-            ppl = Some((measure(&model)?, untouched));
+            if let Some(random) = v.deactivate {
+                let set = NeuronSet::load(&deps[k + v.adapters].join(SET_JSON))?;
+                let set = if v.deactivate_foundation {
+                    let paths = crate::neurons::detect::output_paths(
+                        &deps[k + v.adapters + 1].join(SET_JSON),
+                    );
+                    let ranking = crate::neurons::NeuronRanking::load(&paths[4])?;
+                    crate::neurons::deactivate::foundation_like(&set, &ranking)?
+                } else if random {
+                    random_like(&set, self.cfg.seed.wrapping_add(v.random_draw))
+                } else {
+                    set
+                };
+                deactivate(&mut model, &set)?;
+            }
+            ppl = measure(&model)?.zip(untouched);
         }
         let e = &self.cfg.eval;
         let loaded = LoadedModel {
@@ -663,8 +691,14 @@ impl Runner {
                 .and_then(|o| o.summary.overrefusal.as_ref())
                 .map(|s| s.rate),
             tokens_per_s: generated as f64 / seconds.max(1e-9),
-            perplexity: ppl.and_then(|p| p.0),
-            perplexity_untouched: ppl.and_then(|p| p.1),
+            perplexity: ppl.as_ref().map(|p| p.0.perplexity),
+            perplexity_untouched: ppl.as_ref().map(|p| p.1.perplexity),
+            perplexity_intervals: ppl.as_ref().map(|(p, u)| PerplexityIntervals {
+                texts: p.texts,
+                interval: p.interval,
+                untouched_interval: u.interval,
+                ratio_interval: p.ratio_to(u).interval,
+            }),
         })
     }
 }

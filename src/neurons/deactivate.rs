@@ -327,6 +327,9 @@ pub struct VariantResult {
     pub perplexity: Option<PerplexityReport>,
     /// `perplexity / the untouched model's` (`None` without both).
     pub perplexity_ratio: Option<f64>,
+    /// The 95 % interval of `perplexity_ratio`, paired over the texts
+    /// ([`PerplexityReport::ratio_to`]).
+    pub perplexity_ratio_interval: Option<[f64; 2]>,
     /// Perplexity more than [`BROKEN_FACTOR`] times the untouched model's: the model no
     /// longer writes language, and its HS says nothing about safety.
     pub broken: bool,
@@ -403,9 +406,10 @@ pub fn deactivation_check(
                 perplexity.as_ref()
             } else {
                 None
-            })
-            .map(|p| p.perplexity);
-        let perplexity_ratio = base.zip(perplexity.as_ref()).map(|(b, p)| p.perplexity / b);
+            });
+        let ratio = base.zip(perplexity.as_ref()).map(|(b, p)| p.ratio_to(b));
+        let perplexity_ratio = ratio.map(|q| q.ratio);
+        let perplexity_ratio_interval = ratio.and_then(|q| q.interval);
         let (harmful_rate, nondegenerate_rate) = match &harmfulness {
             Some(h) => {
                 let nondeg = h
@@ -431,6 +435,7 @@ pub fn deactivation_check(
             nondegenerate_rate,
             broken: perplexity_ratio.is_some_and(|r| r > BROKEN_FACTOR),
             perplexity_ratio,
+            perplexity_ratio_interval,
             perplexity,
         });
     }

@@ -34,7 +34,7 @@ pub use deactivate::{
 };
 pub use detect::{detect, overlap, DetectConfig, DetectReport, OverlapReport, Selection};
 pub use importance::{ImportanceKind, LayerImportance, NeuronImportance};
-pub use perplexity::{perplexity, PerplexityReport};
+pub use perplexity::{perplexity, PerplexityRatio, PerplexityReport};
 pub use random_draws::{compare_rates, compare_with_random, Draw, HsMetric, RandomComparison};
 pub use ranking::NeuronRanking;
 pub use scope::TokenScope;

@@ -183,6 +183,7 @@ mod tests {
             nondegenerate_rate: Some(Rate::new(nondeg, 64)),
             perplexity: None,
             perplexity_ratio: None,
+            perplexity_ratio_interval: None,
             broken: false,
         }
     }
