@@ -216,11 +216,9 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     // the reference is the library's perplexity of the untouched base model, whatever the row.
     let base_ppl = {
         use realign::experiment::stages::{PPL_MAX_TOKENS, PPL_OFFSET, PPL_ROWS};
-        let base = realign::model::LoadedModel::load(
-            &fixtures().join("tiny-llama"),
-            &Default::default(),
-        )
-        .unwrap();
+        let base =
+            realign::model::LoadedModel::load(&fixtures().join("tiny-llama"), &Default::default())
+                .unwrap();
         let texts: Vec<String> = realign::data::load_source("embedded:general_text")
             .unwrap()
             .iter()

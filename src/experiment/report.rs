@@ -1396,7 +1396,7 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
-    use super::{paired_sentence, Report, Row};
+    use super::{paired_sentence, perplexity_kept, Report, Row};
     use crate::eval::stats::Rate;
 
     /// A row of `label` in `group` with HS `hs` of 100 prompts and FA `fa` of 100 items.
@@ -1437,6 +1437,32 @@ mod tests {
             perplexity_intervals: None,
             model_files: Default::default(),
         }
+    }
+
+    #[test]
+    fn perplexity_kept_reads_the_ratios_interval() {
+        let with = |ratio: [f64; 2]| {
+            let mut r = row("SN-Tune", "neurons", 19, 52);
+            r.perplexity = Some((84.0, 80.0));
+            r.perplexity_intervals = Some(crate::experiment::stages::PerplexityIntervals {
+                texts: 32,
+                interval: Some([75.0, 94.0]),
+                untouched_interval: Some([72.0, 89.0]),
+                ratio_interval: Some(ratio),
+            });
+            perplexity_kept("SN-Tune", &r).unwrap()
+        };
+        assert_eq!(
+            with([0.98, 1.09]),
+            "SN-Tune perplexity 84.0 against the base model's 80.0 on the same 32 texts: \
+             ratio ×1.050 [0.980, 1.090], unchanged within the interval (it holds 1)"
+        );
+        assert!(with([1.02, 1.09])
+            .ends_with("higher than the base model's: the interval of the ratio excludes 1"));
+        assert!(with([0.90, 0.99])
+            .ends_with("lower than the base model's: the interval of the ratio excludes 1"));
+        // No perplexity measured: no sentence.
+        assert!(perplexity_kept("SN-Tune", &row("SN-Tune", "neurons", 19, 52)).is_none());
     }
 
     #[test]
