@@ -254,7 +254,24 @@ fn miniature_experiment_runs_resumes_and_reruns_only_what_changed() {
     }
     let md = report.markdown();
     assert!(md.contains("- SN-Tune perplexity "), "{md}");
-    assert!(md.contains("(reference) |"), "{md}");
+    // The references' rows show them: the base model's for the tuned rows, the aligned
+    // model's (before deactivation) for the Deact rows.
+    let deact = report
+        .evals
+        .iter()
+        .find(|r| r.variant.label == "Aligned, Deact-SN")
+        .unwrap();
+    for (row, r) in [
+        ("| Non-aligned (before SN-Tune) |", base_ppl.perplexity),
+        (
+            "| Aligned (W_a), none deactivated |",
+            deact.perplexity.unwrap().1,
+        ),
+    ] {
+        let line = md.lines().find(|l| l.starts_with(row)).expect(row);
+        assert!(line.contains(&format!(" {r:.1} [")), "{line}");
+        assert!(line.ends_with("(reference) |"), "{line}");
+    }
 
     // Deact-SN placed among the three Deact-R draws (seeds 42, 43, 44), by the rows' counts.
     assert_eq!(

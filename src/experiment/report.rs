@@ -1048,27 +1048,39 @@ impl Report {
             }
             None => "–".into(),
         };
-        let reference = self.base_perplexity();
-        for (found, row) in [
-            (self.aligned_row(), "Aligned (W_a), none deactivated"),
-            (self.find("Non-aligned"), "Non-aligned (before SN-Tune)"),
+        // The references, as the rows compared with them measured them: the aligned model
+        // (before deactivation) for the Deact rows, the base model for the tuned rows.
+        let deactivated = rows
+            .iter()
+            .copied()
+            .find(|e| e.variant.model.deactivate.is_some() && e.perplexity.is_some());
+        let reference_cell = |r: Option<&Row>| {
+            r.and_then(|r| {
+                let (_, u) = r.perplexity?;
+                Some(format!(
+                    "{} (reference)",
+                    with_interval(
+                        u,
+                        r.perplexity_intervals.and_then(|i| i.untouched_interval),
+                        1
+                    )
+                ))
+            })
+        };
+        for (found, row, reference) in [
+            (
+                self.aligned_row(),
+                "Aligned (W_a), none deactivated",
+                reference_cell(deactivated),
+            ),
+            (
+                self.find("Non-aligned"),
+                "Non-aligned (before SN-Tune)",
+                reference_cell(self.base_perplexity()),
+            ),
         ] {
             if let Some(e) = found {
-                // The base model's perplexity, as the tuned rows measured it.
-                let ppl_cell = match (row, reference) {
-                    ("Non-aligned (before SN-Tune)", Some(r)) => {
-                        let (_, u) = r.perplexity.unwrap_or((f64::NAN, f64::NAN));
-                        format!(
-                            "{} (reference)",
-                            with_interval(
-                                u,
-                                r.perplexity_intervals.and_then(|i| i.untouched_interval),
-                                1
-                            )
-                        )
-                    }
-                    _ => ppl(e),
-                };
+                let ppl_cell = reference.unwrap_or_else(|| ppl(e));
                 let _ = writeln!(
                     s,
                     "| {row} | {} | {} | {} | {} | {ppl_cell} |",

@@ -583,7 +583,10 @@ impl Runner {
             let untouched = if v.deactivate.is_some() {
                 measure(&model)?
             } else {
-                measure(&self.base.model)?
+                // On a clone: a short text makes the few-row kernels' copy of every weight
+                // (`tile_major::DecodeCopy`, ~430 MB here), which the run's base model would
+                // keep to the end; a clone's goes with it.
+                measure(&self.base.model.clone())?
             };
             if let Some(random) = v.deactivate {
                 let set = NeuronSet::load(&deps[k + v.adapters].join(SET_JSON))?;
