@@ -149,7 +149,7 @@ pub struct EvalResult {
 }
 
 /// How sure a row's perplexity figures are: 95 % intervals over the general-text rows (the
-/// ratio estimator's, paired for the ratio: [`crate::neurons::perplexity`]).
+/// ratio estimator's, paired for the ratio: [`crate::neurons::perplexity`](mod@crate::neurons::perplexity)).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PerplexityIntervals {
     /// Texts measured.
